@@ -1,0 +1,224 @@
+"""The typed causal graph: variables with types, and the edges between them.
+
+>>> import medcausal as mc
+>>> g = mc.CausalGraph({"age": "continuous", "sex": "binary", "bp": "continuous"},
+...                    edges=[("age", "bp"), ("sex", "bp")])
+>>> g.parents("bp")
+('age', 'sex')
+>>> g.topological_order
+('age', 'sex', 'bp')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import networkx as nx
+
+from .errors import GraphError
+
+
+@dataclass(frozen=True)
+class Continuous:
+    """A real-valued variable; ``dim > 1`` makes it a vector (columns ``name[0]``, ...)."""
+
+    dim: int = 1
+    kind = "continuous"
+
+    def __post_init__(self):
+        if int(self.dim) < 1:
+            raise GraphError(f"Continuous dim must be >= 1, got {self.dim}")
+
+    def to_dict(self) -> dict:
+        return {"type": "continuous", "dim": self.dim}
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A 0/1 variable (``True``/``False`` accepted)."""
+
+    kind = "binary"
+
+    def to_dict(self) -> dict:
+        return {"type": "binary"}
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """A variable taking one of ``categories``; if omitted they are learned at fit."""
+
+    categories: tuple | None = None
+    kind = "categorical"
+
+    def __post_init__(self):
+        if self.categories is not None:
+            cats = tuple(self.categories)
+            if len(cats) < 2:
+                raise GraphError(f"a categorical variable needs >= 2 categories, got {cats}")
+            if len(set(cats)) != len(cats):
+                raise GraphError(f"duplicate categories in {cats}")
+            object.__setattr__(self, "categories", cats)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"type": "categorical"}
+        if self.categories is not None:
+            d["categories"] = list(self.categories)
+        return d
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image variable of shape ``(channels, *spatial)`` (MONAI's channel-first)."""
+
+    shape: tuple
+    kind = "image"
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) not in (3, 4) or min(shape) < 1:
+            raise GraphError(f"Image shape must be (C, H, W) or (C, D, H, W), got {self.shape}")
+        object.__setattr__(self, "shape", shape)
+
+    def to_dict(self) -> dict:
+        return {"type": "image", "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A gene-expression count vector over ``n_genes`` genes."""
+
+    n_genes: int
+    kind = "expression"
+
+    def __post_init__(self):
+        if int(self.n_genes) < 1:
+            raise GraphError(f"Expression needs n_genes >= 1, got {self.n_genes}")
+
+    def to_dict(self) -> dict:
+        return {"type": "expression", "n_genes": self.n_genes}
+
+
+VariableType = Continuous | Binary | Categorical | Image | Expression
+SCALAR_KINDS = ("continuous", "binary", "categorical")
+
+
+def as_type(spec: Any, name: str = "?") -> VariableType:
+    """Turn ``"continuous"``, ``{"type": "categorical", ...}`` or a type object into a type.
+
+    >>> as_type({"type": "categorical", "categories": ["a", "b"]})
+    Categorical(categories=('a', 'b'))
+    """
+    if isinstance(spec, (Continuous, Binary, Categorical, Image, Expression)):
+        return spec
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise GraphError(f"variable {name!r}: cannot read type {spec!r}; use one of "
+                         "'continuous', 'binary', 'categorical', mc.Image(shape), mc.Expression(n)")
+    kind = str(spec["type"]).lower()
+    args = {k: v for k, v in spec.items() if k != "type"}
+    classes = {"continuous": Continuous, "binary": Binary, "categorical": Categorical,
+               "image": Image, "expression": Expression}
+    if kind not in classes:
+        raise GraphError(f"variable {name!r}: unknown type {spec['type']!r}; "
+                         f"known types: {sorted(classes)}")
+    try:
+        return classes[kind](**args)
+    except TypeError as e:
+        raise GraphError(f"variable {name!r}: bad arguments for type {kind!r}: {e}") from None
+
+
+class CausalGraph:
+    """Variables with types and the directed acyclic edges between them.
+
+    Validated at construction: every edge names known variables, no self-loops,
+    no duplicate names, no cycles; errors name the culprit.
+    """
+
+    def __init__(self, variables: Mapping[str, Any] | Iterable[tuple[str, Any]],
+                 edges: Iterable[tuple[str, str]] = ()):
+        items = list(variables.items()) if isinstance(variables, Mapping) else list(variables)
+        names = [str(n) for n, _ in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise GraphError(f"duplicate variable name(s): {dupes}")
+        if not names:
+            raise GraphError("a causal graph needs at least one variable")
+        self.variables: dict[str, VariableType] = {n: as_type(t, n) for n, t in items}
+        edge_list = []
+        for e in edges:
+            if len(e) != 2:
+                raise GraphError(f"an edge is a (parent, child) pair, got {e!r}")
+            p, c = str(e[0]), str(e[1])
+            for v in (p, c):
+                if v not in self.variables:
+                    raise GraphError(f"edge ({p!r}, {c!r}) names unknown variable {v!r}; "
+                                     f"known: {names}")
+            if p == c:
+                raise GraphError(f"self-loop on variable {p!r}")
+            if (p, c) not in edge_list:
+                edge_list.append((p, c))
+        self.edges: tuple[tuple[str, str], ...] = tuple(edge_list)
+        g = nx.DiGraph()
+        g.add_nodes_from(names)
+        g.add_edges_from(self.edges)
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            path = " -> ".join([cycle[0][0]] + [c for _, c in cycle])
+            raise GraphError(f"the graph has a cycle: {path}")
+        self._g = g
+        order = {n: i for i, n in enumerate(names)}
+        self.topological_order: tuple[str, ...] = tuple(
+            nx.lexicographical_topological_sort(g, key=order.__getitem__))
+        self._parents = {n: tuple(sorted(g.predecessors(n), key=order.__getitem__)) for n in names}
+
+    def parents(self, name: str) -> tuple[str, ...]:
+        """Parents of ``name`` in declaration order."""
+        self._check(name)
+        return self._parents[name]
+
+    def children(self, name: str) -> tuple[str, ...]:
+        self._check(name)
+        return tuple(c for c in self.topological_order if name in self._parents[c])
+
+    def descendants(self, name: str) -> set[str]:
+        self._check(name)
+        return set(nx.descendants(self._g, name))
+
+    def ancestors(self, name: str) -> set[str]:
+        self._check(name)
+        return set(nx.ancestors(self._g, name))
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        return tuple(n for n in self.topological_order if not self._parents[n])
+
+    def to_networkx(self) -> nx.DiGraph:
+        return self._g.copy()
+
+    def to_dict(self) -> dict:
+        return {"variables": {n: t.to_dict() for n, t in self.variables.items()},
+                "edges": [list(e) for e in self.edges]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "CausalGraph":
+        return cls(d["variables"], edges=[tuple(e) for e in d.get("edges", [])])
+
+    def _check(self, name: str) -> None:
+        if name not in self.variables:
+            raise GraphError(f"unknown variable {name!r}; known: {list(self.variables)}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.variables
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CausalGraph) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        vs = ", ".join(f"{n}: {t.kind}" for n, t in self.variables.items())
+        es = ", ".join(f"{p}->{c}" for p, c in self.edges)
+        return f"CausalGraph({{{vs}}}, edges=[{es}])"

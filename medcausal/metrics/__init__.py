@@ -1,0 +1,1 @@
+"""Metrics: counterfactual error against ground truth, distribution distances, representations."""

@@ -1,0 +1,1 @@
+"""Ground-truth simulators whose counterfactuals are known."""

@@ -1,0 +1,1 @@
+"""Adapters at the edges: tables (and later images, single cells) to tensors and back."""

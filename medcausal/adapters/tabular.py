@@ -1,0 +1,277 @@
+"""Tables in, tensors out: one codec per variable, fitted once and stored in the model file.
+
+A codec turns a variable's column(s) into the tensor its mechanism sees, turns that
+tensor into features for the variable's children, and turns tensors back into columns.
+
+- continuous: standardized with the training mean/std; the training range is kept to
+  warn about interventions outside it. Vector variables use columns ``name[0]``, ``name[1]``...
+- binary: 0/1 (``True``/``False`` accepted); a float ``[n, 1]`` index.
+- categorical: the index into ``categories`` (declared, or the sorted values seen at fit).
+- image / expression: arrays from a :class:`~medcausal.Cohort`, passed through as float.
+
+>>> import pandas as pd
+>>> from medcausal.graph import CausalGraph
+>>> g = CausalGraph({"age": "continuous", "sex": "binary"})
+>>> df = pd.DataFrame({"age": [50.0, 70.0], "sex": [0, 1]})
+>>> codecs = fit_codecs(df, g)
+>>> encode(df, g, codecs)["age"].squeeze(-1).tolist()
+[-0.7071067690849304, 0.7071067690849304]
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cohort import Cohort
+from ..errors import DataError, InterventionError, OutOfSupportWarning
+from ..graph import Categorical, CausalGraph, VariableType
+
+
+def columns_of(name: str, vtype: VariableType) -> list[str]:
+    """The table columns that hold variable ``name``."""
+    if vtype.kind == "continuous" and vtype.dim > 1:
+        return [f"{name}[{i}]" for i in range(vtype.dim)]
+    return [name]
+
+
+def _table(data) -> pd.DataFrame:
+    if isinstance(data, Cohort):
+        return data.table
+    if isinstance(data, pd.DataFrame):
+        return data
+    raise DataError(f"expected a pandas DataFrame or a medcausal Cohort, got {type(data).__name__}")
+
+
+def _missing(cols: list[str], available: list[str], what: str = "column") -> None:
+    missing = [c for c in cols if c not in available]
+    if missing:
+        hints = []
+        for c in missing:
+            close = difflib.get_close_matches(str(c), [str(a) for a in available], n=1)
+            hints.append(f"{c!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise DataError(f"missing {what}(s) {', '.join(hints)}; available: {list(available)}")
+
+
+def _numeric(df: pd.DataFrame, cols: list[str], name: str) -> np.ndarray:
+    out = np.empty((len(df), len(cols)), dtype=np.float64)
+    for j, c in enumerate(cols):
+        col = df[c]
+        if col.dtype == bool:
+            col = col.astype(float)
+        num = pd.to_numeric(col, errors="coerce")
+        bad = num.isna() & col.notna()
+        if bad.any():
+            examples = col[bad].astype(str).unique()[:3].tolist()
+            raise DataError(f"column {c!r} (variable {name!r}) has {int(bad.sum())} non-numeric "
+                            f"value(s), e.g. {examples}")
+        arr = num.to_numpy(dtype=np.float64)
+        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+        if n_nan or n_inf:
+            raise DataError(f"column {c!r} (variable {name!r}) has {n_nan} NaN and {n_inf} infinite "
+                            "value(s); drop or impute them before fitting or querying")
+        out[:, j] = arr
+    return out
+
+
+@dataclass
+class Codec:
+    """How one variable is encoded; ``state`` is JSON-serializable and saved with the model."""
+
+    name: str
+    vtype: VariableType
+    state: dict = field(default_factory=dict)
+
+    # -- fitting -----------------------------------------------------------
+    @classmethod
+    def fit(cls, name: str, vtype: VariableType, data) -> "Codec":
+        kind = vtype.kind
+        if kind == "continuous":
+            x = _numeric(_table(data), columns_of(name, vtype), name)
+            scale = x.std(0)
+            return cls(name, vtype, {"loc": x.mean(0).tolist(),
+                                     "scale": np.where(scale > 0, scale, 1.0).tolist(),
+                                     "min": x.min(0).tolist(), "max": x.max(0).tolist()})
+        if kind == "categorical" and vtype.categories is None:
+            col = _table(data)[name]
+            if col.isna().any():
+                raise DataError(f"column {name!r} has {int(col.isna().sum())} missing value(s)")
+            cats = sorted(pd.unique(col).tolist(), key=lambda v: (str(type(v)), v))
+            if len(cats) < 2:
+                raise DataError(f"categorical column {name!r} has a single value {cats}; "
+                                "declare its categories or drop the variable")
+            vtype = Categorical(tuple(_plain(c) for c in cats))
+        return cls(name, vtype, {})
+
+    # -- encoding ------------------------------------------------------------
+    @property
+    def feature_dim(self) -> int:
+        kind = self.vtype.kind
+        if kind == "continuous":
+            return self.vtype.dim
+        if kind == "binary":
+            return 1
+        if kind == "categorical":
+            return len(self.vtype.categories)
+        raise DataError(f"variable {self.name!r} of kind {kind!r} cannot be a parent")
+
+    def encode(self, data) -> torch.Tensor:
+        kind, name = self.vtype.kind, self.name
+        if kind in ("image", "expression"):
+            if not isinstance(data, Cohort) or name not in data.arrays:
+                raise DataError(f"variable {name!r} ({kind}) must be an array in a Cohort's .arrays")
+            arr = np.asarray(data.arrays[name], dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise DataError(f"array {name!r} has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
+            return torch.from_numpy(arr)
+        table = _table(data)
+        cols = columns_of(name, self.vtype)
+        _missing(cols, list(table.columns))
+        raw = table[cols] if kind == "continuous" else table[name].to_numpy()
+        return torch.as_tensor(self.encode_values(raw, _from=f"column {name!r}"), dtype=torch.float32)
+
+    def encode_values(self, values: Any, _from: str | None = None) -> np.ndarray:
+        """Encode raw values (a column, an array, or intervention values) to ``[n, d]``."""
+        kind, name = self.vtype.kind, self.name
+        where = _from or f"variable {name!r}"
+        if kind == "continuous":
+            cols = columns_of(name, self.vtype)
+            if not isinstance(values, pd.DataFrame):
+                arr = np.asarray(values)
+                if arr.reshape(len(arr), -1).shape[1] != len(cols):
+                    raise DataError(f"{where} needs {len(cols)} value(s) per row, got shape {arr.shape}")
+                values = pd.DataFrame(arr.reshape(len(arr), -1), columns=cols)
+            x = _numeric(values, cols, name)
+            return (x - np.asarray(self.state["loc"])) / np.asarray(self.state["scale"])
+        values = np.asarray(values).reshape(-1)
+        if kind == "binary":
+            if values.dtype == bool:
+                return values.astype(np.float64)[:, None]
+            num = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+            bad = ~np.isin(num, [0.0, 1.0])
+            if bad.any():
+                raise DataError(f"{where} is binary but has {int(bad.sum())} value(s) other than "
+                                f"0/1, e.g. {pd.unique(values[bad])[:3].tolist()}")
+            return num.astype(np.float64)[:, None]
+        if kind == "categorical":
+            cats = list(self.vtype.categories)
+            lookup = {c: i for i, c in enumerate(cats)}
+            lookup.update({str(c): i for i, c in enumerate(cats)})
+            idx = np.array([lookup.get(_plain(v), lookup.get(str(v), -1)) for v in values])
+            if (idx < 0).any():
+                unseen = pd.unique(values[idx < 0])[:5].tolist()
+                raise DataError(f"{where} has {int((idx < 0).sum())} value(s) in categories not seen "
+                                f"at fit: {unseen}; known categories: {cats}")
+            return idx.astype(np.float64)[:, None]
+        raise DataError(f"variable {name!r} of kind {kind!r} has no scalar encoding")
+
+    def features(self, value: torch.Tensor) -> torch.Tensor:
+        """The encoding of this variable as its children's input."""
+        if self.vtype.kind == "categorical":
+            return torch.nn.functional.one_hot(value.long().squeeze(-1), self.feature_dim).to(value.dtype)
+        if self.vtype.kind in ("continuous", "binary"):
+            return value
+        raise DataError(f"variable {self.name!r} of kind {self.vtype.kind!r} cannot be a parent")
+
+    def decode(self, value: torch.Tensor) -> np.ndarray:
+        """Back to the data's units: ``[n, dim]`` for continuous, ``[n]`` for discrete, arrays as is."""
+        v = value.detach().cpu().numpy()
+        kind = self.vtype.kind
+        if kind == "continuous":
+            return v.astype(np.float64) * np.asarray(self.state["scale"]) + np.asarray(self.state["loc"])
+        if kind == "binary":
+            return v[:, 0].round().astype(np.int64)
+        if kind == "categorical":
+            return np.asarray(self.vtype.categories, dtype=object)[v[:, 0].round().astype(int)]
+        return v
+
+    def check_support(self, values: np.ndarray) -> None:
+        """Warn when continuous intervention values leave the range seen at fit."""
+        if self.vtype.kind != "continuous":
+            return
+        x = np.asarray(values, dtype=float).reshape(len(values), -1)
+        lo, hi = np.asarray(self.state["min"]), np.asarray(self.state["max"])
+        outside = ((x < lo) | (x > hi)).any(1)
+        if outside.any():
+            warnings.warn(f"do({self.name}): {int(outside.sum())} value(s) outside the range seen at "
+                          f"fit [{lo.min():.4g}, {hi.max():.4g}]; the mechanisms extrapolate there",
+                          OutOfSupportWarning, stacklevel=4)
+
+    def to_dict(self) -> dict:
+        return {"type": self.vtype.to_dict(), "state": self.state}
+
+    @classmethod
+    def from_dict(cls, name: str, d: Mapping) -> "Codec":
+        from ..graph import as_type
+        return cls(name, as_type(d["type"], name), dict(d.get("state", {})))
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars to Python scalars, so categories are JSON-serializable."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def fit_codecs(data, graph: CausalGraph) -> dict[str, Codec]:
+    check_columns(data, graph)
+    return {name: Codec.fit(name, vtype, data) for name, vtype in graph.variables.items()}
+
+
+def check_columns(data, graph: CausalGraph, names=None) -> None:
+    """Raise one error naming every missing column/array of the variables ``names``."""
+    table = _table(data)
+    names = list(graph.variables) if names is None else list(names)
+    cols = [c for n in names if graph.variables[n].kind not in ("image", "expression")
+            for c in columns_of(n, graph.variables[n])]
+    _missing(cols, list(table.columns))
+    arrays = [n for n in names if graph.variables[n].kind in ("image", "expression")]
+    if arrays:
+        available = list(data.arrays) if isinstance(data, Cohort) else []
+        _missing(arrays, available, what="array")
+
+
+def encode(data, graph: CausalGraph, codecs: Mapping[str, Codec], names=None) -> dict[str, torch.Tensor]:
+    """Encode the variables ``names`` (default: all) of ``data`` to tensors."""
+    names = list(graph.variables) if names is None else list(names)
+    check_columns(data, graph, names)
+    return {n: codecs[n].encode(data) for n in names}
+
+
+def intervention_values(codec: Codec, raw: np.ndarray) -> torch.Tensor:
+    """Encode intervention values, with errors and support warnings that name the variable."""
+    try:
+        enc = codec.encode_values(raw)
+    except DataError as e:
+        raise InterventionError(f"do({codec.name}=...): {e}") from None
+    codec.check_support(raw)
+    return torch.as_tensor(enc, dtype=torch.float32)
+
+
+def decode(tensors: Mapping[str, torch.Tensor], graph: CausalGraph, codecs: Mapping[str, Codec],
+           like=None, n: int | None = None):
+    """Tensors back to the container kind of ``like`` (a DataFrame or a Cohort).
+
+    Columns of ``like`` that are not variables are kept as they are; its index is kept.
+    """
+    n = n if n is not None else len(next(iter(tensors.values())))
+    table = _table(like).copy() if like is not None else pd.DataFrame(index=pd.RangeIndex(n))
+    arrays = dict(like.arrays) if isinstance(like, Cohort) else {}
+    for name in graph.variables:
+        if name not in tensors:
+            continue
+        values = codecs[name].decode(tensors[name])
+        if graph.variables[name].kind in ("image", "expression"):
+            arrays[name] = values
+            continue
+        cols = columns_of(name, graph.variables[name])
+        values = values.reshape(n, -1) if graph.variables[name].kind == "continuous" else values[:, None]
+        for j, c in enumerate(cols):
+            table[c] = values[:, j]
+    if isinstance(like, Cohort) or arrays:
+        return Cohort(table, arrays, id_column=like.id_column if isinstance(like, Cohort) else "id")
+    return table

@@ -1,0 +1,66 @@
+"""``Cohort``: scalar variables in a table plus high-dimensional arrays, aligned by row.
+
+>>> import numpy as np, pandas as pd
+>>> c = Cohort(pd.DataFrame({"age": [60.0, 70.0, 80.0]}), {"mri": np.zeros((3, 1, 8, 8))})
+>>> len(c), c[1:].table["id"].tolist(), c[[0, 2]].arrays["mri"].shape
+(3, [1, 2], (2, 1, 8, 8))
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+
+class Cohort:
+    """A table of scalar variables (with an id column) plus arrays whose first axis is the row."""
+
+    def __init__(self, table: pd.DataFrame, arrays: Mapping[str, np.ndarray] | None = None,
+                 id_column: str = "id"):
+        if not isinstance(table, pd.DataFrame):
+            raise DataError(f"Cohort.table must be a pandas DataFrame, got {type(table).__name__}")
+        table = table.reset_index(drop=True)
+        if id_column not in table.columns:
+            table.insert(0, id_column, np.arange(len(table)))
+        self.table = table
+        self.id_column = id_column
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, arr in (arrays or {}).items():
+            arr = np.asarray(arr)
+            if arr.ndim == 0 or arr.shape[0] != len(table):
+                raise DataError(f"Cohort array {name!r} has {arr.shape[0] if arr.ndim else 0} rows; "
+                                f"the table has {len(table)}")
+            if name in table.columns:
+                raise DataError(f"{name!r} is both a table column and an array")
+            self.arrays[name] = arr
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.table[self.id_column].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, rows) -> "Cohort":
+        if isinstance(rows, slice):
+            idx = np.arange(len(self))[rows]
+        else:
+            idx = np.asarray(rows)
+            if idx.dtype == bool:
+                if idx.shape[0] != len(self):
+                    raise DataError(f"boolean mask has {idx.shape[0]} entries for {len(self)} rows")
+                idx = np.flatnonzero(idx)
+        return Cohort(self.table.iloc[idx], {k: v[idx] for k, v in self.arrays.items()},
+                      id_column=self.id_column)
+
+    def copy(self) -> "Cohort":
+        return Cohort(self.table.copy(), {k: v.copy() for k, v in self.arrays.items()},
+                      id_column=self.id_column)
+
+    def __repr__(self) -> str:
+        arrays = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.arrays.items())
+        return f"Cohort(n={len(self)}, columns={list(self.table.columns)}, arrays=[{arrays}])"

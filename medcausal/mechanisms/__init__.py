@@ -1,0 +1,12 @@
+"""Mechanisms: one file per family, all behind :mod:`medcausal.mechanisms.base`.
+
+Importing this package registers every built-in mechanism by name.
+"""
+
+from . import registry
+from .base import Mechanism
+from .additive import AdditiveMechanism
+from .categorical import CategoricalMechanism
+from .flow import FlowMechanism
+
+__all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "FlowMechanism"]

@@ -1,0 +1,108 @@
+"""The one mechanism interface: the distribution of a variable given its parents.
+
+A mechanism sees tensors only, already encoded by the model's adapter:
+
+- ``value``: the variable, float ``[n, *event_shape]`` (continuous variables are
+  standardized; binary/categorical are the category index as float ``[n, 1]``);
+- ``parents``: the parents' features concatenated, float ``[n, parent_dim]``
+  (``parent_dim`` may be 0 for a root).
+
+Three verbs, plus training:
+
+- ``sample(parents, noise=None, generator=None)``: draw (or, given ``noise``, compute) values;
+- ``abduct(value, parents, generator=None) -> noise``: the unit's exogenous noise;
+- ``loss(value, parents) -> [n]``: per-row training loss (NLL or negative ELBO);
+- ``log_prob(value, parents) -> [n]`` where the mechanism has an exact likelihood.
+
+``sample(parents, noise=abduct(value, parents))`` returns ``value``: exactly for
+``abduction = "exact"``, within a stated tolerance otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import CapabilityError
+from ..graph import VariableType
+
+ABDUCTION_KINDS = ("exact", "deterministic-approximate", "amortized", "sampled")
+
+
+class Mechanism(nn.Module):
+    """Base class; subclasses set ``name``, ``abduction`` and ``supports``.
+
+    ``hparams`` are the keyword arguments of ``__init__`` beyond ``variable`` and
+    ``parent_dim``; they are stored in the model file's JSON spec, so they must
+    be JSON-serializable.
+    """
+
+    name: ClassVar[str] = ""
+    abduction: ClassVar[str] = "exact"
+    supports: ClassVar[tuple[str, ...]] = ()  # variable kinds: "continuous", "binary", ...
+    has_log_prob: ClassVar[bool] = True
+
+    def __init__(self, variable: VariableType, parent_dim: int, **hparams: Any):
+        super().__init__()
+        self.variable = variable
+        self.parent_dim = int(parent_dim)
+        self.hparams = dict(hparams)
+
+    # -- the three verbs -------------------------------------------------
+    def sample(self, parents: torch.Tensor, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def abduct(self, value: torch.Tensor, parents: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, value: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """Per-row training loss; the default is the negative log-likelihood."""
+        return -self.log_prob(value, parents)
+
+    def log_prob(self, value: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError(f"mechanism {self.name!r} has no exact log-likelihood")
+
+    # -- optional hooks --------------------------------------------------
+    def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
+        """Called once after training with (a sample of) the training data."""
+
+    def noise_like(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fresh noise for ``n`` rows from the mechanism's noise prior."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"variable={self.variable.kind}, parent_dim={self.parent_dim}, abduction={self.abduction}"
+
+
+def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.randn`` on the device/dtype of ``like`` with an optional generator."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    if generator is not None:
+        kw["device"] = generator.device
+    out = torch.randn(shape, generator=generator, **kw)
+    return out if like is None else out.to(like.device)
+
+
+def mlp(n_in: int, n_out: int, hidden: tuple[int, ...] = (64, 64), act=nn.SiLU) -> nn.Sequential:
+    """A small MLP; with ``n_in == 0`` it learns a constant (bias-only) output."""
+    layers: list[nn.Module] = []
+    if n_in == 0:
+        return nn.Sequential(_Constant(n_out))
+    dims = (n_in, *hidden)
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), act()]
+    layers.append(nn.Linear(dims[-1], n_out))
+    return nn.Sequential(*layers)
+
+
+class _Constant(nn.Module):
+    def __init__(self, n_out: int):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], -1)

@@ -1,0 +1,328 @@
+"""``CausalModel``: a causal graph plus one fitted mechanism per variable.
+
+It trains the mechanisms (one loop, :mod:`medcausal.train`) and answers the three rungs
+of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=...)``
+(interventional) and ``counterfactual`` (abduction -> action -> prediction).
+
+>>> import medcausal as mc
+>>> sim = mc.synthetic.scm("chain")
+>>> model = mc.CausalModel(sim.graph).fit(sim.sample(500, seed=0), max_epochs=5, verbose=False)
+>>> cf = model.counterfactual(sim.sample(3, seed=1), do={"x1": 1.0})
+>>> cf["x1"].tolist()
+[1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import tabular
+from .cohort import Cohort
+from .errors import (CapabilityError, DataError, GraphError, InterventionError, MedCausalError,
+                     ModelFileError, NotFittedError)
+from .graph import CausalGraph
+from .interventions import parse_do
+from .io import atomic_write
+from .mechanisms import Mechanism, registry
+from .train import TrainConfig, TrainResult, train
+
+FORMAT = "medcausal-model"
+FORMAT_VERSION = 1
+
+
+def _key(name: str) -> str:
+    """A variable name as a ModuleDict key (which may not contain dots)."""
+    return name.replace(".", "\u00b7")
+
+
+class _JointLoss(nn.Module):
+    """Sum of every mechanism's per-row loss: the one objective the loop minimizes."""
+
+    def __init__(self, mechanisms: nn.ModuleDict):
+        super().__init__()
+        self.mechanisms = mechanisms
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items())
+
+
+class CausalModel:
+    """A typed causal graph plus one mechanism per variable.
+
+    ``mechanisms`` picks them: ``None`` (defaults by type: ``flow`` for continuous,
+    ``categorical`` for binary/categorical), a name for every variable it supports
+    (``mechanisms="additive"``), or a dict per variable whose values are a name or
+    ``{"name": "flow", **hyperparameters}``.
+    """
+
+    def __init__(self, graph: CausalGraph, mechanisms: str | Mapping[str, Any] | None = None):
+        if not isinstance(graph, CausalGraph):
+            raise GraphError(f"CausalModel needs a CausalGraph, got {type(graph).__name__}")
+        self.graph = graph
+        self.choices = self._resolve(mechanisms)
+        self.codecs: dict[str, tabular.Codec] | None = None
+        self.mechanisms: nn.ModuleDict | None = None
+        self.fit_info: dict = {}
+        self.device = torch.device("cpu")
+
+    # -- construction --------------------------------------------------------
+    def _resolve(self, mechanisms) -> dict[str, dict]:
+        everywhere = mechanisms if isinstance(mechanisms, str) else None
+        per_var = dict(mechanisms) if isinstance(mechanisms, Mapping) else {}
+        if mechanisms is not None and everywhere is None and not isinstance(mechanisms, Mapping):
+            raise MedCausalError("mechanisms= must be a name or a dict {variable: name or {'name': ...}}")
+        unknown = [v for v in per_var if v not in self.graph.variables]
+        if unknown:
+            raise GraphError(f"mechanisms= names unknown variable(s) {unknown}; "
+                             f"known: {list(self.graph.variables)}")
+        if everywhere is not None:
+            registry.get(everywhere)
+        choices = {}
+        for name, vtype in self.graph.variables.items():
+            spec = per_var.get(name)
+            if spec is None and everywhere and vtype.kind in registry.get(everywhere).supports:
+                spec = everywhere
+            spec = spec or registry.default_for(vtype.kind)
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+            if "name" not in spec:
+                raise MedCausalError(f"mechanism for {name!r} needs a 'name', got {spec}")
+            cls = registry.get(spec["name"])
+            if vtype.kind not in cls.supports:
+                raise MedCausalError(f"mechanism {spec['name']!r} cannot model variable {name!r} of kind "
+                                     f"{vtype.kind!r}; it supports {list(cls.supports)}")
+            choices[name] = spec
+        return choices
+
+    def _build(self) -> None:
+        mechs = {}
+        for name in self.graph.topological_order:
+            parent_dim = sum(self.codecs[p].feature_dim for p in self.graph.parents(name))
+            spec = dict(self.choices[name])
+            cls = registry.get(spec.pop("name"))
+            try:
+                mechs[_key(name)] = cls(self.codecs[name].vtype, parent_dim, **spec)
+            except TypeError as e:
+                raise MedCausalError(f"bad settings for mechanism {cls.name!r} of {name!r}: {e}") from None
+        self.mechanisms = nn.ModuleDict(mechs)
+
+    def mechanism(self, name: str) -> Mechanism:
+        """The fitted mechanism of variable ``name``."""
+        self._require_fit()
+        self.graph.parents(name)  # raises on unknown names
+        return self.mechanisms[_key(name)]
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.mechanisms is not None
+
+    def _require_fit(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError("this CausalModel is not fitted yet: call .fit(data) first")
+
+    # -- data ----------------------------------------------------------------
+    def _parents(self, name: str, values: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
+        parents = self.graph.parents(name)
+        if not parents:
+            return torch.zeros(n, 0, device=self.device)
+        return torch.cat([self.codecs[p].features(values[p]) for p in parents], dim=-1)
+
+    def _encode(self, data, names=None) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in tabular.encode(data, self.graph, self.codecs, names).items()}
+
+    def _decode(self, values, like=None, n=None):
+        if like is None and self.fit_info.get("data_kind") == "cohort":
+            like = Cohort(pd.DataFrame(index=range(n)))
+        return tabular.decode(values, self.graph, self.codecs, like=like, n=n)
+
+    def _intervene(self, iv, current: torch.Tensor | None, n: int) -> torch.Tensor:
+        codec = self.codecs[iv.name]
+        raw = iv.apply(None if current is None else codec.decode(current), n)
+        return tabular.intervention_values(codec, raw).to(self.device)
+
+    # -- training ------------------------------------------------------------
+    def fit(self, data, *, seed: int = 0, max_epochs: int = 200, max_steps: int | None = None,
+            batch_size: int = 256, lr: float = 1e-3, val_fraction: float = 0.1, patience: int = 20,
+            verbose: bool | None = None, device: str = "cpu") -> "CausalModel":
+        """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
+
+        ``data`` is a DataFrame whose columns are the variable names, or a Cohort.
+        Training stops early when the validation loss has not improved for
+        ``patience`` epochs, and the best weights are kept.
+        """
+        if not isinstance(data, (pd.DataFrame, Cohort)):
+            raise DataError(f"fit() takes a pandas DataFrame or a medcausal Cohort, got {type(data).__name__}")
+        if len(data) < 2:
+            raise DataError(f"fit() needs at least 2 rows, got {len(data)}")
+        self.codecs = tabular.fit_codecs(data, self.graph)
+        self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)
+        torch.manual_seed(seed)
+        self._build()
+        self.device = torch.device(device)
+        values = self._encode(data)
+        tensors = {}
+        for name in self.graph.topological_order:
+            tensors[_key(name)] = values[name]
+            tensors[_key(name) + "|pa"] = self._parents(name, values, len(data))
+        config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                             val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
+                             device=device)
+        result: TrainResult = train(_JointLoss(self.mechanisms), tensors, config)
+        with torch.no_grad():
+            for name in self.graph.topological_order:
+                k = _key(name)
+                self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
+        self.fit_info = {"seed": seed, "n_rows": len(data),
+                         "data_kind": "cohort" if isinstance(data, Cohort) else "dataframe",
+                         "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                         "epochs": len(result.history), "steps": result.steps,
+                         "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
+                         "world_size": result.world_size,
+                         "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
+        self.history = result.history
+        return self
+
+    # -- queries -------------------------------------------------------------
+    def sample(self, n: int, do: Mapping[str, Any] | None = None, seed: int | None = None):
+        """Draw ``n`` units, optionally under interventions ``do`` (values, arrays or callables).
+
+        Returns the container kind the model was fitted on (DataFrame or Cohort).
+        """
+        self._require_fit()
+        if int(n) < 1:
+            raise DataError(f"sample() needs n >= 1, got {n}")
+        n = int(n)
+        ivs = parse_do(do, self.graph.variables)
+        gen = _generator(seed)
+        values: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in self.graph.topological_order:
+                iv = ivs.get(name)
+                if iv is not None and not iv.needs_current:
+                    values[name] = self._intervene(iv, None, n)
+                    continue
+                x = self.mechanism(name).sample(self._parents(name, values, n), generator=gen)
+                values[name] = x if iv is None else self._intervene(iv, x, n)
+        return self._decode(values, n=n)
+
+    def counterfactual(self, data, do: Mapping[str, Any], seed: int | None = None):
+        """The counterfactual of each given unit under ``do``: same rows, same columns.
+
+        Abduction -> action -> prediction, in topological order. Variables that are not
+        descendants of an intervened variable keep their observed values. Discrete
+        variables' noise is sampled from its posterior (``seed`` makes that reproducible).
+        """
+        self._require_fit()
+        ivs = parse_do(do, self.graph.variables)
+        if not ivs:
+            raise InterventionError("counterfactual() needs at least one intervention in do=")
+        n = len(data)
+        affected = set(ivs).union(*(self.graph.descendants(v) for v in ivs))
+        needed = affected.union(*(self.graph.parents(v) for v in affected))
+        order = [v for v in self.graph.topological_order if v in needed]
+        factual = self._encode(data, order)
+        gen = _generator(seed)
+        world = dict(factual)
+        with torch.no_grad():
+            for name in order:
+                if name not in affected:
+                    continue
+                iv = ivs.get(name)
+                if iv is not None and not iv.needs_current:
+                    world[name] = self._intervene(iv, None, n)
+                    continue
+                mech = self.mechanism(name)
+                noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
+                x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
+                world[name] = x if iv is None else self._intervene(iv, x, n)
+        return self._decode({k: world[k] for k in affected}, like=data, n=n)
+
+    def log_prob(self, data) -> pd.Series:
+        """Per-row log-likelihood of the data (in the data's units), where every mechanism has one."""
+        self._require_fit()
+        missing = [v for v in self.graph.variables if not self.mechanism(v).has_log_prob]
+        if missing:
+            raise CapabilityError(f"no exact log-likelihood for variable(s) {missing} "
+                                  f"(mechanisms {[self.choices[v]['name'] for v in missing]})")
+        values = self._encode(data)
+        n = len(data)
+        total = torch.zeros(n, device=self.device)
+        with torch.no_grad():
+            for name in self.graph.topological_order:
+                total += self.mechanism(name).log_prob(values[name], self._parents(name, values, n))
+                if self.graph.variables[name].kind == "continuous":
+                    total -= float(np.log(self.codecs[name].state["scale"]).sum())
+        index = data.index if isinstance(data, pd.DataFrame) else None
+        return pd.Series(total.cpu().numpy().astype(np.float64), index=index, name="log_prob")
+
+    # -- persistence ---------------------------------------------------------
+    def spec(self) -> dict:
+        """The JSON-serializable description saved beside the weights."""
+        self._require_fit()
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
+                "graph": self.graph.to_dict(), "mechanisms": self.choices,
+                "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info}
+
+    def save(self, path: str | Path) -> Path:
+        """Write weights + JSON spec atomically; load with :meth:`CausalModel.load`."""
+        self._require_fit()
+        payload = {"medcausal": json.dumps(self.spec()),
+                   "state_dict": {k: v.detach().cpu() for k, v in self.mechanisms.state_dict().items()}}
+        with atomic_write(path) as tmp:
+            torch.save(payload, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "CausalModel":
+        """Load a model file; opening it never runs code (``torch.load(weights_only=True)``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file {str(path)!r} does not exist")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelFileError(f"{str(path)!r} is not a readable medcausal model file "
+                                 f"(corrupt, truncated or foreign): {type(e).__name__}") from None
+        if not isinstance(payload, dict) or "medcausal" not in payload or "state_dict" not in payload:
+            raise ModelFileError(f"{str(path)!r} is a torch file but not a medcausal model")
+        try:
+            spec = json.loads(payload["medcausal"])
+            if spec.get("format") != FORMAT:
+                raise ModelFileError(f"{str(path)!r} has format {spec.get('format')!r}, not {FORMAT!r}")
+            if spec.get("format_version", 0) > FORMAT_VERSION:
+                raise ModelFileError(f"{str(path)!r} was written by a newer medcausal "
+                                     f"({spec.get('medcausal_version')}); upgrade to read it")
+            model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=spec["mechanisms"])
+            model.codecs = {n: tabular.Codec.from_dict(n, d) for n, d in spec["codecs"].items()}
+            model._build()
+            model.mechanisms.load_state_dict(payload["state_dict"], strict=True)
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{str(path)!r} is a damaged medcausal model: {type(e).__name__}: {e}") from None
+        model.fit_info = spec.get("fit", {})
+        model.mechanisms.eval()
+        model.device = torch.device(device)
+        model.mechanisms.to(model.device)
+        return model
+
+    def __repr__(self) -> str:
+        mechs = ", ".join(f"{v}: {c['name']}" for v, c in self.choices.items())
+        state = "fitted" if self.is_fitted else "not fitted"
+        return f"CausalModel({mechs}; {state})"
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen

@@ -1,0 +1,583 @@
+r"""Benchmark tabular structural causal models with exact counterfactuals.
+
+The SCM family of Chao, Blöbaum & Kasiviswanathan, *Modeling Causal Mechanisms
+with Diffusion Models for Interventional and Counterfactual Queries* (DCM,
+TMLR 2024): ``chain``, ``triangle``, ``diamond``, ``y`` and the 30-variable
+``ladder``, each in an additive and a non-additive variant. Every exogenous
+noise is ``u_i ~ N(0, 1)``, independent; all variables are continuous scalars
+named ``x1, x2, ...``.
+
+>>> sim = scm("chain", additive=True)
+>>> df = sim.sample(4, seed=0)
+>>> list(df.columns), df.index.name
+(['x1', 'x2', 'x3'], 'unit')
+>>> cf = sim.counterfactual(df, do={"x1": 1.0})
+>>> bool((cf["x1"] == 1.0).all()) and bool((cf.index == df.index).all())
+True
+
+Notation: ``s(z) = 1 / (1 + exp(-z))`` (logistic), ``silu(z) = z s(z)``.
+
+Additive variants (the DCM paper's "nonlinear" equations, ``x = f(pa) + c u``)
+------------------------------------------------------------------------------
+chain    (x1 -> x2 -> x3)
+    x1 = u1
+    x2 = (exp(x1 / 2) + u2 / 4) / 0.65
+    x3 = ((x2 - 5)^3 / 15 + u3) / 2.13
+triangle (x1 -> x2, x1 -> x3, x2 -> x3)
+    x1 = u1
+    x2 = (2 x1^2 + u2) / 3
+    x3 = (20 / (1 + exp(x1 - x2^2)) + u3) / 2.41
+diamond  (x1 -> x2, x1 -> x3, x2 -> x3, x2 -> x4, x3 -> x4)
+    x1 = u1
+    x2 = (x1^2 + u2 / 2) / 1.5
+    x3 = (x2^2 - 2 s(x1) + u3 / 2) / 1.27
+    x4 = (x3 / (|x2 + x3| + 0.5) + u4 / 5) / 0.54
+y        (x1 -> x3, x2 -> x3, x3 -> x4)
+    x1 = u1,  x2 = u2
+    x3 = (-x2^2 + 4 s(x1 + x2) + u3 / 2) / 1.83
+    x4 = (20 / (1 + exp(x3^2 / 2 - x3)) + u4) / 3.26
+
+Non-additive variants (designed here; strictly increasing in the own noise)
+---------------------------------------------------------------------------
+The DCM paper's non-additive equations are not monotone in the noise (they
+use ``|u|`` and ``(u + x)^2``), so no method can recover their counterfactuals
+from data. These variants keep the same graphs and the same spirit
+(nonlinear, O(1)-O(10) values) but every equation is a heteroscedastic
+location-scale model ``m(pa) + sigma(pa) u`` with ``sigma > 0`` or a
+post-nonlinear model ``g(m(pa) + c u)`` with ``g`` strictly increasing, so
+the noise is identifiable and a conditional flow can abduct it exactly.
+
+chain
+    x1 = u1
+    x2 = exp((x1 + u2) / 2)
+    x3 = 2 tanh(x2 - 1.5) + (0.2 + 2 s(x2 - 1.5)) u3
+triangle
+    x1 = u1
+    x2 = 0.6 x1^2 + (0.3 + s(2 x1)) u2
+    x3 = 1.5 asinh(3 (x2 - x1) + 2 u3)
+diamond
+    x1 = u1
+    x2 = z + z^3 / 4,  z = x1 + u2 / 2
+    x3 = 3 tanh(x2 / 2) - 2 s(x1) + (0.2 + 2 s(x1 - x2)) u3
+    x4 = (x3 + u4) (0.5 + s(x2))
+y
+    x1 = u1,  x2 = u2
+    x3 = 4 s(x1 + x2) - x2^2 / 2 + (0.2 + 2 s(x1 - x2)) u3
+    x4 = 2 asinh(x3 + 1.5 u4)
+
+Ladder (30 variables, as in DCM)
+--------------------------------
+Ten super-nodes of three variables each (super-node ``k`` holds
+``x{3k-2}, x{3k-1}, x{3k}``), with super-node edges 1->2, 1->3, 2->4, 3->4,
+3->5, 4->6, 5->6, 5->7, 6->8, 7->8, 7->9, 8->10, 9->10; an edge between
+super-nodes joins every variable of the one to every variable of the other.
+Super-node 1 is the root: ``x1, x2, x3 = u1, u2, u3``. For a variable at
+position ``j`` (0, 1, 2) of super-node ``k`` with parent vector ``pa``
+(all variables of the parent super-nodes, in order)::
+
+    h = silu(W1_k pa)                 (16 hidden units)
+    additive:      x = 0.75 (W2_k h)_j + u
+    non-additive:  x = 0.75 (W2_k h)_j + (0.2 + 2 s((V2_k h)_j)) u
+
+``W1_k`` (16 x |pa|), ``W2_k`` and ``V2_k`` (3 x 16) hold fixed weights drawn
+uniformly from [-1, 1] by a deterministic hash (the same on every machine).
+(DCM's non-additive ladder feeds ``u`` through the MLP, which is not
+monotone in ``u``; the location-scale head replaces it.)
+
+Units and their noise
+---------------------
+``sample`` names each row ``"<name>-<add|nonadd>:<seed>:<row>"`` (index
+``"unit"``), and the noise of unit ``(seed, row)`` is a fixed function of those
+two numbers: a counter-based hash (SplitMix64) mapped through the normal
+quantile function. So ``sim.noise(df)`` and ``sim.counterfactual(df, ...)``
+work on any slice, reordering or CSV round trip of sampled data, as long as
+the ``unit`` index travels with it; ``sample(50, seed=s)`` is the first 50
+rows of ``sample(100, seed=s)``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit, ndtri
+
+from ..errors import DataError, InterventionError, MedCausalError
+from ..graph import CausalGraph
+from ..interventions import Intervention, parse_do
+
+__all__ = ["TabularSCM", "scm", "scm_names"]
+
+# --------------------------------------------------------------------------- #
+# counter-based noise: unit (seed, row), variable j  ->  one N(0, 1) number
+# --------------------------------------------------------------------------- #
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_STRIDE = 1024  # counters per unit: up to 1024 noise variables per unit
+_SEED_SALT = np.uint64(0x6D656463617573)  # "medcaus"
+_MAX_SEED = 10**18
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer on a uint64 array (wrap-around arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def _hash_uniform(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Uniforms in (0, 1) from uint64 keys and counters (broadcast together)."""
+    with np.errstate(over="ignore"):
+        k = _mix64(np.asarray(keys, dtype=np.uint64) ^ _SEED_SALT)
+        z = _mix64(k + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+def _unit_noise(seeds: np.ndarray, rows: np.ndarray, d: int) -> np.ndarray:
+    """Standard normal noise ``[n, d]`` of units ``(seeds[i], rows[i])``."""
+    rows = np.asarray(rows, dtype=np.uint64)
+    counters = rows[:, None] * np.uint64(_STRIDE) + np.arange(d, dtype=np.uint64)[None, :]
+    return ndtri(_hash_uniform(np.asarray(seeds, dtype=np.uint64)[:, None], counters))
+
+
+def _fixed_uniform(key: int, shape: tuple[int, ...], low: float = -1.0, high: float = 1.0):
+    """Deterministic, machine-independent uniform weights for the ladder."""
+    size = int(np.prod(shape))
+    u = _hash_uniform(np.uint64(key), np.arange(size, dtype=np.uint64))
+    return (low + (high - low) * u).reshape(shape)
+
+
+# --------------------------------------------------------------------------- #
+# structural equations
+# --------------------------------------------------------------------------- #
+Fn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (parents [n, p], u [n]) -> [n]
+
+
+@dataclass(frozen=True)
+class _Equation:
+    parents: tuple[str, ...]
+    fn: Fn
+    text: str
+
+
+def _root(text: str = "u") -> _Equation:
+    return _Equation((), lambda P, u: np.array(u, dtype=float, copy=True), text)
+
+
+def _s(z):
+    return expit(z)
+
+
+def _silu(z):
+    return z * expit(z)
+
+
+def _chain(additive: bool):
+    edges = [("x1", "x2"), ("x2", "x3")]
+    if additive:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: (np.exp(P[:, 0] / 2) + u / 4) / 0.65,
+                            "x2 = (exp(x1/2) + u2/4) / 0.65"),
+            "x3": _Equation(("x2",), lambda P, u: ((P[:, 0] - 5) ** 3 / 15 + u) / 2.13,
+                            "x3 = ((x2 - 5)^3/15 + u3) / 2.13"),
+        }
+    else:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: np.exp((P[:, 0] + u) / 2),
+                            "x2 = exp((x1 + u2)/2)"),
+            "x3": _Equation(("x2",),
+                            lambda P, u: 2 * np.tanh(P[:, 0] - 1.5) + (0.2 + 2 * _s(P[:, 0] - 1.5)) * u,
+                            "x3 = 2 tanh(x2 - 1.5) + (0.2 + 2 s(x2 - 1.5)) u3"),
+        }
+    return ["x1", "x2", "x3"], edges, eqs
+
+
+def _triangle(additive: bool):
+    edges = [("x1", "x2"), ("x1", "x3"), ("x2", "x3")]
+    if additive:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: (2 * P[:, 0] ** 2 + u) / 3,
+                            "x2 = (2 x1^2 + u2) / 3"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: (20 * _s(P[:, 1] ** 2 - P[:, 0]) + u) / 2.41,
+                            "x3 = (20 / (1 + exp(x1 - x2^2)) + u3) / 2.41"),
+        }
+    else:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: 0.6 * P[:, 0] ** 2 + (0.3 + _s(2 * P[:, 0])) * u,
+                            "x2 = 0.6 x1^2 + (0.3 + s(2 x1)) u2"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: 1.5 * np.arcsinh(3 * (P[:, 1] - P[:, 0]) + 2 * u),
+                            "x3 = 1.5 asinh(3 (x2 - x1) + 2 u3)"),
+        }
+    return ["x1", "x2", "x3"], edges, eqs
+
+
+def _diamond(additive: bool):
+    edges = [("x1", "x2"), ("x1", "x3"), ("x2", "x3"), ("x2", "x4"), ("x3", "x4")]
+    if additive:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: (P[:, 0] ** 2 + u / 2) / 1.5,
+                            "x2 = (x1^2 + u2/2) / 1.5"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: (P[:, 1] ** 2 - 2 * _s(P[:, 0]) + u / 2) / 1.27,
+                            "x3 = (x2^2 - 2 s(x1) + u3/2) / 1.27"),
+            "x4": _Equation(("x2", "x3"),
+                            lambda P, u: (P[:, 1] / (np.abs(P[:, 0] + P[:, 1]) + 0.5) + u / 5) / 0.54,
+                            "x4 = (x3 / (|x2 + x3| + 0.5) + u4/5) / 0.54"),
+        }
+    else:
+        def x2(P, u):
+            z = P[:, 0] + u / 2
+            return z + z ** 3 / 4
+
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), x2, "x2 = z + z^3/4, z = x1 + u2/2"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: (3 * np.tanh(P[:, 1] / 2) - 2 * _s(P[:, 0])
+                                          + (0.2 + 2 * _s(P[:, 0] - P[:, 1])) * u),
+                            "x3 = 3 tanh(x2/2) - 2 s(x1) + (0.2 + 2 s(x1 - x2)) u3"),
+            "x4": _Equation(("x2", "x3"), lambda P, u: (P[:, 1] + u) * (0.5 + _s(P[:, 0])),
+                            "x4 = (x3 + u4) (0.5 + s(x2))"),
+        }
+    return ["x1", "x2", "x3", "x4"], edges, eqs
+
+
+def _y(additive: bool):
+    edges = [("x1", "x3"), ("x2", "x3"), ("x3", "x4")]
+    if additive:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _root("x2 = u2"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: (-P[:, 1] ** 2 + 4 * _s(P[:, 0] + P[:, 1]) + u / 2) / 1.83,
+                            "x3 = (-x2^2 + 4 s(x1 + x2) + u3/2) / 1.83"),
+            "x4": _Equation(("x3",),
+                            lambda P, u: (20 * _s(P[:, 0] - P[:, 0] ** 2 / 2) + u) / 3.26,
+                            "x4 = (20 / (1 + exp(x3^2/2 - x3)) + u4) / 3.26"),
+        }
+    else:
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _root("x2 = u2"),
+            "x3": _Equation(("x1", "x2"),
+                            lambda P, u: (4 * _s(P[:, 0] + P[:, 1]) - P[:, 1] ** 2 / 2
+                                          + (0.2 + 2 * _s(P[:, 0] - P[:, 1])) * u),
+                            "x3 = 4 s(x1 + x2) - x2^2/2 + (0.2 + 2 s(x1 - x2)) u3"),
+            "x4": _Equation(("x3",), lambda P, u: 2 * np.arcsinh(P[:, 0] + 1.5 * u),
+                            "x4 = 2 asinh(x3 + 1.5 u4)"),
+        }
+    return ["x1", "x2", "x3", "x4"], edges, eqs
+
+
+_LADDER_SUPER_EDGES = ((1, 2), (1, 3), (2, 4), (3, 4), (3, 5), (4, 6), (5, 6),
+                       (5, 7), (6, 8), (7, 8), (7, 9), (8, 10), (9, 10))
+_LADDER_HIDDEN = 16
+_LADDER_KEY = 0x1ADD3A  # fixed key of the ladder weights
+
+
+class _HiddenLayer:
+    """``silu(P @ W1^T)``, remembering the last input so siblings share the work."""
+
+    def __init__(self, w1t: np.ndarray):
+        self.w1t = w1t
+        self._last: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, P: np.ndarray) -> np.ndarray:
+        last = self._last
+        if last is not None and last[0] is P:
+            return last[1]
+        h = _silu(np.dot(P, self.w1t))
+        self._last = (P, h)
+        return h
+
+
+def _ladder(additive: bool):
+    def members(k: int) -> list[str]:
+        return [f"x{3 * (k - 1) + j}" for j in (1, 2, 3)]
+
+    names = [v for k in range(1, 11) for v in members(k)]
+    edges = [(a, b) for p, c in _LADDER_SUPER_EDGES for a in members(p) for b in members(c)]
+    eqs: dict[str, _Equation] = {}
+    for k in range(1, 11):
+        parent_supers = [p for p, c in _LADDER_SUPER_EDGES if c == k]
+        if not parent_supers:
+            for j, v in enumerate(members(k)):
+                eqs[v] = _root(f"{v} = u{3 * (k - 1) + j + 1}")
+            continue
+        parents = tuple(v for p in parent_supers for v in members(p))
+        w1t = np.ascontiguousarray(
+            _fixed_uniform(_LADDER_KEY * 100 + 3 * k, (_LADDER_HIDDEN, len(parents))).T)
+        w2 = _fixed_uniform(_LADDER_KEY * 100 + 3 * k + 1, (3, _LADDER_HIDDEN))
+        v2 = _fixed_uniform(_LADDER_KEY * 100 + 3 * k + 2, (3, _LADDER_HIDDEN))
+        hidden = _HiddenLayer(w1t)  # shared by the three variables of super-node k
+        for j, v in enumerate(members(k)):
+            if additive:
+                def fn(P, u, hidden=hidden, w2j=w2[j]):
+                    return 0.75 * np.dot(hidden(P), w2j) + u
+                text = f"{v} = 0.75 (W2_{k} silu(W1_{k} pa))_{j} + u"
+            else:
+                def fn(P, u, hidden=hidden, w2j=w2[j], v2j=v2[j]):
+                    h = hidden(P)
+                    return 0.75 * np.dot(h, w2j) + (0.2 + 2 * _s(np.dot(h, v2j))) * u
+                text = (f"{v} = 0.75 (W2_{k} h)_{j} + (0.2 + 2 s((V2_{k} h)_{j})) u, "
+                        f"h = silu(W1_{k} pa)")
+            eqs[v] = _Equation(parents, fn, text)
+    return names, edges, eqs
+
+
+_BUILDERS = {"chain": _chain, "triangle": _triangle, "diamond": _diamond, "y": _y,
+             "ladder": _ladder}
+
+
+# --------------------------------------------------------------------------- #
+# the simulator
+# --------------------------------------------------------------------------- #
+class TabularSCM:
+    """A ground-truth SCM: samples units, keeps their noise, answers counterfactuals.
+
+    Build one with :func:`scm`. ``graph`` is a :class:`~medcausal.graph.CausalGraph`
+    of continuous variables; ``equations`` maps each variable to its structural
+    equation as text.
+
+    >>> sim = scm("y", additive=False)
+    >>> sim.graph.parents("x3")
+    ('x1', 'x2')
+    >>> sim.sample(3, seed=1).shape
+    (3, 4)
+    """
+
+    def __init__(self, name: str, additive: bool):
+        names, edges, eqs = _BUILDERS[name](bool(additive))
+        self.name = name
+        self.additive = bool(additive)
+        self.graph = CausalGraph({v: "continuous" for v in names}, edges=edges)
+        self._order: tuple[str, ...] = self.graph.topological_order
+        self._eqs = eqs
+        for v in self._order:  # the equations must agree with the graph
+            assert set(eqs[v].parents) == set(self.graph.parents(v)), v
+        self._tag = f"{name}-{'add' if self.additive else 'nonadd'}"
+        self.equations: dict[str, str] = {v: eqs[v].text for v in self._order}
+
+    def __repr__(self) -> str:
+        return f"scm({self.name!r}, additive={self.additive})"
+
+    # ------------------------------------------------------------------ public
+    def evaluate(self, name: str, parents: Mapping[str, Any], noise: Any) -> np.ndarray:
+        """Evaluate the structural equation of ``name`` at given parent values and noise.
+
+        ``parents`` maps each parent of ``name`` to an array (or scalar); ``noise``
+        is that variable's exogenous noise. Arrays broadcast together.
+
+        >>> sim = scm("chain", additive=True)
+        >>> float(sim.evaluate("x2", {"x1": 0.0}, 0.0))  # (exp(0) + 0) / 0.65
+        1.5384615384615383
+        """
+        self.graph._check(name)
+        eq = self._eqs[name]
+        missing = [p for p in eq.parents if p not in parents]
+        if missing:
+            raise DataError(f"evaluate({name!r}) needs parent value(s) for {missing}")
+        arrays = [np.asarray(parents[p], dtype=float) for p in eq.parents]
+        u = np.asarray(noise, dtype=float)
+        shape = np.broadcast_shapes(u.shape, *(a.shape for a in arrays))
+        flat_u = np.broadcast_to(u, shape).reshape(-1)
+        P = (np.stack([np.broadcast_to(a, shape).reshape(-1) for a in arrays], axis=1)
+             if arrays else np.empty((flat_u.shape[0], 0)))
+        return eq.fn(P, flat_u).reshape(shape)
+
+    def sample(self, n: int, seed: int | None = 0, do: Mapping[str, Any] | None = None
+               ) -> pd.DataFrame:
+        """Draw ``n`` fresh units (observational, or interventional under ``do``).
+
+        Columns are the variables in topological order; the index ``"unit"``
+        holds ids ``"<name>-<add|nonadd>:<seed>:<row>"`` from which the unit's
+        noise is recovered. ``seed=None`` draws a random seed (recorded in the ids).
+
+        >>> sim = scm("chain", additive=True)
+        >>> df = sim.sample(1000, seed=0, do={"x1": 1.0})
+        >>> bool((df["x1"] == 1.0).all())
+        True
+        >>> sim.sample(2, seed=7).index.tolist()
+        ['chain-add:7:0', 'chain-add:7:1']
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise MedCausalError(f"n must be a non-negative integer, got {n!r}")
+        n = int(n)
+        seed = self._check_seed(seed)
+        ivs = parse_do(do, known=self._order)
+        rows = np.arange(n, dtype=np.uint64)
+        U = _unit_noise(np.full(n, seed, dtype=np.uint64), rows, len(self._order))
+        vals: dict[str, np.ndarray] = {}
+        for j, v in enumerate(self._order):
+            P = self._stack(vals, self._eqs[v].parents, n)
+            if v in ivs and not ivs[v].needs_current:
+                vals[v] = self._apply(ivs[v], None, n)
+                continue
+            x = self._eqs[v].fn(P, U[:, j])
+            vals[v] = self._apply(ivs[v], x, n) if v in ivs else x
+        ids = [f"{self._tag}:{seed}:{i}" for i in range(n)]
+        return pd.DataFrame(vals, index=pd.Index(ids, name="unit", dtype=object),
+                            columns=list(self._order))
+
+    def noise(self, data: pd.DataFrame | Iterable) -> pd.DataFrame:
+        """The exogenous noise of units this simulator produced (same index).
+
+        ``data`` is a DataFrame whose index holds the unit ids (or the ids
+        themselves). Columns are named after the variable each noise drives.
+
+        >>> sim = scm("chain", additive=True)
+        >>> df = sim.sample(5, seed=0)
+        >>> u = sim.noise(df.iloc[[3, 1]])
+        >>> bool((u["x1"] == df["x1"].iloc[[3, 1]]).all())   # x1 = u1
+        True
+        """
+        index = data.index if isinstance(data, pd.DataFrame) else pd.Index(list(data))
+        U = self._noise_of(index)
+        return pd.DataFrame(U, index=index.copy(), columns=list(self._order))
+
+    def counterfactual(self, data: pd.DataFrame, do: Mapping[str, Any] | None
+                       ) -> pd.DataFrame:
+        """The true counterfactual of the units in ``data`` under ``do``.
+
+        Abduction (the units' own noise), action (``do``), prediction (the
+        structural equations, in topological order). Variables that are not
+        descendants of an intervened variable are copied from ``data``; so is
+        any variable whose parents did not change in a row. Same index, columns
+        and row order as ``data``.
+
+        >>> sim = scm("chain", additive=True)
+        >>> df = sim.sample(3, seed=0)
+        >>> cf = sim.counterfactual(df, do={"x2": lambda x: x + 1.0})
+        >>> bool(np.allclose(cf["x2"], df["x2"] + 1)) and bool((cf["x1"] == df["x1"]).all())
+        True
+        """
+        frame = self._check_frame(data)
+        ivs = parse_do(do, known=self._order)
+        n = len(frame)
+        U = self._noise_of(frame.index)
+        affected = set(ivs)
+        for v in ivs:
+            affected |= self.graph.descendants(v)
+        fact = {v: frame[v].to_numpy(dtype=float) for v in self._order}
+        cf = dict(fact)
+        for j, v in enumerate(self._order):
+            if v not in affected:
+                continue
+            iv = ivs.get(v)
+            if iv is not None and not iv.needs_current:
+                cf[v] = self._apply(iv, None, n)
+                continue
+            parents = self._eqs[v].parents
+            if parents:
+                P_cf = self._stack(cf, parents, n)
+                same = np.all(P_cf == self._stack(fact, parents, n), axis=1)
+                x = np.where(same, fact[v], self._eqs[v].fn(P_cf, U[:, j]))
+            else:
+                x = fact[v]
+            cf[v] = self._apply(iv, x, n) if iv is not None else x
+        out = data.copy()
+        for v in self._order:
+            if v in affected:
+                out[v] = cf[v]
+        return out
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _check_seed(seed) -> int:
+        if seed is None:
+            return secrets.randbelow(_MAX_SEED)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise MedCausalError(f"seed must be a non-negative integer or None, got {seed!r}")
+        if not 0 <= int(seed) < _MAX_SEED:
+            raise MedCausalError(f"seed must lie in [0, 10**18), got {seed}")
+        return int(seed)
+
+    @staticmethod
+    def _stack(vals: Mapping[str, np.ndarray], names: tuple[str, ...], n: int) -> np.ndarray:
+        if not names:
+            return np.empty((n, 0))
+        return np.stack([vals[p] for p in names], axis=1)
+
+    @staticmethod
+    def _apply(iv: Intervention, current: np.ndarray | None, n: int) -> np.ndarray:
+        out = iv.apply(current, n)
+        try:
+            out = np.asarray(out, dtype=float)
+        except (TypeError, ValueError):
+            raise InterventionError(
+                f"{iv.describe()}: values must be numbers for a continuous variable") from None
+        if out.shape == (n, 1):
+            out = out[:, 0]
+        if out.shape != (n,):
+            raise InterventionError(
+                f"{iv.describe()}: expected {n} scalar values, got shape {out.shape}")
+        if not np.all(np.isfinite(out)):
+            raise InterventionError(f"{iv.describe()}: values must be finite")
+        return out
+
+    def _noise_of(self, index: pd.Index) -> np.ndarray:
+        ids = pd.Series(np.asarray(index, dtype=object), dtype=object).astype(str)
+        parts = ids.str.extract(r"^([^:]+):(\d{1,18}):(\d{1,18})$")
+        bad = parts.isna().any(axis=1).to_numpy() | (parts[0] != self._tag).to_numpy()
+        if bad.any():
+            first = np.asarray(index, dtype=object)[np.flatnonzero(bad)[0]]
+            raise DataError(
+                f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(ids)} "
+                f"rows are foreign); its units are named '{self._tag}:<seed>:<row>'. Keep the "
+                f"'unit' index when slicing or saving (pd.read_csv(path, index_col='unit')).")
+        seeds = parts[1].astype(np.int64).to_numpy().astype(np.uint64)
+        rows = parts[2].astype(np.int64).to_numpy().astype(np.uint64)
+        return _unit_noise(seeds, rows, len(self._order))
+
+    def _check_frame(self, data: Any) -> pd.DataFrame:
+        if not isinstance(data, pd.DataFrame):
+            raise DataError(f"counterfactual expects a pandas DataFrame from {self!r}.sample, "
+                            f"got {type(data).__name__}")
+        missing = [v for v in self._order if v not in data.columns]
+        if missing:
+            raise DataError(f"data lack column(s) {missing} of {self!r}; "
+                            f"columns given: {list(data.columns)}")
+        for v in self._order:
+            col = data[v]
+            if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+                raise DataError(f"column {v!r} must be numeric, got dtype {col.dtype}")
+            if col.isna().any():
+                raise DataError(f"column {v!r} has {int(col.isna().sum())} missing value(s)")
+        return data
+
+
+def scm_names() -> list[str]:
+    """Names of the benchmark SCMs.
+
+    >>> scm_names()
+    ['chain', 'triangle', 'diamond', 'y', 'ladder']
+    """
+    return list(_BUILDERS)
+
+
+def scm(name: str, additive: bool = True) -> TabularSCM:
+    """A benchmark SCM by name (see the module docstring for its equations).
+
+    ``additive=True`` gives ``x = f(pa) + c u``; ``additive=False`` a variant
+    whose noise enters non-additively but monotonically.
+
+    >>> sim = scm("diamond", additive=False)
+    >>> sim.graph.parents("x4"), sim.name, sim.additive
+    (('x2', 'x3'), 'diamond', False)
+    """
+    key = str(name).lower() if isinstance(name, str) else name
+    if key not in _BUILDERS:
+        raise MedCausalError(f"unknown SCM {name!r}; known: {scm_names()}")
+    return TabularSCM(key, additive)

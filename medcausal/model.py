@@ -137,19 +137,21 @@ class CausalModel:
     def _encode(self, data, names=None) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tabular.encode(data, self.graph, self.codecs, names).items()}
 
-    def _decode(self, values, like=None, n=None):
+    def _decode(self, values, like=None, n=None, exact=None):
         if like is None and self.fit_info.get("data_kind") == "cohort":
             like = Cohort(pd.DataFrame(index=range(n)))
-        return tabular.decode(values, self.graph, self.codecs, like=like, n=n)
+        return tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
 
-    def _intervene(self, iv, current: torch.Tensor | None, n: int) -> torch.Tensor:
+    def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict) -> torch.Tensor:
+        """Apply one intervention; its raw values go to ``exact`` for the output table."""
         codec = self.codecs[iv.name]
         raw = iv.apply(None if current is None else codec.decode(current), n)
+        exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
 
     # -- training ------------------------------------------------------------
     def fit(self, data, *, seed: int = 0, max_epochs: int = 200, max_steps: int | None = None,
-            batch_size: int = 256, lr: float = 1e-3, val_fraction: float = 0.1, patience: int = 20,
+            batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int = 20,
             verbose: bool | None = None, device: str = "cpu") -> "CausalModel":
         """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
 
@@ -202,15 +204,16 @@ class CausalModel:
         ivs = parse_do(do, self.graph.variables)
         gen = _generator(seed)
         values: dict[str, torch.Tensor] = {}
+        exact: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for name in self.graph.topological_order:
                 iv = ivs.get(name)
                 if iv is not None and not iv.needs_current:
-                    values[name] = self._intervene(iv, None, n)
+                    values[name] = self._intervene(iv, None, n, exact)
                     continue
                 x = self.mechanism(name).sample(self._parents(name, values, n), generator=gen)
-                values[name] = x if iv is None else self._intervene(iv, x, n)
-        return self._decode(values, n=n)
+                values[name] = x if iv is None else self._intervene(iv, x, n, exact)
+        return self._decode(values, n=n, exact=exact)
 
     def counterfactual(self, data, do: Mapping[str, Any], seed: int | None = None):
         """The counterfactual of each given unit under ``do``: same rows, same columns.
@@ -230,19 +233,20 @@ class CausalModel:
         factual = self._encode(data, order)
         gen = _generator(seed)
         world = dict(factual)
+        exact: dict[str, np.ndarray] = {}
         with torch.no_grad():
             for name in order:
                 if name not in affected:
                     continue
                 iv = ivs.get(name)
                 if iv is not None and not iv.needs_current:
-                    world[name] = self._intervene(iv, None, n)
+                    world[name] = self._intervene(iv, None, n, exact)
                     continue
                 mech = self.mechanism(name)
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
-                world[name] = x if iv is None else self._intervene(iv, x, n)
-        return self._decode({k: world[k] for k in affected}, like=data, n=n)
+                world[name] = x if iv is None else self._intervene(iv, x, n, exact)
+        return self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact)
 
     def log_prob(self, data) -> pd.Series:
         """Per-row log-likelihood of the data (in the data's units), where every mechanism has one."""

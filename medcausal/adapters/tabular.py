@@ -253,10 +253,12 @@ def intervention_values(codec: Codec, raw: np.ndarray) -> torch.Tensor:
 
 
 def decode(tensors: Mapping[str, torch.Tensor], graph: CausalGraph, codecs: Mapping[str, Codec],
-           like=None, n: int | None = None):
+           like=None, n: int | None = None, exact: Mapping[str, np.ndarray] | None = None):
     """Tensors back to the container kind of ``like`` (a DataFrame or a Cohort).
 
     Columns of ``like`` that are not variables are kept as they are; its index is kept.
+    ``exact`` gives raw values (e.g. intervention values) written as they are, so that
+    ``do(x=0.1)`` reads back 0.1 and not its float32 round trip.
     """
     n = n if n is not None else len(next(iter(tensors.values())))
     table = _table(like).copy() if like is not None else pd.DataFrame(index=pd.RangeIndex(n))
@@ -265,6 +267,8 @@ def decode(tensors: Mapping[str, torch.Tensor], graph: CausalGraph, codecs: Mapp
         if name not in tensors:
             continue
         values = codecs[name].decode(tensors[name])
+        if exact and name in exact and graph.variables[name].kind == "continuous":
+            values = np.asarray(exact[name], dtype=np.float64)
         if graph.variables[name].kind in ("image", "expression"):
             arrays[name] = values
             continue

@@ -43,6 +43,8 @@ class Mechanism(nn.Module):
     abduction: ClassVar[str] = "exact"
     supports: ClassVar[tuple[str, ...]] = ()  # variable kinds: "continuous", "binary", ...
     has_log_prob: ClassVar[bool] = True
+    # |sample(pa, abduct(x, pa)) - x| stays below this (standardized units); the contract test checks it.
+    reconstruction_tolerance: ClassVar[float] = 1e-4
 
     def __init__(self, variable: VariableType, parent_dim: int, **hparams: Any):
         super().__init__()

@@ -10,20 +10,21 @@ Factors may be continuous or discrete, declared per column with
 ``discrete=[True, False, ...]``. By default a column is discrete when it holds
 at most 10 distinct values, all of them integers.
 
-=========================  ==================================================
-function                   reference
-=========================  ==================================================
-:func:`mcc`                mean correlation coefficient (Hyvärinen & Morioka
-                           2016; Khemakhem et al. 2020 for the weak variant)
-:func:`dci`                Eastwood & Williams, ICLR 2018
-:func:`dci_from_importance` D and C of a given importance matrix
-:func:`dci_es`             Eastwood et al., ICLR 2023 (explicitness, size)
-:func:`mig`                Chen et al., NeurIPS 2018
-:func:`sap`                Kumar et al., ICLR 2018
-:func:`irs`                Suter et al., ICML 2019
-:func:`leeb_interventional` Leeb et al., NeurIPS 2022 (latent responses)
-:func:`report`             all array metrics in one table
-=========================  ==================================================
+=============================  ==============================================
+function                       reference
+=============================  ==============================================
+:func:`mcc`                    mean correlation coefficient (Hyvärinen &
+                               Morioka 2016; Khemakhem et al. 2020), strong
+                               or after affine alignment (weak)
+:func:`dci`                    Eastwood & Williams, ICLR 2018
+:func:`dci_from_importance`    D and C of a given importance matrix
+:func:`dci_es`                 Eastwood et al., ICLR 2023 (explicitness, size)
+:func:`mig`                    Chen et al., NeurIPS 2018
+:func:`sap`                    Kumar et al., ICLR 2018
+:func:`irs`                    Suter et al., ICML 2019
+:func:`leeb_interventional`    Leeb et al., NeurIPS 2022 (latent responses)
+:func:`report`                 all array metrics in one table
+=============================  ==============================================
 
 Bad input raises :class:`medcausal.errors.DataError` (a ``ValueError``) whose
 message names the array and the problem; degenerate columns (constant codes or
@@ -329,6 +330,12 @@ def _abs_corr(
     a_kind: str = "factors", b_kind: str = "codes",
 ) -> np.ndarray:
     """Absolute correlation matrix ``[a_cols, b_cols]``; constant columns give 0."""
+    const_a = np.ptp(a, axis=0) == 0
+    const_b = np.ptp(b, axis=0) == 0
+    for i in np.nonzero(const_a)[0]:
+        _warn_constant(a_kind, a_names[i], "its correlations are set to 0")
+    for i in np.nonzero(const_b)[0]:
+        _warn_constant(b_kind, b_names[i], "its correlations are set to 0")
     if method == "spearman":
         a = rankdata(a, axis=0)
         b = rankdata(b, axis=0)
@@ -336,14 +343,8 @@ def _abs_corr(
     b = b - b.mean(axis=0)
     na = np.sqrt((a * a).sum(axis=0))
     nb = np.sqrt((b * b).sum(axis=0))
-    tol_a = 1e-12 * max(1.0, float(np.abs(a).max()) if a.size else 1.0)
-    tol_b = 1e-12 * max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    for i in np.nonzero(na <= tol_a)[0]:
-        _warn_constant(a_kind, a_names[i], "its correlations are set to 0")
-    for i in np.nonzero(nb <= tol_b)[0]:
-        _warn_constant(b_kind, b_names[i], "its correlations are set to 0")
-    na_safe = np.where(na > tol_a, na, np.inf)
-    nb_safe = np.where(nb > tol_b, nb, np.inf)
+    na_safe = np.where(const_a | (na == 0), np.inf, na)
+    nb_safe = np.where(const_b | (nb == 0), np.inf, nb)
     corr = (a.T @ b) / np.outer(na_safe, nb_safe)
     return np.clip(np.abs(corr), 0.0, 1.0)
 
@@ -660,7 +661,7 @@ def _explicitness_from_curve(x: np.ndarray, losses: np.ndarray, lowest: float | 
     ell_star = float(curve.min()) if lowest is None else float(lowest)
     ell_star = min(ell_star, float(curve.min()))
     height = 1.0 - ell_star
-    if height <= 1e-3:
+    if height <= 1e-3:  # no probe beats the baseline: explicitness undefined
         return float("nan"), curve
     gap = curve - ell_star
     area = float(np.sum(0.5 * (gap[1:] + gap[:-1]) * np.diff(x)))
@@ -676,7 +677,7 @@ def dci_es(
     capacities: Sequence[int] | None = None,
     test_size: float = 0.3,
     seed: int = 0,
-    lowest_loss: float | None = None,
+    lowest_loss: float | None = 0.0,
 ) -> DCIESResult:
     """Explicitness (E) and size (S) of DCI-ES (Eastwood et al., ICLR 2023).
 
@@ -698,13 +699,17 @@ def dci_es(
     on a log axis rescaled to ``[0, 1]`` (as the paper's MLP curves). The
     loss-capacity curve is the running minimum of the test losses (best probe
     up to that capacity), clipped at the baseline 1. With ``l*`` the lowest
-    loss (``lowest_loss``, default: the curve's own minimum), ``AULCC`` the
-    area between curve and ``l*``, and ``Z = (1 - l*) / 2`` the area of the
-    triangle from the baseline at the lowest capacity to ``l*`` at the highest,
-    ``E_j = 1 - AULCC / Z``; ``E`` in ``[-1, 1]`` is 1 when the smallest probe
-    already attains the lowest loss and 0 for a linear descent. A factor no
-    probe predicts better than the baseline has undefined E (NaN, with a
-    warning); ``E`` averages the defined ones.
+    loss, ``AULCC`` the area between curve and ``l*``, and ``Z = (1 - l*) / 2``
+    the area of the triangle from the baseline at the lowest capacity to
+    ``l*`` at the highest, ``E_j = 1 - AULCC / Z``; ``E`` in ``[-1, 1]`` is 1
+    when the smallest probe already attains ``l*``, 0 for a linear descent and
+    -1 when no probe beats the baseline. ``lowest_loss`` sets ``l*``: the
+    default 0.0 is the loss of a perfect read-out (factors that are a function
+    of the data), common to all representations so their E are comparable and
+    stable; ``lowest_loss=None`` uses each curve's own minimum instead (as the
+    authors' evaluation script does), which ignores how informative the code
+    is and leaves E undefined (NaN, with a warning) when no probe beats the
+    baseline by 0.001. ``E`` averages the defined per-factor values.
 
     **Size** is ``S = k / d``, the number of factors over the number of code
     dimensions: 1 for a code exactly as large as the factors, smaller for
@@ -729,6 +734,8 @@ def dci_es(
         raise DataError(f"capacities must be at least two strictly increasing values; got {caps}")
     if (probe == "rff" and caps[0] < 0) or (probe == "mlp" and caps[0] < 1):
         raise DataError(f"capacities out of range for probe {probe!r}: {caps}")
+    if lowest_loss is not None and not 0.0 <= float(lowest_loss) < 1.0:
+        raise DataError(f"lowest_loss must lie in [0, 1) (the baseline loss is 1); got {lowest_loss}")
     f, fnames, c, _ = _check_pair(factors, codes, min_n=8)
     disc = _resolve_discrete(f, discrete)
     train, test = _split_indices(f.shape[0], test_size, seed)
@@ -787,7 +794,7 @@ def dci_es(
         e_per[j], curves[j] = _explicitness_from_curve(axis, losses[j], lowest_loss)
         if np.isnan(e_per[j]):
             warnings.warn(
-                f"factors column {fnames[j]!r}: no probe beats the baseline loss; "
+                f"factors column {fnames[j]!r}: no probe beats the baseline loss by 0.001; "
                 "its explicitness is undefined (NaN)",
                 DegenerateColumnWarning, stacklevel=2,
             )
@@ -797,7 +804,7 @@ def dci_es(
         "capacities": caps,
         "capacity_measure": "trainable parameters of a single-output probe, log axis rescaled to [0, 1]",
         "loss": "continuous: 1 - R^2; discrete: (1 - balanced acc)/(1 - 1/K); baseline 1",
-        "lowest_loss": "curve minimum" if lowest_loss is None else lowest_loss,
+        "lowest_loss": "curve minimum" if lowest_loss is None else float(lowest_loss),
         "normaliser": "triangle (1 - lowest loss) / 2",
         "discrete": disc,
         "test_size": test_size,

@@ -145,6 +145,36 @@ def _unit_noise(seeds: np.ndarray, rows: np.ndarray, d: int) -> np.ndarray:
     return ndtri(_hash_uniform(np.asarray(seeds, dtype=np.uint64)[:, None], counters))
 
 
+_HAS_NP_STRINGS = hasattr(np, "strings") and hasattr(np.strings, "partition")
+
+
+def _parse_ids(ids: np.ndarray, tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ids ``"<tag>:<seed>:<row>"`` into uint64 seeds and rows, plus a mask of bad ids."""
+    n = len(ids)
+    seeds = np.zeros(n, dtype=np.uint64)
+    rows = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return seeds, rows, np.zeros(0, dtype=bool)
+    if _HAS_NP_STRINGS:
+        text = ids.astype(str)
+        head, _, rest = np.strings.partition(text, ":")
+        seed_s, sep, row_s = np.strings.partition(rest, ":")
+        ok = ((head == tag) & (sep == ":")
+              & np.strings.isdigit(seed_s) & (np.strings.str_len(seed_s) <= 18)
+              & np.strings.isdigit(row_s) & (np.strings.str_len(row_s) <= 18))
+        if ok.any():
+            seeds[ok] = seed_s[ok].astype(np.int64).astype(np.uint64)
+            rows[ok] = row_s[ok].astype(np.int64).astype(np.uint64)
+        return seeds, rows, ~ok
+    ok = np.zeros(n, dtype=bool)  # numpy < 2.2: a plain loop
+    for i, uid in enumerate(ids):
+        parts = str(uid).split(":")
+        if (len(parts) == 3 and parts[0] == tag and all(
+                p.isdigit() and p.isascii() and len(p) <= 18 for p in parts[1:])):
+            seeds[i], rows[i], ok[i] = int(parts[1]), int(parts[2]), True
+    return seeds, rows, ~ok
+
+
 def _fixed_uniform(key: int, shape: tuple[int, ...], low: float = -1.0, high: float = 1.0):
     """Deterministic, machine-independent uniform weights for the ladder."""
     size = int(np.prod(shape))
@@ -155,14 +185,22 @@ def _fixed_uniform(key: int, shape: tuple[int, ...], low: float = -1.0, high: fl
 # --------------------------------------------------------------------------- #
 # structural equations
 # --------------------------------------------------------------------------- #
-Fn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (parents [n, p], u [n]) -> [n]
+Fn = Callable[..., np.ndarray]  # (parents [n, p], u [n]) -> [n]
 
 
 @dataclass(frozen=True)
 class _Equation:
+    """``fn(P, u)``, or ``fn(P, u, memo)`` with a per-pass memo dict when ``uses_memo``."""
+
     parents: tuple[str, ...]
     fn: Fn
     text: str
+    uses_memo: bool = False
+
+    def __call__(self, P: np.ndarray, u: np.ndarray, memo: dict | None = None) -> np.ndarray:
+        if self.uses_memo:
+            return self.fn(P, u, {} if memo is None else memo)
+        return self.fn(P, u)
 
 
 def _root(text: str = "u") -> _Equation:
@@ -288,18 +326,22 @@ _LADDER_KEY = 0x1ADD3A  # fixed key of the ladder weights
 
 
 class _HiddenLayer:
-    """``silu(P @ W1^T)``, remembering the last input so siblings share the work."""
+    """``silu(P @ W1^T)`` of one ladder super-node, computed once per pass.
+
+    The three variables of a super-node share their parents; within one
+    ``sample``/``counterfactual`` pass they receive the same stacked ``P`` and
+    the hidden layer is kept in that pass's ``memo`` (freed with it).
+    """
 
     def __init__(self, w1t: np.ndarray):
         self.w1t = w1t
-        self._last: tuple[np.ndarray, np.ndarray] | None = None
 
-    def __call__(self, P: np.ndarray) -> np.ndarray:
-        last = self._last
-        if last is not None and last[0] is P:
-            return last[1]
+    def __call__(self, P: np.ndarray, memo: dict) -> np.ndarray:
+        hit = memo.get(id(self))
+        if hit is not None and hit[0] is P:
+            return hit[1]
         h = _silu(np.dot(P, self.w1t))
-        self._last = (P, h)
+        memo[id(self)] = (P, h)
         return h
 
 
@@ -324,16 +366,16 @@ def _ladder(additive: bool):
         hidden = _HiddenLayer(w1t)  # shared by the three variables of super-node k
         for j, v in enumerate(members(k)):
             if additive:
-                def fn(P, u, hidden=hidden, w2j=w2[j]):
-                    return 0.75 * np.dot(hidden(P), w2j) + u
+                def fn(P, u, memo, hidden=hidden, w2j=w2[j]):
+                    return 0.75 * np.dot(hidden(P, memo), w2j) + u
                 text = f"{v} = 0.75 (W2_{k} silu(W1_{k} pa))_{j} + u"
             else:
-                def fn(P, u, hidden=hidden, w2j=w2[j], v2j=v2[j]):
-                    h = hidden(P)
+                def fn(P, u, memo, hidden=hidden, w2j=w2[j], v2j=v2[j]):
+                    h = hidden(P, memo)
                     return 0.75 * np.dot(h, w2j) + (0.2 + 2 * _s(np.dot(h, v2j))) * u
                 text = (f"{v} = 0.75 (W2_{k} h)_{j} + (0.2 + 2 s((V2_{k} h)_{j})) u, "
                         f"h = silu(W1_{k} pa)")
-            eqs[v] = _Equation(parents, fn, text)
+            eqs[v] = _Equation(parents, fn, text, uses_memo=True)
     return names, edges, eqs
 
 
@@ -395,7 +437,7 @@ class TabularSCM:
         flat_u = np.broadcast_to(u, shape).reshape(-1)
         P = (np.stack([np.broadcast_to(a, shape).reshape(-1) for a in arrays], axis=1)
              if arrays else np.empty((flat_u.shape[0], 0)))
-        return eq.fn(P, flat_u).reshape(shape)
+        return eq(P, flat_u).reshape(shape)
 
     def sample(self, n: int, seed: int | None = 0, do: Mapping[str, Any] | None = None
                ) -> pd.DataFrame:
@@ -420,16 +462,16 @@ class TabularSCM:
         rows = np.arange(n, dtype=np.uint64)
         U = _unit_noise(np.full(n, seed, dtype=np.uint64), rows, len(self._order))
         vals: dict[str, np.ndarray] = {}
+        stacks: dict = {}
+        memo: dict = {}
         for j, v in enumerate(self._order):
-            P = self._stack(vals, self._eqs[v].parents, n)
             if v in ivs and not ivs[v].needs_current:
                 vals[v] = self._apply(ivs[v], None, n)
                 continue
-            x = self._eqs[v].fn(P, U[:, j])
+            P = self._stack(vals, self._eqs[v].parents, n, stacks)
+            x = self._eqs[v](P, U[:, j], memo)
             vals[v] = self._apply(ivs[v], x, n) if v in ivs else x
-        ids = [f"{self._tag}:{seed}:{i}" for i in range(n)]
-        return pd.DataFrame(vals, index=pd.Index(ids, name="unit", dtype=object),
-                            columns=list(self._order))
+        return pd.DataFrame(vals, index=self._make_ids(seed, n), columns=list(self._order))
 
     def noise(self, data: pd.DataFrame | Iterable) -> pd.DataFrame:
         """The exogenous noise of units this simulator produced (same index).
@@ -443,7 +485,12 @@ class TabularSCM:
         >>> bool((u["x1"] == df["x1"].iloc[[3, 1]]).all())   # x1 = u1
         True
         """
-        index = data.index if isinstance(data, pd.DataFrame) else pd.Index(list(data))
+        if isinstance(data, (pd.DataFrame, pd.Series)):
+            index = data.index
+        elif isinstance(data, pd.Index):
+            index = data
+        else:
+            index = pd.Index(list(data), name="unit")
         U = self._noise_of(index)
         return pd.DataFrame(U, index=index.copy(), columns=list(self._order))
 
@@ -472,6 +519,9 @@ class TabularSCM:
             affected |= self.graph.descendants(v)
         fact = {v: frame[v].to_numpy(dtype=float) for v in self._order}
         cf = dict(fact)
+        cf_stacks: dict = {}
+        fact_stacks: dict = {}
+        memo: dict = {}
         for j, v in enumerate(self._order):
             if v not in affected:
                 continue
@@ -481,9 +531,9 @@ class TabularSCM:
                 continue
             parents = self._eqs[v].parents
             if parents:
-                P_cf = self._stack(cf, parents, n)
-                same = np.all(P_cf == self._stack(fact, parents, n), axis=1)
-                x = np.where(same, fact[v], self._eqs[v].fn(P_cf, U[:, j]))
+                P_cf = self._stack(cf, parents, n, cf_stacks)
+                same = np.all(P_cf == self._stack(fact, parents, n, fact_stacks), axis=1)
+                x = np.where(same, fact[v], self._eqs[v](P_cf, U[:, j], memo))
             else:
                 x = fact[v]
             cf[v] = self._apply(iv, x, n) if iv is not None else x
@@ -505,10 +555,21 @@ class TabularSCM:
         return int(seed)
 
     @staticmethod
-    def _stack(vals: Mapping[str, np.ndarray], names: tuple[str, ...], n: int) -> np.ndarray:
-        if not names:
-            return np.empty((n, 0))
-        return np.stack([vals[p] for p in names], axis=1)
+    def _stack(vals: Mapping[str, np.ndarray], names: tuple[str, ...], n: int,
+               cache: dict) -> np.ndarray:
+        """Parents as an ``[n, p]`` array; siblings with the same parents share it."""
+        if names not in cache:
+            cache[names] = (np.stack([vals[p] for p in names], axis=1) if names
+                            else np.empty((n, 0)))
+        return cache[names]
+
+    def _make_ids(self, seed: int, n: int) -> pd.Index:
+        prefix = f"{self._tag}:{seed}:"
+        if _HAS_NP_STRINGS:
+            ids = np.strings.add(prefix, np.arange(n).astype(str)).astype(object)
+        else:  # numpy < 2.2
+            ids = [f"{prefix}{i}" for i in range(n)]
+        return pd.Index(ids, name="unit")
 
     @staticmethod
     def _apply(iv: Intervention, current: np.ndarray | None, n: int) -> np.ndarray:
@@ -528,17 +589,13 @@ class TabularSCM:
         return out
 
     def _noise_of(self, index: pd.Index) -> np.ndarray:
-        ids = pd.Series(np.asarray(index, dtype=object), dtype=object).astype(str)
-        parts = ids.str.extract(r"^([^:]+):(\d{1,18}):(\d{1,18})$")
-        bad = parts.isna().any(axis=1).to_numpy() | (parts[0] != self._tag).to_numpy()
+        seeds, rows, bad = _parse_ids(np.asarray(index, dtype=object), self._tag)
         if bad.any():
             first = np.asarray(index, dtype=object)[np.flatnonzero(bad)[0]]
             raise DataError(
-                f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(ids)} "
+                f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(bad)} "
                 f"rows are foreign); its units are named '{self._tag}:<seed>:<row>'. Keep the "
                 f"'unit' index when slicing or saving (pd.read_csv(path, index_col='unit')).")
-        seeds = parts[1].astype(np.int64).to_numpy().astype(np.uint64)
-        rows = parts[2].astype(np.int64).to_numpy().astype(np.uint64)
         return _unit_noise(seeds, rows, len(self._order))
 
     def _check_frame(self, data: Any) -> pd.DataFrame:

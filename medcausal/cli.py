@@ -1,0 +1,145 @@
+"""The ``medcausal`` command line: fit a recipe, sample, ask counterfactuals, run the demo.
+
+    medcausal fit cohorts/cardio.toml --out runs/cardio
+    medcausal sample runs/cardio -n 1000 --do bmi=25 --out synthetic.csv
+    medcausal counterfactual runs/cardio --input patients.csv --do bmi=25 --out cf.csv
+    medcausal demo --out demo_output
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import MedCausalError
+from .interventions import parse_cli_do
+from .io import read_table, write_table
+
+MODEL_FILE = "model.mcm"
+
+
+def _model(run_dir: str):
+    from .model import CausalModel
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise MedCausalError(f"run directory {run_dir!r} does not exist (create it with `medcausal fit`)")
+    return CausalModel.load(run / MODEL_FILE)
+
+
+def cmd_fit(args) -> int:
+    from .model import CausalModel
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    data = read_table(recipe.data_path())
+    fit_args = recipe.fit.model_dump()
+    if args.max_epochs is not None:
+        fit_args["max_epochs"] = args.max_epochs
+    model = CausalModel(recipe.graph(), mechanisms=recipe.mechanisms or None)
+    model.fit(data, verbose=not args.quiet and None, **fit_args)
+    # Build the run directory beside its final place, then move it in whole.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save(tmp / MODEL_FILE)
+        shutil.copyfile(args.recipe, tmp / "recipe.toml")
+        (tmp / "fit.json").write_text(json.dumps({"fit": model.fit_info, "history": model.history}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = model.fit_info
+    print(f"fitted {recipe.name!r} on {info['n_rows']} rows in {info['seconds']:.1f}s "
+          f"({info['epochs']} epochs, best validation loss {info['best_val_loss']:.4f}) -> {out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    model = _model(args.run_dir)
+    df = model.sample(args.n, do=parse_cli_do(args.do) or None, seed=args.seed)
+    write_table(df, args.out)
+    print(f"wrote {len(df)} samples to {args.out}")
+    return 0
+
+
+def cmd_counterfactual(args) -> int:
+    model = _model(args.run_dir)
+    data = read_table(args.input)
+    do = parse_cli_do(args.do)
+    if not do:
+        raise MedCausalError("counterfactual needs at least one --do var=value")
+    cf = model.counterfactual(data, do=do, seed=args.seed)
+    write_table(cf, args.out)
+    print(f"wrote {len(cf)} counterfactuals to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, verbose=not args.quiet and None)
+    print(f"demo finished: report at {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medcausal", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"medcausal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit a causal model from a cohort recipe (TOML)")
+    f.add_argument("recipe", help="path to a recipe TOML (see cohorts/)")
+    f.add_argument("--out", required=True, help="run directory to create (model.mcm, fit.json, recipe.toml)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    f.add_argument("--max-epochs", type=int, default=None, help="override the recipe's [fit] max_epochs")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("sample", help="sample units from a fitted model, optionally under interventions")
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, required=True, help="number of units")
+    s.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output CSV or Parquet file")
+    s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("counterfactual", help="counterfactuals of given units under interventions")
+    c.add_argument("run_dir")
+    c.add_argument("--input", required=True, help="CSV or Parquet with the observed units")
+    c.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
+    c.add_argument("--seed", type=int, default=0, help="seed for the noise of discrete variables")
+    c.add_argument("--out", required=True, help="output CSV or Parquet file")
+    c.set_defaults(func=cmd_counterfactual)
+
+    d = sub.add_parser("demo", help="fit a synthetic cohort with known counterfactuals and write a report")
+    d.add_argument("--out", default="demo_output", help="output directory (default: demo_output)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedCausalError as e:
+        print(f"medcausal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

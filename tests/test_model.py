@@ -1,0 +1,245 @@
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.errors import (CapabilityError, DataError, InterventionError, MedCausalError,
+                              ModelFileError, NotFittedError, OutOfSupportWarning)
+from conftest import linear_gaussian
+
+
+def test_counterfactual_matches_ground_truth(fitted):
+    test, u = linear_gaussian(500, seed=11)
+    cf = fitted.counterfactual(test, do={"x": 1.0})
+    true_y = 2 * 1.0 + test["s"] + u
+    mse = float(np.mean((cf["y"] - true_y) ** 2))
+    ignore_factual = float(np.mean((fitted.sample(500, do={"x": 1.0}, seed=0)["y"].to_numpy() - true_y) ** 2))
+    # Noise variance is 0.25: a model that ignored the factual would be near 0.25; exact abduction is ~0.
+    assert mse < 0.02, mse
+    assert mse < ignore_factual / 10
+
+
+def test_do_leaves_ancestors_and_non_descendants_unchanged(fitted):
+    test, _ = linear_gaussian(50, seed=3)
+    cf = fitted.counterfactual(test, do={"y": 0.0}, seed=0)
+    pd.testing.assert_series_equal(cf["x"], test["x"])
+    pd.testing.assert_series_equal(cf["s"], test["s"])
+    assert (cf["y"] == 0.0).all()
+    assert list(cf.columns) == list(test.columns) and cf.index.equals(test.index)
+
+
+def test_null_intervention_returns_input(lg_graph, lg_data, fitted):
+    test, _ = linear_gaussian(200, seed=4)
+    cf = fitted.counterfactual(test, do={"x": test["x"].to_numpy()}, seed=0)
+    np.testing.assert_allclose(cf["y"], test["y"], atol=1e-4)
+    assert (cf["stage"] == test["stage"]).all()
+    additive = mc.CausalModel(lg_graph, mechanisms={"y": "additive"}).fit(
+        lg_data[0], max_epochs=3, verbose=False)
+    cf = additive.counterfactual(test, do={"x": test["x"].to_numpy()}, seed=0)
+    np.testing.assert_allclose(cf["y"], test["y"], atol=1e-4)
+
+
+def test_interventional_mean_matches_analytic(fitted):
+    y = fitted.sample(20000, do={"x": 1.0}, seed=0)["y"]
+    # E[y | do(x=1)] = 2 + P(s=1) = 2.4 ; sd = sqrt(0.4*0.6 + 0.25) = 0.70. The tolerance
+    # covers the estimation error of a 60-epoch fit on 3000 rows (seed fixed).
+    assert abs(y.mean() - 2.4) < 0.08
+    assert abs(y.std() - 0.70) < 0.05
+
+
+def test_interventions_value_array_callable(fitted):
+    base = fitted.sample(100, seed=1)
+    arr = np.linspace(-1, 1, 100)
+    assert np.allclose(fitted.sample(100, do={"x": arr}, seed=1)["x"], arr)
+    shifted = fitted.sample(100, do={"x": lambda x: x + 0.5}, seed=1)
+    np.testing.assert_allclose(shifted["x"], base["x"] + 0.5, atol=1e-5)
+    test, u = linear_gaussian(100, seed=5)
+    cf = fitted.counterfactual(test, do={"x": lambda x: x + 0.5}, seed=0)
+    np.testing.assert_allclose(cf["x"], test["x"] + 0.5, atol=1e-5)
+    assert np.mean((cf["y"] - (test["y"] + 1.0)) ** 2) < 0.02  # dy/dx = 2
+
+
+def test_same_seed_same_results(lg_graph, lg_data, fitted):
+    assert fitted.sample(50, seed=3).equals(fitted.sample(50, seed=3))
+    assert not fitted.sample(50, seed=3).equals(fitted.sample(50, seed=4))
+    test, _ = linear_gaussian(50, seed=6)
+    a = fitted.counterfactual(test, do={"y": 3.0}, seed=1)
+    b = fitted.counterfactual(test, do={"y": 3.0}, seed=1)
+    assert a.equals(b)
+    m1 = mc.CausalModel(lg_graph).fit(lg_data[0].iloc[:300], seed=2, max_epochs=2, verbose=False)
+    m2 = mc.CausalModel(lg_graph).fit(lg_data[0].iloc[:300], seed=2, max_epochs=2, verbose=False)
+    for (k, v), (_, w) in zip(m1.mechanisms.state_dict().items(), m2.mechanisms.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_categorical_learned_and_declared(fitted):
+    assert fitted.graph.variables["stage"].categories == ("high", "low")
+    s = fitted.sample(200, seed=0)
+    assert set(s["stage"]) <= {"high", "low"} and set(s["s"]) <= {0, 1}
+    s2 = fitted.sample(5, do={"stage": "high"}, seed=0)
+    assert (s2["stage"] == "high").all()
+
+
+def test_log_prob_matches_analytic(fitted):
+    test, u = linear_gaussian(2000, seed=7)
+    lp = fitted.log_prob(test[["x", "s", "y", "stage"]])
+    from scipy import stats
+    true = (stats.norm.logpdf(test["x"]) + np.where(test["s"] == 1, np.log(0.4), np.log(0.6))
+            + stats.norm.logpdf(u, scale=0.5)
+            + np.where(test["stage"] == "high", 1, -1) * (test["y"] - 1) - np.logaddexp(0, (test["y"] - 1)
+                                                                                        * np.where(test["stage"] == "high", 1, -1)))
+    assert lp.shape == (2000,) and lp.index.equals(test.index)
+    # The average log-likelihood of a good fit is within 0.1 nats of the true model's.
+    assert abs(lp.mean() - true.mean()) < 0.1, (lp.mean(), true.mean())
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    path = fitted.save(tmp_path / "m.mcm")
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"medcausal", "state_dict"}
+    loaded = mc.CausalModel.load(path)
+    assert loaded.graph == fitted.graph and loaded.choices == fitted.choices
+    assert loaded.sample(30, seed=2).equals(fitted.sample(30, seed=2))
+    test, _ = linear_gaussian(30, seed=8)
+    assert loaded.counterfactual(test, do={"x": 0.3}, seed=1).equals(
+        fitted.counterfactual(test, do={"x": 0.3}, seed=1))
+
+
+def test_cohort_in_cohort_out(lg_graph, lg_data):
+    c = mc.Cohort(lg_data[0].iloc[:300])
+    m = mc.CausalModel(lg_graph).fit(c, max_epochs=2, verbose=False)
+    s = m.sample(10, seed=0)
+    assert isinstance(s, mc.Cohort) and len(s) == 10
+    cf = m.counterfactual(c[:5], do={"x": 0.0})
+    assert isinstance(cf, mc.Cohort) and cf.table["id"].tolist() == [0, 1, 2, 3, 4]
+
+
+# -- bad input -----------------------------------------------------------------
+
+def test_missing_column_is_named_with_suggestion(fitted):
+    test, _ = linear_gaussian(10, seed=0)
+    with pytest.raises(DataError, match=r"missing column\(s\) 'y' \(did you mean 'yy'\?\)"):
+        fitted.counterfactual(test.rename(columns={"y": "yy"}), do={"x": 1.0})
+
+
+def test_nan_and_inf_are_counted(lg_graph, lg_data):
+    df = lg_data[0].iloc[:100].copy()
+    df.loc[[1, 2], "y"] = np.nan
+    df.loc[3, "y"] = np.inf
+    with pytest.raises(DataError, match=r"column 'y' .* has 2 NaN and 1 infinite"):
+        mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)
+
+
+def test_non_numeric_continuous(lg_graph, lg_data):
+    df = lg_data[0].iloc[:100].copy()
+    df["x"] = df["x"].astype(object)
+    df.loc[5, "x"] = "seventy"
+    with pytest.raises(DataError, match=r"column 'x' .* 1 non-numeric value\(s\), e.g. \['seventy'\]"):
+        mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)
+
+
+def test_bad_binary_values(lg_graph, lg_data):
+    df = lg_data[0].iloc[:100].copy()
+    df.loc[0, "s"] = 2
+    with pytest.raises(DataError, match="column 's' is binary but has 1 value"):
+        mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)
+
+
+def test_unseen_category(fitted):
+    test, _ = linear_gaussian(10, seed=0)
+    test.loc[0, "stage"] = "medium"
+    with pytest.raises(DataError, match=r"column 'stage' has 1 value\(s\) in categories not seen at fit: \['medium'\]"):
+        fitted.counterfactual(test, do={"x": 1.0})
+    with pytest.raises(InterventionError, match=r"do\(stage=...\).*'medium'"):
+        fitted.sample(5, do={"stage": "medium"})
+
+
+def test_do_unknown_variable(fitted):
+    with pytest.raises(InterventionError, match="unknown variable 'agee'"):
+        fitted.sample(5, do={"agee": 1.0})
+
+
+def test_do_out_of_support_warns(fitted):
+    with pytest.warns(OutOfSupportWarning, match=r"do\(x\): 5 value\(s\) outside the range seen at fit"):
+        fitted.sample(5, do={"x": 50.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted.sample(5, do={"x": 0.5})
+
+
+def test_do_array_wrong_length(fitted):
+    with pytest.raises(InterventionError, match=r"do\['x'\] has 3 values for 5 rows"):
+        fitted.sample(5, do={"x": [1.0, 2.0, 3.0]})
+
+
+def test_not_fitted_and_empty_do(lg_graph, fitted):
+    with pytest.raises(NotFittedError):
+        mc.CausalModel(lg_graph).sample(3)
+    with pytest.raises(InterventionError, match="at least one intervention"):
+        fitted.counterfactual(linear_gaussian(3)[0], do={})
+
+
+def test_mechanism_choice_errors(lg_graph):
+    with pytest.raises(MedCausalError, match="cannot model variable 's' of kind 'binary'"):
+        mc.CausalModel(lg_graph, mechanisms={"s": "flow"})
+    with pytest.raises(MedCausalError, match="unknown mechanism 'flw'"):
+        mc.CausalModel(lg_graph, mechanisms={"y": "flw"})
+    with pytest.raises(MedCausalError, match=r"unknown variable\(s\) \['yy'\]"):
+        mc.CausalModel(lg_graph, mechanisms={"yy": "flow"})
+    m = mc.CausalModel(lg_graph, mechanisms="additive")
+    assert m.choices["y"]["name"] == "additive" and m.choices["s"]["name"] == "categorical"
+
+
+def test_corrupt_and_foreign_model_files(fitted, tmp_path):
+    good = fitted.save(tmp_path / "good.mcm")
+    truncated = tmp_path / "truncated.mcm"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ModelFileError, match="truncated.mcm.*not a readable medcausal model"):
+        mc.CausalModel.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ModelFileError, match="not a medcausal model"):
+        mc.CausalModel.load(foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelFileError):
+        mc.CausalModel.load(text)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        mc.CausalModel.load(tmp_path / "missing.mcm")
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.mcm"
+    torch.save({"medcausal": Evil(), "state_dict": {}}, path)
+    with pytest.raises(ModelFileError):
+        mc.CausalModel.load(path)
+
+
+def test_interrupted_save_keeps_the_old_file(fitted, tmp_path, monkeypatch):
+    path = fitted.save(tmp_path / "m.mcm")
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        fitted.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.mcm"]
+
+
+def test_log_prob_capability_error(lg_graph, fitted):
+    from medcausal.mechanisms.base import Mechanism
+    assert Mechanism.has_log_prob  # the base default; a mechanism without one sets False
+    m = mc.CausalModel(lg_graph)
+    with pytest.raises(NotFittedError):
+        m.log_prob(linear_gaussian(3)[0])

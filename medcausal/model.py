@@ -104,11 +104,11 @@ class CausalModel:
     def _build(self) -> None:
         mechs = {}
         for name in self.graph.topological_order:
-            parent_dim = sum(self.codecs[p].feature_dim for p in self.graph.parents(name))
+            parents = {p: self.codecs[p].feature_dim for p in self.graph.parents(name)}
             spec = dict(self.choices[name])
             cls = registry.get(spec.pop("name"))
             try:
-                mechs[_key(name)] = cls(self.codecs[name].vtype, parent_dim, **spec)
+                mechs[_key(name)] = cls(self.codecs[name].vtype, parents, **spec)
             except TypeError as e:
                 raise MedCausalError(f"bad settings for mechanism {cls.name!r} of {name!r}: {e}") from None
         self.mechanisms = nn.ModuleDict(mechs)

@@ -8,7 +8,7 @@ exact when the true mechanism is additive and biased when it is not.
 
 >>> import torch
 >>> from medcausal.graph import Continuous
->>> m = AdditiveMechanism(Continuous(), parent_dim=1)
+>>> m = AdditiveMechanism(Continuous(), parents=1)
 >>> pa, x = torch.randn(4, 1), torch.randn(4, 1)
 >>> torch.allclose(m.sample(pa, noise=m.abduct(x, pa)), x, atol=1e-6)
 True
@@ -30,9 +30,9 @@ class AdditiveMechanism(Mechanism):
     abduction = "exact"
     supports = ("continuous",)
 
-    def __init__(self, variable, parent_dim: int, hidden: tuple[int, ...] | list[int] = (64, 64),
+    def __init__(self, variable, parents, hidden: tuple[int, ...] | list[int] = (64, 64),
                  n_quantiles: int = 512):
-        super().__init__(variable, parent_dim, hidden=list(hidden), n_quantiles=n_quantiles)
+        super().__init__(variable, parents, hidden=list(hidden), n_quantiles=n_quantiles)
         self.dim = variable.dim
         self.f = mlp(self.parent_dim, self.dim, tuple(hidden))
         # Before finalize(): standard normal residual quantiles, unit kernel width.

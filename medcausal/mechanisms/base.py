@@ -4,8 +4,9 @@ A mechanism sees tensors only, already encoded by the model's adapter:
 
 - ``value``: the variable, float ``[n, *event_shape]`` (continuous variables are
   standardized; binary/categorical are the category index as float ``[n, 1]``);
-- ``parents``: the parents' features concatenated, float ``[n, parent_dim]``
-  (``parent_dim`` may be 0 for a root).
+- ``parents``: the parents' features concatenated in the order of ``parent_dims``
+  (a dict parent name -> feature width given at construction), float ``[n, parent_dim]``
+  (``parent_dim`` may be 0 for a root). ``parent_slice(name)`` finds one parent in it.
 
 Three verbs, plus training:
 
@@ -20,7 +21,7 @@ Three verbs, plus training:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -34,9 +35,10 @@ ABDUCTION_KINDS = ("exact", "deterministic-approximate", "amortized", "sampled")
 class Mechanism(nn.Module):
     """Base class; subclasses set ``name``, ``abduction`` and ``supports``.
 
-    ``hparams`` are the keyword arguments of ``__init__`` beyond ``variable`` and
-    ``parent_dim``; they are stored in the model file's JSON spec, so they must
-    be JSON-serializable.
+    ``parents`` is a dict parent name -> feature width (or just the total width, for
+    tests and standalone use). ``hparams`` are the keyword arguments of ``__init__``
+    beyond ``variable`` and ``parents``; they are stored in the model file's JSON
+    spec, so they must be JSON-serializable.
     """
 
     name: ClassVar[str] = ""
@@ -46,11 +48,24 @@ class Mechanism(nn.Module):
     # |sample(pa, abduct(x, pa)) - x| stays below this (standardized units); the contract test checks it.
     reconstruction_tolerance: ClassVar[float] = 1e-4
 
-    def __init__(self, variable: VariableType, parent_dim: int, **hparams: Any):
+    def __init__(self, variable: VariableType, parents: Mapping[str, int] | int, **hparams: Any):
         super().__init__()
         self.variable = variable
-        self.parent_dim = int(parent_dim)
+        if isinstance(parents, Mapping):
+            self.parent_dims = {str(k): int(v) for k, v in parents.items()}
+        else:
+            self.parent_dims = {f"pa{i}": 1 for i in range(int(parents))}
+        self.parent_dim = sum(self.parent_dims.values())
         self.hparams = dict(hparams)
+
+    def parent_slice(self, name: str) -> slice:
+        """Where parent ``name``'s features sit in the ``parents`` tensor."""
+        start = 0
+        for k, width in self.parent_dims.items():
+            if k == name:
+                return slice(start, start + width)
+            start += width
+        raise KeyError(f"{name!r} is not a parent; parents: {list(self.parent_dims)}")
 
     # -- the three verbs -------------------------------------------------
     def sample(self, parents: torch.Tensor, noise: torch.Tensor | None = None,

@@ -10,7 +10,7 @@ parents, so null interventions return the input exactly.
 
 >>> import torch
 >>> from medcausal.graph import Categorical
->>> m = CategoricalMechanism(Categorical(("a", "b", "c")), parent_dim=1)
+>>> m = CategoricalMechanism(Categorical(("a", "b", "c")), parents=1)
 >>> pa, x = torch.randn(5, 1), torch.tensor([[0.], [2.], [1.], [1.], [0.]])
 >>> bool((m.sample(pa, noise=m.abduct(x, pa)) == x).all())
 True
@@ -43,8 +43,8 @@ class CategoricalMechanism(Mechanism):
     abduction = "sampled"
     supports = ("binary", "categorical")
 
-    def __init__(self, variable, parent_dim: int, hidden: tuple[int, ...] | list[int] = (64, 64)):
-        super().__init__(variable, parent_dim, hidden=list(hidden))
+    def __init__(self, variable, parents, hidden: tuple[int, ...] | list[int] = (64, 64)):
+        super().__init__(variable, parents, hidden=list(hidden))
         self.k = n_categories(variable)
         self.net = mlp(self.parent_dim, self.k, tuple(hidden))
 

@@ -7,7 +7,7 @@ so counterfactuals are exact wherever the true mechanism is monotone in its nois
 
 >>> import torch
 >>> from medcausal.graph import Continuous
->>> m = FlowMechanism(Continuous(), parent_dim=2)
+>>> m = FlowMechanism(Continuous(), parents=2)
 >>> pa, x = torch.randn(4, 2), torch.randn(4, 1)
 >>> torch.allclose(m.sample(pa, noise=m.abduct(x, pa)), x, atol=1e-4)
 True
@@ -28,9 +28,9 @@ class FlowMechanism(Mechanism):
     abduction = "exact"
     supports = ("continuous",)
 
-    def __init__(self, variable, parent_dim: int, transforms: int = 2,
+    def __init__(self, variable, parents, transforms: int = 2,
                  hidden: tuple[int, ...] | list[int] = (64, 64), bins: int = 8):
-        super().__init__(variable, parent_dim, transforms=transforms, hidden=list(hidden), bins=bins)
+        super().__init__(variable, parents, transforms=transforms, hidden=list(hidden), bins=bins)
         self.dim = variable.dim
         self.flow = zuko.flows.NSF(features=self.dim, context=self.parent_dim, transforms=transforms,
                                    hidden_features=tuple(hidden), bins=bins)

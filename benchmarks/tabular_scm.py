@@ -1,0 +1,220 @@
+"""medcausal vs DoWhy gcm on the DCM benchmark SCMs, in one run.
+
+Protocol (fixed; the same for every method):
+- each SCM of ``medcausal.synthetic.scm`` in its additive and non-additive variant;
+- 5000 training rows (``seed=0``);
+- for every variable with descendants, 5 intervention values at its 10/30/50/70/90% training
+  quantiles; for each value 200 fresh factual units whose true counterfactuals the SCM knows;
+- CF MSE x100: ``medcausal.metrics.counterfactual_mse`` (mean over all descendants of the
+  intervened variable), averaged over all (variable, value) queries;
+- interventional MMD x100: squared MMD (RBF kernel, median-heuristic bandwidth on the pooled
+  sample) between 1000 model samples under the same do and 1000 true samples, averaged over
+  queries, next to the true-vs-true floor (two independent true samples);
+- fit seconds, and seconds per 1000 counterfactuals (all queries of the SCM, timed together).
+
+Methods: any registered medcausal mechanism for the continuous variables (``flow``,
+``additive``, ``diffusion`` ...), and ``dowhy`` (gcm.InvertibleStructuralCausalModel with
+``gcm.auto.assign_causal_mechanisms`` at its default quality).
+
+    python benchmarks/tabular_scm.py                      # the full run (needs DoWhy: make bench)
+    python benchmarks/tabular_scm.py --quick              # a small smoke run
+    python benchmarks/tabular_scm.py --scms chain triangle --methods flow dowhy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import medcausal as mc
+from medcausal.io import atomic_write
+from medcausal.metrics import counterfactual_mse, mmd
+
+SMALL_SCMS = ("chain", "triangle", "diamond", "y")
+RESULTS = Path(__file__).parent / "results"
+
+
+class MedcausalMethod:
+    def __init__(self, sim, mechanism: str):
+        self.model = mc.CausalModel(sim.graph, mechanisms=mechanism)
+
+    def fit(self, train):
+        self.model.fit(train, seed=0, verbose=False)
+
+    def counterfactual(self, data, var, value):
+        return self.model.counterfactual(data, do={var: value}, seed=0)
+
+    def sample(self, n, var, value, seed):
+        return self.model.sample(n, do={var: value}, seed=seed)
+
+
+class DoWhyMethod:
+    def __init__(self, sim, mechanism: str = "dowhy"):
+        import networkx as nx
+        from dowhy import gcm
+
+        gcm.config.disable_progress_bars()
+        self.gcm = gcm
+        self.scm = gcm.InvertibleStructuralCausalModel(nx.DiGraph(list(sim.graph.edges)))
+        self.scm.graph.add_nodes_from(sim.graph.variables)
+
+    def fit(self, train):
+        train = train.reset_index(drop=True)
+        self.gcm.auto.assign_causal_mechanisms(self.scm, train)
+        self.gcm.fit(self.scm, train)
+
+    def counterfactual(self, data, var, value):
+        out = self.gcm.counterfactual_samples(self.scm, {var: lambda x: value},
+                                              observed_data=data.reset_index(drop=True))
+        out.index = data.index
+        return out[list(data.columns)]
+
+    def sample(self, n, var, value, seed):
+        np.random.seed(seed)
+        return self.gcm.interventional_samples(self.scm, {var: lambda x: value}, num_samples_to_draw=n)
+
+
+def make_method(sim, name):
+    return DoWhyMethod(sim) if name == "dowhy" else MedcausalMethod(sim, name)
+
+
+def queries(sim, train, n_values):
+    out = []
+    for var in sim.graph.topological_order:
+        if sim.graph.descendants(var):
+            for q in np.linspace(0.1, 0.9, n_values):
+                out.append((var, float(train[var].quantile(q))))
+    return out
+
+
+def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd):
+    sim = mc.synthetic.scm(name, additive=additive)
+    train = sim.sample(n_train, seed=0)
+    qs = queries(sim, train, n_values)
+    factual = [sim.sample(n_units, seed=1000 + i) for i in range(len(qs))]
+    truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
+    true_samples = [sim.sample(n_mmd, seed=5000 + i, do={v: x}) for i, (v, x) in enumerate(qs)]
+    floor = np.mean([float(mmd(t, sim.sample(n_mmd, seed=9000 + i, do={v: x})))
+                     for i, (t, (v, x)) in enumerate(zip(true_samples, qs))])
+    rows = []
+    for method in methods:
+        m = make_method(sim, method)
+        t0 = time.perf_counter()
+        m.fit(train)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        preds = [m.counterfactual(f, v, x) for f, (v, x) in zip(factual, qs)]
+        cf_s = time.perf_counter() - t0
+        cf_mse = np.mean([float(counterfactual_mse(t, p, sim.graph, {v: x}))
+                          for t, p, (v, x) in zip(truth, preds, qs)])
+        mmds = [float(mmd(true_samples[i], m.sample(n_mmd, v, x, seed=7000 + i)[list(train.columns)]))
+                for i, (v, x) in enumerate(qs)]
+        rows.append({"scm": name, "variant": "additive" if additive else "non-additive", "method": method,
+                     "cf_mse_x100": 100 * cf_mse, "mmd_x100": 100 * float(np.mean(mmds)),
+                     "mmd_floor_x100": 100 * floor, "fit_s": fit_s,
+                     "s_per_1000_cf": cf_s / (len(qs) * n_units) * 1000, "n_queries": len(qs)})
+        print(f"{name:9s} {rows[-1]['variant']:12s} {method:9s} cf_mse x100 {rows[-1]['cf_mse_x100']:9.3f} "
+              f"mmd x100 {rows[-1]['mmd_x100']:7.3f} (floor {100 * floor:.3f}) fit {fit_s:6.1f}s "
+              f"cf/1000 {rows[-1]['s_per_1000_cf']:.3f}s", flush=True)
+    return rows
+
+
+def check_targets(rows):
+    """The issue's targets, judged from the rows (flow vs DoWhy; speed of the small SCMs)."""
+    df = pd.DataFrame(rows)
+    verdicts = []
+    for (scm, variant), g in df.groupby(["scm", "variant"], sort=False):
+        g = g.set_index("method")
+        if "flow" in g.index and "dowhy" in g.index:
+            limit = g.loc["dowhy", "cf_mse_x100"] * (1.0 if variant == "additive" else 0.5)
+            verdicts.append({"scm": scm, "variant": variant,
+                             "target": f"flow CF MSE <= {'DoWhy' if variant == 'additive' else '0.5 x DoWhy'}",
+                             "value": f"{g.loc['flow', 'cf_mse_x100']:.3f} vs {limit:.3f}",
+                             "met": bool(g.loc["flow", "cf_mse_x100"] <= limit)})
+        if scm in SMALL_SCMS:
+            for method in g.index:
+                if method == "dowhy":
+                    continue
+                verdicts.append({"scm": scm, "variant": variant, "target": f"{method} fit < 60 s",
+                                 "value": f"{g.loc[method, 'fit_s']:.1f} s", "met": bool(g.loc[method, "fit_s"] < 60)})
+                verdicts.append({"scm": scm, "variant": variant, "target": f"{method} 1000 CF < 0.5 s",
+                                 "value": f"{g.loc[method, 's_per_1000_cf']:.3f} s",
+                                 "met": bool(g.loc[method, "s_per_1000_cf"] < 0.5)})
+    return verdicts
+
+
+def write(rows, args, command, complete, started):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / ("tabular_scm_quick" if args.quick else "tabular_scm")
+    verdicts = check_targets(rows) if rows else []
+    meta = {"command": command, "complete": complete, "started": started,
+            "seconds": round(time.time() - started, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "medcausal": mc.__version__, "threads": torch.get_num_threads(),
+            "protocol": {"n_train": args.n_train, "n_units": args.n_units, "n_values": args.n_values,
+                         "n_mmd": args.n_mmd, "mmd": "squared MMD, RBF kernel, median-heuristic bandwidth"}}
+    try:
+        import dowhy
+        meta["dowhy"] = dowhy.__version__
+    except ImportError:
+        pass
+    with atomic_write(stem.with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows, "targets": verdicts}, indent=1))
+    df = pd.DataFrame(rows)
+    lines = [f"# Tabular SCM benchmark{' (quick)' if args.quick else ''}", "",
+             f"Command: `{command}`  ", f"Run {'complete' if complete else 'INCOMPLETE (partial results)'}; "
+             f"{meta['seconds']} s on {meta['threads']} torch threads; medcausal {meta['medcausal']}, "
+             f"torch {meta['torch']}, DoWhy {meta.get('dowhy', 'not installed')}.", ""]
+    if len(df):
+        show = df[["scm", "variant", "method", "cf_mse_x100", "mmd_x100", "mmd_floor_x100", "fit_s",
+                   "s_per_1000_cf"]]
+        lines += [_markdown(show), ""]
+    if verdicts:
+        lines += ["## Targets", "", _markdown(pd.DataFrame(verdicts)), ""]
+    with atomic_write(stem.with_suffix(".md")) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scms", nargs="+", default=list(mc.synthetic.scm_names()))
+    p.add_argument("--variants", nargs="+", default=["additive", "non-additive"])
+    p.add_argument("--methods", nargs="+", default=["flow", "additive", "dowhy"])
+    p.add_argument("--quick", action="store_true", help="1000 rows, 2 values, 50 units: a smoke run")
+    p.add_argument("--n-train", type=int, default=5000)
+    p.add_argument("--n-units", type=int, default=200)
+    p.add_argument("--n-values", type=int, default=5)
+    p.add_argument("--n-mmd", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_units, args.n_values, args.n_mmd = 1000, 50, 2, 200
+    command = "python benchmarks/tabular_scm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
+    started = time.time()
+    rows = []
+    for name in args.scms:
+        for variant in args.variants:
+            rows += run_scm(name, variant == "additive", args.methods, args.n_train, args.n_units,
+                            args.n_values, args.n_mmd)
+            write(rows, args, command.strip(), complete=False, started=started)
+    write(rows, args, command.strip(), complete=True, started=started)
+
+
+if __name__ == "__main__":
+    main()

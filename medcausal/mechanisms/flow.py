@@ -1,8 +1,10 @@
 """``flow``: a conditional normalizing flow (zuko's neural spline flow) per variable.
 
 Deep structural causal model mechanism (Pawlowski, Castro & Glocker, NeurIPS 2020):
-``x = f(u; pa)`` with ``u ~ N(0, I)`` and ``f`` an invertible monotone rational-quadratic
-spline flow conditioned on the parents. Abduction is the exact inverse ``u = f^-1(x; pa)``,
+``x = f(u; pa)`` with ``u ~ N(0, I)`` and ``f`` invertible and monotone, conditioned on the
+parents: a conditional affine map (an unbounded location-scale step, so values far in the
+tails still move with the parents) followed by rational-quadratic spline transforms
+(zuko's NSF, which shape the distribution inside [-5, 5] and are the identity outside). Abduction is the exact inverse ``u = f^-1(x; pa)``,
 so counterfactuals are exact wherever the true mechanism is monotone in its noise.
 
 >>> import torch
@@ -32,8 +34,12 @@ class FlowMechanism(Mechanism):
                  hidden: tuple[int, ...] | list[int] = (64, 64), bins: int = 8):
         super().__init__(variable, parents, transforms=transforms, hidden=list(hidden), bins=bins)
         self.dim = variable.dim
-        self.flow = zuko.flows.NSF(features=self.dim, context=self.parent_dim, transforms=transforms,
-                                   hidden_features=tuple(hidden), bins=bins)
+        affine = zuko.flows.MAF(features=self.dim, context=self.parent_dim, transforms=1,
+                                hidden_features=tuple(hidden))
+        splines = zuko.flows.NSF(features=self.dim, context=self.parent_dim, transforms=transforms,
+                                 hidden_features=tuple(hidden), bins=bins)
+        self.flow = zuko.flows.Flow([*affine.transform.transforms, *splines.transform.transforms],
+                                    splines.base)
         self._start_near_identity()
 
     def _start_near_identity(self, scale: float = 0.01) -> None:

@@ -40,7 +40,7 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-    data = read_table(recipe.data_path())
+    data = recipe.load_data()
     fit_args = recipe.fit.model_dump()
     if args.max_epochs is not None:
         fit_args["max_epochs"] = args.max_epochs

@@ -49,7 +49,17 @@ class _Strict(BaseModel):
 
 
 class DataSection(_Strict):
-    path: str
+    """Where the data come from: a table file (``path``) or a ground-truth simulator (``synthetic``)."""
+
+    path: str | None = None
+    synthetic: str | None = None      # "triangle", "chain", ... (mc.synthetic.scm) or "brain"
+    n: int = Field(5000, ge=2)        # rows drawn from the simulator
+    seed: int = 0
+    options: dict[str, Any] = {}      # keyword arguments of the simulator, e.g. {additive = false}
+
+    def model_post_init(self, _):
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data.path (a CSV/Parquet file) or data.synthetic (a simulator)")
 
 
 class FitSection(_Strict):
@@ -78,6 +88,22 @@ class Recipe(_Strict):
         p = Path(self.data.path)
         return p if p.is_absolute() else self.base_dir / p
 
+    def load_data(self):
+        """The training data: read from ``data.path`` or drawn from ``data.synthetic``."""
+        if self.data.path is not None:
+            from .io import read_table
+            return read_table(self.data_path())
+        from . import synthetic
+        name = self.data.synthetic
+        try:
+            if name == "brain":
+                sim = synthetic.BrainMRI(**self.data.options)
+            else:
+                sim = synthetic.scm(name, **self.data.options)
+        except TypeError as e:
+            raise RecipeError(f"data.options for simulator {name!r}: {e}") from None
+        return sim.sample(self.data.n, seed=self.data.seed)
+
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; errors name the file and the key (or line) at fault."""
@@ -91,7 +117,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         recipe = Recipe(**raw, base_dir=path.parent)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
         raise RecipeError(f"{path}: invalid recipe:\n" + "\n".join(lines)) from None
     except TypeError as e:
         raise RecipeError(f"{path}: invalid recipe: {e}") from None

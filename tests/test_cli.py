@@ -114,3 +114,18 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "demo" / "counterfactuals.png").stat().st_size > 1000
     # Even the quick demo shows the point: exact abduction beats the additive model on average.
     assert sum(flow) < sum(additive)
+
+
+def test_shipped_recipe_with_synthetic_data(tmp_path):
+    from pathlib import Path
+    recipe = Path(__file__).parents[1] / "cohorts" / "triangle.toml"
+    text = recipe.read_text().replace("n = 5000", "n = 300").replace("max_epochs = 200", "max_epochs = 2")
+    (tmp_path / "tri.toml").write_text(text)
+    assert main(["fit", str(tmp_path / "tri.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert mc.CausalModel.load(tmp_path / "run" / "model.mcm").fit_info["n_rows"] == 300
+
+
+def test_data_needs_exactly_one_source(recipe, tmp_path, capsys):
+    recipe.write_text(recipe.read_text().replace('path = "data.csv"', 'path = "data.csv"\nsynthetic = "chain"'))
+    assert main(["fit", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "exactly one of data.path" in capsys.readouterr().err

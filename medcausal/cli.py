@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller, faster run")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    from .simulate import add_commands as add_simulation_commands
+    add_simulation_commands(sub)
     return p
 
 

@@ -1,0 +1,479 @@
+"""Patient simulation, counterfactual twins, augmentation and its evaluation.
+
+Ground truth is the linear-Gaussian SCM of conftest.py:
+x ~ N(0,1); s ~ Bernoulli(0.4); y = 2x + s + u, u ~ N(0, 0.5^2); P(stage=high | y) = sigmoid(y - 1).
+``fitted`` is a small flow model of it (60 epochs, 3000 rows), so tolerances below cover
+its estimation error as well as Monte Carlo error (seeds fixed).
+"""
+
+import argparse
+import importlib
+import json
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+import medcausal as mc
+from medcausal.errors import DataError, InterventionError, MedCausalError
+from conftest import linear_gaussian
+
+S = importlib.import_module("medcausal.simulate")  # the module, even once mc.simulate is the function
+
+
+# --------------------------------------------------------------------------- simulate
+def test_simulate_unconditional_and_provenance(fitted):
+    df = S.simulate(fitted, 2000, seed=3, chunk_size=700)
+    assert len(df) == 2000 and df.index.tolist() == list(range(2000)) and df.index.name == "id"
+    assert list(df.columns) == ["x", "s", "y", "stage", *S.PROVENANCE_COLUMNS]
+    assert df["synthetic"].all() and (df["synth_model"] == S.model_id(fitted)).all()
+    assert (df["synth_seed"] == 3).all() and df["synth_do"].isna().all() and df["synth_epsilon"].isna().all()
+    again = S.simulate(fitted, 2000, seed=3, chunk_size=700)
+    pd.testing.assert_frame_equal(df, again)
+    assert not S.simulate(fitted, 2000, seed=4, chunk_size=700)["y"].equals(df["y"])
+    drawn = S.simulate(fitted, 10, seed=None)
+    assert drawn.attrs["medcausal"]["seed"] == drawn["synth_seed"].iloc[0] >= 0
+    # analytic moments: E[y] = 0.4, sd(y) = sqrt(4 + 0.24 + 0.25)
+    big = S.simulate(fitted, 20000, seed=0, provenance=False)
+    assert list(big.columns) == ["x", "s", "y", "stage"]
+    assert abs(big["y"].mean() - 0.4) < 0.08 and abs(big["y"].std() - np.sqrt(4.49)) < 0.1
+
+
+def test_where_on_discrete_root_is_exact(fitted):
+    df = S.simulate(fitted, 20000, where="s == 1", seed=0)
+    info = df.attrs["medcausal"]
+    assert info["method"] == "exact-roots" and (df["s"] == 1).all()
+    assert abs(info["subgroup_probability"] - 0.4) < 0.03  # the model's own P(s=1); truth 0.4
+    # y | s=1 = 2x + 1 + u  ->  mean 1, sd sqrt(4.25)
+    assert abs(df["y"].mean() - 1.0) < 0.08 and abs(df["y"].std() - np.sqrt(4.25)) < 0.1
+    assert df["synth_where"].iloc[0] == "s == 1" and df["synth_do"].isna().all()
+    assert (S.simulate(fitted, 50, where="s in [0]", seed=0)["s"] == 0).all()
+
+
+def test_where_on_continuous_root_rejects_roots_only(fitted):
+    df = S.simulate(fitted, 5000, where="x > 1", seed=0)
+    info = df.attrs["medcausal"]
+    assert info["method"] == "root-rejection" and (df["x"] > 1).all()
+    assert abs(info["acceptance_rate"] - norm.sf(1)) < 0.02  # P(x > 1) = 0.1587
+    mean_x = norm.pdf(1) / norm.sf(1)  # E[x | x > 1] = 1.525
+    assert abs(df["x"].mean() - mean_x) < 0.05
+    assert abs(df["y"].mean() - (2 * mean_x + 0.4)) < 0.12
+    mixed = S.simulate(fitted, 500, where="x > 0 and s == 0", seed=1)
+    assert mixed.attrs["medcausal"]["method"] == "root-rejection"
+    assert ((mixed["x"] > 0) & (mixed["s"] == 0)).all()
+
+
+def test_where_on_descendant_uses_rejection(fitted):
+    truth, _ = linear_gaussian(400_000, seed=9)
+    p_high = float((truth["stage"] == "high").mean())
+    df = S.simulate(fitted, 3000, where="stage == 'high'", seed=0)
+    info = df.attrs["medcausal"]
+    assert info["method"] == "rejection" and (df["stage"] == "high").all()
+    assert abs(info["acceptance_rate"] - p_high) < 0.03
+    assert info["drawn"] >= 3000 / p_high * 0.9 and info["accepted"] >= 3000
+
+
+def test_where_is_evaluated_in_the_intervened_world(fitted):
+    df = S.simulate(fitted, 3000, do={"x": 1.0}, where="y > 2.4", seed=0)
+    assert (df["x"] == 1.0).all() and (df["y"] > 2.4).all()
+    # P(y > 2.4 | do(x=1)) = 0.6 P(u > 0.4) + 0.4 P(u > -0.6), u ~ N(0, 0.5^2)
+    p = 0.6 * norm.sf(0.8) + 0.4 * norm.cdf(1.2)
+    assert abs(df.attrs["medcausal"]["acceptance_rate"] - p) < 0.04
+    assert df["synth_do"].iloc[0] == '{"x": 1.0}'
+    # a condition on an intervened root is also decided in that world
+    assert S.simulate(fitted, 20, do={"x": 2.0}, where="x > 1", seed=0).attrs["medcausal"]["method"] == "rejection"
+
+
+def test_simulate_bad_input(fitted):
+    for n in (0, -3, 2.5, True, "10"):
+        with pytest.raises(DataError, match="n must be a positive integer"):
+            S.simulate(fitted, n)
+    with pytest.raises(InterventionError, match="'age'"):
+        S.simulate(fitted, 10, do={"age": 3})
+    with pytest.raises(DataError, match=r"unknown variable\(s\) 'xx' \(did you mean 'x'\?\)"):
+        S.simulate(fitted, 10, where="xx > 1")
+    with pytest.raises(DataError, match="'stage' is categorical and takes only \\['high', 'low'\\], not 'medium'"):
+        S.simulate(fitted, 10, where="stage == 'medium'")
+    with pytest.raises(DataError, match="'s' is binary"):
+        S.simulate(fitted, 10, where="s == 2 and x > 0")
+    with pytest.raises(DataError, match="'s' is binary"):
+        S.simulate(fitted, 10, where="s in ['F', 'M']")
+    with pytest.raises(DataError, match="zero support"):
+        S.simulate(fitted, 10, where="x > 50")
+    with pytest.raises(DataError, match="zero support"):
+        S.simulate(fitted, 10, where="y > 1000")
+    with pytest.raises(MedCausalError, match="acceptance rate .* below min_acceptance=0.05"):
+        S.simulate(fitted, 10, where="stage == 'high' and y > 5.5", min_acceptance=0.05)
+    with pytest.raises(DataError, match="not a valid condition"):
+        S.simulate(fitted, 10, where="x >")
+    with pytest.raises(DataError, match="is not a condition"):
+        S.simulate(fitted, 10, where="x + 1")
+    with pytest.raises(DataError, match="reads no variable"):
+        S.simulate(fitted, 10, where="1 == 1")
+    with pytest.raises(DataError, match="local variables"):
+        S.simulate(fitted, 10, where="x > @t")
+    with pytest.raises(InterventionError, match="per-row do= arrays"):
+        S.simulate(fitted, 10, do={"x": np.zeros(10)}, where="y > 0")
+    with pytest.raises(InterventionError, match="3 values for n=10"):
+        S.simulate(fitted, 10, do={"x": np.zeros(3)})
+
+
+def test_per_row_do_arrays_are_split_across_chunks(fitted):
+    arr = np.linspace(-1, 1, 250)
+    df = S.simulate(fitted, 250, do={"x": arr}, seed=0, chunk_size=100)
+    np.testing.assert_allclose(df["x"], arr)
+    cond = S.simulate(fitted, 250, do={"x": arr}, where="s == 1", seed=0, chunk_size=100)
+    np.testing.assert_allclose(cond["x"], arr)
+    assert (cond["s"] == 1).all()
+
+
+# --------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_stream_to_folder_matches_in_memory(fitted, tmp_path, fmt):
+    mem = S.simulate(fitted, 1050, where="s == 1", seed=5, chunk_size=300)
+    run = S.simulate(fitted, 1050, where="s == 1", seed=5, chunk_size=300, out=tmp_path / "run", format=fmt)
+    assert run.parts == [f"part-0000{i}.{fmt}" for i in range(4)]
+    assert (tmp_path / "run" / S.MARKER).is_file()
+    info = json.loads((tmp_path / "run" / S.SIDECAR).read_text())
+    assert info["status"] == "complete" and info["n"] == 1050 and info["method"] == "exact-roots"
+    assert [p["rows"] for p in info["parts"]] == [300, 300, 300, 150]
+    back = S.read_run(tmp_path / "run")
+    assert back.index.tolist() == mem.index.tolist()
+    pd.testing.assert_frame_equal(back[["x", "s", "y"]], mem[["x", "s", "y"]], check_dtype=False,
+                                  check_index_type=False)
+    assert (back["stage"].astype(str) == mem["stage"].astype(str)).all() and back["synthetic"].all()
+    # an existing folder is never silently replaced
+    with pytest.raises(MedCausalError, match="already exists"):
+        S.simulate(fitted, 10, seed=0, out=tmp_path / "run", format=fmt)
+    S.simulate(fitted, 10, seed=0, out=tmp_path / "run", format=fmt, overwrite=True)
+    assert len(S.read_run(tmp_path / "run")) == 10 and not (tmp_path / "run" / f"part-00003.{fmt}").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(MedCausalError, match="notes.txt"):
+        S.simulate(fitted, 10, seed=0, out=tmp_path / "mine", format=fmt, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_run_leaves_complete_parts_and_resumes(fitted, tmp_path):
+    calls = {"n": 0}
+
+    def shift(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while chunk 3 was drawn
+        return 0.5 * x
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv")
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.csv", "part-00001.csv", S.SIDECAR]
+    with pytest.raises(DataError, match="incomplete .* 2 of 5 parts"):
+        S.read_run(out)
+    assert len(S.read_run(out, allow_incomplete=True)) == 200
+    with pytest.raises(MedCausalError, match="differs in \\['n'\\]"):
+        S.simulate(fitted, 600, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
+    run = S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
+    assert calls["n"] == 6  # only chunks 2, 3, 4 were drawn again
+    whole = S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100)
+    np.testing.assert_allclose(run.read()["y"].to_numpy(), whole["y"].to_numpy(), rtol=1e-12)
+
+
+def test_streaming_memory_is_flat_in_n(fitted, tmp_path):
+    def peak(n, name):
+        tracemalloc.start()
+        S.simulate(fitted, n, seed=0, chunk_size=2000, out=tmp_path / name, format="csv", provenance=False)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(4000, "a"), peak(30000, "b")
+    in_memory_rows = 30000 * 4 * 8  # what holding the large result's four columns alone would take
+    assert large < 1.5 * small and large - small < in_memory_rows / 2, (small, large)
+
+
+# --------------------------------------------------------------------------- counterfactual twins
+def test_counterfactual_patients_wide_matches_ground_truth(fitted):
+    test, u = linear_gaussian(400, seed=21)
+    twins = S.counterfactual_patients(fitted, test, do={"lo": {"x": -1.0}, "hi": {"x": 1.0}})
+    assert list(twins.columns[:5]) == ["patient_id", "x", "s", "y", "stage"]
+    assert twins["patient_id"].tolist() == list(range(400))
+    for w, value in (("lo", -1.0), ("hi", 1.0)):
+        assert (twins[f"x@{w}"] == value).all() and f"s@{w}" not in twins  # s is not a descendant of x
+        true_y = 2 * value + test["s"] + u
+        assert np.mean((twins[f"y@{w}"] - true_y) ** 2) < 0.02
+        np.testing.assert_allclose(twins[f"effect:y@{w}"], twins[f"y@{w}"] - twins["y"])
+        assert np.mean((twins[f"effect:y@{w}"] - 2 * (value - test["x"])) ** 2) < 0.02
+        assert f"stage@{w}" in twins and f"effect:stage@{w}" not in twins  # categorical: no difference
+        assert f"effect:x@{w}" not in twins
+    twins2 = S.counterfactual_patients(fitted, test, do={"lo": {"x": -1.0}, "hi": {"x": 1.0}},
+                                       outcomes=["x", "y"])
+    np.testing.assert_allclose(twins2["effect:x@hi"], 1.0 - test["x"])
+
+
+def test_counterfactual_patients_long_ids_and_lists(fitted):
+    test, _ = linear_gaussian(30, seed=2)
+    test.index = pd.Index([f"p{i}" for i in range(30)], name="mrn")
+    long = S.counterfactual_patients(fitted, test, do=[{"x": 0.0}, {"s": 1}], layout="long")
+    assert len(long) == 90 and list(long.columns[:2]) == ["mrn", "world"]
+    assert long["world"].unique().tolist() == ["factual", "x=0.0", "s=1"]
+    fact = long[long["world"] == "factual"]
+    pd.testing.assert_frame_equal(fact[["x", "s", "y"]].reset_index(drop=True),
+                                  test[["x", "s", "y"]].reset_index(drop=True))
+    assert fact["effect:y"].isna().all()
+    ws = long[long["world"] == "s=1"]
+    assert (ws["s"] == 1).all() and (ws["mrn"].to_numpy() == test.index.to_numpy()).all()
+    # for patients already at s=1 the counterfactual equals the factual
+    np.testing.assert_allclose(ws["effect:y"].to_numpy()[test["s"].to_numpy() == 1], 0.0, atol=1e-4)
+    table = test.reset_index()
+    by_col = S.counterfactual_patients(fitted, table, do={"x": 0.0}, id_column="mrn")
+    assert by_col["mrn"].tolist() == table["mrn"].tolist() and "x=0.0" in by_col.columns[-1]
+
+
+def test_counterfactual_patients_bad_input(fitted):
+    test, _ = linear_gaussian(5, seed=2)
+    with pytest.raises(InterventionError, match="'dose'"):
+        S.counterfactual_patients(fitted, test, do={"a": {"x": 1.0}, "b": {"dose": 1.0}})
+    with pytest.raises(InterventionError, match="'factual'"):
+        S.counterfactual_patients(fitted, test, do={"factual": {"x": 1.0}})
+    with pytest.raises(InterventionError, match="at least one world"):
+        S.counterfactual_patients(fitted, test, do={})
+    with pytest.raises(InterventionError, match="mixes worlds"):
+        S.counterfactual_patients(fitted, test, do={"a": {"x": 1.0}, "x": 2.0})
+    with pytest.raises(DataError, match="not unique"):
+        S.counterfactual_patients(fitted, test.iloc[[0, 0, 1]], do={"x": 1.0})
+    with pytest.raises(DataError, match="not scalar"):
+        S.counterfactual_patients(fitted, test, do={"x": 1.0}, outcomes=["stage"])
+    with pytest.raises(DataError, match="id_column='nope'"):
+        S.counterfactual_patients(fitted, test, do={"x": 1.0}, id_column="nope")
+
+
+def test_cohort_in_cohort_out(lg_graph, lg_data, tmp_path):
+    df = lg_data[0].iloc[:400]
+    model = mc.CausalModel(lg_graph).fit(mc.Cohort(df), max_epochs=2, verbose=False)
+    c = S.simulate(model, 120, where="s == 0", seed=0, chunk_size=50)
+    assert isinstance(c, mc.Cohort) and c.ids.tolist() == list(range(120)) and c.table["synthetic"].all()
+    run = S.simulate(model, 120, seed=0, chunk_size=50, out=tmp_path / "c", format="csv")
+    assert len(run.read()) == 120
+    twins = S.counterfactual_patients(model, mc.Cohort(df.iloc[:10]), do={"t": {"s": 1}})
+    assert isinstance(twins, mc.Cohort) and "y@t" in twins.table and twins.id_column == "id"
+
+
+# --------------------------------------------------------------------------- augment
+def _scarce(lg_data, keep=60):
+    df = lg_data[0]
+    return pd.concat([df[df["s"] == 0], df[df["s"] == 1].iloc[:keep]]).reset_index(drop=True)
+
+
+def test_augment_by_sampling(fitted, lg_data, monkeypatch):
+    real = _scarce(lg_data)
+    aug = S.augment(fitted, real, target="s == 1", n=560, strategy="sample", seed=0)
+    syn = aug[aug["synthetic"]]
+    assert len(syn) == 500 and (syn["s"] == 1).all() and int((aug["s"] == 1).sum()) == 560
+    pd.testing.assert_frame_equal(aug.iloc[:len(real)][list(real.columns)], real)
+    assert not aug.iloc[:len(real)]["synthetic"].any() and aug.iloc[:len(real)]["synth_model"].isna().all()
+    assert syn.index.tolist() == list(range(len(real), len(real) + 500))
+    assert (syn["synth_strategy"] == "sample").all() and (syn["synth_model"] == S.model_id(fitted)).all()
+    assert (syn["synth_where"] == "s == 1").all() and syn["synth_epsilon"].isna().all()
+    assert abs(syn["y"].mean() - 1.0) < 0.25  # E[y | s=1] = 1
+    assert aug.attrs["medcausal"]["groups"][0]["sample"]["method"] == "exact-roots"
+    monkeypatch.setattr(fitted, "privacy", {"epsilon": 3.0, "delta": 1e-5, "privacy_unit": "patient"})
+    aug = S.augment(fitted, real, target="s == 1", n=70, seed=0)
+    assert (aug.loc[aug["synthetic"], "synth_epsilon"] == 3.0).all()
+
+
+def test_augment_by_counterfactual_transport(fitted, lg_data):
+    real = _scarce(lg_data)
+    aug = S.augment(fitted, real, target="s == 1", n=560, strategy="transport", seed=0)
+    syn = aug[aug["synthetic"]]
+    assert len(syn) == 500 and (syn["s"] == 1).all() and (syn["synth_do"] == '{"s": 1}').all()
+    src = real.loc[syn["synth_source"].astype(int).to_numpy()]
+    assert (src["s"] == 0).all() and src.index.is_unique  # real controls, each used once
+    np.testing.assert_allclose(syn["x"].to_numpy(), src["x"].to_numpy())  # x is not a descendant of s
+    # the true counterfactual of y = 2x + s + u under do(s=1) from s=0 is y + 1
+    assert np.mean(np.abs(syn["y"].to_numpy() - (src["y"].to_numpy() + 1.0))) < 0.1
+    info = aug.attrs["medcausal"]["groups"][0]["transport"]
+    assert info["acceptance_rate"] == 1.0 and not info["reused_patients"]
+    mixed = S.augment(fitted, real, target="s == 1", n=160, strategy="mixed", seed=0)
+    assert mixed["synth_strategy"].value_counts().to_dict() == {"sample": 50, "transport": 50}
+    # a condition beyond the intervention keeps only transported patients that meet it
+    sub = S.augment(fitted, real, target="s == 1 and y > 2", n=300, strategy="transport", seed=0)
+    moved = sub[sub["synthetic"]]
+    assert ((moved["s"] == 1) & (moved["y"] > 2)).all()
+    assert sub.attrs["medcausal"]["groups"][0]["transport"]["acceptance_rate"] < 0.5
+
+
+def test_augment_rebalance_and_errors(fitted, lg_data):
+    real = lg_data[0].iloc[:600]
+    counts = real["stage"].value_counts()
+    aug = S.augment(fitted, real, target="stage", strategy="transport", seed=0)
+    assert aug["stage"].value_counts().to_dict() == {"high": counts.max(), "low": counts.max()}
+    assert aug.attrs["medcausal"]["mode"] == "rebalance"
+    with pytest.raises(DataError, match="n must be a positive integer"):
+        S.augment(fitted, real, target="s == 1", n=0)
+    with pytest.raises(DataError, match="needs n="):
+        S.augment(fitted, real, target="s == 1")
+    with pytest.raises(MedCausalError, match="pass do= explicitly"):
+        S.augment(fitted, real, target="y > 3", n=700, strategy="transport")
+    with pytest.raises(DataError, match="'sex'"):
+        S.augment(fitted, real, target="sex == 1", n=700)
+    with pytest.raises(MedCausalError, match="strategy must be"):
+        S.augment(fitted, real, target="s == 1", n=700, strategy="smote")
+    with pytest.raises(DataError, match="missing column"):
+        S.augment(fitted, real.drop(columns=["y"]), target="s == 1", n=700)
+    with pytest.raises(InterventionError, match="cannot be combined with rebalancing"):
+        S.augment(fitted, real, target="stage", do={"y": 1.0})
+    moved = S.augment(fitted, real, target="y > 3", n=200, strategy="transport", do={"x": 2.0}, seed=0)
+    assert (moved.loc[moved["synthetic"], "x"] == 2.0).all()
+    # augmenting an augmented cohort keeps the old flags and transports real patients only
+    again = S.augment(fitted, moved, target="y > 3", n=260, strategy="transport", do={"x": 2.5}, seed=1)
+    new = again.iloc[len(moved):]
+    assert len(new) == 60 and new["synthetic"].all() and again.iloc[:len(moved)]["synthetic"].equals(moved["synthetic"])
+    assert not moved.loc[new["synth_source"].to_numpy(), "synthetic"].any()
+
+
+def test_model_id_survives_save_and_load(fitted, tmp_path):
+    loaded = mc.CausalModel.load(fitted.save(tmp_path / "m.mcm"))
+    assert S.model_id(loaded) == S.model_id(fitted)
+    other = mc.CausalModel(fitted.graph).fit(linear_gaussian(300, seed=1)[0], max_epochs=1, verbose=False)
+    assert S.model_id(other) != S.model_id(fitted)
+
+
+# --------------------------------------------------------------------------- evaluate_augmentation
+def _interaction_cohort(n, seed, frac_g=0.5):
+    """y depends on x1 in group g=0 and on x2 in group g=1 (so pooled models fail on a scarce group)."""
+    rng = np.random.default_rng(seed)
+    g = (rng.random(n) < frac_g).astype(int)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    y = (x1 * (1 - g) + x2 * g + 0.5 * rng.normal(size=n) > 0).astype(int)
+    return pd.DataFrame({"g": g, "x1": x1, "x2": x2, "x1g": x1 * g, "x2g": x2 * g, "y": y})
+
+
+def test_evaluate_augmentation_gain_with_oracle_synthetic_data():
+    train = _interaction_cohort(1000, 0, frac_g=0.008)  # ~8 rows of the scarce group
+    test = _interaction_cohort(2000, 1)
+    oracle = _interaction_cohort(600, 2, frac_g=1.0)     # synthetic rows from the true SCM
+    res = S.evaluate_augmentation(train, test, "y", synthetic=oracle, subgroups={"scarce": "g == 1"},
+                                  n_boot=300, seed=0)
+    r = res.set_index(["subgroup", "condition"])
+    assert r.loc[("scarce", "real+synthetic"), "gain_low"] > 0.02
+    assert r.loc[("scarce", "real+synthetic"), "score"] > 0.9
+    assert r.loc[("scarce", "real"), "gain"] == 0 and r.loc[("scarce", "real"), "gain_high"] == 0
+    assert r.loc[("scarce", "real"), "n_train_subgroup"] == int(train["g"].sum())
+    assert r.loc[("scarce", "synthetic"), "n_train_real"] == 0
+    assert r.loc[("all", "real"), "n_test"] == 2000
+
+
+def test_evaluate_augmentation_scores_match_sklearn_and_null_synthetic():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = _interaction_cohort(800, 3, 0.3), _interaction_cohort(800, 4, 0.3)
+    noise = _interaction_cohort(800, 5, 0.3)
+    noise["y"] = 1 - noise["y"]  # a wrong synthetic mechanism
+    aug = pd.concat([train.assign(synthetic=False), noise.assign(synthetic=True)], ignore_index=True)
+    feats = ["x1", "x2", "g"]
+    res = S.evaluate_augmentation(aug, test, "y", features=feats, n_boot=400, seed=1)
+    r = res.set_index("condition")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train[feats], train["y"])
+    expect = roc_auc_score(test["y"], clf.predict_proba(test[feats])[:, 1])
+    assert r.loc["real", "score"] == pytest.approx(expect, abs=1e-9)
+    # synthetic data with the mechanism inverted teach the inverse rule: AUC well below 0.5
+    assert r.loc["synthetic", "score_high"] < 0.5 and r.loc["synthetic", "gain_high"] < -0.3
+    assert r.loc["real+synthetic", "n_train_synthetic"] == 800 and r.loc["real", "n_train_real"] == 800
+
+
+def test_bootstrap_metrics_match_sklearn():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300) + 0.3 * y, 1)  # many ties
+    boots = rng.integers(0, 300, size=(5, 300))
+    got = S._boot_scores("roc_auc", None, y, p, boots)
+    np.testing.assert_allclose(got, [skm.roc_auc_score(y[b], p[b]) for b in boots], atol=1e-12)
+    yc, pc = rng.choice(["a", "b", "c"], 300), rng.choice(["a", "b", "c"], 300)
+    np.testing.assert_allclose(S._boot_scores("balanced_accuracy", None, yc, pc, boots),
+                               [skm.balanced_accuracy_score(yc[b], pc[b]) for b in boots], atol=1e-12)
+    yr, pr = rng.normal(size=300), rng.normal(size=300)
+    np.testing.assert_allclose(S._boot_scores("r2", None, yr, pr, boots),
+                               [skm.r2_score(yr[b], pr[b]) for b in boots], atol=1e-12)
+    np.testing.assert_allclose(S._boot_scores("mae", None, yr, pr, boots),
+                               [skm.mean_absolute_error(yr[b], pr[b]) for b in boots], atol=1e-12)
+
+
+def test_evaluate_augmentation_errors_and_regression():
+    train, test = _interaction_cohort(200, 3), _interaction_cohort(200, 4)
+    with pytest.raises(DataError, match="synthetic rows"):
+        S.evaluate_augmentation(train, test.assign(synthetic=True), "y")
+    with pytest.raises(DataError, match="label 'z'"):
+        S.evaluate_augmentation(train, test, "z")
+    with pytest.raises(MedCausalError, match="unknown metric 'auc'"):
+        S.evaluate_augmentation(train, test, "y", metric="auc")
+    one_class = _interaction_cohort(100, 6).assign(y=1)
+    res = S.evaluate_augmentation(train, test, "y", synthetic=one_class, n_boot=20).set_index("condition")
+    assert np.isnan(res.loc["synthetic", "score"]) and "cannot train" in res.loc["synthetic", "note"]
+    reg = S.evaluate_augmentation(train, test, "x1", features=["x1g", "g"], n_boot=50, metric="mae")
+    assert reg["metric"].iloc[0] == "mae" and reg["score"].iloc[0] > 0
+
+
+# --------------------------------------------------------------------------- CLI and containers
+def test_cli_commands(fitted, lg_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fitted.save(run_dir / "model.mcm")
+    parser = argparse.ArgumentParser(prog="medcausal")
+    S.add_commands(parser.add_subparsers(dest="command"))
+
+    def cli(*argv):
+        args = parser.parse_args([str(a) for a in argv])
+        return args.func(args)
+
+    assert cli("simulate", run_dir, "-n", 300, "--where", "s == 1", "--chunk-size", 100, "--quiet",
+               "--out", tmp_path / "sim") == 0
+    assert (S.read_run(tmp_path / "sim")["s"] == 1).all()
+    assert cli("simulate", run_dir, "-n", 50, "--do", "x=1", "--out", tmp_path / "one.csv", "--quiet") == 0
+    one = pd.read_csv(tmp_path / "one.csv")
+    assert len(one) == 50 and (one["x"] == 1.0).all() and one["synthetic"].all()
+    assert json.loads((tmp_path / "one.csv.json").read_text())["method"] == "unconditional"
+    _scarce(lg_data).to_csv(tmp_path / "real.csv", index=False)
+    assert cli("augment", run_dir, "--input", tmp_path / "real.csv", "--target", "s == 1", "-n", 100,
+               "--strategy", "transport", "--out", tmp_path / "aug.csv", "--quiet") == 0
+    aug = pd.read_csv(tmp_path / "aug.csv")
+    assert int((aug["s"] == 1).sum()) == 100 and aug["synthetic"].sum() == 40
+    lg_data[0].iloc[:20].to_csv(tmp_path / "p.csv", index=False)
+    assert cli("worlds", run_dir, "--input", tmp_path / "p.csv", "--world", "a:x=0", "--world", "b:x=1,s=1",
+               "--out", tmp_path / "tw.csv") == 0
+    tw = pd.read_csv(tmp_path / "tw.csv")
+    assert {"x@a", "x@b", "s@b", "effect:y@b"} <= set(tw.columns) and len(tw) == 20
+    with pytest.raises(MedCausalError, match="already exists"):
+        cli("worlds", run_dir, "--input", tmp_path / "p.csv", "--do", "x=0", "--out", tmp_path / "tw.csv")
+
+
+def test_anndata_container_helpers():
+    anndata = pytest.importorskip("anndata")
+    a = anndata.AnnData(np.arange(12, dtype=np.float32).reshape(4, 3),
+                        obs=pd.DataFrame({"drug": ["a", "b", "a", "b"]}, index=list("wxyz")))
+    part = S._take(a, [1, 3])
+    assert S._table(part)["drug"].tolist() == ["b", "b"] and part.X[:, 0].tolist() == [3.0, 9.0]
+    both = S._concat([part, S._take(a, [0])])
+    S._set_ids(both, np.arange(3))
+    S._assign(both, {"synthetic": np.ones(3, bool)})
+    assert both.obs_names.tolist() == ["0", "1", "2"] and both.obs["synthetic"].all() and both.shape == (3, 3)
+
+
+def test_names_that_need_backticks():
+    rng = np.random.default_rng(0)
+    sex = (rng.random(300) < 0.2).astype(int)
+    df = pd.DataFrame({"pt.sex": sex, "bp": 120 + 8 * sex + rng.normal(0, 5, 300)})
+    g = mc.CausalGraph({"pt.sex": "binary", "bp": "continuous"}, edges=[("pt.sex", "bp")])
+    model = mc.CausalModel(g).fit(df, max_epochs=2, verbose=False)
+    sub = S.simulate(model, 20, where="`pt.sex` == 1", seed=0)
+    assert sub.attrs["medcausal"]["method"] == "exact-roots" and (sub["pt.sex"] == 1).all()
+    bal = S.augment(model, df, target="pt.sex", strategy="transport", seed=0)
+    assert bal["pt.sex"].value_counts().to_dict() == {0: 300 - sex.sum(), 1: 300 - sex.sum()}
+    with pytest.raises(DataError, match="'pt.sex' is binary"):
+        S.simulate(model, 5, where="`pt.sex` == 'F'")

@@ -2,4 +2,6 @@
 
 from .tabular import TabularSCM, scm, scm_names
 
-__all__ = ["TabularSCM", "scm", "scm_names"]
+__all__ = ["BrainMRI", "TabularSCM", "scm", "scm_names"]
+
+from .brain import BrainMRI  # noqa: E402

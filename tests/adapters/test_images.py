@@ -1,0 +1,226 @@
+"""Image adapters on MONAI: formats, preprocessing spec, round trips, and bad input named."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image as PILImage
+
+from medcausal import Cohort
+from medcausal.adapters.images import (ImageLoadWarning, build_transforms, image_transform_spec,
+                                       load_images, write_images)
+from medcausal.errors import DataError
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.data import get_testdata_file  # noqa: E402
+
+
+def _cohort(n=3, shape=(1, 12, 10), seed=0, ids=None):
+    rng = np.random.default_rng(seed)
+    ids = ids or [f"p{i}" for i in range(n)]
+    table = pd.DataFrame({"id": ids, "age": rng.uniform(40, 80, n), "sex": rng.integers(0, 2, n)})
+    return Cohort(table, {"mri": rng.random((n, *shape), dtype=np.float32)})
+
+
+def _quiet_load(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        c = load_images(*args, **kwargs)
+    return c, [x for x in w if issubclass(x.category, ImageLoadWarning)]
+
+
+# --------------------------------------------------------------------------- round trips
+def test_nifti_round_trip_2d_keeps_values_ids_and_affine(tmp_path):
+    c = _cohort(ids=["b:0:2", "b:0:0", "b:0:1"])
+    A = np.array([[0, 3.0, 0, -90], [-3.0, 0, 0, 80], [0, 0, 3.0, 20], [0, 0, 0, 1]])
+    csv = write_images(c, tmp_path, format="nifti", affine=A)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b_0_0.nii.gz", "b_0_1.nii.gz", "b_0_2.nii.gz",
+                                                          "cohort.csv"]
+    back = load_images(tmp_path, table=csv, shape=(1, 12, 10), intensity=None)
+    assert back.table["id"].tolist() == ["b:0:2", "b:0:0", "b:0:1"]     # the table's order
+    np.testing.assert_allclose(back.table["age"], c.table["age"])
+    np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"])
+    got = np.array(json.loads(back.table["mri_affine"].iloc[0]))
+    np.testing.assert_allclose(got, A, atol=1e-6)
+    # written again from the loaded cohort, the affine travels through the table column
+    csv2 = write_images(back, tmp_path / "again", format="nifti")
+    np.testing.assert_allclose(nib.load(tmp_path / "again" / "b_0_1.nii.gz").affine, A, atol=1e-6)
+    assert csv2.name == "cohort.csv"
+
+
+def test_nifti_round_trip_3d(tmp_path):
+    c = _cohort(n=2, shape=(1, 6, 7, 8))
+    write_images(c, tmp_path, format="nifti")
+    back = load_images(tmp_path, table=tmp_path / "cohort.csv", shape=(1, 6, 7, 8), intensity=None)
+    np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"])
+
+
+def test_png_round_trip_within_16_bit_tolerance(tmp_path):
+    c = _cohort()
+    write_images(c, tmp_path, format="png")
+    back = load_images(tmp_path, table=tmp_path / "cohort.csv", shape=(1, 12, 10), intensity=None)
+    scale = float(c.arrays["mri"].max()) / 65535
+    np.testing.assert_allclose(back.arrays["mri"], c.arrays["mri"], atol=0.51 * scale + 1e-7)
+    assert back.table["id"].tolist() == ["p0", "p1", "p2"]
+
+
+def test_brain_cohort_round_trip(tmp_path):
+    from medcausal.synthetic.brain import BrainMRI
+
+    sim = BrainMRI(shape=(16, 16))
+    c = sim.sample(3, seed=0)
+    write_images(c, tmp_path, format="nifti", affine=sim.affine)
+    back = load_images(tmp_path, table=tmp_path / "cohort.csv", shape=(1, 16, 16), intensity=None)
+    np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"])
+    pd.testing.assert_frame_equal(back.table[c.table.columns], c.table, check_dtype=False)
+    # the simulator still recognises its patients after the trip
+    assert np.array_equal(sim.render(back), c.arrays["mri"])
+
+
+def test_table_column_of_paths(tmp_path):
+    c = _cohort()
+    write_images(c, tmp_path, format="nifti")
+    table = pd.read_csv(tmp_path / "cohort.csv")
+    assert table["mri_path"].tolist() == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
+    table.to_csv(tmp_path / "other.csv", index=False)
+    back = load_images(None, table=tmp_path / "other.csv", image_column="mri_path", shape=(1, 12, 10),
+                       intensity=None)
+    np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"])
+
+
+# --------------------------------------------------------------------------- preprocessing
+def test_spec_is_json_and_reproduces_the_pipeline(tmp_path):
+    img = (np.arange(40 * 30, dtype=np.float64).reshape(40, 30) % 251).astype(np.uint8)
+    PILImage.fromarray(img).save(tmp_path / "a.png")
+    spec = image_transform_spec((1, 16, 16), intensity="percentile")
+    stored = json.loads(json.dumps(spec))
+    c1 = load_images(tmp_path, shape=(1, 16, 16), intensity="percentile")
+    c2 = load_images(tmp_path, spec=stored)
+    assert c1.image_spec == stored
+    np.testing.assert_array_equal(c1.arrays["mri"], c2.arrays["mri"])
+    assert c1.arrays["mri"].shape == (1, 1, 16, 16)
+    assert 0.0 <= c1.arrays["mri"].min() and c1.arrays["mri"].max() <= 1.0
+    # aspect kept: a 40 x 30 image padded left and right, not stretched
+    assert np.all(c1.arrays["mri"][0, 0, :, 0] == 0) and c1.arrays["mri"][0, 0, :, 8].max() > 0
+    with pytest.raises(DataError, match="allowed"):
+        build_transforms({**stored, "transforms": [{"name": "Lambdad", "kwargs": {}}]})
+    with pytest.raises(DataError, match="not an image transform spec"):
+        build_transforms({"transforms": []})
+
+
+def test_png_rgb_and_orientation(tmp_path):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[0, :, 0] = 255            # top row red
+    PILImage.fromarray(rgb).save(tmp_path / "x.png")
+    c = load_images(tmp_path, shape=(1, 8, 8), intensity=None)
+    row0 = c.arrays["mri"][0, 0, 0]
+    np.testing.assert_allclose(row0, 85.0)                       # mean of (255, 0, 0)
+    assert np.all(c.arrays["mri"][0, 0, 1:] == 0)                # rows stay rows
+
+
+def test_resize_none_requires_matching_shape(tmp_path):
+    PILImage.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "s.png")
+    with pytest.raises(DataError, match=r"s\.png.*\(1, 16, 16\)"):
+        load_images(tmp_path, shape=(1, 16, 16), resize="none")
+
+
+# --------------------------------------------------------------------------- other formats
+def test_dicom_file_and_series(tmp_path):
+    src = get_testdata_file("MR_small.dcm", download=False)
+    ds = pydicom.dcmread(src)
+    c = load_images([src], shape=(1, 64, 64), intensity=None)
+    np.testing.assert_allclose(c.arrays["mri"][0, 0], ds.pixel_array.astype(np.float32))
+    assert c.table["id"].tolist() == ["MR_small"]
+    series = tmp_path / "series"
+    series.mkdir()
+    base = ds.pixel_array.astype(np.int16)
+    for k in range(4):
+        d = pydicom.dcmread(src)
+        d.ImagePositionPatient = [-83.9063, -91.2, 6.6406 + 2.0 * k]
+        d.SliceLocation = 6.6406 + 2.0 * k
+        d.InstanceNumber = k + 1
+        d.SOPInstanceUID = pydicom.uid.generate_uid()
+        d.PixelData = (base // 4 * (k + 1)).astype(np.int16).tobytes()
+        d.save_as(tmp_path / "series" / f"slice{3 - k}.dcm")   # file order opposite to position
+    v = load_images([series], shape=(1, 64, 64, 4), orientation=None, intensity=None)
+    assert v.table["id"].tolist() == ["series"]
+    means = v.arrays["mri"][0, 0].mean(axis=(0, 1))
+    assert np.all(np.diff(means) > 0)          # slices sorted by position, not by file name
+
+
+def test_medmnist_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "toymnist.npz", train_images=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
+             train_labels=np.arange(5).reshape(5, 1), test_images=np.zeros((3, 28, 28), np.uint8),
+             test_labels=np.zeros((3, 1), int))
+    c = load_images(tmp_path / "toymnist.npz", shape=(1, 28, 28), intensity=None)
+    assert len(c) == 8 and c.table["split"].tolist() == ["train"] * 5 + ["test"] * 3
+    assert c.table["label"].tolist()[:5] == [0, 1, 2, 3, 4]
+    assert c.table["id"].iloc[0] == "toymnist:train:0"
+    raw = np.load(tmp_path / "toymnist.npz")["train_images"][2].astype(np.float32)
+    np.testing.assert_array_equal(c.arrays["mri"][2, 0], raw)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_corrupt_file_named_or_skipped_and_reported(tmp_path):
+    c = _cohort()
+    write_images(c, tmp_path, format="nifti")
+    (tmp_path / "p1.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match=r"p1\.nii\.gz"):
+        load_images(tmp_path, table=tmp_path / "cohort.csv", shape=(1, 12, 10))
+    back, w = _quiet_load(tmp_path, table=tmp_path / "cohort.csv", shape=(1, 12, 10), on_error="skip",
+                          intensity=None)
+    assert back.table["id"].tolist() == ["p0", "p2"]
+    np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"][[0, 2]])
+    assert [s["id"] for s in back.skipped] == ["p1"] and "p1.nii.gz" in back.skipped[0]["path"]
+    assert len(w) == 1 and "p1.nii.gz" in str(w[0].message)
+
+
+def test_ids_missing_on_either_side_are_named(tmp_path):
+    c = _cohort(n=4)
+    write_images(c, tmp_path, format="nifti")
+    table = c.table.copy()
+    table.loc[3, "id"] = "p9"                       # p3 has no row, p9 has no scan
+    with pytest.raises(DataError, match=r"no row in the table \(ids \['p3'\]\).*no scan \(ids \['p9'\]\)"):
+        load_images(tmp_path, table=table, shape=(1, 12, 10))
+    back, w = _quiet_load(tmp_path, table=table, shape=(1, 12, 10), on_error="skip")
+    assert back.table["id"].tolist() == ["p0", "p1", "p2"]
+    assert {s["id"] for s in back.skipped} == {"p3", "p9"} and "p9" in str(w[0].message)
+
+
+def test_wrong_dimensionality_empty_folder_unknown_and_missing(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    with pytest.raises(DataError, match=r"vol\.nii\.gz.*3 spatial dimension.*needs 2"):
+        load_images(tmp_path, shape=(1, 16, 16))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no scans here")
+    with pytest.raises(DataError, match="holds no image files"):
+        load_images(empty)
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_images([empty / "notes.txt"], shape=(1, 16, 16))
+    with pytest.raises(DataError, match=r"ghost\.png.*does not exist"):
+        load_images([tmp_path / "ghost.png", tmp_path / "vol.nii.gz"], shape=(1, 5, 6, 7))
+    with pytest.raises(DataError, match="does not exist"):
+        load_images(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="id column 'pid'"):
+        load_images(tmp_path, table=pd.DataFrame({"id": ["vol"]}), id_column="pid", shape=(1, 5, 6, 7))
+
+
+def test_write_images_checks(tmp_path):
+    with pytest.raises(DataError, match="single-channel"):
+        write_images(_cohort(shape=(2, 4, 4)), tmp_path, format="nifti")
+    neg = _cohort()
+    neg.arrays["mri"] -= 1.0
+    with pytest.raises(DataError, match="negative"):
+        write_images(neg, tmp_path, format="png")
+    with pytest.raises(DataError, match="same file name"):
+        write_images(_cohort(n=2, ids=["a:1", "a/1"]), tmp_path)
+    with pytest.raises(DataError, match="format"):
+        write_images(_cohort(), tmp_path, format="jpeg2000")
+    assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))

@@ -71,6 +71,7 @@ class CausalModel:
         self.codecs: dict[str, tabular.Codec] | None = None
         self.mechanisms: nn.ModuleDict | None = None
         self.fit_info: dict = {}
+        self.privacy: dict | None = None  # the differential-privacy ledger; None: not trained privately
         self.device = torch.device("cpu")
 
     # -- construction --------------------------------------------------------

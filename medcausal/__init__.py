@@ -14,9 +14,10 @@ from .cohort import Cohort  # noqa: E402
 from .errors import MedCausalError  # noqa: E402
 from .graph import Binary, Categorical, CausalGraph, Continuous, Expression, Image  # noqa: E402
 from .model import CausalModel  # noqa: E402
+from .privacy import Privacy  # noqa: E402
 from .simulate import augment, counterfactual_patients, evaluate_augmentation, simulate  # noqa: E402
 
 __all__ = ["CausalGraph", "CausalModel", "Cohort", "Continuous", "Binary", "Categorical", "Image",
-           "Expression", "MedCausalError", "errors", "interventions", "mechanisms", "metrics",
+           "Expression", "Privacy", "MedCausalError", "errors", "interventions", "mechanisms", "metrics",
            "synthetic", "simulate", "counterfactual_patients", "augment", "evaluate_augmentation",
            "__version__"]

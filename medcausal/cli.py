@@ -23,10 +23,13 @@ from .io import read_table, write_table
 MODEL_FILE = "model.mcm"
 
 
-def _model(run_dir: str):
+def load_run(run_dir: str):
+    """The model of a run directory made by ``medcausal fit`` (or a model file itself)."""
     from .model import CausalModel
 
     run = Path(run_dir)
+    if run.is_file():
+        return CausalModel.load(run)
     if not run.is_dir():
         raise MedCausalError(f"run directory {run_dir!r} does not exist (create it with `medcausal fit`)")
     return CausalModel.load(run / MODEL_FILE)
@@ -44,8 +47,12 @@ def cmd_fit(args) -> int:
     fit_args = recipe.fit.model_dump()
     if args.max_epochs is not None:
         fit_args["max_epochs"] = args.max_epochs
+    privacy = None
+    if args.privacy:
+        from .privacy import load_profile
+        privacy = load_profile(*args.privacy)
     model = CausalModel(recipe.graph(), mechanisms=recipe.mechanisms or None)
-    model.fit(data, verbose=not args.quiet and None, **fit_args)
+    model.fit(data, verbose=not args.quiet and None, privacy=privacy, **fit_args)
     # Build the run directory beside its final place, then move it in whole.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -60,21 +67,34 @@ def cmd_fit(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     info = model.fit_info
+    how = (f"best validation loss {info['best_val_loss']:.4f}" if info.get("best_val_loss") is not None
+           else f"{info['steps']} DP-SGD steps")
     print(f"fitted {recipe.name!r} on {info['n_rows']} rows in {info['seconds']:.1f}s "
-          f"({info['epochs']} epochs, best validation loss {info['best_val_loss']:.4f}) -> {out}")
+          f"({info['epochs']} epochs, {how}) -> {out}")
+    print(_privacy_line(model))
     return 0
 
 
+def _privacy_line(model) -> str:
+    """What a user must know about outputs of this model: the DP guarantee, or that there is none."""
+    p = model.privacy
+    if p is None:
+        return "privacy: NOT differentially private (outputs carry no DP guarantee)"
+    return (f"privacy: ({p['epsilon']:.3g}, {p['delta']:.2g})-DP per {p['privacy_unit']} "
+            f"({p['accountant']} accountant); see `medcausal info`")
+
+
 def cmd_sample(args) -> int:
-    model = _model(args.run_dir)
+    model = load_run(args.run_dir)
     df = model.sample(args.n, do=parse_cli_do(args.do) or None, seed=args.seed)
     write_table(df, args.out)
     print(f"wrote {len(df)} samples to {args.out}")
+    print(_privacy_line(model))
     return 0
 
 
 def cmd_counterfactual(args) -> int:
-    model = _model(args.run_dir)
+    model = load_run(args.run_dir)
     data = read_table(args.input)
     do = parse_cli_do(args.do)
     if not do:
@@ -82,6 +102,7 @@ def cmd_counterfactual(args) -> int:
     cf = model.counterfactual(data, do=do, seed=args.seed)
     write_table(cf, args.out)
     print(f"wrote {len(cf)} counterfactuals to {args.out}")
+    print(_privacy_line(model))
     return 0
 
 
@@ -106,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     f.add_argument("--max-epochs", type=int, default=None, help="override the recipe's [fit] max_epochs")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--privacy", action="append", default=[], metavar="PROFILE.toml",
+                   help="train under differential privacy with this profile (e.g. privacy/eps8.toml); "
+                        "repeatable, later files override earlier ones (see privacy/PRIVACY.md)")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("sample", help="sample units from a fitted model, optionally under interventions")
@@ -130,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
 
+    from .privacy.cli import add_commands as add_privacy_commands
     from .simulate import add_commands as add_simulation_commands
     add_simulation_commands(sub)
+    add_privacy_commands(sub)
     return p
 
 

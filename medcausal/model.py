@@ -71,7 +71,7 @@ class CausalModel:
         self.codecs: dict[str, tabular.Codec] | None = None
         self.mechanisms: nn.ModuleDict | None = None
         self.fit_info: dict = {}
-        self.privacy: dict | None = None  # the differential-privacy ledger; None: not trained privately
+        self.privacy: dict | None = None  # the DP ledger (medcausal.privacy); None: not private
         self.device = torch.device("cpu")
 
     # -- construction --------------------------------------------------------
@@ -141,7 +141,11 @@ class CausalModel:
     def _decode(self, values, like=None, n=None, exact=None):
         if like is None and self.fit_info.get("data_kind") == "cohort":
             like = Cohort(pd.DataFrame(index=range(n)))
-        return tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
+        out = tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
+        table = out.table if isinstance(out, Cohort) else out
+        table.attrs["privacy"] = (None if self.privacy is None else  # the epsilon of the model queried
+                                  {k: self.privacy[k] for k in ("epsilon", "delta", "privacy_unit")})
+        return out
 
     def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict) -> torch.Tensor:
         """Apply one intervention; its raw values go to ``exact`` for the output table."""
@@ -151,20 +155,39 @@ class CausalModel:
         return tabular.intervention_values(codec, raw).to(self.device)
 
     # -- training ------------------------------------------------------------
-    def fit(self, data, *, seed: int = 0, max_epochs: int = 200, max_steps: int | None = None,
-            batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int = 20,
-            verbose: bool | None = None, device: str = "cpu") -> "CausalModel":
+    def fit(self, data, *, seed: int = 0, max_epochs: int | None = None, max_steps: int | None = None,
+            batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int | None = None,
+            verbose: bool | None = None, device: str = "cpu", privacy=None) -> "CausalModel":
         """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
 
         ``data`` is a DataFrame whose columns are the variable names, or a Cohort.
         Training stops early when the validation loss has not improved for
-        ``patience`` epochs, and the best weights are kept.
+        ``patience`` epochs, and the best weights are kept. ``max_epochs`` and ``patience``
+        default to 200 and 20, or more where a mechanism declares it needs longer
+        (its ``fit_defaults``; e.g. ``diffusion``).
+
+        ``privacy=mc.Privacy(epsilon=..., ...)`` trains every mechanism jointly with DP-SGD
+        under one accountant (no validation split, no early stopping); the ledger is
+        ``model.privacy``. See ``privacy/PRIVACY.md``.
         """
         if not isinstance(data, (pd.DataFrame, Cohort)):
             raise DataError(f"fit() takes a pandas DataFrame or a medcausal Cohort, got {type(data).__name__}")
         if len(data) < 2:
             raise DataError(f"fit() needs at least 2 rows, got {len(data)}")
-        self.codecs = tabular.fit_codecs(data, self.graph)
+        classes = [registry.get(c["name"]) for c in self.choices.values()]
+        if max_epochs is None:
+            max_epochs = max(c.fit_defaults.get("max_epochs", 200) for c in classes)
+        if patience is None:
+            patience = max(c.fit_defaults.get("patience", 20) for c in classes)
+        plan = None
+        if privacy is not None:
+            from .privacy.engine import prepare
+            plan = prepare(privacy, data, self.graph,
+                           {_key(n): registry.get(c["name"]) for n, c in self.choices.items()},
+                           seed=seed, batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps)
+            self.codecs, data, seed = plan.codecs, plan.data, plan.seed
+        else:
+            self.codecs = tabular.fit_codecs(data, self.graph)
         self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)
         torch.manual_seed(seed)
         self._build()
@@ -177,11 +200,15 @@ class CausalModel:
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
                              device=device)
-        result: TrainResult = train(_JointLoss(self.mechanisms), tensors, config)
+        result: TrainResult = train(_JointLoss(self.mechanisms), tensors, config, privacy=plan)
         with torch.no_grad():
-            for name in self.graph.topological_order:
-                k = _key(name)
-                self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
+            if plan is not None:
+                plan.finalize(self.mechanisms, tensors)  # private versions only, accounted
+            else:
+                for name in self.graph.topological_order:
+                    k = _key(name)
+                    self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
+        self.privacy = plan.ledger(result.steps) if plan is not None else None
         self.fit_info = {"seed": seed, "n_rows": len(data),
                          "data_kind": "cohort" if isinstance(data, Cohort) else "dataframe",
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
@@ -273,7 +300,8 @@ class CausalModel:
         self._require_fit()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
                 "graph": self.graph.to_dict(), "mechanisms": self.choices,
-                "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info}
+                "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
+                "privacy": self.privacy}
 
     def save(self, path: str | Path) -> Path:
         """Write weights + JSON spec atomically; load with :meth:`CausalModel.load`."""
@@ -313,6 +341,7 @@ class CausalModel:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ModelFileError(f"{str(path)!r} is a damaged medcausal model: {type(e).__name__}: {e}") from None
         model.fit_info = spec.get("fit", {})
+        model.privacy = spec.get("privacy")
         model.mechanisms.eval()
         model.device = torch.device(device)
         model.mechanisms.to(model.device)

@@ -64,12 +64,12 @@ class DataSection(_Strict):
 
 class FitSection(_Strict):
     seed: int = 0
-    max_epochs: int = Field(200, ge=1)
+    max_epochs: int | None = Field(None, ge=1)  # None: the mechanisms' defaults (see CausalModel.fit)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(512, ge=1)
     lr: float = Field(3e-3, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    patience: int = Field(20, ge=1)
+    patience: int | None = Field(None, ge=1)
 
 
 class Recipe(_Strict):

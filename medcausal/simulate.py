@@ -1610,9 +1610,9 @@ def _sidecar_for(path: Path, info: dict) -> None:
 
 def cmd_simulate(args) -> int:
     """``medcausal simulate RUN -n N [--do v=x] [--where COND] --out FOLDER|FILE``."""
-    from .cli import _model
+    from .cli import load_run
 
-    model = _model(args.run_dir)
+    model = load_run(args.run_dir)
     out = Path(args.out)
     kw = dict(do=parse_cli_do(args.do) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
@@ -1636,10 +1636,10 @@ def cmd_simulate(args) -> int:
 
 def cmd_augment(args) -> int:
     """``medcausal augment RUN --input COHORT --target COND|LABEL [-n N] --out FILE``."""
-    from .cli import _model
+    from .cli import load_run
     from .io import read_table
 
-    model = _model(args.run_dir)
+    model = load_run(args.run_dir)
     data = read_table(args.input)
     aug = augment(model, data, target=args.target, n=args.n, strategy=args.strategy,
                   do=parse_cli_do(args.do) or None, source=args.source, seed=args.seed,
@@ -1667,10 +1667,10 @@ def _parse_world(item: str) -> tuple[str, dict]:
 
 def cmd_worlds(args) -> int:
     """``medcausal worlds RUN --input PATIENTS --world NAME:VAR=VAL ... --out FILE``."""
-    from .cli import _model
+    from .cli import load_run
     from .io import read_table, write_table
 
-    model = _model(args.run_dir)
+    model = load_run(args.run_dir)
     data = read_table(args.input)
     worlds = dict(_parse_world(w) for w in args.world)
     if args.do:

@@ -91,9 +91,12 @@ def _split(n: int, val_fraction: float, generator: torch.Generator):
     return perm[n_val:], perm[:n_val]
 
 
-def _evaluate(module: nn.Module, tensors, idx, batch_size: int) -> float:
+def _evaluate(module: nn.Module, tensors, idx, batch_size: int, seed: int = 0) -> float:
+    # Common random numbers: stochastic losses (ELBOs, denoising) draw the same noise at every
+    # epoch, so the early-stopping comparison sees the model change, not the draw.
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for start in range(0, len(idx), 4 * batch_size):
             b = idx[start:start + 4 * batch_size]
             total += module({k: v[b] for k, v in tensors.items()}).sum().item()
@@ -102,12 +105,18 @@ def _evaluate(module: nn.Module, tensors, idx, batch_size: int) -> float:
 
 
 def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainConfig | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``module`` (its forward maps a batch dict to per-row losses) in place."""
+          on_epoch: Callable[[dict], None] | None = None, privacy=None) -> TrainResult:
+    """Train ``module`` (its forward maps a batch dict to per-row losses) in place.
+
+    ``privacy`` (a plan from :func:`medcausal.privacy.engine.prepare`) trains with DP-SGD
+    instead: see :func:`_train_private`.
+    """
     config = config or TrainConfig()
     n = len(next(iter(tensors.values())))
     if n == 0:
         raise MedCausalError("no rows to train on")
+    if privacy is not None:
+        return _train_private(module, tensors, config, privacy, on_epoch)
     rank, world = distributed_setup(config.device)
     gen = torch.Generator().manual_seed(config.seed)
     train_idx, val_idx = _split(n, config.val_fraction, gen)
@@ -157,7 +166,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             if result.steps >= total:
                 break
         module.eval()
-        val = _evaluate(module, tensors, val_idx, batch) if len(val_idx) else running / (s + 1)
+        val = _evaluate(module, tensors, val_idx, batch, config.seed) if len(val_idx) else running / (s + 1)
         module.train()
         record = {"epoch": epoch, "train_loss": running / (s + 1), "val_loss": val,
                   "lr": opt.param_groups[0]["lr"]}
@@ -181,6 +190,65 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)
+    module.eval()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainConfig, plan,
+                   on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """DP-SGD (Opacus): Poisson-sampled logical batches of records, split into physical batches
+    by Opacus's BatchMemoryManager; per-record gradients clipped to ``max_grad_norm``, Gaussian
+    noise added, and the accountant stepped by the DP optimizer at every logical step.
+
+    Differences from the non-private loop, each because it would read private data outside
+    the accountant: every record trains (no validation split, no early stopping, no
+    plateau schedule, the last weights are kept) and no loss value is recorded.
+    """
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    _, world = distributed_setup(config.device)
+    if world > 1:
+        raise MedCausalError("private training under torchrun (Opacus DPDDP) is not supported yet; "
+                             "train on one process")
+    device = torch.device(config.device)
+    module.to(device)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    result = TrainResult(world_size=1, best_val_loss=None)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return result
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    session = plan.attach(module, opt, tensors)
+    show = config.verbose if config.verbose is not None else sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.steps, desc="fit (DP)", unit="step", leave=False)
+    t0 = time.perf_counter()
+    module.train()
+    try:
+        with BatchMemoryManager(data_loader=session.loader, max_physical_batch_size=plan.physical_batch_size,
+                                optimizer=session.optimizer) as loader:
+            for epoch in range(config.max_epochs):
+                for (records,) in loader:
+                    if session.step(records):
+                        result.steps += 1
+                        if bar is not None:
+                            bar.update(1)
+                        if result.steps >= plan.steps:
+                            break
+                record = {"epoch": epoch, "steps": result.steps, "lr": config.lr}
+                result.history.append(record)
+                result.best_epoch = epoch
+                if on_epoch is not None:
+                    on_epoch(record)
+                if result.steps >= plan.steps:
+                    break
+    finally:
+        session.close()
+        if bar is not None:
+            bar.close()
     module.eval()
     result.seconds = time.perf_counter() - t0
     return result

@@ -47,6 +47,9 @@ class Mechanism(nn.Module):
     has_log_prob: ClassVar[bool] = True
     # |sample(pa, abduct(x, pa)) - x| stays below this (standardized units); the contract test checks it.
     reconstruction_tolerance: ClassVar[float] = 1e-4
+    # Training lengths this mechanism needs when the user gives none (``max_epochs``,
+    # ``patience``); CausalModel.fit takes the largest over the model's mechanisms.
+    fit_defaults: ClassVar[dict] = {}
 
     def __init__(self, variable: VariableType, parents: Mapping[str, int] | int, **hparams: Any):
         super().__init__()

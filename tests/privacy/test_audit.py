@@ -1,0 +1,72 @@
+"""The membership-inference audit: statistics against known values, and the attacks against a
+deliberately overfit model (detected) and its DP counterpart (not detected)."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import medcausal as mc
+from medcausal.privacy import Privacy, PrivacyWarning, audit
+from medcausal.privacy.audit import delong_ci, tpr_at_fpr
+
+BOUNDS = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+
+
+def test_delong_auc_matches_sklearn_and_its_ci_covers_the_truth():
+    rng = np.random.default_rng(0)
+    covered, trials = 0, 200
+    true_auc = 0.7602499389  # P(X > Y), X ~ N(1, 1), Y ~ N(0, 1): Phi(1 / sqrt(2))
+    for _ in range(trials):
+        x, y = rng.normal(1.0, 1.0, 60), rng.normal(0.0, 1.0, 80)
+        auc, lo, hi = delong_ci(x, y)
+        assert auc == pytest.approx(roc_auc_score(np.r_[np.ones(60), np.zeros(80)], np.r_[x, y]))
+        covered += lo <= true_auc <= hi
+    # nominal 95%; 200 trials -> binomial sd 1.5%: accept 89%..99%
+    assert 0.89 <= covered / trials <= 0.99
+
+
+def test_tpr_at_fpr_controls_the_false_positives():
+    rng = np.random.default_rng(1)
+    non = rng.normal(size=1000)
+    thr_fp = [(non > np.sort(non)[::-1][int(f * 1000)]).mean() for f in (0.01, 0.1)]
+    assert thr_fp == [0.01, 0.1]
+    assert tpr_at_fpr(non + 100, non, 0.01) == 1.0 and tpr_at_fpr(non - 100, non, 0.1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    sim = mc.synthetic.scm("chain")
+    return sim, sim.sample(40, seed=0), sim.sample(300, seed=1)
+
+
+MECH = {v: {"name": "flow", "transforms": 2, "hidden": [64, 64]} for v in ("x1", "x2", "x3")}
+
+
+def test_overfit_model_is_detected(cohort):
+    sim, members, non_members = cohort
+    # 40 records, 120 full-batch epochs, no early stopping: memorizes its training set
+    model = mc.CausalModel(sim.graph, mechanisms=MECH).fit(
+        members, max_epochs=120, batch_size=40, lr=1e-2, val_fraction=0, patience=10**6, verbose=False)
+    r = audit(model, members, non_members, n_synthetic=400)
+    loss = r.attacks["loss"]
+    assert loss.auc > 0.75 and loss.detected(), str(r)
+    assert r.epsilon is None and loss.dp_tpr_bound is None
+
+
+def test_dp_model_is_not_detected(cohort):
+    sim, members, non_members = cohort
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        model = mc.CausalModel(sim.graph, mechanisms=MECH).fit(
+            members, max_epochs=30, batch_size=40, lr=1e-2, verbose=False,
+            privacy=Privacy(epsilon=1.0, public_bounds=BOUNDS))
+    r = audit(model, members, non_members, n_synthetic=400)
+    assert r.epsilon == pytest.approx(model.privacy["epsilon"]) and r.epsilon <= 1.0
+    for a in r.attacks.values():
+        # stated bound: not detected (CI contains 0.5) or AUC below 0.6
+        assert not a.detected() or a.auc < 0.6, str(r)
+        # and never above what (eps, delta)-DP allows for any attack
+        assert all(a.tpr_at_fpr[k] <= a.dp_tpr_bound[k] + 2 / a.n_members for k in a.tpr_at_fpr), str(r)
+    assert "DP bound on TPR" in str(r)

@@ -1,0 +1,284 @@
+"""``CausalModel.fit(privacy=...)``: the ledger, the budget, the privacy unit, private preprocessing."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.cohort import Cohort
+from medcausal.errors import DataError
+from medcausal.mechanisms.flow import FlowMechanism
+from medcausal.privacy import Privacy, PrivacyError, PrivacyWarning, format_ledger
+from medcausal.privacy import engine, ledger, stats
+
+BOUNDS = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+FAST = dict(max_epochs=2, batch_size=512, verbose=False)
+N = 3000
+
+
+@pytest.fixture(scope="module")
+def chain():
+    sim = mc.synthetic.scm("chain")
+    return sim, sim.sample(N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dp_model(chain):
+    sim, df = chain
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        return mc.CausalModel(sim.graph).fit(df, seed=0, privacy=Privacy(epsilon=2.0, public_bounds=BOUNDS), **FAST)
+
+
+def test_ledger_meets_the_target_and_covers_every_access(dp_model):
+    led = dp_model.privacy
+    assert led["dp"] is True and led["mode"] == "target-epsilon"
+    assert 2.0 * 0.97 <= led["epsilon"] <= 2.0  # calibrated to the target, never above it
+    assert led["delta"] == 1e-5 and led["n_records"] == N and led["privacy_unit"] == "row"
+    assert led["steps"] == 2 * math.ceil(N / 512) and led["sample_rate"] == 1 / math.ceil(N / 512)
+    # the history is the DP statistics (standardization) + the DP-SGD steps, one accountant
+    stats_entry, sgd = led["history"]
+    assert stats_entry[1] == 1.0 and stats_entry[2] == 1
+    assert sgd == [led["noise_multiplier"], led["sample_rate"], led["steps"]]
+    assert led["epsilon"] == pytest.approx(ledger.epsilon_of(led["history"], led["delta"]), rel=1e-9)
+    assert ledger.epsilon_of([sgd], led["delta"]) < led["epsilon"]  # the statistics cost budget too
+    for key in ("accountant", "noise_multiplier", "max_grad_norm", "versions", "preprocessing", "scope"):
+        assert key in led
+    json.dumps(led)  # pure JSON
+
+
+def test_no_loss_curve_is_released(dp_model):
+    assert all(set(h) == {"epoch", "steps", "lr"} for h in dp_model.history)
+    assert dp_model.fit_info["best_val_loss"] is None
+
+
+def test_ledger_is_saved_in_the_model_file(dp_model, chain, tmp_path):
+    path = dp_model.save(tmp_path / "m.mcm")
+    loaded = mc.CausalModel.load(path)
+    assert loaded.privacy == json.loads(json.dumps(dp_model.privacy))
+    out = loaded.sample(5, seed=0)
+    assert out.attrs["privacy"]["epsilon"] == dp_model.privacy["epsilon"]
+    cf = loaded.counterfactual(chain[1].iloc[:3], do={"x1": 0.0})
+    assert cf.attrs["privacy"]["epsilon"] == dp_model.privacy["epsilon"]
+    assert "differentially private" in format_ledger(loaded.privacy)
+
+
+def test_non_private_model_says_so(chain, tmp_path):
+    sim, df = chain
+    m = mc.CausalModel(sim.graph).fit(df.iloc[:100], max_epochs=1, verbose=False)
+    assert m.privacy is None and m.sample(3, seed=0).attrs["privacy"] is None
+    assert mc.CausalModel.load(m.save(tmp_path / "m.mcm")).privacy is None
+    assert "NOT differentially private" in format_ledger(None)
+
+
+def test_fixed_noise_mode_reports_its_epsilon(chain):
+    sim, df = chain
+    m = mc.CausalModel(sim.graph).fit(df, privacy=Privacy(noise_multiplier=1.0, public_bounds=BOUNDS,
+                                                           standardize="bounds"), **FAST)
+    led = m.privacy
+    assert led["noise_multiplier"] == 1.0 and led["target_epsilon"] is None
+    assert led["history"] == [[1.0, led["sample_rate"], led["steps"]]]  # no DP statistics with "bounds"
+    assert led["epsilon"] == pytest.approx(ledger.epsilon_of(led["history"], led["delta"]))
+    assert m.codecs["x1"].state["loc"] == [0.0] and m.codecs["x1"].state["scale"] == [2.5]
+
+
+def test_dp_standardization_is_skipped_when_n_is_too_small_for_it(chain):
+    sim, df = chain
+    plan = engine.prepare(Privacy(epsilon=2.0, public_bounds=BOUNDS), df.iloc[:300], sim.graph, {}, seed=0,
+                          batch_size=100, max_epochs=1, max_steps=None)
+    assert plan.history == [] and "skipped" in plan.preprocessing["standardization"]
+    assert plan.codecs["x2"].state["loc"] == [6.5]  # from the bounds (-2, 15)
+
+
+def test_delta_at_least_one_over_n_is_refused_unless_forced(chain):
+    sim, df = chain
+    small = df.iloc[:50]
+    p = dict(public_bounds=BOUNDS, standardize="bounds")
+    with pytest.raises(PrivacyError, match="1/N"):
+        mc.CausalModel(sim.graph).fit(small, privacy=Privacy(epsilon=5, delta=0.05, **p), **FAST)
+    with pytest.warns(PrivacyWarning, match="force=True"):
+        m = mc.CausalModel(sim.graph).fit(small, privacy=Privacy(epsilon=5, delta=0.05, force=True, **p),
+                                          **FAST)
+    assert m.privacy["delta"] == 0.05
+
+
+def test_private_constants_need_public_declarations():
+    g = mc.CausalGraph({"age": "continuous", "stage": "categorical", "sbp": "continuous"},
+                       edges=[("age", "sbp"), ("stage", "sbp")])
+    df = pd.DataFrame({"age": [50.0, 60, 70, 80], "stage": ["a", "b", "a", "b"], "sbp": [120.0, 130, 125, 140]})
+    with pytest.raises(PrivacyError) as e:
+        mc.CausalModel(g).fit(df, privacy=Privacy(epsilon=1, delta=1e-3, public_bounds={"age": (18, 100)}))
+    msg = str(e.value)
+    assert "'sbp'" in msg and "public bounds" in msg and "'stage'" in msg and "categories" in msg
+    with pytest.raises(PrivacyError, match="unknown variable"):
+        mc.CausalModel(g).fit(df, privacy=Privacy(epsilon=1, delta=1e-3, public_bounds={
+            "age": (18, 100), "sbp": (80, 200), "bmi": (10, 60)}))
+
+
+def test_values_outside_public_bounds_are_clipped_with_a_warning():
+    g = mc.CausalGraph({"x": "continuous"})
+    df = pd.DataFrame({"x": [-5.0, 0.0, 0.5, 9.0]})
+    privacy = Privacy(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (-1, 1)}, standardize="bounds")
+    with pytest.warns(PrivacyWarning, match="2 value"):
+        plan = engine.prepare(privacy, df, g, {}, seed=0, batch_size=4, max_epochs=1, max_steps=None)
+    assert plan.data["x"].tolist() == [-1.0, 0.0, 0.5, 1.0]
+    assert df["x"].tolist() == [-5.0, 0.0, 0.5, 9.0]  # the caller's data are untouched
+
+
+def test_dp_standardization_is_close_to_the_true_moments():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x": rng.normal(40.0, 8.0, 20000)})
+    g = mc.CausalGraph({"x": "continuous"})
+    plan = engine.prepare(Privacy(epsilon=4.0, public_bounds={"x": (0, 100)}), df, g, {}, seed=0,
+                          batch_size=512, max_epochs=1, max_steps=None)
+    loc, scale = plan.codecs["x"].state["loc"][0], plan.codecs["x"].state["scale"][0]
+    # noise sd of the mean: z * sqrt(2) * 50 / N with z ~ 6 for 10% of eps=4: ~0.02; allow 0.5
+    assert abs(loc - df["x"].mean()) < 0.5 and abs(scale - df["x"].std()) < 0.5
+    assert plan.history[0][1:] == [1.0, 1] and plan.dp_statistics
+    assert ledger.epsilon_of(plan.history, plan.delta) == pytest.approx(0.4, rel=0.01)  # stats_share
+
+
+def test_secure_mode_cannot_be_seeded():
+    g = mc.CausalGraph({"x": "continuous"})
+    df = pd.DataFrame({"x": np.linspace(0, 1, 10)})
+    p = Privacy(epsilon=1.0, delta=1e-3, secure_mode=True, public_bounds={"x": (0, 1)})
+    with pytest.raises(PrivacyError, match="cannot be seeded"):
+        engine.prepare(p, df, g, {}, seed=0, batch_size=4, max_epochs=1, max_steps=None)
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        with pytest.raises(PrivacyError, match="torchcsprng"):
+            engine.prepare(p, df, g, {}, seed=None, batch_size=4, max_epochs=1, max_steps=None)
+
+
+def _patients(n_patients=40, visits=3, seed=0):
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_patients), visits)
+    x = rng.normal(size=len(pid))
+    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
+
+
+def test_unit_column_makes_a_patient_one_record():
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df = _patients()
+    p = Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patient", standardize="bounds",
+                public_bounds={"x": (-4, 4), "y": (-12, 12)})
+    m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
+    led = m.privacy
+    assert led["n_records"] == 40 and led["n_rows"] == 120 and "patient" in led["privacy_unit"]
+    assert led["sample_rate"] == 0.25 and led["group_privacy"] is None
+    with pytest.raises(DataError, match="did you mean 'patient'"):
+        mc.CausalModel(g).fit(df, privacy=Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patien",
+                                                  public_bounds=p.public_bounds))
+
+
+def test_row_level_dp_on_multi_row_units_needs_force_and_reports_group_privacy():
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df = _patients()
+    kw = dict(noise_multiplier=1.0, delta=1e-4, unit_column="patient", row_level=True, standardize="bounds",
+              public_bounds={"x": (-4, 4), "y": (-12, 12)})
+    with pytest.raises(PrivacyError, match="up to 3 rows per unit"):
+        mc.CausalModel(g).fit(df, max_epochs=1, verbose=False, privacy=Privacy(**kw))
+    with pytest.warns(PrivacyWarning, match="group_privacy"):
+        m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=30, verbose=False,
+                                  privacy=Privacy(force=True, **kw))
+    led = m.privacy
+    assert led["privacy_unit"] == "row" and led["n_records"] == 120
+    gp = led["group_privacy"]
+    assert gp["unit"] == "patient" and gp["group_size"] == 3
+    assert gp["epsilon"] == pytest.approx(3 * led["epsilon"])
+    assert gp["delta"] == pytest.approx(min(1.0, 3 * math.exp(2 * led["epsilon"]) * led["delta"]))
+
+
+def test_repeated_cohort_ids_and_single_cells_need_a_unit():
+    g = mc.CausalGraph({"x": "continuous"})
+    cohort = Cohort(pd.DataFrame({"id": [1, 1, 2, 2], "x": [0.1, 0.2, 0.3, 0.4]}))
+    p = dict(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (0, 1)}, standardize="bounds")
+    args = dict(seed=0, batch_size=2, max_epochs=1, max_steps=None)
+    with pytest.raises(PrivacyError, match="unit_column='id'"):
+        engine.prepare(Privacy(**p), cohort, g, {}, **args)
+    assert engine.prepare(Privacy(unit_column="id", **p), cohort, g, {}, **args).n_records == 2
+
+    gc = mc.CausalGraph({"drug": "binary", "expr": mc.Expression(5)}, edges=[("drug", "expr")])
+    cells = Cohort(pd.DataFrame({"donor": ["a", "a", "b", "c"], "drug": [0, 1, 0, 1]}),
+                   {"expr": np.ones((4, 5))})
+    q = dict(noise_multiplier=1.0, delta=1e-3)
+    with pytest.raises(PrivacyError, match="donor"):
+        engine.prepare(Privacy(**q), cells, gc, {}, **args)
+    plan = engine.prepare(Privacy(unit_column="donor", **q), cells, gc, {}, **args)
+    assert plan.n_records == 3 and plan.rows_of(torch.tensor([0]))[0].tolist() == [0, 1]
+    with pytest.warns(PrivacyWarning, match="cell-level"):
+        assert engine.prepare(Privacy(force=True, **q), cells, gc, {}, **args).n_records == 4
+
+
+def test_additive_noise_model_is_finalized_privately(chain):
+    sim, df = chain
+    m = mc.CausalModel(sim.graph, mechanisms="additive").fit(
+        df, privacy=Privacy(epsilon=3.0, public_bounds=BOUNDS), **FAST)
+    led = m.privacy
+    assert len(led["dp_statistics"]) == 4  # standardization + one residual query per variable
+    assert led["history"][0][2] == 1 and [h[1] for h in led["history"]].count(1.0) == 4
+    assert led["epsilon"] <= 3.0
+    q = m.mechanism("x2").residual_quantiles[:, 0].double()
+    z = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(len(q), dtype=torch.float64) + 0.5) / len(q))
+    slope, intercept = np.polyfit(z.numpy(), q.numpy(), 1)
+    assert np.allclose(q.numpy(), intercept + slope * z.numpy(), atol=1e-5)  # Gaussian, not data quantiles
+
+
+def test_mechanisms_that_read_data_without_a_private_version_are_refused():
+    class Leaky(FlowMechanism):
+        name = "leaky"
+
+        def finalize(self, value, parents):
+            self.data_max = value.max()
+
+    with pytest.raises(PrivacyError, match="'leaky'.*finalize"):
+        stats.private_finalizer(Leaky)
+
+    class Opt(FlowMechanism):
+        name = "opted-out"
+        dp_compatible = False
+        dp_incompatible_reason = "its sampler memorizes training rows"
+
+    g = mc.CausalGraph({"x": "continuous"})
+    df = pd.DataFrame({"x": np.linspace(0, 1, 10)})
+    with pytest.raises(PrivacyError, match="memorizes"):
+        engine.prepare(Privacy(epsilon=1.0, delta=1e-3, public_bounds={"x": (0, 1)}), df, g, {"x": Opt},
+                       seed=0, batch_size=4, max_epochs=1, max_steps=None)
+
+
+def test_tiny_batches_with_empty_poisson_draws_still_train():
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df = _patients(12, 1)
+    m = mc.CausalModel(g, mechanisms="additive").fit(
+        df[["x", "y"]], max_epochs=3, batch_size=1, verbose=False,
+        privacy=Privacy(noise_multiplier=0.8, delta=1e-3, standardize="bounds",
+                        public_bounds={"x": (-4, 4), "y": (-12, 12)}))
+    assert m.privacy["steps"] == 36 and m.privacy["sample_rate"] == pytest.approx(1 / 12)
+
+
+def test_target_epsilon_too_small_for_the_statistics_is_refused():
+    with pytest.raises(PrivacyError, match="cannot be reached|statistics alone"):
+        ledger.calibrate_noise(target_epsilon=0.5, delta=1e-5, sample_rate=0.5, steps=10,
+                               prior=[[0.5, 1.0, 1]])
+
+
+@pytest.mark.parametrize("mode", ["vmap", "ghost"])
+def test_physical_batches_give_the_same_model_as_whole_logical_batches(mode):
+    """BatchMemoryManager only splits the work: same Poisson batches, same clipping, same noise."""
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df = _patients(300, 1)[["x", "y"]]
+    weights = []
+    for physical in (None, 16):
+        p = Privacy(noise_multiplier=1.0, delta=1e-4, standardize="bounds", grad_sample_mode=mode,
+                    physical_batch_size=physical, public_bounds={"x": (-4, 4), "y": (-12, 12)})
+        m = mc.CausalModel(g, mechanisms="additive").fit(df, max_epochs=2, batch_size=60, verbose=False,
+                                                         privacy=p, seed=3)
+        assert m.privacy["grad_sample_mode"] == mode and m.privacy["steps"] == 10
+        weights.append(torch.cat([v.flatten() for v in m.mechanisms.state_dict().values()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)

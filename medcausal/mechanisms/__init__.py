@@ -7,6 +7,7 @@ from . import registry
 from .base import Mechanism
 from .additive import AdditiveMechanism
 from .categorical import CategoricalMechanism
+from .diffusion import DiffusionMechanism
 from .flow import FlowMechanism
 
-__all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "FlowMechanism"]
+__all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "DiffusionMechanism", "FlowMechanism"]

@@ -84,6 +84,35 @@ uniformly from [-1, 1] by a deterministic hash (the same on every machine).
 (DCM's non-additive ladder feeds ``u`` through the MLP, which is not
 monotone in ``u``; the location-scale head replaces it.)
 
+Vector (one 2-dimensional variable; ``scm("vector")``, not in ``scm_names()``)
+------------------------------------------------------------------------------
+``x1 -> x2``, ``x1 -> x3``, ``x2 -> x3``, where ``x3`` is a 2-vector
+(``Continuous(dim=2)``, DataFrame columns ``x3[0]``, ``x3[1]``) with a 2-vector
+noise ``u3 ~ N(0, I_2)``::
+
+    x1 = u1
+    m(x1, x2) = (0.65 (sin(x1) + x2 / 2),  2.7 (x1 x2 / 2 + cos(x2)))
+    additive:      x2 = 1.5 tanh(x1) + 0.5 u2
+                   x3 = m + S0 u3,          S0 = [[0.6, 0.25], [0.25, 0.5]]
+    non-additive:  x2 = 1.5 tanh(x1) + (0.3 + 0.5 s(2 x1)) u2
+                   x3 = m + S(x1, x2) u3,   S = R(th) diag(a, b) R(th)^T
+                   th = (pi / 2) s(2 (x1 - x2)),  a = 0.2 + 1.2 s(2 x2),  b = 0.2 + 1.2 s(-2 x1)
+
+``R(th)`` is the rotation by ``th``. In the non-additive variant the noise is
+scaled along axes that turn with the parents, so the two coordinates are
+correlated in a parent-dependent way and neither is a function of its own
+noise coordinate: a model of each coordinate as a scalar (or of the vector as
+location + fixed noise) is misspecified. ``S`` is symmetric positive definite,
+so ``u -> m + S u`` is the gradient of the convex function ``m.u + u'Su/2``:
+the multivariate analogue of "strictly increasing in the noise" (for every
+parent value it is the unique such map, Brenier's optimal transport map, from
+``N(0, I)`` to the variable's conditional law), which is what makes the
+counterfactual well defined. Mechanisms that abduct another map with the same
+law (e.g. a triangular, autoregressive one) answer a different counterfactual.
+The constants make the two coordinates' marginal standard deviations equal
+(1.20 both, to 0.1%), so the map stays symmetric after per-column
+standardization. Interventions on ``x3`` take ``[n, 2]`` arrays or callables.
+
 Units and their noise
 ---------------------
 ``sample`` names each row ``"<name>-<add|nonadd>:<seed>:<row>"`` (index
@@ -109,7 +138,7 @@ from ..errors import DataError, InterventionError, MedCausalError
 from ..graph import CausalGraph
 from ..interventions import Intervention, parse_do
 
-__all__ = ["TabularSCM", "scm", "scm_names"]
+__all__ = ["TabularSCM", "VectorSCM", "scm", "scm_names"]
 
 # --------------------------------------------------------------------------- #
 # counter-based noise: unit (seed, row), variable j  ->  one N(0, 1) number
@@ -615,6 +644,217 @@ class TabularSCM:
         return data
 
 
+# --------------------------------------------------------------------------- #
+# the vector SCM: one 2-dimensional variable
+# --------------------------------------------------------------------------- #
+def _vector(additive: bool):
+    """Names, dims, edges and equations of ``scm("vector")`` (see the module docstring)."""
+    names = ["x1", "x2", "x3"]
+    dims = {"x1": 1, "x2": 1, "x3": 2}
+    edges = [("x1", "x2"), ("x1", "x3"), ("x2", "x3")]
+
+    def m(P):
+        x1, x2 = P[:, 0], P[:, 1]
+        return np.stack([0.65 * (np.sin(x1) + x2 / 2), 2.7 * (x1 * x2 / 2 + np.cos(x2))], axis=1)
+
+    if additive:
+        s0 = np.array([[0.6, 0.25], [0.25, 0.5]])
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: 1.5 * np.tanh(P[:, 0]) + 0.5 * u,
+                            "x2 = 1.5 tanh(x1) + 0.5 u2"),
+            "x3": _Equation(("x1", "x2"), lambda P, u: m(P) + u @ s0,
+                            "x3 = m(x1, x2) + S0 u3, S0 = [[0.6, 0.25], [0.25, 0.5]]"),
+        }
+    else:
+        def x3(P, u):
+            x1, x2 = P[:, 0], P[:, 1]
+            th = np.pi / 2 * _s(2 * (x1 - x2))
+            a, b = 0.2 + 1.2 * _s(2 * x2), 0.2 + 1.2 * _s(-2 * x1)
+            c, sn = np.cos(th), np.sin(th)
+            s00, s11, s01 = a * c * c + b * sn * sn, a * sn * sn + b * c * c, (a - b) * c * sn
+            return m(P) + np.stack([s00 * u[:, 0] + s01 * u[:, 1], s01 * u[:, 0] + s11 * u[:, 1]], axis=1)
+
+        eqs = {
+            "x1": _root("x1 = u1"),
+            "x2": _Equation(("x1",), lambda P, u: 1.5 * np.tanh(P[:, 0]) + (0.3 + 0.5 * _s(2 * P[:, 0])) * u,
+                            "x2 = 1.5 tanh(x1) + (0.3 + 0.5 s(2 x1)) u2"),
+            "x3": _Equation(("x1", "x2"), x3,
+                            "x3 = m(x1, x2) + R(th) diag(a, b) R(th)^T u3, th = (pi/2) s(2 (x1 - x2)), "
+                            "a = 0.2 + 1.2 s(2 x2), b = 0.2 + 1.2 s(-2 x1)"),
+        }
+    return names, dims, edges, eqs
+
+
+class VectorSCM(TabularSCM):
+    """The ground-truth SCM ``scm("vector")``: scalars ``x1``, ``x2`` and a 2-vector ``x3``.
+
+    Same protocol as :class:`TabularSCM` (``sample``, ``noise``, ``counterfactual``,
+    ``evaluate``); the vector lives in DataFrame columns ``x3[0]``, ``x3[1]``, and so
+    does its noise in :meth:`noise`.
+
+    >>> sim = scm("vector", additive=False)
+    >>> df = sim.sample(3, seed=0)
+    >>> list(df.columns)
+    ['x1', 'x2', 'x3[0]', 'x3[1]']
+    >>> cf = sim.counterfactual(df, do={"x1": 0.5})
+    >>> bool((cf["x1"] == 0.5).all()) and cf.shape == df.shape
+    True
+    """
+
+    def __init__(self, name: str, additive: bool):
+        from ..graph import Continuous
+        names, dims, edges, eqs = _vector(bool(additive))
+        self.name = name
+        self.additive = bool(additive)
+        self.dims = dims
+        self.graph = CausalGraph({v: Continuous(dim=dims[v]) for v in names}, edges=edges)
+        self._order = self.graph.topological_order
+        self._eqs = eqs
+        self._tag = f"{name}-{'add' if self.additive else 'nonadd'}"
+        self.equations = {v: eqs[v].text for v in self._order}
+        self._cols = {v: [v] if dims[v] == 1 else [f"{v}[{i}]" for i in range(dims[v])] for v in names}
+        self._columns = [c for v in self._order for c in self._cols[v]]
+
+    def _take(self, v: str, U: np.ndarray) -> np.ndarray:
+        start = self._columns.index(self._cols[v][0])
+        u = U[:, start:start + self.dims[v]]
+        return u[:, 0] if self.dims[v] == 1 else u
+
+    def _frame(self, vals: Mapping[str, np.ndarray], index) -> pd.DataFrame:
+        data = {}
+        for v in self._order:
+            x = vals[v]
+            for j, c in enumerate(self._cols[v]):
+                data[c] = x if x.ndim == 1 else x[:, j]
+        return pd.DataFrame(data, index=index, columns=self._columns)
+
+    def _apply_v(self, v: str, iv: Intervention, current, n: int) -> np.ndarray:
+        if self.dims[v] == 1:
+            return self._apply(iv, current, n)
+        out = iv.apply(current, n)
+        try:
+            out = np.asarray(out, dtype=float)
+        except (TypeError, ValueError):
+            raise InterventionError(f"{iv.describe()}: values must be numbers") from None
+        if out.shape != (n, self.dims[v]):
+            raise InterventionError(f"{iv.describe()}: {v!r} is a {self.dims[v]}-vector; expected "
+                                    f"values of shape ({n}, {self.dims[v]}), got {out.shape}")
+        if not np.all(np.isfinite(out)):
+            raise InterventionError(f"{iv.describe()}: values must be finite")
+        return out
+
+    def evaluate(self, name: str, parents: Mapping[str, Any], noise: Any) -> np.ndarray:
+        """The structural equation of ``name``; for ``x3`` the noise has a last axis of 2.
+
+        >>> sim = scm("vector", additive=True)
+        >>> sim.evaluate("x3", {"x1": 0.0, "x2": 0.0}, [1.0, 0.0]).round(3).tolist()  # m + S0 e1
+        [0.6, 2.95]
+        """
+        if self.dims.get(name, 1) == 1:
+            return super().evaluate(name, parents, noise)
+        eq = self._eqs[name]
+        missing = [p for p in eq.parents if p not in parents]
+        if missing:
+            raise DataError(f"evaluate({name!r}) needs parent value(s) for {missing}")
+        u = np.asarray(noise, dtype=float)
+        if u.shape[-1:] != (self.dims[name],):
+            raise DataError(f"evaluate({name!r}): the noise needs a last axis of {self.dims[name]}, "
+                            f"got shape {u.shape}")
+        arrays = [np.asarray(parents[p], dtype=float) for p in eq.parents]
+        shape = np.broadcast_shapes(u.shape[:-1], *(a.shape for a in arrays))
+        flat_u = np.broadcast_to(u, shape + u.shape[-1:]).reshape(-1, self.dims[name])
+        P = np.stack([np.broadcast_to(a, shape).reshape(-1) for a in arrays], axis=1)
+        return eq(P, flat_u).reshape(shape + (self.dims[name],))
+
+    def sample(self, n: int, seed: int | None = 0, do: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Draw ``n`` units (observational, or under ``do``); see :meth:`TabularSCM.sample`."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise MedCausalError(f"n must be a non-negative integer, got {n!r}")
+        n = int(n)
+        seed = self._check_seed(seed)
+        ivs = parse_do(do, known=self._order)
+        U = _unit_noise(np.full(n, seed, dtype=np.uint64), np.arange(n, dtype=np.uint64), len(self._columns))
+        vals: dict[str, np.ndarray] = {}
+        for v in self._order:
+            iv = ivs.get(v)
+            if iv is not None and not iv.needs_current:
+                vals[v] = self._apply_v(v, iv, None, n)
+                continue
+            x = self._eqs[v](self._stack(vals, self._eqs[v].parents, n, {}), self._take(v, U))
+            vals[v] = x if iv is None else self._apply_v(v, iv, x, n)
+        return self._frame(vals, self._make_ids(seed, n))
+
+    def noise(self, data) -> pd.DataFrame:
+        """The units' exogenous noise, one column per data column (``x3[0]``, ``x3[1]``)."""
+        index = data.index if isinstance(data, (pd.DataFrame, pd.Series)) else (
+            data if isinstance(data, pd.Index) else pd.Index(list(data), name="unit"))
+        return pd.DataFrame(self._noise_of(index), index=index.copy(), columns=self._columns)
+
+    def counterfactual(self, data: pd.DataFrame, do: Mapping[str, Any] | None) -> pd.DataFrame:
+        """The true counterfactual of the units in ``data``; see :meth:`TabularSCM.counterfactual`."""
+        frame = self._check_frame(data)
+        ivs = parse_do(do, known=self._order)
+        n = len(frame)
+        U = self._noise_of(frame.index)
+        affected = set(ivs).union(*(self.graph.descendants(v) for v in ivs))
+        fact = {v: (frame[self._cols[v][0]].to_numpy(dtype=float) if self.dims[v] == 1
+                    else frame[self._cols[v]].to_numpy(dtype=float)) for v in self._order}
+        cf = dict(fact)
+        for v in self._order:
+            if v not in affected:
+                continue
+            iv = ivs.get(v)
+            if iv is not None and not iv.needs_current:
+                cf[v] = self._apply_v(v, iv, None, n)
+                continue
+            parents = self._eqs[v].parents
+            if parents:
+                P_cf = self._stack(cf, parents, n, {})
+                same = np.all(P_cf == self._stack(fact, parents, n, {}), axis=1)
+                new = self._eqs[v](P_cf, self._take(v, U))
+                x = np.where(same if new.ndim == 1 else same[:, None], fact[v], new)
+            else:
+                x = fact[v]
+            cf[v] = self._apply_v(v, iv, x, n) if iv is not None else x
+        out = data.copy()
+        for v in self._order:
+            if v in affected:
+                x = cf[v]
+                for j, c in enumerate(self._cols[v]):
+                    out[c] = x if x.ndim == 1 else x[:, j]
+        return out
+
+    def _noise_of(self, index: pd.Index) -> np.ndarray:
+        seeds, rows, bad = _parse_ids(np.asarray(index, dtype=object), self._tag)
+        if bad.any():
+            first = np.asarray(index, dtype=object)[np.flatnonzero(bad)[0]]
+            raise DataError(
+                f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(bad)} "
+                f"rows are foreign); its units are named '{self._tag}:<seed>:<row>'. Keep the "
+                f"'unit' index when slicing or saving (pd.read_csv(path, index_col='unit')).")
+        return _unit_noise(seeds, rows, len(self._columns))
+
+    def _check_frame(self, data: Any) -> pd.DataFrame:
+        if not isinstance(data, pd.DataFrame):
+            raise DataError(f"counterfactual expects a pandas DataFrame from {self!r}.sample, "
+                            f"got {type(data).__name__}")
+        missing = [c for c in self._columns if c not in data.columns]
+        if missing:
+            raise DataError(f"data lack column(s) {missing} of {self!r}; "
+                            f"columns given: {list(data.columns)}")
+        for c in self._columns:
+            col = data[c]
+            if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+                raise DataError(f"column {c!r} must be numeric, got dtype {col.dtype}")
+            if col.isna().any():
+                raise DataError(f"column {c!r} has {int(col.isna().sum())} missing value(s)")
+        return data
+
+
+_EXTRA = {"vector": VectorSCM}  # built by scm(name) but not listed by scm_names()
+
+
 def scm_names() -> list[str]:
     """Names of the benchmark SCMs.
 
@@ -628,13 +868,19 @@ def scm(name: str, additive: bool = True) -> TabularSCM:
     """A benchmark SCM by name (see the module docstring for its equations).
 
     ``additive=True`` gives ``x = f(pa) + c u``; ``additive=False`` a variant
-    whose noise enters non-additively but monotonically.
+    whose noise enters non-additively but monotonically. Besides the DCM SCMs
+    of :func:`scm_names`, ``"vector"`` builds the :class:`VectorSCM` with a
+    2-dimensional variable.
 
     >>> sim = scm("diamond", additive=False)
     >>> sim.graph.parents("x4"), sim.name, sim.additive
     (('x2', 'x3'), 'diamond', False)
+    >>> scm("vector").graph.variables["x3"]
+    Continuous(dim=2)
     """
     key = str(name).lower() if isinstance(name, str) else name
+    if key in _EXTRA:
+        return _EXTRA[key](key, additive)
     if key not in _BUILDERS:
-        raise MedCausalError(f"unknown SCM {name!r}; known: {scm_names()}")
+        raise MedCausalError(f"unknown SCM {name!r}; known: {scm_names() + list(_EXTRA)}")
     return TabularSCM(key, additive)

@@ -7,7 +7,11 @@ from . import registry
 from .base import Mechanism
 from .additive import AdditiveMechanism
 from .categorical import CategoricalMechanism
+from .cvae import CVAEMechanism
 from .diffusion import DiffusionMechanism
+from .fcr import FCRMechanism
 from .flow import FlowMechanism
+from .hvae import HVAEMechanism
 
-__all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "DiffusionMechanism", "FlowMechanism"]
+__all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "CVAEMechanism",
+           "DiffusionMechanism", "FCRMechanism", "FlowMechanism", "HVAEMechanism"]

@@ -1,0 +1,237 @@
+"""The ``hvae`` and ``cvae`` image mechanisms: abduction, latent modes, EMA, learning.
+
+Ground truth: synthetic discs whose radius and brightness are the parents and whose
+centre and pixel noise are the exogenous noise, so every unit's true counterfactual
+is rendered exactly.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.errors import DataError, MedCausalError
+from medcausal.graph import Image
+from medcausal.mechanisms import cvae as _cvae  # noqa: F401  (registers "cvae")
+from medcausal.mechanisms import hvae as _hvae  # noqa: F401  (registers "hvae")
+from medcausal.mechanisms import registry
+from medcausal.mechanisms.hvae import HVAEMechanism
+
+SIZE = 16
+TINY = {"channels": [8, 16], "z_dim": 2, "latent_levels": 2}
+VARIANTS = {
+    "hvae": ("hvae", TINY),
+    "hvae-mediator-prior": ("hvae", {**TINY, "latent_mode": "mediator", "mediator_abduction": "prior"}),
+    "hvae-mediator-mixture-alpha1": ("hvae", {**TINY, "latent_mode": "mediator", "alpha": 1.0}),
+    "cvae": ("cvae", {"channels": [8, 16], "z_dim": 4, "hidden": 32}),
+}
+
+
+def discs(n, seed=0, radius=None, bright=None, centre=None, noise=None):
+    """Discs on a 16x16 canvas: parents radius r ~ U(2, 6) and brightness b ~ Bern(0.5);
+    exogenous centre ~ U(6, 10)^2 and pixel noise N(0, 0.02^2)."""
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(2.0, 6.0, n) if radius is None else np.asarray(radius, float)
+    b = rng.integers(0, 2, n) if bright is None else np.asarray(bright)
+    c = rng.uniform(6.0, SIZE - 6.0, (n, 2)) if centre is None else centre
+    eps = rng.normal(0, 0.02, (n, 1, SIZE, SIZE)) if noise is None else noise
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    d = np.sqrt((xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2)
+    img = (0.5 + 0.4 * b)[:, None, None] / (1 + np.exp(-(r[:, None, None] - d) / 0.4))
+    x = (img[:, None] + 0.1 + eps).astype(np.float32)
+    pa = np.stack([(r - 4.0) / 1.15, b], 1).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(pa), {"r": r, "b": b, "c": c, "eps": eps}
+
+
+def make(variant, parents=2, seed=0):
+    name, kw = VARIANTS[variant]
+    torch.manual_seed(seed)
+    return registry.get(name)(Image((1, SIZE, SIZE)), parents, **kw)
+
+
+def test_registered_as_image_mechanisms():
+    for name in ("hvae", "cvae"):
+        cls = registry.get(name)
+        assert cls.supports == ("image",) and cls.abduction == "amortized" and not cls.has_log_prob
+    assert registry.default_for("image") == "hvae"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_null_counterfactual_reproduces_real_images(variant):
+    # Images not drawn from the model: the pixel noise must still be abducted exactly.
+    m = make(variant).eval()
+    x, pa, _ = discs(16, seed=3)
+    with torch.no_grad():
+        noise = m.abduct(x, pa)
+        assert noise.shape == m.noise_like(16).shape
+        again = m.sample(pa, noise=noise)
+    assert (again - x).abs().max().item() <= m.reconstruction_tolerance
+
+
+def test_mediator_mixture_is_not_exact_below_alpha_one():
+    # The paper's mixture moves the latents toward the prior even under a null intervention.
+    torch.manual_seed(0)
+    m = HVAEMechanism(Image((1, SIZE, SIZE)), 2, **TINY, latent_mode="mediator", alpha=0.5).eval()
+    x, pa, _ = discs(16, seed=3)
+    with torch.no_grad():
+        noise = m.abduct(x, pa)
+        mixed = m.latents(pa, noise)
+        with m.holding_latents():
+            held = m.latents(pa, noise)
+        err = (m.sample(pa, noise=noise) - x).abs().max().item()
+        m.alpha = 1.0
+        exact = (m.sample(pa, noise=noise) - x).abs().max().item()
+    assert max((a - b).abs().max().item() for a, b in zip(mixed, held)) > 1e-2
+    assert err > 1e-5  # well above float rounding
+    assert exact <= m.reconstruction_tolerance
+
+
+def test_exogenous_latents_ignore_the_parents():
+    m = make("hvae").eval()
+    x, pa, _ = discs(8, seed=4)
+    noise = m.abduct(x, pa)
+    for a, b in zip(m.latents(pa, noise), m.latents(pa + 1.5, noise)):
+        assert torch.equal(a, b)
+
+
+def test_mediator_latents_follow_the_parents_unless_held():
+    m = make("hvae-mediator-prior").eval()
+    x, pa, _ = discs(8, seed=4)
+    noise = m.abduct(x, pa)
+    fact, moved = m.latents(pa, noise), m.latents(pa + 1.5, noise)
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(fact, moved))
+    with m.holding_latents():
+        held = m.latents(pa + 1.5, noise)
+    for a, b in zip(fact, held):  # held latents = the abducted ones (posterior means)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not m._hold  # the context manager restores the setting
+
+
+def test_mixture_alpha_one_equals_holding_latents():
+    m = make("hvae-mediator-mixture-alpha1").eval()
+    x, pa, _ = discs(8, seed=5)
+    noise = m.abduct(x, pa)
+    with torch.no_grad():
+        a = m.sample(pa + 1.0, noise=noise)
+        with m.holding_latents():
+            b = m.sample(pa + 1.0, noise=noise)
+    torch.testing.assert_close(a, b)
+
+
+def test_ema_update_matches_its_formula():
+    m = make("hvae")
+    m.train()
+    before = {k: v.clone() for k, v in m.ema_parameters().items()}
+    opt = torch.optim.Adam(m.net.parameters(), lr=1e-2)
+    x, pa, _ = discs(8)
+    m.loss(x, pa).mean().backward()  # first EMA update: live == initial weights, EMA unchanged
+    opt.step()
+    after_step = {k: p.detach().clone() for k, p in m.net.named_parameters()}
+    m.loss(x, pa)  # second update, t = 2: d = min(0.999, 3 / 12)
+    d = 3.0 / 12.0
+    for k, ema in m.ema_parameters().items():
+        torch.testing.assert_close(ema, d * before[k] + (1 - d) * after_step[k])
+    m.eval()
+    with torch.no_grad():  # queries use the averaged weights unless asked otherwise
+        a = m.sample(pa, generator=torch.Generator().manual_seed(0))
+        b = m.sample(pa, generator=torch.Generator().manual_seed(0), ema=False)
+    assert not torch.allclose(a, b)
+    assert int(m.ema_steps) == 2
+
+
+def test_eval_loss_does_not_touch_the_ema():
+    m = make("hvae").eval()
+    x, pa, _ = discs(4)
+    m.loss(x, pa)
+    with torch.no_grad():
+        m.train()
+        m.loss(x, pa)
+    assert int(m.ema_steps) == 0
+
+
+def test_errors_name_the_culprit():
+    m = make("hvae")
+    with pytest.raises(DataError, match=r"\(4, 1, 16, 16\)"):
+        m.loss(torch.zeros(4, 16, 16, 1), torch.zeros(4, 2))
+    with pytest.raises(DataError, match="parents"):
+        m.sample(torch.zeros(4, 3))
+    with pytest.raises(MedCausalError, match="latent_mode"):
+        HVAEMechanism(Image((1, 16, 16)), 1, latent_mode="both")
+    with pytest.raises(MedCausalError, match="2D images"):
+        HVAEMechanism(Image((1, 8, 16, 16)), 1)
+    with pytest.raises(MedCausalError, match="latent_levels"):
+        HVAEMechanism(Image((1, 16, 16)), 1, channels=[8, 16], latent_levels=5)
+    with pytest.raises(DataError, match="noise"):
+        m.sample(torch.zeros(2, 2), noise=torch.zeros(2, 7))
+
+
+def _fit(mech, x, pa, steps, lr):
+    mech.fit(x, pa, max_steps=steps, max_epochs=10 ** 6, batch_size=32, lr=lr, patience=10 ** 6,
+             seed=0, verbose=False)
+    return mech.eval()
+
+
+def _disc_cf_errors(mech, n=200):
+    x, pa, info = discs(n, seed=1)
+    rng = np.random.default_rng(5)
+    r2, b2 = rng.uniform(2, 6, n), 1 - info["b"]
+    x_true, pa2, _ = discs(n, radius=r2, bright=b2, centre=info["c"], noise=info["eps"])
+    with torch.no_grad():
+        cf = mech.counterfactual(x, pa, pa2)
+        fresh = mech.sample(pa2, generator=torch.Generator().manual_seed(0))
+    return ((cf - x_true).abs().mean().item(), (fresh - x_true).abs().mean().item(),
+            (x - x_true).abs().mean().item())
+
+
+@pytest.mark.parametrize("variant", ["hvae", "cvae"])
+def test_learns_counterfactual_discs(variant):
+    # Known answer: the true counterfactual keeps the disc's centre and pixel noise and takes
+    # the new radius and brightness. The patient's own abducted noise must beat both a fresh
+    # interventional sample (null abduction) and the unchanged image.
+    x, pa, _ = discs(1500, seed=0)
+    mech = _fit(make(variant), x, pa, steps=150, lr=5e-3)
+    cf, fresh, unchanged = _disc_cf_errors(mech)
+    assert cf < 0.6 * fresh and cf < 0.6 * unchanged, (cf, fresh, unchanged)
+
+
+@pytest.mark.slow
+def test_hvae_counterfactual_halves_the_null_abduction_error():
+    x, pa, _ = discs(2000, seed=0)
+    mech = _fit(make("hvae"), x, pa, steps=600, lr=3e-3)
+    cf, fresh, _ = _disc_cf_errors(mech)
+    assert cf <= 0.5 * fresh, (cf, fresh)
+
+
+def test_causal_model_with_an_image_variable_round_trips(tmp_path):
+    x, pa, info = discs(64, seed=0)
+    table = pd.DataFrame({"radius": info["r"], "bright": info["b"]})
+    cohort = mc.Cohort(table, {"img": x.numpy()})
+    graph = mc.CausalGraph({"radius": "continuous", "bright": "binary", "img": Image((1, SIZE, SIZE))},
+                           edges=[("radius", "img"), ("bright", "img")])
+    model = mc.CausalModel(graph, mechanisms={"img": {"name": "hvae", **TINY}}).fit(
+        cohort, max_steps=3, batch_size=32, lr=1e-3, verbose=False)
+    null = model.counterfactual(cohort[:5], do={"radius": info["r"][:5]})
+    np.testing.assert_allclose(null.arrays["img"], x[:5].numpy(), atol=HVAEMechanism.reconstruction_tolerance)
+    cf = model.counterfactual(cohort[:5], do={"radius": 5.0})
+    assert cf.arrays["img"].shape == (5, 1, SIZE, SIZE)
+    model.save(tmp_path / "m.mcm")
+    again = mc.CausalModel.load(tmp_path / "m.mcm").counterfactual(cohort[:5], do={"radius": 5.0})
+    np.testing.assert_allclose(again.arrays["img"], cf.arrays["img"], atol=1e-6)
+
+
+def test_counterfactual_finetuning_runs_and_keeps_the_predictor_frozen():
+    from medcausal.metrics.predictors import AntiCausalPredictor
+
+    x, pa, info = discs(64, seed=0)
+    pred = AntiCausalPredictor((1, SIZE, SIZE), {"r": "continuous", "b": "binary"}, channels=[4], features=8)
+    pred.fit(x, {"r": pa[:, 0].numpy(), "b": info["b"]}, max_epochs=1, verbose=False)
+    frozen = {k: v.clone() for k, v in pred.state_dict().items()}
+    m = make("hvae")
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    result = m.finetune_counterfactual(x, pa, pred.parent_nll, max_steps=3, batch_size=16, verbose=False)
+    assert result.steps == 3
+    assert any(not torch.equal(v, m.net.state_dict()[k]) for k, v in before.items())
+    for k, v in pred.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"predictor weight {k} changed"
+    assert all(p.requires_grad for p in pred.parameters())

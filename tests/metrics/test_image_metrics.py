@@ -1,0 +1,151 @@
+"""Counterfactual image metrics on cases whose answers are known analytically."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.errors import DataError
+from medcausal.metrics import images as im
+from medcausal.metrics.predictors import AntiCausalPredictor
+
+RNG = np.random.default_rng(0)
+
+
+def test_composition_of_a_sound_and_a_drifting_model():
+    x = RNG.random((5, 1, 8, 8))
+    assert im.composition(lambda a: a, x, steps=10).l1 == [0.0] * 10
+    drift = im.composition(lambda a: a + 0.125, x, steps=10)  # exact in binary floating point
+    assert drift.l1 == [0.125 * k for k in range(1, 11)]
+    assert drift.at(10) == 1.25 and drift.ratio(10) == 10.0
+    # A model that converges to a fixed point after one step: composition 10 == composition 1.
+    proj = im.composition(lambda a: np.clip(a, 0.25, 0.75), x, steps=10)
+    assert proj.at(10) == pytest.approx(proj.at(1)) and proj.at(1) > 0
+
+
+def test_composition_reads_cohorts_by_image_name():
+    table = pd.DataFrame({"age": [1.0, 2.0]})
+    c = mc.Cohort(table, {"mri": np.zeros((2, 1, 4, 4))})
+
+    def shift(cohort):
+        return mc.Cohort(cohort.table, {"mri": cohort.arrays["mri"] + 0.5})
+    assert im.composition(shift, c, steps=2, image="mri").l1 == [0.5, 1.0]
+    with pytest.raises(DataError, match="'scan'"):
+        im.composition(shift, c, steps=1, image="scan")
+
+
+def test_reversibility_exact_and_lossy():
+    x = RNG.random((4, 1, 8, 8))
+    assert im.reversibility(lambda a: 2 * a, lambda a: a / 2, x, cycles=3).l1 == pytest.approx([0, 0, 0], abs=1e-15)
+    lossy = im.reversibility(lambda a: a + 1.0, lambda a: a - 0.75, x, cycles=3)
+    assert lossy.l1 == pytest.approx([0.25, 0.5, 0.75])
+    assert len(lossy.per_image) == 4
+
+
+def test_soundness_rejects_shape_changes():
+    with pytest.raises(DataError, match="shape"):
+        im.composition(lambda a: a[:, :, :4], np.zeros((2, 1, 8, 8)), steps=1)
+    with pytest.raises(DataError, match="steps"):
+        im.composition(lambda a: a, np.zeros((2, 1, 8, 8)), steps=0)
+
+
+def test_effectiveness_known_values():
+    assert im.effectiveness([1.0, 2.0, 4.0], [1.0, 3.0, 1.0])["mae"] == pytest.approx(4 / 3)
+    b = im.effectiveness([0.2, 0.7, 0.6, 0.1], [0, 1, 0, 1], kind="binary")
+    # pairs (pos, neg): (0.7>0.2), (0.7>0.6), (0.1<0.2), (0.1<0.6) -> AUC 2/4; accuracy 2/4
+    assert b == {"accuracy": 0.5, "auc": 0.5}
+    assert np.isnan(im.effectiveness([0.9, 0.8], [1, 1], kind="binary")["auc"])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]])
+    assert im.effectiveness(probs, [0, 2, 0], kind="categorical")["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(DataError):
+        im.effectiveness([1.0], [1.0, 2.0])
+
+
+def test_true_counterfactual_error_mae_and_ssim():
+    from skimage.metrics import structural_similarity
+
+    t = RNG.random((3, 1, 16, 16))
+    same = im.true_counterfactual_error(t, t)
+    assert same["mae"] == 0.0 and same["ssim"] == pytest.approx(1.0)
+    shifted = im.true_counterfactual_error(t + 0.1, t, data_range=1.0)
+    assert shifted["mae"] == pytest.approx(0.1) and shifted["mae_sd"] == pytest.approx(0.0, abs=1e-12)
+    p = RNG.random((3, 1, 16, 16))
+    got = im.true_counterfactual_error(p, t, data_range=1.0)["ssim"]
+    want = np.mean([structural_similarity(t[i, 0], p[i, 0], data_range=1.0, win_size=7) for i in range(3)])
+    assert got == pytest.approx(want) and got < 0.2
+    with pytest.raises(DataError, match="shape"):
+        im.true_counterfactual_error(t[:2], t)
+
+
+def test_oracle_effectiveness_uses_the_measure_function():
+    imgs = np.zeros((3, 1, 4, 4))
+    imgs[:, 0, :2] = np.array([1.0, 2.0, 3.0])[:, None, None]  # top half brightness
+
+    def measure(x):
+        return {"top": x[:, 0, :2].mean((1, 2)), "bottom": x[:, 0, 2:].mean((1, 2))}
+    out = im.oracle_effectiveness(measure, imgs, {"top": [1.0, 2.5, 3.0]})
+    assert out == {"top": {"mae": pytest.approx(0.5 / 3)}}
+    with pytest.raises(DataError, match="'left'"):
+        im.oracle_effectiveness(measure, imgs, {"left": [0, 0, 0]})
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    # N(0, I_d) vs N(m, s^2 I_d): FD = |m|^2 + d (1 - s)^2.
+    d, n = 4, 40000
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(n, d))
+    m, s = np.array([1.0, 0.0, -0.5, 0.0]), 2.0
+    b = m + s * rng.normal(size=(n, d))
+    want = (m ** 2).sum() + d * (1 - s) ** 2
+    assert im.frechet_distance(a, b) == pytest.approx(want, rel=0.03)
+    assert im.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(DataError):
+        im.frechet_distance(a, b[:, :3])
+
+
+def _bars(n, seed):
+    """A vertical bar whose column (0..7, continuous) and brightness (binary) are the targets."""
+    rng = np.random.default_rng(seed)
+    col = rng.integers(0, 8, n)
+    bright = rng.integers(0, 2, n)
+    x = np.full((n, 1, 8, 8), 0.1, dtype=np.float32)
+    x[np.arange(n), 0, :, col] = (0.5 + 0.4 * bright)[:, None]
+    return x, col.astype(float), bright
+
+
+def test_anti_causal_predictor_learns_known_targets():
+    torch.manual_seed(0)
+    x, col, bright = _bars(600, 0)
+    p = AntiCausalPredictor((1, 8, 8), {"col": "continuous", "bright": "binary"}, channels=[8, 16], features=16)
+    p.fit(x, {"col": col, "bright": bright}, max_epochs=40, lr=3e-3, verbose=False)
+    xt, colt, brt = _bars(200, 1)
+    pred = p.predict(xt)
+    # Chance: MAE of predicting the mean column is 2.0; accuracy 0.5.
+    assert im.effectiveness(pred["col"], colt)["mae"] < 0.8
+    assert im.effectiveness(pred["bright"], brt, kind="binary")["accuracy"] > 0.95
+    assert p.features(xt).shape == (200, 16)
+
+
+def test_parent_nll_reads_the_mechanism_layout_and_is_differentiable():
+    torch.manual_seed(0)
+    p = AntiCausalPredictor((1, 8, 8), {"a": "continuous", "site": 3}, channels=[4], features=8)
+    x = torch.rand(5, 1, 8, 8, requires_grad=True)
+    parents = torch.cat([torch.randn(5, 1), torch.nn.functional.one_hot(torch.arange(5) % 3, 3).float()], 1)
+    nll = p.parent_nll(x, parents)
+    assert nll.shape == (5,)
+    nll.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # Same value as the training loss on the decoded targets.
+    batch = {"x": x.detach(), "a": parents[:, 0], "site": torch.arange(5.0) % 3}
+    torch.testing.assert_close(p(batch), nll.detach())
+    with pytest.raises(DataError, match=r"\[n, 4\]"):
+        p.parent_nll(x, parents[:, :2])
+
+
+def test_predictor_rejects_bad_targets():
+    p = AntiCausalPredictor((1, 8, 8), {"b": "binary"}, channels=[4])
+    with pytest.raises(DataError, match="'b'"):
+        p.fit(np.zeros((4, 1, 8, 8)), {"b": [0, 1, 2, 1]}, max_epochs=1, verbose=False)
+    with pytest.raises(DataError, match="missing"):
+        p.fit(np.zeros((4, 1, 8, 8)), {}, max_epochs=1, verbose=False)

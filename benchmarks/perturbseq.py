@@ -1,0 +1,230 @@
+"""FCR vs the CPA-style additive latent-shift baseline on the perturb-seq simulator, in one run.
+
+Protocol (fixed; the same for both models):
+- ``medcausal.synthetic.PerturbSeq()`` with its defaults (1000 genes, 3 cell types x 2 donors,
+  8 single perturbations + 8 pair combinations, doses 0.5 / 1.0), structural seed 0;
+- held out of training: the first two combinations of the simulator (never seen in any
+  context), and one (cell type, perturbation) pair: the last cell type with the first single
+  perturbation that is not a member of a held-out combination;
+- training cells: ``sim.sample(10000, seed=0)`` over every other condition; both models get
+  the same settings (``FCRModel(name).fit(max_epochs=250, batch_size=256, lr=3e-3,
+  patience=50, seed=0)``, 10% validation split inside the shared training loop, the best
+  weights kept), each with its mechanism's default hyperparameters;
+- queries: control cells of each cell type (``sim.sample(n_eval, seed=1)``) are sent to
+  every held-out combination (in every cell type) and to the held-out pair, at dose 1.0, with
+  ``predict_counterfactual``;
+- population metrics (``medcausal.metrics.singlecell.evaluate_condition``) against an
+  independent true sample of the target condition (``seed=2``, same cell type, dose 1.0):
+  R² of per-gene means and variances on all genes and on the top-20 DEGs (scanpy
+  ``rank_genes_groups``, t-test, true cells vs the control cells, per cell type), LFC R²,
+  E-distance and MMD on 30 PCs; per-cell counterfactual error against the simulator's true
+  counterfactual counts of the very cells queried;
+- representation metrics on ``sim.sample(n_repr, seed=3)`` (training conditions): MCC
+  (``medcausal.metrics.representation.mcc``, Pearson, strong and weak/affine, Spearman) of
+  each learned block against the true factor block, NMI (k-means, k = number of labels) of
+  each block with the context label (cell type x donor) and the treatment label.
+
+    python benchmarks/perturbseq.py            # the full run
+    python benchmarks/perturbseq.py --quick    # a small smoke run (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = {"r2_mean_deg": 0.8, "r2_mean_all": 0.95, "mcc_interaction": 0.8, "nmi_context": 0.85,
+           "nmi_context_treatment": 0.1}
+
+
+def _held_out(sim):
+    combos = list(sim.combinations[:2])
+    members = {m for c in combos for m in c.split("+")}
+    single = next(p for p in sim.perturbations if p not in members)
+    return combos, (sim.cell_types[-1], single)
+
+
+def _evaluate_queries(sim, model, controls, targets, seed):
+    import anndata as ad
+
+    from medcausal.metrics.singlecell import evaluate_condition, top_degs
+
+    rows = []
+    for cond, ct in targets:
+        src = controls[(controls.obs["cell_type"] == ct).to_numpy()]
+        pop = sim.sample(6 * src.n_obs, seed=seed, conditions=[cond])
+        pop = pop[((pop.obs["cell_type"] == ct) & (pop.obs["dose"] == 1.0)).to_numpy()]
+        both = ad.concat([src, pop], index_unique="-")
+        degs = top_degs(both, "perturbation", "control", n_genes=20)[("all", cond)]
+        true_cf = sim.counterfactual(src, do={"perturbation": cond, "dose": 1.0})
+        pred = model.predict_counterfactual(src, perturbation=cond, dose=1.0, seed=0)
+        m = evaluate_condition(pop.layers["counts"], pred.layers["counts"], src.layers["counts"], degs=degs,
+                               true_cf_counts=true_cf.layers["counts"], factual_counts=src.layers["counts"])
+        rows.append({"condition": cond, "cell_type": ct, "n_query": int(src.n_obs), "n_true": int(pop.n_obs),
+                     **{k: float(v) for k, v in m.items()}})
+    return rows
+
+
+def _representation(sim, model, cells):
+    from medcausal.metrics.representation import mcc
+    from medcausal.metrics.singlecell import nmi
+
+    lat = model.get_latent_representation(cells)
+    context = (cells.obs["cell_type"].astype(str) + ":" + cells.obs["donor"].astype(str)).to_numpy()
+    treatment = cells.obs["perturbation"].astype(str).to_numpy()
+    truth = {"context": cells.obsm["z_context"], "treatment": cells.obsm["z_treatment"],
+             "interaction": cells.obsm["z_interaction"]}
+    out = {}
+    for block, z in lat.items():
+        row = {"nmi_context": nmi(z, context), "nmi_treatment": nmi(z, treatment)}
+        for name, f in truth.items():
+            row[f"mcc_{name}"] = mcc(f, z).score
+        matched = truth.get(block, truth["interaction"])
+        row["mcc_weak_matched"] = mcc(matched, z, variant="weak").score
+        row["mcc_spearman_matched"] = mcc(matched, z, method="spearman").score
+        out[block] = {k: float(v) for k, v in row.items()}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["fcr", "latent-shift"])
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import medcausal
+    from medcausal.adapters.singlecell import FCRModel, setup_anndata
+    from medcausal.io import atomic_write
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    t_start = time.perf_counter()
+    sizes = ({"n_genes": 200, "n_train": 1500, "n_eval": 600, "n_repr": 600, "epochs": 8, "patience": 5}
+             if args.quick else
+             {"n_genes": 1000, "n_train": 10000, "n_eval": 1500, "n_repr": 3000, "epochs": 250, "patience": 50})
+    if args.n_train:
+        sizes["n_train"] = args.n_train
+    if args.epochs:
+        sizes["epochs"] = args.epochs
+    sim = PerturbSeq(n_genes=sizes["n_genes"], seed=0)
+    combos, pair = _held_out(sim)
+    train = sim.sample(sizes["n_train"], seed=0, conditions=[c for c in sim.conditions if c not in combos],
+                       exclude=[pair])
+    setup_anndata(train, perturbation_key="perturbation", control="control",
+                  covariate_keys=["cell_type", "donor"], dose_key="dose")
+    controls = sim.sample(sizes["n_eval"], seed=1, conditions=["control"])
+    repr_cells = sim.sample(sizes["n_repr"], seed=3, conditions=[c for c in sim.conditions if c not in combos])
+    targets = [(c, ct) for c in combos for ct in sim.cell_types] + [(pair[1], pair[0])]
+    report = {"command": "python benchmarks/perturbseq.py" + (" --quick" if args.quick else ""),
+              "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
+              "simulator": repr(sim), "medcausal_version": medcausal.__version__,
+              "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+              "models": {}}
+    for name in args.models:
+        t0 = time.perf_counter()
+        model = FCRModel(name).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
+                                   patience=sizes["patience"], seed=0, verbose=None)
+        fit_s = time.perf_counter() - t0
+        queries = _evaluate_queries(sim, model, controls, targets, seed=2)
+        rep = _representation(sim, model, repr_cells)
+        combo_rows = [q for q in queries if q["condition"] in combos]
+        summary = {k: float(np.mean([q[k] for q in combo_rows])) for k in combo_rows[0]
+                   if isinstance(combo_rows[0][k], float)}
+        report["models"][name] = {"fit_seconds": round(fit_s, 1), "fit": model.fit_info,
+                                  "held_out_combinations_mean": summary,
+                                  "held_out_pair": [q for q in queries if q["condition"] not in combos][0],
+                                  "queries": queries, "representation": rep}
+        print(f"[{name}] fit {fit_s:.0f} s; held-out combos: " + ", ".join(
+            f"{k}={v:.3f}" for k, v in summary.items() if k.startswith(("r2_mean", "cf_rmse"))), flush=True)
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["targets"] = _targets(report)
+    stem = "perturbseq_quick" if args.quick else "perturbseq"
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.out / f"{stem}.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2))
+    with atomic_write(args.out / f"{stem}.md") as tmp:
+        Path(tmp).write_text(_markdown(report))
+    print(_markdown(report))
+    return report
+
+
+def _targets(report) -> list[dict]:
+    models = report["models"]
+    rows = []
+    if "fcr" not in models:
+        return rows
+    f = models["fcr"]
+    base = models.get("latent-shift")
+    for key, label in (("r2_mean_deg", "R² mean, top-20 DEGs, held-out combos"),
+                       ("r2_mean_all", "R² mean, all genes, held-out combos")):
+        v = f["held_out_combinations_mean"][key]
+        rows.append({"target": f"FCR {label} >= {TARGETS[key]}", "value": round(v, 3), "met": v >= TARGETS[key]})
+        if base is not None:
+            b = base["held_out_combinations_mean"][key]
+            rows.append({"target": f"FCR {label} > baseline", "value": f"{v:.3f} vs {b:.3f}", "met": v > b})
+    rep = f["representation"]
+    v = rep["interaction"]["mcc_interaction"]
+    rows.append({"target": "MCC(z_tx, true interaction factors) >= 0.8 (Pearson, strong)", "value": round(v, 3),
+                 "met": v >= TARGETS["mcc_interaction"]})
+    v = rep["context"]["nmi_context"]
+    rows.append({"target": "NMI(z_x, context) >= 0.85", "value": round(v, 3), "met": v >= TARGETS["nmi_context"]})
+    v = rep["context"]["nmi_treatment"]
+    rows.append({"target": "NMI(z_x, treatment) <= 0.1", "value": round(v, 3),
+                 "met": v <= TARGETS["nmi_context_treatment"]})
+    return rows
+
+
+def _markdown(report) -> str:
+    cols = ["r2_mean_all", "r2_mean_deg", "r2_var_all", "r2_var_deg", "lfc_r2_all", "lfc_r2_deg", "e_distance",
+            "mmd", "cf_rmse", "cf_delta_pearson"]
+    lines = [f"# Perturb-seq benchmark{' (quick)' if 'quick' in report['command'] else ''}", "",
+             f"Command: `{report['command']}`  ",
+             f"Run complete; {report['seconds']} s on {report['threads']} torch threads; medcausal "
+             f"{report['medcausal_version']}, torch {report['torch']}.  ",
+             f"Simulator: `{report['simulator']}`; sizes: {report['sizes']}.  ",
+             f"Held out: combinations {report['held_out_combinations']} (every cell type) and the pair "
+             f"{tuple(report['held_out_pair'])}.", "",
+             "## Held-out combinations (mean over combinations x cell types)", "",
+             "| model | fit_s | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, m in report["models"].items():
+        s = m["held_out_combinations_mean"]
+        lines.append(f"| {name} | {m['fit_seconds']} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
+    lines += ["", "## Held-out (cell type, perturbation) pair", "", "| model | " + " | ".join(cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for name, m in report["models"].items():
+        s = m["held_out_pair"]
+        lines.append(f"| {name} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
+    lines += ["", "## Every query", "", "| model | condition | cell type | " + " | ".join(cols[:2] + cols[-2:]) + " |",
+              "|---|---|---|" + "---|" * 4]
+    for name, m in report["models"].items():
+        for q in m["queries"]:
+            lines.append(f"| {name} | {q['condition']} | {q['cell_type']} | "
+                         + " | ".join(f"{q[c]:.3f}" for c in cols[:2] + cols[-2:]) + " |")
+    lines += ["", "## Representations (test cells of the training conditions)", "",
+              "| model | block | NMI context | NMI treatment | MCC z_context | MCC z_treatment | MCC z_interaction "
+              "| MCC weak (matched) | MCC Spearman (matched) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        for block, r in m["representation"].items():
+            lines.append(f"| {name} | {block} | {r['nmi_context']:.3f} | {r['nmi_treatment']:.3f} | "
+                         f"{r['mcc_context']:.3f} | {r['mcc_treatment']:.3f} | {r['mcc_interaction']:.3f} | "
+                         f"{r['mcc_weak_matched']:.3f} | {r['mcc_spearman_matched']:.3f} |")
+    lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['target']} | {t['value']} | {t['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

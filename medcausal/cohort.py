@@ -1,13 +1,19 @@
 """``Cohort``: scalar variables in a table plus high-dimensional arrays, aligned by row.
 
+``meta`` holds JSON-serializable facts about the whole cohort that row slicing keeps:
+the adapters put the preprocessing of each array there (``meta["image_specs"]``, which
+a fitted model stores so later queries preprocess identically) and what they skipped.
+
 >>> import numpy as np, pandas as pd
->>> c = Cohort(pd.DataFrame({"age": [60.0, 70.0, 80.0]}), {"mri": np.zeros((3, 1, 8, 8))})
->>> len(c), c[1:].table["id"].tolist(), c[[0, 2]].arrays["mri"].shape
-(3, [1, 2], (2, 1, 8, 8))
+>>> c = Cohort(pd.DataFrame({"age": [60.0, 70.0, 80.0]}), {"mri": np.zeros((3, 1, 8, 8))},
+...            meta={"source": "demo"})
+>>> len(c), c[1:].table["id"].tolist(), c[[0, 2]].arrays["mri"].shape, c[1:].meta
+(3, [1, 2], (2, 1, 8, 8), {'source': 'demo'})
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import numpy as np
@@ -20,7 +26,7 @@ class Cohort:
     """A table of scalar variables (with an id column) plus arrays whose first axis is the row."""
 
     def __init__(self, table: pd.DataFrame, arrays: Mapping[str, np.ndarray] | None = None,
-                 id_column: str = "id"):
+                 id_column: str = "id", meta: Mapping | None = None):
         if not isinstance(table, pd.DataFrame):
             raise DataError(f"Cohort.table must be a pandas DataFrame, got {type(table).__name__}")
         table = table.reset_index(drop=True)
@@ -28,6 +34,7 @@ class Cohort:
             table.insert(0, id_column, np.arange(len(table)))
         self.table = table
         self.id_column = id_column
+        self.meta: dict = dict(meta or {})
         self.arrays: dict[str, np.ndarray] = {}
         for name, arr in (arrays or {}).items():
             arr = np.asarray(arr)
@@ -55,11 +62,11 @@ class Cohort:
                     raise DataError(f"boolean mask has {idx.shape[0]} entries for {len(self)} rows")
                 idx = np.flatnonzero(idx)
         return Cohort(self.table.iloc[idx], {k: v[idx] for k, v in self.arrays.items()},
-                      id_column=self.id_column)
+                      id_column=self.id_column, meta=copy.deepcopy(self.meta))
 
     def copy(self) -> "Cohort":
         return Cohort(self.table.copy(), {k: v.copy() for k, v in self.arrays.items()},
-                      id_column=self.id_column)
+                      id_column=self.id_column, meta=copy.deepcopy(self.meta))
 
     def __repr__(self) -> str:
         arrays = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.arrays.items())

@@ -179,6 +179,10 @@ class CausalModel:
             max_epochs = max(c.fit_defaults.get("max_epochs", 200) for c in classes)
         if patience is None:
             patience = max(c.fit_defaults.get("patience", 20) for c in classes)
+        # How the cohort's images were preprocessed (medcausal.adapters.load_images): kept, so
+        # scans given to later queries can be preprocessed identically.
+        image_specs = {k: v for k, v in (data.meta.get("image_specs") or {}).items()
+                       if k in self.graph.variables} if isinstance(data, Cohort) else {}
         plan = None
         if privacy is not None:
             from .privacy.engine import prepare
@@ -215,9 +219,20 @@ class CausalModel:
                          "epochs": len(result.history), "steps": result.steps,
                          "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
                          "world_size": result.world_size,
-                         "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
+                         "config": {k: v for k, v in vars(config).items() if k != "verbose"},
+                         "image_specs": image_specs}
         self.history = result.history
         return self
+
+    @property
+    def image_specs(self) -> dict:
+        """``{image variable: preprocessing spec}`` of the cohort the model was fitted on.
+
+        Give it to :func:`medcausal.adapters.load_images` (``spec=model.image_specs["mri"]``)
+        so new scans are preprocessed exactly as the training scans were; empty when the
+        images did not come through the image adapter.
+        """
+        return dict(self.fit_info.get("image_specs") or {})
 
     # -- queries -------------------------------------------------------------
     def sample(self, n: int, do: Mapping[str, Any] | None = None, seed: int | None = None):

@@ -20,6 +20,12 @@ seed = 0
 max_epochs = 200
 ```
 
+Scans of one image variable come with the table: ``[data] path = "patients.csv"``,
+``images = "scans/"`` (or ``image_column = "scan_path"``), ``id_column = "subject"`` and
+``image_options = { intensity = "percentile", on_error = "skip" }`` (keywords of
+:func:`medcausal.adapters.load_images`), with ``mri = { type = "image", shape = [1, 64, 64] }``
+in ``[variables]``.
+
 >>> import tempfile, pathlib
 >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.toml"
 >>> _ = p.write_text('edges = [["a", "b"]]\\n[data]\\npath = "d.csv"\\n[variables]\\na = "continuous"\\nb = "continuous"\\n')
@@ -56,10 +62,20 @@ class DataSection(_Strict):
     n: int = Field(5000, ge=2)        # rows drawn from the simulator
     seed: int = 0
     options: dict[str, Any] = {}      # keyword arguments of the simulator, e.g. {additive = false}
+    # Scans of the one Image variable (medcausal.adapters.load_images), matched to the rows
+    # of ``path`` by ``id_column``: a folder / .npz (``images``) or a column of file paths.
+    images: str | None = None
+    image_column: str | None = None
+    id_column: str = "id"
+    image_options: dict[str, Any] = {}  # e.g. {intensity = "percentile", on_error = "skip"}
 
     def model_post_init(self, _):
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("give exactly one of data.path (a CSV/Parquet file) or data.synthetic (a simulator)")
+        if (self.images or self.image_column) and self.path is None:
+            raise ValueError("data.images / data.image_column need data.path: the table of patient variables")
+        if self.images and self.image_column:
+            raise ValueError("give data.images (a folder or .npz) or data.image_column (paths in the table), not both")
 
 
 class FitSection(_Strict):
@@ -90,6 +106,8 @@ class Recipe(_Strict):
 
     def load_data(self):
         """The training data: read from ``data.path`` or drawn from ``data.synthetic``."""
+        if self.data.images or self.data.image_column:
+            return self._load_images()
         if self.data.path is not None:
             from .io import read_table
             return read_table(self.data_path())
@@ -103,6 +121,24 @@ class Recipe(_Strict):
         except TypeError as e:
             raise RecipeError(f"data.options for simulator {name!r}: {e}") from None
         return sim.sample(self.data.n, seed=self.data.seed)
+
+
+    def _load_images(self):
+        from .adapters.images import load_images
+        from .graph import Image
+
+        graph = self.graph()
+        images = [v for v, t in graph.variables.items() if isinstance(t, Image)]
+        if len(images) != 1:
+            raise RecipeError(f"data.images needs exactly one image variable in [variables], found {images}")
+        name = images[0]
+        source = None if self.data.images is None else str(self.base_dir / self.data.images)
+        try:
+            return load_images(source, table=self.data_path(), id_column=self.data.id_column,
+                               shape=graph.variables[name].shape, image_column=self.data.image_column,
+                               name=name, **self.data.image_options)
+        except TypeError as e:
+            raise RecipeError(f"data.image_options: {e}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

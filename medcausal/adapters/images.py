@@ -25,7 +25,7 @@ Bad input never disappears silently: an unreadable file raises a
 :class:`~medcausal.errors.DataError` naming it (``on_error="raise"``, the
 default) or is skipped and reported (``on_error="skip"``: an
 :class:`ImageLoadWarning` names every skipped file, and the returned cohort
-lists them in ``cohort.skipped``). Scans without a table row and rows without
+lists them in ``cohort.meta["skipped"]``). Scans without a table row and rows without
 a scan are named by id the same way.
 """
 
@@ -323,13 +323,15 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
     cohort holds the ids only.
 
     Preprocessing follows ``spec`` (from :func:`image_transform_spec`), or one built
-    from ``shape`` and the keyword settings; it is returned in ``cohort.image_spec``.
+    from ``shape`` and the keyword settings; it is returned in
+    ``cohort.meta["image_specs"][name]``, and a model fitted on the cohort keeps it
+    (``model.image_specs``): pass it back as ``spec=`` to preprocess new scans identically.
     The table gains ``<name>_path`` (source) and, when the reader gives one,
     ``<name>_affine`` (the voxel-to-mm affine after preprocessing, as JSON) columns.
 
     ``on_error="raise"`` stops at the first unreadable or ill-shaped scan, or at ids
     that do not match the table, naming them; ``"skip"`` drops them, warns with an
-    :class:`ImageLoadWarning` and lists them in ``cohort.skipped``.
+    :class:`ImageLoadWarning` and lists them in ``cohort.meta["skipped"]``.
 
     >>> import tempfile, pathlib, numpy as np, PIL.Image
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -339,7 +341,7 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
     >>> with warnings.catch_warnings(record=True) as w:
     ...     warnings.simplefilter("always")
     ...     c = load_images(d, shape=(1, 16, 16), on_error="skip")
-    >>> c.arrays["mri"].shape, [s["path"].endswith("b.png") for s in c.skipped]
+    >>> c.arrays["mri"].shape, [s["path"].endswith("b.png") for s in c.meta["skipped"]]
     ((1, 1, 16, 16), [True])
     """
     from tqdm.auto import tqdm
@@ -476,9 +478,8 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
     scale_col = f"{name}_scale"
     if scale_col in table_out.columns:   # PNGs written by write_images: 16-bit integers
         stack = stack * table_out[scale_col].to_numpy(dtype=np.float32).reshape(-1, *[1] * (stack.ndim - 1))
-    cohort = Cohort(table_out, {name: stack.astype(np.float32)}, id_column=id_column)
-    cohort.image_spec = spec
-    cohort.skipped = skipped
+    cohort = Cohort(table_out, {name: stack.astype(np.float32)}, id_column=id_column,
+                    meta={"image_specs": {name: spec}, "skipped": skipped})
     if skipped:
         listing = "; ".join(f"{s['path'] or s['id']}: {s['reason']}" for s in skipped[:10])
         more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""

@@ -101,7 +101,7 @@ def test_spec_is_json_and_reproduces_the_pipeline(tmp_path):
     stored = json.loads(json.dumps(spec))
     c1 = load_images(tmp_path, shape=(1, 16, 16), intensity="percentile")
     c2 = load_images(tmp_path, spec=stored)
-    assert c1.image_spec == stored
+    assert c1.meta["image_specs"]["mri"] == stored
     np.testing.assert_array_equal(c1.arrays["mri"], c2.arrays["mri"])
     assert c1.arrays["mri"].shape == (1, 1, 16, 16)
     assert 0.0 <= c1.arrays["mri"].min() and c1.arrays["mri"].max() <= 1.0
@@ -177,7 +177,7 @@ def test_corrupt_file_named_or_skipped_and_reported(tmp_path):
                           intensity=None)
     assert back.table["id"].tolist() == ["p0", "p2"]
     np.testing.assert_array_equal(back.arrays["mri"], c.arrays["mri"][[0, 2]])
-    assert [s["id"] for s in back.skipped] == ["p1"] and "p1.nii.gz" in back.skipped[0]["path"]
+    assert [s["id"] for s in back.meta["skipped"]] == ["p1"] and "p1.nii.gz" in back.meta["skipped"][0]["path"]
     assert len(w) == 1 and "p1.nii.gz" in str(w[0].message)
 
 
@@ -190,7 +190,7 @@ def test_ids_missing_on_either_side_are_named(tmp_path):
         load_images(tmp_path, table=table, shape=(1, 12, 10))
     back, w = _quiet_load(tmp_path, table=table, shape=(1, 12, 10), on_error="skip")
     assert back.table["id"].tolist() == ["p0", "p1", "p2"]
-    assert {s["id"] for s in back.skipped} == {"p3", "p9"} and "p9" in str(w[0].message)
+    assert {s["id"] for s in back.meta["skipped"]} == {"p3", "p9"} and "p9" in str(w[0].message)
 
 
 def test_wrong_dimensionality_empty_folder_unknown_and_missing(tmp_path):
@@ -224,3 +224,59 @@ def test_write_images_checks(tmp_path):
     with pytest.raises(DataError, match="format"):
         write_images(_cohort(), tmp_path, format="jpeg2000")
     assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))
+
+
+# --------------------------------------------------------------------------- spec kept by the model
+def test_fitted_model_keeps_the_preprocessing_for_later_scans(tmp_path):
+    """A model fitted on an adapter-loaded cohort saves the transform spec; new scans loaded
+    with it are preprocessed exactly as the training scans (same pixels for the same file)."""
+    import medcausal as mc
+    from medcausal.graph import Image
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(8)]
+    for i in ids:
+        PILImage.fromarray(rng.integers(0, 255, (20, 14), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    pd.DataFrame({"id": ids, "age": rng.uniform(40, 80, 8)}).to_csv(tmp_path / "t.csv", index=False)
+    cohort = load_images(tmp_path, table=tmp_path / "t.csv", shape=(1, 8, 8), intensity="percentile",
+                         resize="resize_pad")
+    assert cohort[2:5].meta["image_specs"]["mri"] == cohort.meta["image_specs"]["mri"]  # slicing keeps it
+    graph = mc.CausalGraph({"age": "continuous", "mri": Image((1, 8, 8))}, edges=[("age", "mri")])
+    model = mc.CausalModel(graph, mechanisms={"mri": {"name": "cvae", "channels": [4, 4], "z_dim": 2, "hidden": 8}})
+    model.fit(cohort, max_steps=1, batch_size=8, verbose=False).save(tmp_path / "m.mcm")
+    spec = mc.CausalModel.load(tmp_path / "m.mcm").image_specs["mri"]
+    assert spec == json.loads(json.dumps(cohort.meta["image_specs"]["mri"]))
+    later = load_images([tmp_path / "p3.png"], spec=spec)
+    np.testing.assert_array_equal(later.arrays["mri"][0], cohort.arrays["mri"][ids.index("p3")])
+
+
+def test_recipe_with_scans_fits_from_the_command_line(tmp_path, capsys):
+    """A recipe names a table and a folder of scans; `medcausal fit` trains on them and the
+    run keeps the preprocessing. Missing scans are named, as load_images names them."""
+    import medcausal as mc
+    from medcausal.cli import main
+    from medcausal.errors import RecipeError
+    from medcausal.recipe import load_recipe
+
+    rng = np.random.default_rng(1)
+    ids = [f"s{i}" for i in range(6)]
+    (tmp_path / "scans").mkdir()
+    for i in ids:
+        PILImage.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(tmp_path / "scans" / f"{i}.png")
+    pd.DataFrame({"subject": ids, "age": rng.uniform(40, 80, 6)}).to_csv(tmp_path / "t.csv", index=False)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('edges = [["age", "mri"]]\n[data]\npath = "t.csv"\nimages = "scans"\nid_column = "subject"\n'
+                      'image_options = { intensity = "percentile" }\n[variables]\nage = "continuous"\n'
+                      'mri = { type = "image", shape = [1, 8, 8] }\n'
+                      '[mechanisms]\nmri = { name = "cvae", channels = [4, 4], z_dim = 2, hidden = 8 }\n')
+    cohort = load_recipe(recipe).load_data()
+    assert cohort.arrays["mri"].shape == (6, 1, 8, 8) and cohort.id_column == "subject"
+    assert main(["fit", str(recipe), "--out", str(tmp_path / "run"), "--max-epochs", "1", "--quiet"]) == 0
+    assert mc.CausalModel.load(tmp_path / "run" / "model.mcm").image_specs["mri"]["shape"] == [1, 8, 8]
+    (tmp_path / "scans" / "s4.png").unlink()
+    with pytest.raises(DataError, match="s4"):
+        load_recipe(recipe).load_data()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(recipe.read_text().replace('path = "t.csv"\n', 'synthetic = "chain"\n'))
+    with pytest.raises(RecipeError, match="data.path"):
+        load_recipe(bad)

@@ -164,13 +164,15 @@ def test_private_step_applies_every_clipped_gradient(name, var, parent_dim, monk
 
 # -- the detectors behind "auto" ---------------------------------------------------------
 
-def test_hooks_miss_zuko_unconditional_parameters_and_auto_falls_back_to_vmap():
+def test_hooks_refused_for_zuko_vector_flows_and_auto_falls_back_to_vmap():
     from medcausal.graph import Continuous
 
-    module, batch = _setup("flow", Continuous(), 0)
+    module, batch = _setup("flow", Continuous(dim=2), 0)  # zuko MAF, unconditional
     ok, why = probe(module, batch, "hooks")
-    assert not ok and "phi" in why
+    assert not ok and ("phi" in why or "MaskedLinear" in why), why  # zuko's layers: no exact hooks
     assert choose_mode(module, batch, Privacy(epsilon=1.0), grouped=False) == "vmap"
+    scalar, batch = _setup("flow", Continuous(), 3)  # one plain MLP of the parents: ghost clipping
+    assert choose_mode(scalar, batch, Privacy(epsilon=1.0), grouped=False) == "ghost"
     with pytest.raises(PrivacyError, match="does not give exact per-record gradients"):
         choose_mode(module, batch, Privacy(epsilon=1.0, grad_sample_mode="hooks"), grouped=False)
 

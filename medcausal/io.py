@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file in place of a good one.
+"""Atomic file writes (a reader never sees a half-written file in place of a good one), tables,
+and the model-file format shared by every medcausal model.
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
@@ -11,9 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -60,3 +66,62 @@ def read_table(path: str | os.PathLike):
         return pd.read_csv(path)
     except Exception as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e}") from e
+
+
+def save_model_file(path: str | Path, spec: dict, state_dict: Mapping[str, "torch.Tensor"]) -> Path:
+    """Atomically write ``{"medcausal": json(spec), "state_dict": tensors on CPU}`` with :func:`torch.save`.
+
+    The one model-file format of medcausal (causal models, single-cell and representation
+    models): plain tensors plus a JSON string, so :func:`load_model_file` reads it with
+    ``torch.load(weights_only=True)`` and never runs code.
+    """
+    import torch
+
+    payload = {"medcausal": json.dumps(spec),
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_model_file(path: str | Path, expected_format: str, max_version: int, *,
+                     what: str = "medcausal model") -> tuple[dict, dict[str, "torch.Tensor"]]:
+    """``(spec, state_dict)`` of a file written by :func:`save_model_file`; never runs code.
+
+    Uses ``torch.load(weights_only=True)``. Raises :class:`ModelFileError` naming
+    the file when it is missing, unreadable (corrupt, truncated, foreign), a
+    torch file without a medcausal payload, of another ``format``, of a newer
+    ``format_version`` than ``max_version``, or with an unreadable JSON spec.
+    """
+    import torch
+
+    from .errors import ModelFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{str(path)!r} is not a readable {what} file (corrupt, truncated or foreign): "
+                             f"{type(e).__name__}") from None
+    if (not isinstance(payload, dict) or not isinstance(payload.get("medcausal"), str)
+            or not isinstance(payload.get("state_dict"), dict)):
+        raise ModelFileError(f"{str(path)!r} is a torch file but not a {what}")
+    try:
+        spec = json.loads(payload["medcausal"])
+    except ValueError as e:
+        raise ModelFileError(f"{str(path)!r} is a damaged {what}: its JSON spec is unreadable ({e})") from None
+    if not isinstance(spec, dict):
+        raise ModelFileError(f"{str(path)!r} is a damaged {what}: its spec is not a JSON object")
+    if spec.get("format") != expected_format:
+        raise ModelFileError(f"{str(path)!r} has format {spec.get('format')!r}, not {expected_format!r}")
+    version = spec.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{str(path)!r} is a damaged {what}: format_version {version!r} is not an integer")
+    if version > max_version:
+        written = f", written by medcausal {spec['medcausal_version']}" if spec.get("medcausal_version") else ""
+        raise ModelFileError(f"{str(path)!r} has format version {version!r}{written}, newer than this medcausal "
+                             f"reads ({max_version}); upgrade to read it")
+    return spec, payload["state_dict"]

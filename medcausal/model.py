@@ -14,7 +14,6 @@ of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +29,7 @@ from .errors import (CapabilityError, DataError, GraphError, InterventionError, 
                      ModelFileError, NotFittedError)
 from .graph import CausalGraph
 from .interventions import parse_do
-from .io import atomic_write
+from .io import load_model_file, save_model_file
 from .mechanisms import Mechanism, registry
 from .train import TrainConfig, TrainResult, train
 
@@ -154,6 +153,20 @@ class CausalModel:
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
 
+    def _from_anndata(self, data):
+        """An AnnData becomes a Cohort: ``.obs`` as the table, its counts (layer ``counts`` if
+        present, else ``X``) as the array of the graph's one expression variable."""
+        if type(data).__module__.split(".")[0] != "anndata":
+            return data
+        from .adapters.singlecell import anndata_to_cohort
+
+        genes = [v for v, t in self.graph.variables.items() if t.kind == "expression"]
+        if len(genes) != 1:
+            raise DataError(f"an AnnData fills the graph's one expression variable; the graph has {genes}")
+        layer = "counts" if "counts" in data.layers else None
+        return anndata_to_cohort(data, expression=genes[0], layer=layer,
+                                 obs_keys=[k for k in data.obs.columns if k in self.graph.variables])
+
     # -- training ------------------------------------------------------------
     def fit(self, data, *, seed: int = 0, max_epochs: int | None = None, max_steps: int | None = None,
             batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int | None = None,
@@ -170,8 +183,10 @@ class CausalModel:
         under one accountant (no validation split, no early stopping); the ledger is
         ``model.privacy``. See ``privacy/PRIVACY.md``.
         """
+        data = self._from_anndata(data)
         if not isinstance(data, (pd.DataFrame, Cohort)):
-            raise DataError(f"fit() takes a pandas DataFrame or a medcausal Cohort, got {type(data).__name__}")
+            raise DataError(f"fit() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "
+                            f"got {type(data).__name__}")
         if len(data) < 2:
             raise DataError(f"fit() needs at least 2 rows, got {len(data)}")
         classes = [registry.get(c["name"]) for c in self.choices.values()]
@@ -266,6 +281,7 @@ class CausalModel:
         variables' noise is sampled from its posterior (``seed`` makes that reproducible).
         """
         self._require_fit()
+        data = self._from_anndata(data)
         ivs = parse_do(do, self.graph.variables)
         if not ivs:
             raise InterventionError("counterfactual() needs at least one intervention in do=")
@@ -321,36 +337,18 @@ class CausalModel:
     def save(self, path: str | Path) -> Path:
         """Write weights + JSON spec atomically; load with :meth:`CausalModel.load`."""
         self._require_fit()
-        payload = {"medcausal": json.dumps(self.spec()),
-                   "state_dict": {k: v.detach().cpu() for k, v in self.mechanisms.state_dict().items()}}
-        with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
-        return Path(path)
+        return save_model_file(path, self.spec(), self.mechanisms.state_dict())
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "CausalModel":
         """Load a model file; opening it never runs code (``torch.load(weights_only=True)``)."""
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"model file {str(path)!r} does not exist")
+        spec, state = load_model_file(path, FORMAT, FORMAT_VERSION)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelFileError(f"{str(path)!r} is not a readable medcausal model file "
-                                 f"(corrupt, truncated or foreign): {type(e).__name__}") from None
-        if not isinstance(payload, dict) or "medcausal" not in payload or "state_dict" not in payload:
-            raise ModelFileError(f"{str(path)!r} is a torch file but not a medcausal model")
-        try:
-            spec = json.loads(payload["medcausal"])
-            if spec.get("format") != FORMAT:
-                raise ModelFileError(f"{str(path)!r} has format {spec.get('format')!r}, not {FORMAT!r}")
-            if spec.get("format_version", 0) > FORMAT_VERSION:
-                raise ModelFileError(f"{str(path)!r} was written by a newer medcausal "
-                                     f"({spec.get('medcausal_version')}); upgrade to read it")
             model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=spec["mechanisms"])
             model.codecs = {n: tabular.Codec.from_dict(n, d) for n, d in spec["codecs"].items()}
             model._build()
-            model.mechanisms.load_state_dict(payload["state_dict"], strict=True)
+            model.mechanisms.load_state_dict(state, strict=True)
         except ModelFileError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -45,7 +45,7 @@ from torch import nn
 from ..cohort import Cohort
 from ..errors import DataError, InterventionError, MedCausalError, ModelFileError, NotFittedError
 from ..graph import Expression
-from ..io import atomic_write
+from ..io import atomic_write, load_model_file, save_model_file
 from ..synthetic.perturbseq import parse_perturbation
 from ..train import TrainConfig, train
 
@@ -520,31 +520,17 @@ class FCRModel:
 
     def save(self, path: str | Path) -> Path:
         """Weights + JSON spec, written atomically; read back with :meth:`FCRModel.load`."""
-        payload = {"medcausal": json.dumps(self.spec()),
-                   "state_dict": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}}
-        with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
-        return Path(path)
+        return save_model_file(path, self.spec(), self.module.state_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "FCRModel":
         """Load a saved model; opening it never runs code (``weights_only=True``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"model file {str(path)!r} does not exist")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            spec = json.loads(payload["medcausal"])
-        except Exception as e:
-            raise ModelFileError(f"{str(path)!r} is not a readable medcausal single-cell model: "
-                                 f"{type(e).__name__}") from None
-        if spec.get("format") != FORMAT:
-            raise ModelFileError(f"{str(path)!r} has format {spec.get('format')!r}, not {FORMAT!r}")
+        spec, state = load_model_file(path, FORMAT, 1, what="medcausal single-cell model")
         model = cls(spec["mechanism"], **spec["hparams"])
         model.setup, model.var_names, model.fit_info = spec["setup"], spec["var_names"], spec["fit"]
         model._build(model.setup, len(model.var_names))
         try:
-            model.module.load_state_dict(payload["state_dict"], strict=True)
+            model.module.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelFileError(f"{str(path)!r} is a damaged model file: {e}") from None
         model.module.eval()

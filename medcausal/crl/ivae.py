@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, MedCausalError, ModelFileError, NotFittedError
-from ..io import atomic_write
+from ..io import load_model_file, save_model_file
 from ..train import TrainConfig, TrainResult, train
 
 __all__ = ["IVAE", "VAE", "nonlinear_ica_data"]
@@ -357,6 +357,14 @@ class _IVAENet(nn.Module):
         with torch.no_grad():
             self.latent_map.copy_(b.detach() @ self.latent_map)
             self.latent_map_inv.copy_(torch.linalg.inv(self.latent_map))
+
+
+# --------------------------------------------------------------------------- #
+# model files
+# --------------------------------------------------------------------------- #
+# Local shim with the signature proposed for ``medcausal.io`` (save_model_file /
+# load_model_file), shared in spirit with ``CausalModel.save``/``load``: once
+# ``medcausal.io`` provides them, these two functions become an import.
 
 
 # --------------------------------------------------------------------------- #
@@ -666,31 +674,14 @@ class IVAE:
                 "config": self.config(), "aux": self.aux.to_dict(), "x_mean": self.x_mean.tolist(),
                 "x_std": self.x_std.tolist(), "anndata_keys": self.anndata_keys,
                 "fit": json.loads(json.dumps(self.fit_info, default=str))}
-        payload = {"medcausal": json.dumps(spec),
-                   "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
-        path = Path(path)
-        with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
-        return path
+        return save_model_file(path, spec, self.net.state_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "IVAE":
         """Load a file written by :meth:`save`; never runs code (``torch.load(weights_only=True)``)."""
         path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"model file {str(path)!r} does not exist")
+        spec, state = load_model_file(path, FORMAT, FORMAT_VERSION, what="medcausal representation model")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelFileError(f"{str(path)!r} is not a readable medcausal file: {type(e).__name__}") from None
-        if not isinstance(payload, dict) or "medcausal" not in payload or "state_dict" not in payload:
-            raise ModelFileError(f"{str(path)!r} is a torch file but not a medcausal representation model")
-        try:
-            spec = json.loads(payload["medcausal"])
-            if spec.get("format") != FORMAT:
-                raise ModelFileError(f"{str(path)!r} has format {spec.get('format')!r}, not {FORMAT!r}")
-            if spec.get("format_version", 0) > FORMAT_VERSION:
-                raise ModelFileError(f"{str(path)!r} was written by a newer medcausal; upgrade to read it")
             target = VAE if spec.get("class") == "VAE" else IVAE
             if cls is not IVAE and target is not cls:
                 raise ModelFileError(f"{str(path)!r} holds a {spec.get('class')}, not a {cls.__name__}")
@@ -705,7 +696,7 @@ class IVAE:
             model.net = _IVAENet(len(model.x_mean), model.aux.width, model.latent_dim, model.hidden,
                                  model.conditional_prior, model.prior_mean, model.decoder_var, model.slope,
                                  model.posterior, model.encoder_u)
-            model.net.load_state_dict(payload["state_dict"], strict=True)
+            model.net.load_state_dict(state, strict=True)
             model.net.eval()
         except ModelFileError:
             raise

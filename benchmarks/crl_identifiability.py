@@ -15,8 +15,11 @@ least 0.1 above the VAE.
 
     python benchmarks/crl_identifiability.py            # full run, 2 worker processes
     python benchmarks/crl_identifiability.py --quick    # smoke test, seconds
+    OMP_NUM_THREADS=1 python benchmarks/crl_identifiability.py --workers 1 --settings L2-slope0.2
+                                                        # one setting, single-threaded
 
-Writes ``benchmarks/results/crl_identifiability{,_quick}.{json,md}``.
+Writes ``benchmarks/results/crl_identifiability{,_quick}.{json,md}``; with
+``--settings`` the chosen names are appended to the file stem.
 """
 
 from __future__ import annotations
@@ -137,12 +140,14 @@ def markdown(payload: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Total wall time: {meta['wall_seconds']:.0f} s with {meta['workers']} worker process(es), one torch "
-        f"thread each ({meta['machine']}). {meta['timing_note']}",
+        f"thread each ({meta['machine']}). {meta['timing_note']}"
+        + (f" Load average (1/5/15 min) at start {meta['load_average_1_5_15min']['start']}, at end "
+           f"{meta['load_average_1_5_15min']['end']}." if "load_average_1_5_15min" in meta else ""),
         "",
         "Data (`medcausal.crl.nonlinear_ica_data`): per segment, each source is Gaussian with its own standard "
         "deviation ~ U(0.5, 3) (mean 0); mixing = `n_layers` random square matrices (unit-norm columns, "
         "condition number below the 25th percentile of such matrices) with a leaky ReLU of the given slope "
-        "between them. Data seed = model seed = 0, 1, 2.",
+        f"between them. Data seed = model seed = {', '.join(str(v) for v in rows[0]['seeds'])}.",
         "",
         "| setting | segments x points | sources | layers | leaky slope |",
         "|---|---|---|---|---|",
@@ -178,8 +183,9 @@ def markdown(payload: dict) -> str:
         "",
         "## Full metric report (`medcausal.metrics.representation.report`, mean ± sd over seeds)",
         "",
-        "MCC rows are in-sample; `mcc_weak` is after an affine map, `mcc_spearman_oos` matches on 70 % of the "
-        "rows and scores the other 30 %. `dci_informativeness_error` is an error (0 best).",
+        "MCC rows are in-sample except `mcc_spearman_oos`, which matches on 70 % of the rows and scores the "
+        "other 30 %; `mcc_weak` is after an affine regression, `mcc_weak_cca` after CCA. "
+        "`dci_informativeness_error` is an error (0 best).",
         "",
         "| metric | " + " | ".join(f"{r['setting']} {r['model']}" for r in rows) + " |",
         "|---|" + "---|" * len(rows),
@@ -187,8 +193,6 @@ def markdown(payload: dict) -> str:
     for m in metrics:
         lines.append(f"| {m} | " + " | ".join(f"{r['report_mean'][m]:.3f} ± {r['report_std'][m]:.3f}"
                                               for r in rows) + " |")
-    lines.append("| mcc_weak | " + " | ".join(f"{r['mcc_weak_mean']:.3f}" for r in rows) + " |")
-    lines.append("| mcc_spearman_oos | " + " | ".join(f"{r['mcc_spearman_oos_mean']:.3f}" for r in rows) + " |")
     lines.append("| fit seconds (mean) | " + " | ".join(f"{r['fit_seconds_mean']:.0f}" for r in rows) + " |")
     lines += ["", "## Notes (development measurements, not re-run by this script)", "", DEV_NOTES, ""]
     return "\n".join(lines)
@@ -199,16 +203,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one torch thread each)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help=f"run only these settings (of {[s['name'] for s in SETTINGS]})")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from medcausal.io import atomic_write
 
     settings = QUICK_SETTINGS if args.quick else SETTINGS
+    if args.settings:
+        known = {s["name"]: s for s in settings}
+        unknown = [n for n in args.settings if n not in known]
+        if unknown:
+            parser.error(f"unknown setting(s) {unknown}; known: {list(known)}")
+        settings = [known[n] for n in args.settings]
     fit_kwargs = QUICK_FIT if args.quick else FIT
     model_kwargs = dict(MODEL, hidden=(16, 16)) if args.quick else MODEL
     jobs = [{"setting": s, "seed": seed, "model": name, "model_kwargs": model_kwargs, "fit_kwargs": fit_kwargs}
             for s in settings for seed in range(args.seeds) for name in ("iVAE", "VAE")]
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
@@ -219,23 +232,40 @@ def main(argv: list[str] | None = None) -> dict:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             runs = list(tqdm(pool.imap(run_one, jobs), total=len(jobs), disable=not show, desc="fits"))
     else:
-        runs = [run_one(j) for j in tqdm(jobs, disable=not show, desc="fits")]
+        runs = []
+        partial = args.out / "crl_identifiability_partial.jsonl"  # finished fits, in case the run is cut short
+        args.out.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
+        for j in tqdm(jobs, disable=not show, desc="fits"):
+            runs.append(run_one(j))
+            with open(partial, "a") as fh:
+                fh.write(json.dumps(runs[-1], default=float) + "\n")
+            print(f"done {j['setting']['name']} {j['model']} seed {j['seed']}: Spearman MCC "
+                  f"{runs[-1]['mcc_spearman']:.3f} in {runs[-1]['fit_seconds']:.0f} s", flush=True)
+        partial.unlink()
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
     rows = summarize(runs, settings)
     command = "python benchmarks/crl_identifiability.py" + (" --quick" if args.quick else "") + (
         f" --seeds {args.seeds}" if args.seeds != 3 else "") + (f" --workers {args.workers}" if args.workers != 2
-                                                                 else "")
+                                                                 else "") + (
+        f" --settings {' '.join(args.settings)}" if args.settings else "")
+    if os.environ.get("OMP_NUM_THREADS") == "1":
+        command = "OMP_NUM_THREADS=1 " + command
     payload = {
         "meta": {"command": command, "wall_seconds": round(wall, 1), "workers": args.workers,
                  "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, Python "
                             f"{platform.python_version()}",
-                 "timing_note": "Times measured on a shared machine are contaminated by other load."},
+                 "timing_note": "Times measured on a shared machine are contaminated by other load.",
+                 "load_average_1_5_15min": {"start": [round(v, 2) for v in load_before],
+                                            "end": [round(v, 2) for v in load_after]}},
         "settings": settings, "model_kwargs": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in model_kwargs.items()},
         "fit_kwargs": fit_kwargs, "target": {"mcc_spearman": TARGET_MCC, "margin_over_vae": TARGET_MARGIN},
         "summary": rows, "verdicts": verdicts(rows), "runs": runs,
     }
-    stem = "crl_identifiability" + ("_quick" if args.quick else "")
+    stem = "crl_identifiability" + ("_quick" if args.quick else "") + (
+        "_" + "_".join(args.settings) if args.settings else "")
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / f"{stem}.json") as tmp:
         Path(tmp).write_text(json.dumps(payload, indent=2, default=float))

@@ -15,7 +15,7 @@ function                       reference
 =============================  ==============================================
 :func:`mcc`                    mean correlation coefficient (Hyvärinen &
                                Morioka 2016; Khemakhem et al. 2020), strong
-                               or after affine alignment (weak)
+                               or weak (after affine regression or CCA)
 :func:`dci`                    Eastwood & Williams, ICLR 2018
 :func:`dci_from_importance`    D and C of a given importance matrix
 :func:`dci_es`                 Eastwood et al., ICLR 2023 (explicitness, size)
@@ -23,7 +23,8 @@ function                       reference
 :func:`sap`                    Kumar et al., ICLR 2018
 :func:`irs`                    Suter et al., ICML 2019
 :func:`leeb_interventional`    Leeb et al., NeurIPS 2022 (latent responses)
-:func:`report`                 all array metrics in one table
+:func:`report`                 all of them in one table (Leeb et al. when
+                               an encoder and a decoder are given)
 =============================  ==============================================
 
 Bad input raises :class:`medcausal.errors.DataError` (a ``ValueError``) whose
@@ -349,12 +350,43 @@ def _abs_corr(
     return np.clip(np.abs(corr), 0.0, 1.0)
 
 
+def _inv_sqrt_psd(cov: np.ndarray, rel_tol: float = 1e-10) -> np.ndarray:
+    """``cov^{-1/2}`` on the range of a PSD matrix (null directions map to 0)."""
+    w, v = np.linalg.eigh(cov)
+    keep = w > rel_tol * max(float(w.max()), 1e-300)
+    inv = np.zeros_like(w)
+    inv[keep] = 1.0 / np.sqrt(w[keep])
+    return (v * inv) @ v.T
+
+
+def _cca_variates(f: np.ndarray, c: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical variates ``(f @ A, c @ B)`` of all rows, directions learned on ``train``.
+
+    ``A`` and ``B`` whiten factors and codes (train covariance) and rotate them
+    by the singular vectors of the whitened cross-covariance, so variate ``i``
+    of the factors and of the codes have the ``i``-th canonical correlation
+    on the train rows. ``min(k, d)`` variates (fewer if a side is rank deficient).
+    """
+    mf, mc = f[train].mean(axis=0), c[train].mean(axis=0)
+    fc, cc = f[train] - mf, c[train] - mc
+    m = train.size
+    wf = _inv_sqrt_psd(fc.T @ fc / m)
+    wc = _inv_sqrt_psd(cc.T @ cc / m)
+    u, _, vt = np.linalg.svd(wf @ (fc.T @ cc / m) @ wc)
+    r = min(np.linalg.matrix_rank(wf), np.linalg.matrix_rank(wc))
+    r = max(r, 1)
+    a = wf @ u[:, :r]
+    b = wc @ vt.T[:, :r]
+    return (f - mf) @ a, (c - mc) @ b
+
+
 def mcc(
     factors: Any,
     codes: Any,
     *,
     method: str = "pearson",
     variant: str = "strong",
+    alignment: str = "affine",
     split: float | None = None,
     seed: int = 0,
 ) -> MCCResult:
@@ -365,12 +397,18 @@ def mcc(
     (:func:`scipy.optimize.linear_sum_assignment`, rectangular allowed, so
     ``min(k, d)`` pairs), and the score is the mean correlation over the
     matched pairs. ``variant="strong"`` uses the codes as they are (identity up
-    to permutation and elementwise rescaling). ``variant="weak"`` first maps
-    the codes to the factors by an affine least-squares regression
-    ``factors ~ codes @ A + b`` (identity up to an affine map) and scores the
-    regressed codes. With ``split`` (a test fraction) the matching and the
-    affine map are learned on a random train split and the score is read on
-    the held-out split (out-of-sample MCC).
+    to permutation and elementwise rescaling). ``variant="weak"`` scores
+    identity up to an affine map, with one of two alignments:
+    ``alignment="affine"`` (default) maps the codes to the factors by an
+    affine least-squares regression ``factors ~ codes @ A + b`` and scores the
+    regressed codes; ``alignment="cca"`` projects both factors and codes on
+    their ``min(k, d)`` canonical directions (canonical correlation analysis,
+    as in Khemakhem et al.'s evaluation code) and scores the canonical
+    variates of the codes against those of the factors (for Pearson, in
+    sample, the score is the mean canonical correlation). With ``split`` (a
+    test fraction) the matching and the alignment are learned on a random
+    train split and the score is read on the held-out split (out-of-sample
+    MCC).
 
     Example:
         >>> import numpy as np
@@ -384,6 +422,8 @@ def mcc(
         raise DataError(f"method must be 'pearson' or 'spearman'; got {method!r}")
     if variant not in ("strong", "weak"):
         raise DataError(f"variant must be 'strong' or 'weak'; got {variant!r}")
+    if alignment not in ("affine", "cca"):
+        raise DataError(f"alignment must be 'affine' or 'cca'; got {alignment!r}")
     f, fnames, c, cnames = _check_pair(factors, codes)
     n = f.shape[0]
     if split is None:
@@ -391,20 +431,33 @@ def mcc(
     else:
         train, test = _split_indices(n, split, seed)
 
+    y, ynames, ykind = f, fnames, "factors"
     z, znames, zkind = c, cnames, "codes"
-    if variant == "weak":
+    if variant == "weak" and alignment == "affine":
         design = np.hstack([c, np.ones((n, 1))])
         coef, *_ = np.linalg.lstsq(design[train], f[train], rcond=None)
         z = design @ coef
         znames = [f"affine estimate of {nm}" for nm in fnames]
         zkind = "aligned codes"
+    elif variant == "weak":
+        for i in np.nonzero(np.ptp(f[train], axis=0) == 0)[0]:
+            _warn_constant("factors", fnames[i], "it is left out of the canonical directions")
+        for i in np.nonzero(np.ptp(c[train], axis=0) == 0)[0]:
+            _warn_constant("codes", cnames[i], "it is left out of the canonical directions")
+        y, z = _cca_variates(f, c, train)
+        ynames = [f"canonical variate {i} of factors" for i in range(y.shape[1])]
+        znames = [f"canonical variate {i} of codes" for i in range(z.shape[1])]
+        ykind, zkind = "canonical factors", "canonical codes"
 
-    corr_train = _abs_corr(f[train], z[train], fnames, znames, method, b_kind=zkind)
-    rows, cols = linear_sum_assignment(corr_train, maximize=True)
-    if split is None:
-        corr_eval = corr_train
-    else:
-        corr_eval = _abs_corr(f[test], z[test], fnames, znames, method, b_kind=zkind)
+    with warnings.catch_warnings():
+        if variant == "weak" and alignment == "cca":  # constant inputs were reported above
+            warnings.simplefilter("ignore", DegenerateColumnWarning)
+        corr_train = _abs_corr(y[train], z[train], ynames, znames, method, a_kind=ykind, b_kind=zkind)
+        rows, cols = linear_sum_assignment(corr_train, maximize=True)
+        if split is None:
+            corr_eval = corr_train
+        else:
+            corr_eval = _abs_corr(y[test], z[test], ynames, znames, method, a_kind=ykind, b_kind=zkind)
     matched = corr_eval[rows, cols]
     settings = {
         "method": method,
@@ -415,8 +468,10 @@ def mcc(
         "n_eval": int(test.size),
         "matching": "Hungarian (scipy.optimize.linear_sum_assignment) on |corr|"
         + (" of the train split" if split is not None else ""),
-        "weak_alignment": "affine least-squares regression of factors on codes"
-        if variant == "weak" else None,
+        "weak_alignment": None if variant == "strong" else (
+            "affine least-squares regression of factors on codes" if alignment == "affine"
+            else "CCA: both projected on their min(k, d) canonical directions"
+        ),
     }
     return MCCResult(
         score=float(matched.mean()),
@@ -1187,29 +1242,54 @@ def leeb_interventional(
 # --------------------------------------------------------------------------- #
 
 
-def report(factors: Any, codes: Any, discrete: Sequence[bool] | None = None, seed: int = 0) -> pd.DataFrame:
-    """All array metrics in one table with columns ``metric``, ``score``, ``settings``.
+def report(
+    factors: Any,
+    codes: Any,
+    discrete: Sequence[bool] | None = None,
+    seed: int = 0,
+    *,
+    encoder: Callable[[np.ndarray], Any] | None = None,
+    decoder: Callable[[np.ndarray], Any] | None = None,
+) -> pd.DataFrame:
+    """All metrics in one table with columns ``metric``, ``score``, ``settings``.
 
-    Rows: ``mcc`` (Pearson, strong), ``mcc_spearman``, ``dci_disentanglement``,
+    Rows: ``mcc`` (Pearson, strong, in sample), ``mcc_spearman``,
+    ``mcc_weak`` (Pearson after the affine alignment), ``mcc_weak_cca``
+    (Pearson after CCA), ``mcc_spearman_oos`` (Spearman, matched on 70 % of
+    the rows, scored on the other 30 %), ``dci_disentanglement``,
     ``dci_completeness``, ``dci_informativeness_error`` (lasso DCI),
     ``dci_es_explicitness``, ``dci_es_size`` (RFF probes), ``mig``, ``sap``,
-    ``irs``; each with the settings of the call that produced it. Defaults of
-    each metric are used; ``seed`` is passed to every randomised one.
+    ``irs``; each with the settings of the call that produced it. When both
+    ``encoder`` and ``decoder`` are given (callables as in
+    :func:`leeb_interventional`, taking and returning arrays), a last row
+    ``leeb_self_response_fraction`` is added (the latent-response assay on
+    ``codes``). Defaults of each metric are used; ``seed`` is passed to every
+    randomised one.
 
     Example:
         >>> import numpy as np
         >>> from medcausal.metrics.representation import report
         >>> z = np.random.default_rng(0).uniform(size=(300, 2))
         >>> list(report(z, z)["metric"])[:3]
-        ['mcc', 'mcc_spearman', 'dci_disentanglement']
+        ['mcc', 'mcc_spearman', 'mcc_weak']
     """
     f, _, c, _ = _check_pair(factors, codes, min_n=8)
     disc = _resolve_discrete(f, discrete)
+    if (encoder is None) != (decoder is None):
+        raise DataError("give both encoder and decoder (for the Leeb et al. assay) or neither")
     rows: list[tuple[str, float, dict[str, Any]]] = []
     r_mcc = mcc(f, c)
     rows.append(("mcc", r_mcc.score, r_mcc.settings))
     r_mccs = mcc(f, c, method="spearman")
     rows.append(("mcc_spearman", r_mccs.score, r_mccs.settings))
+    r_weak = mcc(f, c, variant="weak")
+    rows.append(("mcc_weak", r_weak.score, r_weak.settings))
+    with warnings.catch_warnings():  # constant columns were already reported by the rows above
+        warnings.simplefilter("ignore", DegenerateColumnWarning)
+        r_cca = mcc(f, c, variant="weak", alignment="cca")
+        r_oos = mcc(f, c, method="spearman", split=0.3, seed=seed)
+    rows.append(("mcc_weak_cca", r_cca.score, r_cca.settings))
+    rows.append(("mcc_spearman_oos", r_oos.score, r_oos.settings))
     r_dci = dci(f, c, discrete=disc, seed=seed)
     rows.append(("dci_disentanglement", r_dci.disentanglement, r_dci.settings))
     rows.append(("dci_completeness", r_dci.completeness, r_dci.settings))
@@ -1223,6 +1303,9 @@ def report(factors: Any, codes: Any, discrete: Sequence[bool] | None = None, see
     rows.append(("sap", r_sap.score, r_sap.settings))
     r_irs = irs(f, c, discrete=disc)
     rows.append(("irs", r_irs.score, r_irs.settings))
+    if encoder is not None:
+        r_leeb = leeb_interventional(encoder, decoder, c, n_samples=1000, seed=seed)
+        rows.append(("leeb_self_response_fraction", r_leeb.self_response_fraction, r_leeb.settings))
     return pd.DataFrame(
         {"metric": [r[0] for r in rows], "score": [float(r[1]) for r in rows], "settings": [r[2] for r in rows]}
     )

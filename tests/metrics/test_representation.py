@@ -153,6 +153,36 @@ def test_mcc_weak_variant_undoes_affine_mixing(rng):
     assert "affine" in weak.settings["weak_alignment"]
 
 
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_mcc_weak_cca_undoes_affine_mixing(method, rng):
+    z = rng.normal(size=(800, 3))
+    a = np.array([[1.0, 0.8, 0.0], [0.0, 1.0, 0.7], [0.6, 0.0, 1.0]])
+    codes = z @ a + 3.0
+    r = mcc(z, codes, variant="weak", alignment="cca", method=method)
+    assert r.score == pytest.approx(1.0, abs=1e-6)  # tol 1e-6: canonical correlations all 1
+    assert "CCA" in r.settings["weak_alignment"] and r.corr.shape == (3, 3)
+    oos = mcc(z, codes, variant="weak", alignment="cca", method=method, split=0.3, seed=2)
+    assert oos.score == pytest.approx(1.0, abs=1e-6)  # exact map learned on train, exact on test
+    # wider code (d=5 > k=3) holding a mixed copy of the factors plus two noise columns
+    wide = np.hstack([rng.normal(size=(800, 2)), codes])
+    assert mcc(z, wide, variant="weak", alignment="cca", method=method).score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mcc_weak_cca_noise_and_bad_alignment(rng):
+    n = 2000
+    f, c = rng.normal(size=(n, 3)), rng.normal(size=(n, 5))
+    # canonical correlations of independent data: the largest is about sqrt(k d / n) = 0.09 in
+    # sample; the mean over 3 stays below 0.1; out of sample it shrinks towards 1/sqrt(n_test)
+    assert mcc(f, c, variant="weak", alignment="cca").score < 0.1
+    assert mcc(f, c, variant="weak", alignment="cca", split=0.5).score < 0.1
+    with pytest.raises(DataError, match="alignment must be 'affine' or 'cca'"):
+        mcc(f, c, variant="weak", alignment="pca")
+    flat = np.column_stack([f[:, 0], np.full(n, 2.0), f[:, 1:]])
+    with pytest.warns(DegenerateColumnWarning, match=r"'code 1' is constant"):
+        r = mcc(f, flat, variant="weak", alignment="cca")
+    assert r.score == pytest.approx(1.0, abs=1e-6)  # the constant code is ignored
+
+
 def test_mcc_out_of_sample(rng):
     z = rng.normal(size=(600, 3))
     r = mcc(z, z[:, [1, 2, 0]], split=0.3, seed=1)
@@ -195,6 +225,10 @@ def test_dci_from_importance_known_answers():
     d_score, c_score = dci_from_importance(dup)
     assert d_score == pytest.approx(1.0, abs=1e-12)
     assert c_score == pytest.approx(1.0 - math.log(2) / math.log(20), abs=1e-9)  # tol 1e-9
+    # the case: 5 factors, each duplicated in 2 of d=10 codes: C = 1 - log 2 / log 10, D = 1
+    d_score, c_score = dci_from_importance(np.vstack([np.eye(5), np.eye(5)]))
+    assert c_score == pytest.approx(1.0 - math.log(2) / math.log(10), abs=1e-12)  # tol 1e-12
+    assert d_score == pytest.approx(1.0, abs=1e-12)
     # a single factor: D is 1 by definition; spread over 3 codes evenly: C = 0
     assert dci_from_importance(np.ones((3, 1))) == pytest.approx((1.0, 0.0), abs=1e-12)
 
@@ -447,14 +481,26 @@ def test_report_table(rng):
     codes = np.hstack([f, rng.normal(size=(300, 1))])  # d=3 != k=2
     df = report(f, codes, seed=0)
     assert list(df.columns) == ["metric", "score", "settings"]
-    assert list(df["metric"]) == [
-        "mcc", "mcc_spearman", "dci_disentanglement", "dci_completeness",
-        "dci_informativeness_error", "dci_es_explicitness", "dci_es_size", "mig", "sap", "irs",
+    metrics = [
+        "mcc", "mcc_spearman", "mcc_weak", "mcc_weak_cca", "mcc_spearman_oos", "dci_disentanglement",
+        "dci_completeness", "dci_informativeness_error", "dci_es_explicitness", "dci_es_size", "mig",
+        "sap", "irs",
     ]
+    assert list(df["metric"]) == metrics
     scores = dict(zip(df["metric"], df["score"]))
-    assert scores["mcc"] == pytest.approx(1.0, abs=1e-6)
+    for m in ("mcc", "mcc_spearman", "mcc_weak", "mcc_weak_cca", "mcc_spearman_oos"):
+        assert scores[m] == pytest.approx(1.0, abs=1e-6), m  # codes hold exact copies: tol 1e-6
     assert scores["dci_es_size"] == pytest.approx(2 / 3)
     assert all(isinstance(s, dict) for s in df["settings"])
+    settings = dict(zip(df["metric"], df["settings"]))
+    assert settings["mcc_spearman_oos"]["split"] == 0.3 and settings["mcc_weak_cca"]["variant"] == "weak"
+
+    # with an encoder and a decoder the Leeb et al. assay is added: an identity autoencoder gives 1
+    with_leeb = report(f, codes, encoder=lambda x: x, decoder=lambda z: z)
+    assert list(with_leeb["metric"]) == metrics + ["leeb_self_response_fraction"]
+    assert with_leeb["score"].iloc[-1] == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(DataError, match="both encoder and decoder"):
+        report(f, codes, encoder=lambda x: x)
 
 
 def test_docstring_examples_run():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -65,19 +66,32 @@ def _evaluate_queries(sim, model, controls, targets, seed):
         both = ad.concat([src, pop], index_unique="-")
         degs = top_degs(both, "perturbation", "control", n_genes=20)[("all", cond)]
         true_cf = sim.counterfactual(src, do={"perturbation": cond, "dose": 1.0})
-        pred = model.predict_counterfactual(src, perturbation=cond, dose=1.0, seed=0)
-        m = evaluate_condition(pop.layers["counts"], pred.layers["counts"], src.layers["counts"], degs=degs,
+        if model == "true-counterfactual":  # reference: the simulator's own answer (a ceiling)
+            pred_counts = true_cf.layers["counts"]
+        elif model == "no-change":  # reference: the control cells themselves, unchanged
+            pred_counts = src.layers["counts"]
+        else:
+            pred_counts = model.predict_counterfactual(src, perturbation=cond, dose=1.0, seed=0).layers["counts"]
+        m = evaluate_condition(pop.layers["counts"], pred_counts, src.layers["counts"], degs=degs,
                                true_cf_counts=true_cf.layers["counts"], factual_counts=src.layers["counts"])
         rows.append({"condition": cond, "cell_type": ct, "n_query": int(src.n_obs), "n_true": int(pop.n_obs),
                      **{k: float(v) for k, v in m.items()}})
     return rows
 
 
+def _summaries(queries, combos) -> tuple[dict, dict]:
+    combo_rows = [q for q in queries if q["condition"] in combos]
+    summary = {k: float(np.mean([q[k] for q in combo_rows])) for k in combo_rows[0]
+               if isinstance(combo_rows[0][k], float)}
+    return summary, [q for q in queries if q["condition"] not in combos][0]
+
+
 def _representation(sim, model, cells):
     from medcausal.metrics.representation import mcc
     from medcausal.metrics.singlecell import nmi
 
-    lat = model.get_latent_representation(cells)
+    lat = (model.get_latent_representation(cells) if model != "true-factors" else
+           {b: cells.obsm[f"z_{b}"] for b in ("context", "treatment", "interaction")})
     context = (cells.obs["cell_type"].astype(str) + ":" + cells.obs["donor"].astype(str)).to_numpy()
     treatment = cells.obs["perturbation"].astype(str).to_numpy()
     truth = {"context": cells.obsm["z_context"], "treatment": cells.obsm["z_treatment"],
@@ -97,7 +111,7 @@ def _representation(sim, model, cells):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", nargs="+", default=["fcr", "latent-shift"])
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
@@ -127,7 +141,8 @@ def main(argv=None) -> dict:
     controls = sim.sample(sizes["n_eval"], seed=1, conditions=["control"])
     repr_cells = sim.sample(sizes["n_repr"], seed=3, conditions=[c for c in sim.conditions if c not in combos])
     targets = [(c, ct) for c in combos for ct in sim.cell_types] + [(pair[1], pair[0])]
-    report = {"command": "python benchmarks/perturbseq.py" + (" --quick" if args.quick else ""),
+    load_start = os.getloadavg()
+    report = {"command": "python benchmarks/perturbseq.py" + "".join(f" {a}" for a in (argv or [])),
               "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
               "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
@@ -139,16 +154,25 @@ def main(argv=None) -> dict:
         fit_s = time.perf_counter() - t0
         queries = _evaluate_queries(sim, model, controls, targets, seed=2)
         rep = _representation(sim, model, repr_cells)
-        combo_rows = [q for q in queries if q["condition"] in combos]
-        summary = {k: float(np.mean([q[k] for q in combo_rows])) for k in combo_rows[0]
-                   if isinstance(combo_rows[0][k], float)}
+        summary, pair_row = _summaries(queries, combos)
         report["models"][name] = {"fit_seconds": round(fit_s, 1), "fit": model.fit_info,
-                                  "held_out_combinations_mean": summary,
-                                  "held_out_pair": [q for q in queries if q["condition"] not in combos][0],
+                                  "held_out_combinations_mean": summary, "held_out_pair": pair_row,
                                   "queries": queries, "representation": rep}
         print(f"[{name}] fit {fit_s:.0f} s; held-out combos: " + ", ".join(
             f"{k}={v:.3f}" for k, v in summary.items() if k.startswith(("r2_mean", "cf_rmse"))), flush=True)
+    # references, same queries and metrics: the simulator's true counterfactual of the queried cells
+    # (the best any model can do against an independent finite sample) and the unchanged controls
+    report["references"] = {}
+    for ref in ("true-counterfactual", "no-change"):
+        queries = _evaluate_queries(sim, ref, controls, targets, seed=2)
+        summary, pair_row = _summaries(queries, combos)
+        report["references"][ref] = {"held_out_combinations_mean": summary, "held_out_pair": pair_row,
+                                     "queries": queries}
+    report["references"]["true-factors"] = {"representation": _representation(sim, "true-factors", repr_cells)}
     report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["load_average"] = {"start_1_5_15min": [round(x, 2) for x in load_start],
+                              "end_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+                              "cpu_count": os.cpu_count()}
     report["targets"] = _targets(report)
     stem = "perturbseq_quick" if args.quick else "perturbseq"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -195,27 +219,37 @@ def _markdown(report) -> str:
              f"{report['medcausal_version']}, torch {report['torch']}.  ",
              f"Simulator: `{report['simulator']}`; sizes: {report['sizes']}.  ",
              f"Held out: combinations {report['held_out_combinations']} (every cell type) and the pair "
-             f"{tuple(report['held_out_pair'])}.", "",
+             f"{tuple(report['held_out_pair'])}.  ",
+             f"Machine load (1/5/15-min load average, {report['load_average']['cpu_count']} CPUs): "
+             f"{report['load_average']['start_1_5_15min']} at the start, "
+             f"{report['load_average']['end_1_5_15min']} at the end (the machine was shared).", "",
+             "Reference rows (not models): `true-counterfactual` is the simulator's true counterfactual "
+             "of the queried cells, scored like a prediction (the ceiling against an independent finite "
+             "true sample); `no-change` predicts the control cells unchanged.", "",
              "## Held-out combinations (mean over combinations x cell types)", "",
              "| model | fit_s | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, m in report["models"].items():
+    rows = [(n, m, m["fit_seconds"]) for n, m in report["models"].items()]
+    rows += [(f"*{n}*", m, "-") for n, m in report.get("references", {}).items() if "queries" in m]
+    for name, m, fit_s in rows:
         s = m["held_out_combinations_mean"]
-        lines.append(f"| {name} | {m['fit_seconds']} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
+        lines.append(f"| {name} | {fit_s} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
     lines += ["", "## Held-out (cell type, perturbation) pair", "", "| model | " + " | ".join(cols) + " |",
               "|---|" + "---|" * len(cols)]
-    for name, m in report["models"].items():
+    for name, m, _ in rows:
         s = m["held_out_pair"]
         lines.append(f"| {name} | " + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
     lines += ["", "## Every query", "", "| model | condition | cell type | " + " | ".join(cols[:2] + cols[-2:]) + " |",
               "|---|---|---|" + "---|" * 4]
-    for name, m in report["models"].items():
+    for name, m, _ in rows:
         for q in m["queries"]:
             lines.append(f"| {name} | {q['condition']} | {q['cell_type']} | "
                          + " | ".join(f"{q[c]:.3f}" for c in cols[:2] + cols[-2:]) + " |")
     lines += ["", "## Representations (test cells of the training conditions)", "",
               "| model | block | NMI context | NMI treatment | MCC z_context | MCC z_treatment | MCC z_interaction "
               "| MCC weak (matched) | MCC Spearman (matched) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in report["models"].items():
+    reps = [(n, m) for n, m in report["models"].items()]
+    reps += [(f"*{n}*", m) for n, m in report.get("references", {}).items() if "representation" in m]
+    for name, m in reps:
         for block, r in m["representation"].items():
             lines.append(f"| {name} | {block} | {r['nmi_context']:.3f} | {r['nmi_treatment']:.3f} | "
                          f"{r['mcc_context']:.3f} | {r['mcc_treatment']:.3f} | {r['mcc_interaction']:.3f} | "

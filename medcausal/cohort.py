@@ -68,6 +68,18 @@ class Cohort:
         return Cohort(self.table.copy(), {k: v.copy() for k, v in self.arrays.items()},
                       id_column=self.id_column, meta=copy.deepcopy(self.meta))
 
+    def to_anndata(self, expression: str = "expression", layer: str = "counts", var_names=None):
+        """This cohort as AnnData (scverse): the table as ``.obs``, the ``expression`` array as
+        counts in ``X`` and ``layers[layer]``, other arrays in ``.obsm``."""
+        from .adapters.singlecell import cohort_to_anndata
+        return cohort_to_anndata(self, expression=expression, layer=layer, var_names=var_names)
+
+    @classmethod
+    def from_anndata(cls, adata, expression: str = "expression", layer: str | None = "counts") -> "Cohort":
+        """A Cohort from AnnData: ``.obs`` as the table, the counts as the ``expression`` array."""
+        from .adapters.singlecell import anndata_to_cohort
+        return anndata_to_cohort(adata, expression=expression, layer=layer)
+
     def __repr__(self) -> str:
         arrays = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.arrays.items())
         return f"Cohort(n={len(self)}, columns={list(self.table.columns)}, arrays=[{arrays}])"

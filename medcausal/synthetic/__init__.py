@@ -2,6 +2,7 @@
 
 from .tabular import TabularSCM, scm, scm_names
 
-__all__ = ["BrainMRI", "TabularSCM", "scm", "scm_names"]
+__all__ = ["BrainMRI", "PerturbSeq", "TabularSCM", "scm", "scm_names"]
 
 from .brain import BrainMRI  # noqa: E402
+from .perturbseq import PerturbSeq  # noqa: E402

@@ -258,3 +258,23 @@ def test_h5ad_helpers(tmp_path, sim):
         scad.read_h5ad(tmp_path / "missing.h5ad")
     with pytest.raises(DataError, match="AnnData"):
         scad.write_h5ad({"not": "anndata"}, tmp_path / "y.h5ad")
+
+
+def test_causal_model_takes_anndata_directly(sim):
+    """fit/counterfactual accept AnnData (the graph's one expression variable takes the counts),
+    and Cohort.from_anndata / to_anndata are the same conversion."""
+    import medcausal.mechanisms.fcr  # noqa: F401
+
+    a = sim.sample(120, seed=9, conditions=["control", "P0"])
+    graph = mc.CausalGraph({"perturbation": "categorical", "genes": mc.Expression(a.n_vars)},
+                           edges=[("perturbation", "genes")])
+    model = mc.CausalModel(graph, mechanisms={"genes": {"name": "fcr", **SMALL, "categorical": ["perturbation"]}})
+    model.fit(a, max_epochs=1, verbose=False)
+    cf = model.counterfactual(a[:4], do={"perturbation": "P0"}, seed=0)
+    via = model.counterfactual(mc.Cohort.from_anndata(a[:4], expression="genes"), do={"perturbation": "P0"}, seed=0)
+    np.testing.assert_array_equal(cf.arrays["genes"], via.arrays["genes"])
+    assert cf.to_anndata(expression="genes").shape == (4, a.n_vars)
+    bad = mc.CausalModel(mc.CausalGraph({"perturbation": "categorical", "x": "continuous"},
+                                        edges=[("perturbation", "x")]))
+    with pytest.raises(mc.errors.DataError, match="expression variable"):
+        bad.fit(a, max_epochs=1, verbose=False)

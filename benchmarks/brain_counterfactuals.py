@@ -30,6 +30,7 @@ Protocol (fixed; the same for both mechanisms):
     python benchmarks/brain_counterfactuals.py                 # full run (~15 min on 2 cores)
     python benchmarks/brain_counterfactuals.py --quick         # smoke run (~1 min)
     python benchmarks/brain_counterfactuals.py --models hvae hvae-mediator   # latents as mediators
+    python benchmarks/brain_counterfactuals.py --models hvae hvae-decoder-scale   # sigma(z, pa) from the decoder
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def _next_scanner(s):
 #: --models choices: name -> (registered mechanism, hyperparameters); the defaults otherwise.
 MODELS = {"hvae": ("hvae", {}), "cvae": ("cvae", {}),
           "hvae-mediator": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "prior"}),
+          "hvae-decoder-scale": ("hvae", {"pixel_scale": "decoder"}),
           "hvae-mediator-mixture": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "mixture",
                                              "alpha": 0.5})}
 
@@ -173,7 +175,9 @@ def main(argv=None):
     if args.quick:
         args.size, args.n_train, args.n_test, args.steps = 32, 200, 40, 30
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/brain_counterfactuals.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
+    command = (f"{env} " if env else "") + "python benchmarks/brain_counterfactuals.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     t_all = time.perf_counter()
     warnings.simplefilter("ignore", OutOfSupportWarning)
 

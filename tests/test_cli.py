@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -106,14 +107,28 @@ def test_help_on_every_command(capsys):
 
 
 def test_demo_quick(tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--quiet"]) == 0
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    flow = [r["cf_mse_x100"] for r in report["results"] if r["mechanism"] == "flow"]
-    additive = [r["cf_mse_x100"] for r in report["results"] if r["mechanism"] == "additive"]
-    assert len(flow) == len(additive) == 3
-    assert (tmp_path / "demo" / "counterfactuals.png").stat().st_size > 1000
-    # Even the quick demo shows the point: exact abduction beats the additive model on average.
-    assert sum(flow) < sum(additive)
+    # `medcausal demo --quick`: the brain-MRI demo at toy size, every output written.
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] is True and set(report["results"]) == {"hvae", "cvae"}
+    assert report["queries"] == ["do(age+20)", "do(disease flip)", "do(sex flip)"]
+    for name, res in report["results"].items():
+        assert set(res["queries"]) == set(report["queries"])
+        for q in res["queries"].values():
+            # Even after a few dozen steps, the patient's own abducted noise beats a fresh sample
+            # under the same counterfactual parents (the null-abduction baseline) by far.
+            assert q["cf"]["mae"] < 0.5 * q["null_abduction"]["mae"], (name, q)
+            assert q["oracle"] and q["effectiveness"]["scanner"]["accuracy"] >= 0.0
+        # The abducted pixel noise makes the null counterfactual exact up to float32 rounding.
+        assert res["null_max_abs_error"] < 1e-4 and max(res["composition"]) < 1e-5
+        assert len(res["composition"]) == 10 and len(res["reversibility"]) == 3
+        assert res["cf_ms_per_patient"] > 0 and np.isfinite(res["fid_samples_vs_real"])
+    assert (out / "counterfactuals.png").stat().st_size > 10000
+    assert "hvae" in (out / "report.md").read_text() and "cvae" in (out / "report.md").read_text()
+    model = mc.CausalModel.load(out / "model.mcm")
+    assert model.mechanism("mri").name == "hvae"
+    assert mc.CausalModel.load(out / "model_cvae.mcm").mechanism("mri").name == "cvae"
 
 
 def test_shipped_recipe_with_synthetic_data(tmp_path):

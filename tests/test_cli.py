@@ -131,6 +131,16 @@ def test_demo_quick(tmp_path):
     assert mc.CausalModel.load(out / "model_cvae.mcm").mechanism("mri").name == "cvae"
 
 
+def test_demo_tabular_quick(tmp_path, capsys):
+    # `medcausal demo --tabular --quick`: the tabular demo through the command line.
+    out = tmp_path / "tab"
+    assert main(["demo", "--tabular", "--out", str(out), "--quick", "--quiet"]) == 0
+    assert "report" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "report.json").is_file()
+    assert mc.CausalModel.load(out / "model_flow.mcm").mechanism("x3").name == "flow"
+    assert (out / "counterfactuals.csv").is_file() and (out / "model_additive.mcm").is_file()
+
+
 def test_shipped_recipe_with_synthetic_data(tmp_path):
     from pathlib import Path
     recipe = Path(__file__).parents[1] / "cohorts" / "triangle.toml"

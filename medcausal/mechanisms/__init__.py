@@ -12,6 +12,8 @@ from .diffusion import DiffusionMechanism
 from .fcr import FCRMechanism
 from .flow import FlowMechanism
 from .hvae import HVAEMechanism
+from .image_diffusion import ImageDiffusionMechanism
 
 __all__ = ["Mechanism", "registry", "AdditiveMechanism", "CategoricalMechanism", "CVAEMechanism",
-           "DiffusionMechanism", "FCRMechanism", "FlowMechanism", "HVAEMechanism"]
+           "DiffusionMechanism", "FCRMechanism", "FlowMechanism", "HVAEMechanism",
+           "ImageDiffusionMechanism"]

@@ -14,7 +14,8 @@ from medcausal.mechanisms import registry
 
 SMALL = {"flow": {"transforms": 1, "hidden": [16, 16]},
          "additive": {"hidden": [16, 16], "n_quantiles": 64},
-         "categorical": {"hidden": [16]}}
+         "categorical": {"hidden": [16]},
+         "image-diffusion": {"channels": [8, 16], "norm_num_groups": 4, "cond_hidden": 16, "steps": 10}}
 VARIABLES = {"continuous": [Continuous(), Continuous(dim=2)], "binary": [Binary()],
              "categorical": [Categorical(("a", "b", "c"))], "image": [Image((1, 16, 16))],
              "expression": [Expression(20)]}

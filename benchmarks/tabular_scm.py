@@ -194,7 +194,7 @@ def check_targets(rows):
 
 def write(rows, args, command, complete, started):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / ("tabular_scm_quick" if args.quick else "tabular_scm")
+    stem = RESULTS / (("tabular_scm_quick" if args.quick else "tabular_scm") + args.suffix)
     verdicts = check_targets(rows) if rows else []
     meta = {"command": command, "complete": complete, "started": started,
             "seconds": round(time.time() - started, 1), "python": platform.python_version(),
@@ -242,6 +242,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["additive", "non-additive"])
     p.add_argument("--methods", nargs="+", default=["flow", "additive", "diffusion", "dowhy"])
     p.add_argument("--quick", action="store_true", help="1000 rows, 2 values, 50 units: a smoke run")
+    p.add_argument("--suffix", default="", help="results file name suffix, for a run of a subset")
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--n-units", type=int, default=200)
     p.add_argument("--n-values", type=int, default=5)

@@ -126,3 +126,17 @@ class _Constant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.value.expand(x.shape[0], -1)
+
+
+class StandaloneLoss(nn.Module):
+    """One mechanism as the training loop's module: a batch ``{"x", "pa"}`` -> per-row losses.
+
+    For fitting a mechanism on its own (outside a CausalModel) with :func:`medcausal.train.train`.
+    """
+
+    def __init__(self, mech: Mechanism):
+        super().__init__()
+        self.mech = mech
+
+    def forward(self, batch):
+        return self.mech.loss(batch["x"], batch["pa"])

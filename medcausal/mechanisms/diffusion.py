@@ -58,7 +58,7 @@ from ..errors import MedCausalError
 from .base import Mechanism, mlp, randn
 from .registry import register
 
-__all__ = ["DiffusionMechanism", "linear_beta_schedule", "ddim_timesteps", "ddim_move"]
+__all__ = ["DiffusionMechanism", "linear_beta_schedule", "ddim_timesteps", "ddim_move", "ddim_invert_move"]
 
 
 def linear_beta_schedule(num_train_timesteps: int, beta_start: float = 1e-4,
@@ -103,6 +103,30 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, abar_a: float, abar_b: float) 
     """
     x0 = (x - math.sqrt(1.0 - abar_a) * eps) / math.sqrt(abar_a)
     return math.sqrt(abar_b) * x0 + math.sqrt(1.0 - abar_b) * eps
+
+
+def ddim_invert_move(x: torch.Tensor, eps_at, abar_a: float, abar_b: float, iters: int,
+                     tol: float) -> torch.Tensor:
+    """The exact inverse of a DDIM decoding move ``b -> a``: ``y`` with ``y = move(x; eps_at(y))``.
+
+    Decoding evaluates the noise prediction at the start of its move, so encoding must
+    solve for the end point: fixed-point iteration from the explicit guess
+    ``move(x; eps_at(x))``, at most ``iters`` times, until the update is below ``tol``.
+
+    >>> x = torch.tensor([[0.3]])
+    >>> y = ddim_invert_move(x, lambda z: 0.5 * z, 0.9, 0.5, iters=50, tol=1e-7)
+    >>> back = ddim_move(y, 0.5 * y, 0.5, 0.9)          # the decoding move from b to a
+    >>> round(back.item(), 5)
+    0.3
+    """
+    y = ddim_move(x, eps_at(x), abar_a, abar_b)
+    for _ in range(iters):
+        y_next = ddim_move(x, eps_at(y), abar_a, abar_b)
+        done = y_next.numel() == 0 or (y_next - y).abs().max().item() <= tol
+        y = y_next
+        if done:
+            break
+    return y
 
 
 class _TimeEmbedding(nn.Module):
@@ -282,15 +306,8 @@ class DiffusionMechanism(Mechanism):
         ab = self._abar64
         x = value
         for a, b in zip(grid[:-1], grid[1:]):
-            # solve y = move(x; eps(y, b)) by fixed-point iteration from the explicit guess
-            y = ddim_move(x, self.eps(x, b, parents), ab[a], ab[b])
-            for _ in range(self.inversion_iters):
-                y_next = ddim_move(x, self.eps(y, b, parents), ab[a], ab[b])
-                done = y_next.numel() == 0 or (y_next - y).abs().max().item() <= self.inversion_tol
-                y = y_next
-                if done:
-                    break
-            x = y
+            x = ddim_invert_move(x, lambda y: self.eps(y, b, parents), ab[a], ab[b],  # noqa: B023
+                                 self.inversion_iters, self.inversion_tol)
         return x
 
     def decode(self, latent: torch.Tensor, parents: torch.Tensor, steps: int | None = None) -> torch.Tensor:

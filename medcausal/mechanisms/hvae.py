@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, MedCausalError
-from .base import Mechanism, randn
+from .base import Mechanism, StandaloneLoss, randn
 from .registry import register
 
 __all__ = ["HVAEMechanism", "PixelNoiseVAE", "TRAIN_SETTINGS"]
@@ -457,17 +457,6 @@ class _CounterfactualObjective(nn.Module):
         return self.predictor_nll(x_cf, pa_cf) + lam * gap
 
 
-class _Standalone(nn.Module):
-    """One mechanism's per-row loss on a batch ``{"x", "pa"}``, for the training loop."""
-
-    def __init__(self, mech):
-        super().__init__()
-        self.mech = mech
-
-    def forward(self, batch):
-        return self.mech.loss(batch["x"], batch["pa"])
-
-
 def _shuffle_parents(pa: torch.Tensor) -> torch.Tensor:
     """Default counterfactual parents for fine-tuning: another row's parents."""
     return pa[torch.randperm(pa.shape[0], device=pa.device)]
@@ -634,7 +623,7 @@ class PixelNoiseVAE(Mechanism):
                              patience=patience or s["patience"], val_fraction=val_fraction, seed=seed,
                              verbose=verbose)
         torch.manual_seed(seed)
-        return train(_Standalone(self), {"x": value, "pa": parents}, config)
+        return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
 
     # -- counterfactual fine-tuning -------------------------------------------------
     def finetune_counterfactual(self, value: torch.Tensor, parents: torch.Tensor,

@@ -81,8 +81,8 @@ import torch
 from torch import nn
 
 from ..errors import DataError, MedCausalError
-from .base import Mechanism, mlp, randn
-from .diffusion import ddim_move
+from .base import Mechanism, StandaloneLoss, mlp, randn
+from .diffusion import ddim_invert_move, ddim_move
 from .registry import register
 
 __all__ = ["ImageDiffusionMechanism", "TRAIN_SETTINGS", "ddim_grid"]
@@ -431,15 +431,8 @@ class ImageDiffusionMechanism(Mechanism):
         grid = self._grid(self.depth if depth is None else self._check_depth(depth))
         ab, x = self._abar64, x_scaled
         for a, b in zip(grid[:-1], grid[1:]):
-            # solve y = move(x; eps(y, b)) by fixed-point iteration from the explicit guess
-            y = ddim_move(x, self.eps(x, b, parents, code, guidance), ab[a], ab[b])
-            for _ in range(self.inversion_iters):
-                y_next = ddim_move(x, self.eps(y, b, parents, code, guidance), ab[a], ab[b])
-                done = y_next.numel() == 0 or (y_next - y).abs().max().item() <= self.inversion_tol
-                y = y_next
-                if done:
-                    break
-            x = y
+            x = ddim_invert_move(x, lambda y: self.eps(y, b, parents, code, guidance),  # noqa: B023
+                                 ab[a], ab[b], self.inversion_iters, self.inversion_tol)
         return x
 
     def generate(self, latent, parents, code=None, depth=None, guidance=None) -> torch.Tensor:
@@ -517,17 +510,10 @@ class ImageDiffusionMechanism(Mechanism):
                              lr=lr or s["lr"], patience=patience or s["patience"], val_fraction=val_fraction,
                              seed=seed, verbose=verbose, device=str(device or self._device()))
         torch.manual_seed(seed)
-        return train(_Standalone(self), {"x": value, "pa": parents}, config)
+        return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, parent_dim={self.parent_dim}, T={self.T}, steps={self.steps}, "
                 f"depth={self.depth}, guidance={self.guidance}, semantic_dim={self.semantic_dim}")
 
 
-class _Standalone(nn.Module):
-    def __init__(self, mech):
-        super().__init__()
-        self.mech = mech
-
-    def forward(self, batch):
-        return self.mech.loss(batch["x"], batch["pa"])

@@ -440,6 +440,7 @@ class TabularSCM:
             assert set(eqs[v].parents) == set(self.graph.parents(v)), v
         self._tag = f"{name}-{'add' if self.additive else 'nonadd'}"
         self.equations: dict[str, str] = {v: eqs[v].text for v in self._order}
+        self._columns: list[str] = list(self._order)  # DataFrame columns (a vector has several)
 
     def __repr__(self) -> str:
         return f"scm({self.name!r}, additive={self.additive})"
@@ -625,22 +626,22 @@ class TabularSCM:
                 f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(bad)} "
                 f"rows are foreign); its units are named '{self._tag}:<seed>:<row>'. Keep the "
                 f"'unit' index when slicing or saving (pd.read_csv(path, index_col='unit')).")
-        return _unit_noise(seeds, rows, len(self._order))
+        return _unit_noise(seeds, rows, len(self._columns))
 
     def _check_frame(self, data: Any) -> pd.DataFrame:
         if not isinstance(data, pd.DataFrame):
             raise DataError(f"counterfactual expects a pandas DataFrame from {self!r}.sample, "
                             f"got {type(data).__name__}")
-        missing = [v for v in self._order if v not in data.columns]
+        missing = [c for c in self._columns if c not in data.columns]
         if missing:
             raise DataError(f"data lack column(s) {missing} of {self!r}; "
                             f"columns given: {list(data.columns)}")
-        for v in self._order:
-            col = data[v]
+        for c in self._columns:
+            col = data[c]
             if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-                raise DataError(f"column {v!r} must be numeric, got dtype {col.dtype}")
+                raise DataError(f"column {c!r} must be numeric, got dtype {col.dtype}")
             if col.isna().any():
-                raise DataError(f"column {v!r} has {int(col.isna().sum())} missing value(s)")
+                raise DataError(f"column {c!r} has {int(col.isna().sum())} missing value(s)")
         return data
 
 
@@ -824,32 +825,6 @@ class VectorSCM(TabularSCM):
                 for j, c in enumerate(self._cols[v]):
                     out[c] = x if x.ndim == 1 else x[:, j]
         return out
-
-    def _noise_of(self, index: pd.Index) -> np.ndarray:
-        seeds, rows, bad = _parse_ids(np.asarray(index, dtype=object), self._tag)
-        if bad.any():
-            first = np.asarray(index, dtype=object)[np.flatnonzero(bad)[0]]
-            raise DataError(
-                f"unit {first!r} was not produced by {self!r} ({int(bad.sum())} of {len(bad)} "
-                f"rows are foreign); its units are named '{self._tag}:<seed>:<row>'. Keep the "
-                f"'unit' index when slicing or saving (pd.read_csv(path, index_col='unit')).")
-        return _unit_noise(seeds, rows, len(self._columns))
-
-    def _check_frame(self, data: Any) -> pd.DataFrame:
-        if not isinstance(data, pd.DataFrame):
-            raise DataError(f"counterfactual expects a pandas DataFrame from {self!r}.sample, "
-                            f"got {type(data).__name__}")
-        missing = [c for c in self._columns if c not in data.columns]
-        if missing:
-            raise DataError(f"data lack column(s) {missing} of {self!r}; "
-                            f"columns given: {list(data.columns)}")
-        for c in self._columns:
-            col = data[c]
-            if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-                raise DataError(f"column {c!r} must be numeric, got dtype {col.dtype}")
-            if col.isna().any():
-                raise DataError(f"column {c!r} has {int(col.isna().sum())} missing value(s)")
-        return data
 
 
 _EXTRA = {"vector": VectorSCM}  # built by scm(name) but not listed by scm_names()

@@ -16,9 +16,7 @@ together), fit wall and CPU seconds (CPU seconds of this process: on a shared ma
 are closer to the quiet-machine wall time than the wall time is), and ``recon`` = max over
 variables and 1000 training rows of ``|decode(encode(x)) - x|`` in standardized units.
 
-``--crn`` evaluates the validation loss with common random numbers (a fixed seed every
-epoch), the change to ``medcausal.train._evaluate`` this benchmark motivates; it is applied
-here by patching that function and is labelled in the output.
+The validation loss uses common random numbers (a fixed seed every epoch; ``medcausal.train``).
 
     python benchmarks/diffusion_steps.py                    # full run (~25 min on 2 loaded cores)
     python benchmarks/diffusion_steps.py --quick            # smoke run (~1 min)
@@ -49,19 +47,6 @@ from medcausal.metrics import counterfactual_mse
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCMS = ("triangle:non-additive", "y:non-additive", "vector:non-additive")
-
-
-def _use_common_random_numbers(seed: int = 12345) -> None:
-    """Validation loss under a fixed RNG state every epoch (the proposed train.py change)."""
-    import medcausal.train as train_mod
-    evaluate = train_mod._evaluate
-
-    def crn_evaluate(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return evaluate(*args, **kwargs)
-
-    train_mod._evaluate = crn_evaluate
 
 
 def _queries(sim, train, n_values):
@@ -196,7 +181,7 @@ def write(rows, args, command, complete, started):
     agg, verdicts = summarize(rows, default_steps) if rows else (pd.DataFrame(), [])
     meta = {"command": command, "complete": complete, "seconds": round(time.time() - started, 1),
             "python": platform.python_version(), "torch": torch.__version__, "medcausal": mc.__version__,
-            "threads": torch.get_num_threads(), "crn": args.crn, "default_steps": default_steps,
+            "threads": torch.get_num_threads(), "default_steps": default_steps,
             "protocol": {"n_train": args.n_train, "n_units": args.n_units, "n_values": args.n_values,
                          "seeds": args.seeds, "fit": {m: fit_settings(m, args) for m in
                                                       [*args.reference, "diffusion"]}}}
@@ -209,7 +194,7 @@ def write(rows, args, command, complete, started):
              f"{meta['threads']} torch threads; medcausal {meta['medcausal']}, torch {meta['torch']}. "
              "fit settings: " + "; ".join(f"{m} {k}" for m, k in meta["protocol"]["fit"].items()) +
              f" (other fit() arguments at their defaults); training seeds {args.seeds}"
-             f"{', validation with common random numbers (--crn)' if args.crn else ''}. "
+             f". "
              f"Timings were taken on a shared machine: wall seconds are inflated by other load; "
              f"fit_cpu_s is this process's CPU time.", ""]
     if len(agg):
@@ -229,7 +214,6 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--crn", action="store_true", help="validation loss with common random numbers")
     p.add_argument("--same-fit", action="store_true",
                    help="fit every method with --max-epochs/--patience, ignoring mechanisms' fit_defaults")
     p.add_argument("--quick", action="store_true", help="1000 rows, 2 values, 50 units, 5 epochs: a smoke run")
@@ -246,8 +230,6 @@ def main(argv=None):
         if variant not in ("additive", "non-additive"):
             p.error(f"--scms {spec!r}: write name:additive or name:non-additive")
         mc.synthetic.scm(name)  # unknown names fail here, before any fitting
-    if args.crn:
-        _use_common_random_numbers()
     command = "python benchmarks/diffusion_steps.py " + " ".join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
     started = time.time()

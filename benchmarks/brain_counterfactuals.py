@@ -1,13 +1,18 @@
-"""``hvae`` vs ``cvae`` counterfactual brain scans against the ground truth, in one run.
+"""``hvae`` vs ``cvae`` (vs ``image-diffusion``) counterfactual brain scans against the ground truth, in one run.
 
-Protocol (fixed; the same for both mechanisms):
+Protocol (fixed; the same for every mechanism):
 
 - cohort: ``medcausal.synthetic.BrainMRI`` axial slices (64x64 by default); ``--n-train``
   training patients (seed 0) and ``--n-test`` held-out patients (seed 1);
 - the image mechanism alone is trained on the training scans given their true parents
   (``scanner`` one-hot, ``icv``, ``brain_volume``, ``ventricle_volume``, ``lesion_load``
   standardized: the codecs ``CausalModel`` uses), with the one training loop
-  (``medcausal.train.train``), the same ``--steps``, batch size and learning rate for both;
+  (``medcausal.train.train``), the same ``--steps``, batch size and learning rate for both VAEs;
+  ``image-diffusion`` gets ``--diffusion-train-steps`` (default ``--steps``) and its own
+  documented learning rate (``image_diffusion.TRAIN_SETTINGS``, 1e-3; ``--diffusion-lr``),
+  at the query knobs of its hyperparameters (default: 20 DDIM steps here, full depth,
+  guidance 1); its ``reconstruct`` *is* the null counterfactual (a DDIM round trip), so its
+  "decoder-mean" composition is the composition itself (reported, not recomputed);
 - queries on the held-out patients: do(age + 20), do(disease := 1 - disease),
   do(sex := 1 - sex), do(scanner := next scanner). The simulator gives each patient's true
   counterfactual parents and scan; the mechanism gets the true counterfactual parents, so
@@ -23,14 +28,24 @@ Protocol (fixed; the same for both mechanisms):
 - composition: L1 after 1 and 10 null interventions (the mechanism's counterfactual, pixel
   noise included; and the decoder mean, i.e. the VAE alone, as in Ribeiro et al.);
   reversibility: L1 after 1..3 cycles of do(age + 20) then undo;
+  (``--soundness-n``: on the first k held-out patients only, the same k for every mechanism);
 - realism: Fréchet distance between predictor features (its penultimate layer) of fresh
   samples under the held-out patients' parents and the held-out real scans;
-- training images/s, and counterfactual ms/patient (abduction + prediction, batches of 64).
+- CLD (``medcausal.metrics.counterfactual_latent_divergence``, Sanchez & Tsaftaris) of the
+  binary flips (disease, sex) with the predictor's penultimate features as the encoder and
+  a third set of ``--n-ref`` held-out real scans (seed + 2) with their classes as the
+  reference; next to the CLD of the true counterfactual scans and of the unchanged scans;
+- training images/s and seconds, and counterfactual ms/patient (abduction + prediction,
+  batches of 64), wall clock and this process's CPU time (the machine may be shared);
+- ``--sweep depth,guidance ...``: the image-diffusion knobs re-queried on the same trained
+  model (first ``--sweep-n`` held-out patients): CF MAE, oracle effectiveness, CLD.
 
     python benchmarks/brain_counterfactuals.py                 # full run (~15 min on 2 cores)
     python benchmarks/brain_counterfactuals.py --quick         # smoke run (~1 min)
     python benchmarks/brain_counterfactuals.py --models hvae hvae-mediator   # latents as mediators
     python benchmarks/brain_counterfactuals.py --models hvae hvae-decoder-scale   # sigma(z, pa) from the decoder
+    python benchmarks/brain_counterfactuals.py --size 32 --models hvae cvae image-diffusion \
+        --n-test 40 --soundness-n 16 --sweep 1,1 0.6,1 1,2 0.6,2 --stem brain_counterfactuals_32
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from medcausal.io import atomic_write
 from medcausal.mechanisms import registry
 from medcausal.mechanisms import cvae as _cvae  # noqa: F401  (registers "cvae")
 from medcausal.mechanisms import hvae as _hvae  # noqa: F401  (registers "hvae")
+from medcausal.mechanisms import image_diffusion as _idiff  # registers "image-diffusion"
 from medcausal.metrics import images as im
 from medcausal.metrics.predictors import AntiCausalPredictor
 from medcausal.synthetic.brain import SCANNERS, BrainMRI
@@ -72,7 +88,13 @@ MODELS = {"hvae": ("hvae", {}), "cvae": ("cvae", {}),
           "hvae-mediator": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "prior"}),
           "hvae-decoder-scale": ("hvae", {"pixel_scale": "decoder"}),
           "hvae-mediator-mixture": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "mixture",
-                                             "alpha": 0.5})}
+                                             "alpha": 0.5}),
+          # 20 DDIM steps (the fewest its reconstruction tolerance allows): the CPU setting; the
+          # mechanism's other defaults (channels [32, 64, 64], full depth, guidance 1, cfg 0.1).
+          "image-diffusion": ("image-diffusion", {"steps": 20})}
+
+#: binary flips scored by CLD: query -> the flipped variable (its classes)
+CLD_QUERIES = {"disease flip": "disease", "sex flip": "sex"}
 
 QUERIES = {
     "age+20": {"age": lambda a: a + 20.0},
@@ -98,64 +120,126 @@ def parent_encoder(sim, train):
 
 
 def timed_counterfactual(mech, x, pa, pa_cf, batch=64):
-    out, t0 = [], time.perf_counter()
+    out, t0, c0 = [], time.perf_counter(), time.process_time()
     with torch.no_grad():
         for s in range(0, len(x), batch):
             out.append(mech.counterfactual(x[s:s + batch], pa[s:s + batch], pa_cf[s:s + batch]))
-    return torch.cat(out), (time.perf_counter() - t0) / len(x) * 1000.0
+    return (torch.cat(out), (time.perf_counter() - t0) / len(x) * 1000.0,
+            (time.process_time() - c0) / len(x) * 1000.0)
 
 
-def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, seed):
-    res = {"queries": {}}
-    ms = []
-    for q, true in truths.items():
-        pa_cf = encode(true)
-        x_true = true.arrays["mri"]
-        cf, ms_q = timed_counterfactual(mech, x_test, pa_test, pa_cf)
-        ms.append(ms_q)
+def score_query(mech, sim, test, true, encode, predictor, pred_targets, ref_feats, cld_var, seed, fresh=True):
+    """One query on the patients of ``test`` (true counterfactuals ``true``): the metrics of one row."""
+    x_test, pa_test = torch.from_numpy(test.arrays["mri"]), encode(test)
+    pa_cf = encode(true)
+    x_true = true.arrays["mri"]
+    cf, ms_q, cpu_ms_q = timed_counterfactual(mech, x_test, pa_test, pa_cf)
+    cf_np = cf.numpy()
+    row = {"cf": im.true_counterfactual_error(cf_np, x_true, data_range=1.0),
+           "unchanged": im.true_counterfactual_error(x_test.numpy(), x_true, data_range=1.0),
+           "cf_ms_per_patient": ms_q, "cf_cpu_ms_per_patient": cpu_ms_q}
+    if fresh:
         with torch.no_grad():
-            fresh = mech.sample(pa_cf, generator=torch.Generator().manual_seed(seed))
-        cf_np, fresh_np = cf.numpy(), fresh.numpy()
-        row = {"cf": im.true_counterfactual_error(cf_np, x_true, data_range=1.0),
-               "null_abduction": im.true_counterfactual_error(fresh_np, x_true, data_range=1.0),
-               "unchanged": im.true_counterfactual_error(x_test.numpy(), x_true, data_range=1.0)}
-        changed = [v for v in VOLUMES if not np.allclose(true.table[v], test.table[v])]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            m_cf, m_true = sim.measure(cf_np), sim.measure(x_true)
-        targets = {v: true.table[v].to_numpy() for v in changed}
-        row["oracle"] = {v: {"cf_mae_ml": im.effectiveness(m_cf[v], targets[v])["mae"],
-                             "true_scan_mae_ml": im.effectiveness(m_true[v], targets[v])["mae"],
-                             "mean_abs_change_ml": float(np.abs(targets[v] - test.table[v]).mean())}
-                         for v in changed}
-        pred = predictor.predict(cf_np)
-        eff = {}
-        for k, kind in pred_targets.items():
-            target = _predictor_values(true, encode, k)
-            eff[k] = im.effectiveness(pred[k], target, "categorical" if kind != "continuous" else "continuous")
-        row["effectiveness"] = eff
+            fresh_np = mech.sample(pa_cf, generator=torch.Generator().manual_seed(seed)).numpy()
+        row["null_abduction"] = im.true_counterfactual_error(fresh_np, x_true, data_range=1.0)
+    changed = [v for v in VOLUMES if not np.allclose(true.table[v], test.table[v])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m_cf, m_true = sim.measure(cf_np), sim.measure(x_true)
+    targets = {v: true.table[v].to_numpy() for v in changed}
+    row["oracle"] = {v: {"cf_mae_ml": im.effectiveness(m_cf[v], targets[v])["mae"],
+                         "true_scan_mae_ml": im.effectiveness(m_true[v], targets[v])["mae"],
+                         "mean_abs_change_ml": float(np.abs(targets[v] - test.table[v]).mean())}
+                     for v in changed}
+    pred = predictor.predict(cf_np)
+    eff = {}
+    for k, kind in pred_targets.items():
+        target = _predictor_values(true, encode, k)
+        eff[k] = im.effectiveness(pred[k], target, "categorical" if kind != "continuous" else "continuous")
+    row["effectiveness"] = eff
+    if cld_var is not None:
+        f_ref, ref = ref_feats
+        row["cld"] = im.counterfactual_latent_divergence(
+            predictor.features(x_test.numpy()), predictor.features(cf_np), test.table[cld_var].to_numpy(),
+            true.table[cld_var].to_numpy(), f_ref, ref.table[cld_var].to_numpy())
+    return row
+
+
+def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, seed,
+             ref_feats=None, soundness_n=None, reconstruct_is_null=False):
+    res = {"queries": {}}
+    ms, cpu_ms = [], []
+    for q, true in truths.items():
+        log(f"  {name}: query {q}")
+        row = score_query(mech, sim, test, true, encode, predictor, pred_targets, ref_feats,
+                          CLD_QUERIES.get(q) if ref_feats is not None else None, seed)
+        ms.append(row["cf_ms_per_patient"])
+        cpu_ms.append(row["cf_cpu_ms_per_patient"])
         res["queries"][q] = row
     res["cf_ms_per_patient"] = float(np.median(ms))
+    res["cf_cpu_ms_per_patient"] = float(np.median(cpu_ms))
+    k = len(x_test) if soundness_n is None else min(int(soundness_n), len(x_test))
+    res["soundness_n"] = k
+    xs, ps = x_test[:k], pa_test[:k]
+    log(f"  {name}: composition / reversibility on {k} patients")
     with torch.no_grad():
-        res["null_max_abs_error"] = float((mech.counterfactual(x_test, pa_test, pa_test) - x_test).abs().max())
-    null = lambda x: mech.counterfactual(x, pa_test, pa_test)  # noqa: E731
-    res["composition"] = im.composition(null, x_test, steps=10).l1
-    mean_null = lambda x: mech.reconstruct(x, pa_test)  # noqa: E731
-    res["composition_decoder_mean"] = im.composition(mean_null, x_test, steps=10).l1
-    pa_age = encode(truths["age+20"])
-    do = lambda x: mech.counterfactual(x, pa_test, pa_age)  # noqa: E731
-    undo = lambda x: mech.counterfactual(x, pa_age, pa_test)  # noqa: E731
-    res["reversibility"] = im.reversibility(do, undo, x_test, cycles=3).l1
-    with torch.no_grad():
+        res["null_max_abs_error"] = float((mech.counterfactual(xs, ps, ps) - xs).abs().max())
+        null = lambda x: mech.counterfactual(x, ps, ps)  # noqa: E731
+        res["composition"] = im.composition(null, xs, steps=10).l1
+        if reconstruct_is_null:
+            # reconstruct() is the null counterfactual itself (deterministic): the same curve
+            res["composition_decoder_mean"] = list(res["composition"])
+            res["composition_decoder_mean_is_composition"] = True
+        else:
+            mean_null = lambda x: mech.reconstruct(x, ps)  # noqa: E731
+            res["composition_decoder_mean"] = im.composition(mean_null, xs, steps=10).l1
+        pa_age = encode(truths["age+20"])[:k]
+        do = lambda x: mech.counterfactual(x, ps, pa_age)  # noqa: E731
+        undo = lambda x: mech.counterfactual(x, pa_age, ps)  # noqa: E731
+        res["reversibility"] = im.reversibility(do, undo, xs, cycles=3).l1
         gen = mech.sample(pa_test, generator=torch.Generator().manual_seed(seed + 1)).numpy()
     res["fid_samples_vs_real"] = im.feature_frechet_distance(x_test.numpy(), gen, predictor.features)
     return res
+
+
+def knob_sweep(mech, settings, sim, test, encode, truths, predictor, pred_targets, ref_feats, seed, n, queries):
+    """image-diffusion's depth and guidance re-queried on the same trained model (first n patients)."""
+    sub = test[:n]
+    keep = (mech.depth, mech.guidance)
+    out = []
+    try:
+        for depth, guidance in settings:
+            mech.set_knobs(depth=depth, guidance=guidance)
+            rec = {"depth": depth, "guidance": guidance, "n": len(sub), "queries": {}}
+            for q in queries:
+                log(f"  sweep depth {depth} guidance {guidance}: {q}")
+                rec["queries"][q] = score_query(mech, sim, sub, truths[q][:n], encode, predictor, pred_targets,
+                                                ref_feats, CLD_QUERIES.get(q), seed, fresh=False)
+            out.append(rec)
+    finally:
+        mech.set_knobs(depth=keep[0], guidance=keep[1])
+    return out
 
 
 def _predictor_values(cohort, encode, k):
     if k == "scanner":
         return np.array([list(SCANNERS).index(s) for s in cohort.table["scanner"]])
     return cohort.table[k].to_numpy(dtype=float)
+
+
+def _settings(text):
+    depth, guidance = (float(v) for v in text.split(","))
+    return depth, guidance
+
+
+def _write(summary, out, stem, final=True):
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / f"{stem}.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=1, default=float))
+    md = render_markdown(summary)
+    with atomic_write(out / f"{stem}.md") as tmp:
+        Path(tmp).write_text(md)
+    return md
 
 
 def main(argv=None):
@@ -171,21 +255,39 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--stem", default=None, help="result file name (default brain_counterfactuals[_quick])")
+    ap.add_argument("--n-ref", type=int, default=200, help="held-out reference scans (seed + 2) for CLD")
+    ap.add_argument("--soundness-n", type=int, default=None,
+                    help="composition/reversibility on the first k held-out patients (default all)")
+    ap.add_argument("--diffusion-train-steps", type=int, default=None, help="image-diffusion steps (default --steps)")
+    ap.add_argument("--diffusion-lr", type=float, default=None,
+                    help="image-diffusion learning rate (default its TRAIN_SETTINGS lr)")
+    ap.add_argument("--diffusion-hparams", type=json.loads, default=None,
+                    help="image-diffusion hyperparameters (JSON), replacing MODELS' entry")
+    ap.add_argument("--sweep", type=_settings, nargs="*", default=[], metavar="DEPTH,GUIDANCE",
+                    help="image-diffusion knob settings re-queried on the same trained model")
+    ap.add_argument("--sweep-n", type=int, default=None, help="patients in the sweep (default all held-out)")
+    ap.add_argument("--sweep-queries", nargs="+", default=None, choices=sorted(QUERIES))
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.n_train, args.n_test, args.steps = 32, 200, 40, 30
+    if args.diffusion_hparams is not None:
+        MODELS["image-diffusion"] = ("image-diffusion", dict(args.diffusion_hparams))
     torch.set_num_threads(args.threads)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
     command = (f"{env} " if env else "") + "python benchmarks/brain_counterfactuals.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    t_all = time.perf_counter()
+    stem = args.stem or ("brain_counterfactuals" + ("_quick" if args.quick else ""))
+    load_start = os.getloadavg()
+    t_all, cpu_all = time.perf_counter(), time.process_time()
     warnings.simplefilter("ignore", OutOfSupportWarning)
 
     sim = BrainMRI(shape=(args.size, args.size))
-    log(f"rendering {args.n_train} + {args.n_test} patients and {len(QUERIES)} counterfactual sets")
+    log(f"rendering {args.n_train} + {args.n_test} + {args.n_ref} patients and {len(QUERIES)} counterfactual sets")
     t0 = time.perf_counter()
     train = sim.sample(args.n_train, seed=args.seed)
     test = sim.sample(args.n_test, seed=args.seed + 1)
+    ref = sim.sample(args.n_ref, seed=args.seed + 2) if args.n_ref else None
     truths = {q: sim.counterfactual(test, do=do) for q, do in QUERIES.items()}
     sim_seconds = time.perf_counter() - t0
     encode, parent_dims = parent_encoder(sim, train)
@@ -206,39 +308,73 @@ def main(argv=None):
                          for k in pred_targets}
     predictor_seconds = time.perf_counter() - t0
 
-    results = {}
+    ref_feats, cld_baselines = None, {}
+    if ref is not None:
+        f_ref = predictor.features(ref.arrays["mri"])
+        ref_feats = (f_ref, ref)
+        f_test = predictor.features(x_test.numpy())
+        for q, var in CLD_QUERIES.items():
+            true = truths[q]
+            cls, cls_cf, cls_ref = (c.table[var].to_numpy() for c in (test, true, ref))
+            cld_baselines[q] = {
+                "variable": var,
+                "true_scan": im.counterfactual_latent_divergence(
+                    f_test, predictor.features(true.arrays["mri"]), cls, cls_cf, f_ref, cls_ref),
+                "unchanged": im.counterfactual_latent_divergence(f_test, f_test, cls, cls_cf, f_ref, cls_ref),
+                "reference_class_counts": {str(k): int(v) for k, v in
+                                           pd.Series(cls_ref).value_counts().sort_index().items()}}
+
+    summary = {"command": command, "protocol": __doc__, "size": args.size, "n_train": args.n_train,
+               "n_test": args.n_test, "n_ref": args.n_ref, "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "threads": args.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "load_average_start": load_start, "simulator_seconds": sim_seconds,
+               "predictor_seconds": predictor_seconds, "predictor_test_quality": predictor_quality,
+               "cld_baselines": cld_baselines, "results": {}, "complete": False}
+    results = summary["results"]
     for name in args.models:
         torch.manual_seed(args.seed)
         kind, hparams = MODELS[name]
         mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
-        log(f"training {name}: {args.steps} steps")
-        t0 = time.perf_counter()
-        fit = mech.fit(x_train, pa_train, max_steps=args.steps, max_epochs=10 ** 6, batch_size=args.batch_size,
-                       lr=args.lr, patience=10 ** 6, seed=args.seed, verbose=None)
-        seconds = time.perf_counter() - t0
+        steps, lr = args.steps, args.lr
+        if kind == "image-diffusion":
+            steps = args.diffusion_train_steps or args.steps
+            lr = args.diffusion_lr or _idiff.TRAIN_SETTINGS["lr"]
+        log(f"training {name}: {steps} steps, lr {lr}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        fit = mech.fit(x_train, pa_train, max_steps=steps, max_epochs=10 ** 6, batch_size=args.batch_size,
+                       lr=lr, patience=10 ** 6, seed=args.seed, verbose=None)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         mech.eval()
-        log(f"evaluating {name}")
-        r = evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, args.seed)
-        r.update({"train_seconds": seconds, "steps": fit.steps, "best_val_loss_nats": fit.best_val_loss,
+        log(f"evaluating {name} (trained {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU)")
+        t0 = time.perf_counter()
+        r = evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, args.seed,
+                     ref_feats=ref_feats, soundness_n=args.soundness_n,
+                     reconstruct_is_null=(kind == "image-diffusion"))
+        r.update({"train_seconds": seconds, "train_cpu_seconds": cpu_seconds, "steps": fit.steps, "lr": lr,
+                  "best_val_loss_nats": fit.best_val_loss,
                   "train_images_per_s": fit.steps * args.batch_size / seconds,
+                  "eval_seconds": time.perf_counter() - t0,
                   "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams})
         results[name] = r
-        print(f"{name}: trained {seconds:.0f}s; CF MAE "
-              f"{np.mean([q['cf']['mae'] for q in r['queries'].values()]):.4f}", file=sys.stderr)
+        log(f"{name}: CF MAE {np.mean([q['cf']['mae'] for q in r['queries'].values()]):.4f}")
+        summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
+                       total_cpu_seconds=time.process_time() - cpu_all)
+        _write(summary, args.out, stem)  # partial results survive an interrupted run
+        if kind == "image-diffusion" and args.sweep:
+            n = args.sweep_n or args.n_test
+            queries = args.sweep_queries or list(QUERIES)
+            log(f"sweeping {name}'s knobs {args.sweep} on {n} patients, queries {queries}")
+            r["sweep"] = []
+            for setting in args.sweep:
+                r["sweep"] += knob_sweep(mech, [setting], sim, test, encode, truths, predictor, pred_targets,
+                                         ref_feats, args.seed, n, queries)
+                summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
+                               total_cpu_seconds=time.process_time() - cpu_all)
+                _write(summary, args.out, stem)
 
-    summary = {"command": command, "protocol": __doc__, "size": args.size, "n_train": args.n_train,
-               "n_test": args.n_test, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "threads": args.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
-               "load_average": os.getloadavg(), "simulator_seconds": sim_seconds,
-               "predictor_seconds": predictor_seconds, "predictor_test_quality": predictor_quality,
-               "results": results, "total_seconds": time.perf_counter() - t_all}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "brain_counterfactuals" + ("_quick" if args.quick else "")
-    with atomic_write(args.out / f"{stem}.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=1, default=float))
-    md = render_markdown(summary)
-    with atomic_write(args.out / f"{stem}.md") as tmp:
-        Path(tmp).write_text(md)
+    summary.update(complete=True, load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
+                   total_cpu_seconds=time.process_time() - cpu_all)
+    md = _write(summary, args.out, stem)
     print(md)
     return summary
 
@@ -250,12 +386,25 @@ def _fmt(v, nd=4):
 def render_markdown(s: dict) -> str:
     res = s["results"]
     names = list(res)
+    load_end = s.get("load_average", s.get("load_average_start", ()))
+    load_start = s.get("load_average_start")
+    per_model = "; ".join(f"{n}: {res[n]['steps']} steps, lr {res[n].get('lr', s['lr']):g}" for n in names)
     L = [f"# Counterfactual brain scans: {' vs '.join(names)}", "",
          f"Command: `{s['command']}`  ", f"BrainMRI {s['size']}x{s['size']}, {s['n_train']} training / "
-         f"{s['n_test']} held-out patients; {s['steps']} steps of batch {s['batch_size']}, lr {s['lr']}; "
-         f"{s['threads']} torch threads on {s['cpu_count']} CPUs (load average at the end "
-         f"{', '.join(f'{x:.1f}' for x in s['load_average'])}: timings taken on a shared machine are "
-         f"inflated by the load). Total {s['total_seconds'] / 60:.1f} min.", ""]
+         f"{s['n_test']} held-out patients; batch {s['batch_size']}; {per_model}; "
+         f"{s['threads']} torch threads on {s['cpu_count']} CPUs (load average "
+         + (f"at the start {', '.join(f'{x:.1f}' for x in load_start)}, " if load_start else "")
+         + f"at the end {', '.join(f'{x:.1f}' for x in load_end)}: timings taken on a shared machine are "
+         f"inflated by the load; CPU times are this process's). Total {s.get('total_seconds', float('nan')) / 60:.1f} min"
+         + (f" wall, {s['total_cpu_seconds'] / 60:.1f} min CPU" if "total_cpu_seconds" in s else "") + "."
+         + ("" if s.get("complete", True) else " **Run incomplete: partial results.**"), ""]
+    for n in names:
+        if "image-diffusion" in n or "guidance" in res[n].get("hparams", {}):
+            hp = res[n]["hparams"]
+            L += [f"{n}: {hp.get('steps')} DDIM steps, depth {hp.get('depth')}, guidance {hp.get('guidance')}, "
+                  f"channels {hp.get('channels')}, T {hp.get('num_train_timesteps')}, cfg_dropout "
+                  f"{hp.get('cfg_dropout')}, inversion_iters {hp.get('inversion_iters')}, "
+                  f"semantic_dim {hp.get('semantic_dim')}.", ""]
     L += ["## True-counterfactual error (held-out patients, mean over the queries)", "",
           "| mechanism | CF MAE | null-abduction MAE | CF / null (target <= 0.5) | unchanged-scan MAE | CF SSIM "
           "| null SSIM |", "|---|---|---|---|---|---|---|"]
@@ -271,6 +420,14 @@ def render_markdown(s: dict) -> str:
         h = np.mean([x["cf"]["mae"] for x in res["hvae"]["queries"].values()])
         c = np.mean([x["cf"]["mae"] for x in res["cvae"]["queries"].values()])
         L += ["", f"hvae CF MAE below cvae's (target): {'met' if h < c else 'MISSED'} ({h:.4f} vs {c:.4f})."]
+    for n in names:
+        if n != "hvae" and "hvae" in res and "guidance" in res[n].get("hparams", {}):
+            h = np.mean([x["cf"]["mae"] for x in res["hvae"]["queries"].values()])
+            d = np.mean([x["cf"]["mae"] for x in res[n]["queries"].values()])
+            fh, fd = res["hvae"]["fid_samples_vs_real"], res[n]["fid_samples_vs_real"]
+            L += ["", f"{n} CF MAE at least as good as hvae's (target): {'met' if d <= h else 'MISSED'} "
+                  f"({d:.4f} vs {h:.4f}); realism (FID) at least as good as hvae's (target): "
+                  f"{'met' if fd <= fh else 'MISSED'} ({fd:.3g} vs {fh:.3g})."]
     L += ["", "## Per query: CF MAE (null-abduction MAE); unchanged-scan MAE", "",
           "| query | " + " | ".join(names) + " | unchanged |", "|---|" + "---|" * (len(names) + 1)]
     for q, row in next(iter(res.values()))["queries"].items():
@@ -309,10 +466,58 @@ def render_markdown(s: dict) -> str:
                  f"{cm[0]:.4f} | {cm[9]:.4f} | {ratio_m:.2f} {'met' if ratio_m <= 2 else 'MISSED'} | "
                  f"{rv[0]:.4f} / {rv[2]:.4f} | {r['fid_samples_vs_real']:.3g} | {r['train_images_per_s']:.1f} | "
                  f"{r['cf_ms_per_patient']:.1f} {'met' if r['cf_ms_per_patient'] < 50 else 'MISSED'} |")
-    L += ["", "Composition with the pixel noise abducted is exact up to float32 rounding (largest pixel error "
-          "of one null intervention: " + ", ".join(f"{n} {res[n]['null_max_abs_error']:.1e}" for n in names)
-          + "), so its 10/1 ratio compares rounding errors; the decoder-mean columns measure the VAE itself "
-          "(the setting of Ribeiro et al.).", ""]
+    ks = sorted({res[n].get("soundness_n", s["n_test"]) for n in names})
+    L += ["", f"Composition and reversibility on the first {', '.join(map(str, ks))} held-out patients. "
+          "Largest pixel error of one null intervention: "
+          + ", ".join(f"{n} {res[n]['null_max_abs_error']:.1e}" for n in names)
+          + ". For the VAEs (exact abduction of the pixel noise) composition is exact up to float32 rounding, so "
+          "its 10/1 ratio compares rounding errors, and the decoder-mean columns measure the VAE itself (the "
+          "setting of Ribeiro et al.). image-diffusion's abduction is deterministic-approximate (DDIM inversion by "
+          "fixed-point iteration; stated tolerance 5e-3): its composition error is the inversion error, and its "
+          "reconstruct() is the same null counterfactual, so its decoder-mean columns repeat its composition.", ""]
+    L += ["## Time", "",
+          "| mechanism | steps | lr | train s (wall) | train s (CPU) | train img/s | CF ms/patient (wall) | "
+          "CF ms/patient (CPU) | evaluation s (wall) | parameters |", "|---" * 10 + "|"]
+    for n in names:
+        r = res[n]
+        L.append(f"| {n} | {r['steps']} | {r.get('lr', s['lr']):g} | {r['train_seconds']:.0f} | "
+                 f"{r.get('train_cpu_seconds', float('nan')):.0f} | {r['train_images_per_s']:.1f} | "
+                 f"{r['cf_ms_per_patient']:.1f} | {r.get('cf_cpu_ms_per_patient', float('nan')):.1f} | "
+                 f"{r.get('eval_seconds', float('nan')):.0f} | {r['parameters']} |")
+    cldb = s.get("cld_baselines") or {}
+    if cldb:
+        L += ["", "## CLD (counterfactual latent divergence; lower is better, range [log 2 = 0.693, 1.693])", "",
+              f"Encoder: the anti-causal predictor's penultimate features; reference: {s.get('n_ref')} further "
+              "held-out real scans (seed + 2) with their classes ("
+              + "; ".join(f"{b['variable']} {b['reference_class_counts']}" for b in cldb.values()) + ").", "",
+              "| query | " + " | ".join(names) + " | true CF scan | unchanged scan |", "|---|" + "---|" * (len(names) + 2)]
+        for q, b in cldb.items():
+            L.append(f"| {q} | " + " | ".join(_fmt(res[n]["queries"][q].get("cld"), 4) for n in names)
+                     + f" | {b['true_scan']:.4f} | {b['unchanged']:.4f} |")
+    for n in names:
+        sw = res[n].get("sweep")
+        if not sw:
+            continue
+        qs = list(sw[0]["queries"])
+        L += ["", f"## {n}: depth / guidance sweep on the same trained model (first {sw[0]['n']} held-out patients)",
+              "", "CF MAE per query (mean over the queries last); oracle effectiveness: MAE (mL) of measure() on "
+              "the CF scans vs the true CF volume, for the volumes the query changes; CLD for the flips; CF "
+              "ms/patient (wall / CPU, median over the queries).", "",
+              "| depth | guidance | " + " | ".join(f"CF MAE {q}" for q in qs) + " | CF MAE mean | "
+              + " | ".join(f"oracle {q}: {v}" for q in qs for v in sw[0]["queries"][q]["oracle"])
+              + " | " + " | ".join(f"CLD {q}" for q in qs if "cld" in sw[0]["queries"][q]) + " | ms/patient |",
+              "|---|---|" + "---|" * (len(qs) + 1 + sum(len(sw[0]["queries"][q]["oracle"]) for q in qs)
+                                     + sum("cld" in sw[0]["queries"][q] for q in qs) + 1)]
+        for rec in sw:
+            rq = rec["queries"]
+            L.append(f"| {rec['depth']:g} | {rec['guidance']:g} | "
+                     + " | ".join(f"{rq[q]['cf']['mae']:.4f}" for q in qs)
+                     + f" | {np.mean([rq[q]['cf']['mae'] for q in qs]):.4f} | "
+                     + " | ".join(f"{rq[q]['oracle'][v]['cf_mae_ml']:.2f}" for q in qs for v in rq[q]["oracle"])
+                     + " | " + " | ".join(f"{rq[q]['cld']:.4f}" for q in qs if "cld" in rq[q])
+                     + f" | {np.median([rq[q]['cf_ms_per_patient'] for q in qs]):.0f} / "
+                       f"{np.median([rq[q]['cf_cpu_ms_per_patient'] for q in qs]):.0f} |")
+    L.append("")
     return "\n".join(L)
 
 

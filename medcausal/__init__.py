@@ -15,9 +15,10 @@ from .errors import MedCausalError  # noqa: E402
 from .graph import Binary, Categorical, CausalGraph, Continuous, Expression, Image  # noqa: E402
 from .model import CausalModel  # noqa: E402
 from .privacy import Privacy  # noqa: E402
-from .simulate import augment, counterfactual_patients, evaluate_augmentation, simulate  # noqa: E402
+from .simulate import (ImageClassifier, augment, counterfactual_patients, evaluate_augmentation,  # noqa: E402
+                       simulate)
 
 __all__ = ["CausalGraph", "CausalModel", "Cohort", "Continuous", "Binary", "Categorical", "Image",
            "Expression", "Privacy", "MedCausalError", "errors", "interventions", "mechanisms", "metrics",
-           "synthetic", "simulate", "counterfactual_patients", "augment", "evaluate_augmentation",
+           "synthetic", "simulate", "ImageClassifier", "counterfactual_patients", "augment", "evaluate_augmentation",
            "__version__"]

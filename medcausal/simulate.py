@@ -66,7 +66,7 @@ from .errors import (CapabilityError, DataError, InterventionError, MedCausalErr
 from .interventions import Intervention, parse_cli_do, parse_do
 from .io import atomic_write
 
-__all__ = ["simulate", "counterfactual_patients", "augment", "evaluate_augmentation", "read_run",
+__all__ = ["simulate", "counterfactual_patients", "augment", "evaluate_augmentation", "read_run", "ImageClassifier",
            "SimulationRun", "model_id", "add_commands", "PROVENANCE_COLUMNS"]
 
 PROVENANCE_COLUMNS = ("synthetic", "synth_model", "synth_strategy", "synth_do", "synth_where",
@@ -341,7 +341,8 @@ class SimulationRun:
 def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | None = None,
              seed: int | None = None, *, chunk_size: int | None = None, out: str | os.PathLike | None = None,
              format: str = "parquet", overwrite: bool = False, resume: bool = False,
-             min_acceptance: float = 1e-3, provenance: bool = True, progress: bool | None = None):
+             min_acceptance: float = 1e-3, provenance: bool = True, progress: bool | None = None,
+             image_format: str = "nifti"):
     """Simulate ``n`` synthetic patients, optionally under ``do`` and within the subgroup ``where``.
 
     ``where`` is a pandas query over the model's scalar variables, evaluated in the world of
@@ -366,7 +367,12 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     With ``out`` (a folder) the chunks are written as ``part-00000.<format>`` files, each
     atomically, beside a JSON sidecar ``simulation.json``; a ``_SUCCESS`` marker is
     written last, so an interrupted run leaves complete parts and no marker
-    (``resume=True`` finishes it, identically). Memory stays flat in ``n``. Returns a
+    (``resume=True`` finishes it, identically). Memory stays flat in ``n``. Image
+    variables are written one file per scan (``image_format``: ``"nifti"``, float32, or
+    ``"png"``, 16-bit with the scale in ``<name>_scale``) into a folder
+    ``part-00000.<name>/`` per chunk, the table part holding ``<name>_path`` (relative to
+    the run folder); expression variables go to one ``part-00000.h5ad`` per chunk (the
+    table as ``.obs``, provenance included). Returns a
     :class:`SimulationRun`; without ``out``, the cohort itself (the container kind the
     model was fitted on).
 
@@ -379,6 +385,8 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     """
     model._require_fit()
     n = _check_n(n)
+    if str(image_format).lower() not in ("nifti", "png"):
+        raise MedCausalError(f"image_format must be 'nifti' or 'png', got {image_format!r}")
     chunk_size = _default_chunk(model) if chunk_size is None else _check_n(chunk_size, "chunk_size")
     ivs = parse_do(do, model.graph.variables)
     if not 0.0 < float(min_acceptance) <= 1.0:
@@ -397,6 +405,8 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
             "model_id": model_id(model), "epsilon": _epsilon(model), "privacy": _privacy_summary(model),
             "do": _describe_do(do),
             "where": where, "method": plan.method}
+    if any(t.kind == "image" for t in model.graph.variables.values()):
+        meta["image_format"] = str(image_format).lower()
     key = dict(model_key=meta["model_id"], strategy="simulate", do=do, where=where, seed=run_seed,
                epsilon=meta["epsilon"])
     chunks = [(i, i * chunk_size, min(chunk_size, n - i * chunk_size)) for i in range(meta["n_chunks"])]
@@ -617,7 +627,7 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
     if out.is_dir() and any(out.iterdir()):
         old = _read_sidecar(out) if (out / SIDECAR).is_file() else None
         if resume and old is not None:
-            same = ("n", "chunk_size", "seed", "model_id", "do", "where", "part_format")
+            same = ("n", "chunk_size", "seed", "model_id", "do", "where", "part_format", "image_format")
             diff = [k for k in same if old.get(k) != meta.get(k)]
             if diff:
                 raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff}")
@@ -641,7 +651,7 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
                 continue
             data = make(i, start, m)
             entry = {"chunk": i, "file": _part_name(i, fmt), "rows": m, "start": start}
-            entry.update(_write_part(out, i, fmt, data))
+            entry.update(_write_part(out, i, fmt, data, meta.get("image_format", "nifti")))
             del data  # hold one chunk at a time
             done[i] = entry
             meta["parts"] = [done[k] for k in sorted(done)]
@@ -685,25 +695,103 @@ def _write_table_file(table: pd.DataFrame, path: Path, fmt: str) -> None:
             table.to_csv(tmp, index=keep_index)
 
 
-def _write_part(out: Path, i: int, fmt: str, data) -> dict:
-    """Write one chunk; returns the extra sidecar fields (array files). Each file is atomic."""
+def _h5ad_safe(adata):
+    """h5py cannot store object columns mixing None and strings: None -> "" in the obs."""
+    obs = adata.obs
+    for c in obs.columns:
+        if obs[c].dtype == object:
+            obs[c] = obs[c].map(lambda v: "" if v is None or v is pd.NA else str(v))
+    return adata
+
+
+def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") -> dict:
+    """Write one chunk in its domain's format; returns the extra sidecar fields. Each file is atomic.
+
+    Tables: the ``part-<i>.<fmt>`` file. AnnData (cells) or a Cohort with an expression
+    array: also ``part-<i>.h5ad``. Image arrays: one NIfTI/PNG per scan in the folder
+    ``part-<i>.<name>/`` (through :func:`medcausal.adapters.write_images`), the table part
+    gaining ``<name>_path`` (relative to the run folder) and, for PNG, ``<name>_scale``.
+    """
     extra: dict = {}
     if _is_anndata(data):  # single-cell path: one .h5ad per chunk
         name = f"part-{i:05d}.h5ad"
         with atomic_write(out / name) as tmp:
-            data.write_h5ad(tmp)
+            _h5ad_safe(data.copy()).write_h5ad(tmp)
         extra["h5ad"] = name
+        extra["container"] = "anndata"
         # The table part still carries the obs (provenance included) for quick reading.
     table = _table(data)
     if isinstance(data, Cohort) and data.arrays:
-        # Image/expression path. TODO(images): write NIfTI/PNG through the images adapter once it
-        # lands; until then the arrays of a chunk go to one .npz beside its table part.
-        name = f"part-{i:05d}.arrays.npz"
-        with atomic_write(out / name) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **data.arrays)
-        extra["arrays"] = name
+        table = table.copy()
+        images = [k for k, v in data.arrays.items() if np.ndim(v) >= 4]
+        matrices = [k for k, v in data.arrays.items() if k not in images]
+        if images:
+            from .adapters.images import write_images
+
+            extra["images"] = {}
+            for name in images:
+                folder = out / f"part-{i:05d}.{name}"
+                if folder.exists():  # left by an interrupted run: the chunk is redone whole
+                    import shutil
+
+                    shutil.rmtree(folder)
+                keep = [data.id_column] + [c for c in (f"{name}_affine",) if c in table.columns]
+                idx = write_images(Cohort(table[keep], {name: data.arrays[name]}, id_column=data.id_column),
+                                   folder, format=image_format, name=name, table_name=".index.csv")
+                written = pd.read_csv(idx)
+                idx.unlink()
+                table[f"{name}_path"] = [f"{folder.name}/{f}" for f in written[f"{name}_path"]]
+                if f"{name}_scale" in written.columns:
+                    table[f"{name}_scale"] = written[f"{name}_scale"].to_numpy()
+                extra["images"][name] = folder.name
+        if matrices:
+            from .adapters.singlecell import cohort_to_anndata
+
+            sub = Cohort(data.table, {k: data.arrays[k] for k in matrices}, id_column=data.id_column)
+            adata = _h5ad_safe(cohort_to_anndata(sub, expression=matrices[0]))
+            name = f"part-{i:05d}.h5ad"
+            with atomic_write(out / name) as tmp:
+                adata.write_h5ad(tmp)
+            extra["h5ad"] = name
+            extra["h5ad_arrays"] = matrices
+        extra["container"] = "cohort"
+        extra["id_column"] = data.id_column
     _write_table_file(table, out / _part_name(i, fmt), fmt)
     return extra
+
+
+def _read_image_file(path: Path, scale) -> np.ndarray:
+    """One scan written by write_images -> [C, H, W] / [C, D, H, W] float32."""
+    if path.suffix.lower() == ".png":
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as im:
+            a = np.asarray(im).astype(np.float32)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return a * np.float32(scale)
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))[None]
+
+
+def _read_part_arrays(path: Path, p: dict, table: pd.DataFrame) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for name in p.get("images", {}):
+        scale = table[f"{name}_scale"].to_numpy() if f"{name}_scale" in table.columns else np.ones(len(table))
+        arrays[name] = np.stack([_read_image_file(path / f, sc) for f, sc in zip(table[f"{name}_path"], scale)])
+    if "h5ad_arrays" in p:
+        import anndata
+
+        a = anndata.read_h5ad(path / p["h5ad"])
+        X = a.layers["counts"] if "counts" in a.layers else a.X
+        first = p["h5ad_arrays"][0]
+        arrays[first] = (X.toarray() if hasattr(X, "toarray") else np.asarray(X)).astype(np.float32)
+        for k in p["h5ad_arrays"][1:]:
+            arrays[k] = np.asarray(a.obsm[k])
+    if "arrays" in p:  # runs written before images/h5ad parts existed
+        with np.load(path / p["arrays"]) as z:
+            arrays.update({k: z[k] for k in z.files})
+    return arrays
 
 
 def _clear_run(out: Path) -> None:
@@ -715,8 +803,13 @@ def _clear_run(out: Path) -> None:
     if foreign:
         raise MedCausalError(f"refusing to overwrite {str(out)!r}: it holds files that are not a "
                              f"simulation's: {foreign[:5]}")
+    import shutil
+
     for p in sorted(ours, key=lambda p: p.name != MARKER):
-        p.unlink()
+        if p.is_dir():  # a chunk's image folder
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -752,22 +845,29 @@ def read_run(path: str | os.PathLike, allow_incomplete: bool = False):
         raise DataError(f"simulation {str(path)!r} is incomplete (no {MARKER} marker): "
                         f"{len(meta.get('parts', []))} of {meta.get('n_chunks')} parts were written; "
                         "finish it with simulate(..., resume=True) or read it with allow_incomplete=True")
+    parts = meta["parts"]
+    if parts and all(p.get("container") == "anndata" for p in parts):
+        import anndata
+
+        return anndata.concat([anndata.read_h5ad(path / p["h5ad"]) for p in parts], merge="same",
+                              uns_merge="first")
     frames, arrays = [], []
-    for p in meta["parts"]:
+    cohort = any(p.get("container") == "cohort" or "arrays" in p for p in parts)
+    for p in parts:
         f = path / p["file"]
         t = pd.read_parquet(f) if meta["part_format"] == "parquet" else pd.read_csv(f)
-        if "id" in t.columns and "arrays" not in p:
+        if "id" in t.columns and not cohort:
             t = t.set_index("id")
         frames.append(t)
-        if "arrays" in p:
-            with np.load(path / p["arrays"]) as z:
-                arrays.append({k: z[k] for k in z.files})
+        if cohort:
+            arrays.append(_read_part_arrays(path, p, t))
     if not frames:
         return pd.DataFrame()
     table = pd.concat(frames)
-    if arrays:
+    if cohort:
         return Cohort(table.reset_index(drop=True),
-                      {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]})
+                      {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]},
+                      id_column=parts[0].get("id_column", "id"))
     return table
 
 
@@ -1272,6 +1372,144 @@ def _preprocessor(X: pd.DataFrame):
                               ("cat", OneHotEncoder(handle_unknown="ignore"), cat)])
 
 
+class ImageClassifier:
+    """A small torch CNN with the scikit-learn classifier interface, for image arrays.
+
+    ``fit(X, y)`` takes ``X`` as ``[n, C, H, W]`` (2D scans) or ``[n, C, D, H, W]`` (3D);
+    ``predict_proba`` / ``predict`` return class probabilities / labels. Architecture:
+    per entry of ``channels`` a 3x3 convolution, batch norm, ReLU and 2x max-pooling,
+    then global average pooling and a linear layer; cross-entropy, Adam. Inputs are
+    standardized per channel with the training set's mean and sd. Training runs
+    ``steps`` optimizer steps when given (the same budget whatever the training-set
+    size: the fair setting for comparing training sets of different sizes), else
+    ``epochs`` passes. Deterministic for a given ``seed`` and thread count.
+    :func:`evaluate_augmentation` uses it (with ``seed``) for image features.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 2, 64); X = rng.normal(size=(64, 1, 8, 8)).astype(np.float32)
+    >>> X[:, :, 2:6, 2:6] += 2.0 * y[:, None, None, None]     # a bright square in class 1
+    >>> clf = ImageClassifier(channels=(4,), steps=60, seed=0).fit(X, y)
+    >>> float((clf.predict(X) == y).mean()) > 0.9
+    True
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), epochs: int = 20, steps: int | None = None,
+                 batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0):
+        self.channels, self.epochs, self.steps, self.batch_size = channels, epochs, steps, batch_size
+        self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {k: getattr(self, k) for k in ("channels", "epochs", "steps", "batch_size", "lr",
+                                              "weight_decay", "seed")}
+
+    def set_params(self, **params) -> "ImageClassifier":
+        for k, v in params.items():
+            if k not in self.get_params():
+                raise MedCausalError(f"ImageClassifier has no parameter {k!r}")
+            setattr(self, k, v)
+        return self
+
+    def _net(self, C: int, dims: int, n_classes: int):
+        from torch import nn
+
+        conv, bn, pool = ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if dims == 2
+                          else (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d))
+        layers, c_in = [], C
+        for c in self.channels:
+            layers += [conv(c_in, int(c), 3, padding=1), bn(int(c)), nn.ReLU(), pool(2, ceil_mode=True)]
+            c_in = int(c)
+        layers += [nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                   nn.Linear(c_in, n_classes)]
+        return nn.Sequential(*layers)
+
+    def _prep(self, X) -> torch.Tensor:
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim not in (4, 5):
+            raise DataError(f"ImageClassifier needs images [n, C, H, W] or [n, C, D, H, W], got shape {X.shape}")
+        if hasattr(self, "shape_") and X.shape[1:] != self.shape_:
+            raise DataError(f"ImageClassifier was fitted on images of shape {self.shape_}, got {X.shape[1:]}")
+        return (torch.from_numpy(X) - self.mean_) / self.sd_
+
+    def fit(self, X, y) -> "ImageClassifier":
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        if X.ndim not in (4, 5):
+            raise DataError(f"ImageClassifier needs images [n, C, H, W] or [n, C, D, H, W], got shape {X.shape}")
+        if len(X) != len(y):
+            raise DataError(f"ImageClassifier.fit: {len(X)} images but {len(y)} labels")
+        if not np.isfinite(X).all():
+            raise DataError("ImageClassifier.fit: the images have non-finite values")
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise DataError(f"ImageClassifier.fit needs at least two classes, got {self.classes_.tolist()}")
+        axes = (0,) + tuple(range(2, X.ndim))
+        self.shape_ = X.shape[1:]
+        self.mean_ = torch.from_numpy(X.mean(axis=axes, keepdims=True)[0:1])
+        self.sd_ = torch.from_numpy(X.std(axis=axes, keepdims=True)[0:1] + 1e-6)
+        Xt, yt = self._prep(X), torch.from_numpy(codes.astype(np.int64))
+        rng = np.random.default_rng(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net_ = self._net(X.shape[1], X.ndim - 2, len(self.classes_))
+        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        bs = max(2, min(int(self.batch_size), len(X)))
+        per_epoch = max(1, len(X) // bs)  # full batches only (batch norm needs > 1 row)
+        total = int(self.steps) if self.steps is not None else int(self.epochs) * per_epoch
+        self.net_.train()
+        step = 0
+        while step < total:
+            order = rng.permutation(len(X))
+            for b in range(per_epoch):
+                if step >= total:
+                    break
+                idx = torch.from_numpy(order[b * bs:(b + 1) * bs])
+                loss = torch.nn.functional.cross_entropy(self.net_(Xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+        self.net_.eval()
+        self.n_steps_ = step
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        if not hasattr(self, "net_"):
+            raise MedCausalError("ImageClassifier is not fitted; call fit(X, y) first")
+        Xt = self._prep(X)
+        with torch.no_grad():
+            out = [torch.softmax(self.net_(Xt[s:s + 256]), dim=1) for s in range(0, len(Xt), 256)]
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(self.classes_)))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def _image_feature(train, test, features) -> str | None:
+    """The image array the downstream model trains on, or None for tabular features."""
+    arrays = {k: v for k, v in (test.arrays.items() if isinstance(test, Cohort) else [])}
+    if features is None:
+        imgs = [k for k, v in arrays.items() if np.ndim(v) >= 4
+                and isinstance(train, Cohort) and k in train.arrays]
+        if len(imgs) > 1:
+            raise DataError(f"the cohorts hold several image arrays {imgs}; pick one with features=[name]")
+        return imgs[0] if imgs else None
+    feats = list(features)
+    named = [f for f in feats if f in arrays or isinstance(train, Cohort) and f in train.arrays]
+    if not named:
+        return None
+    if len(feats) > 1:
+        raise CapabilityError(f"features {feats} mix image array(s) {named} with other features; the image "
+                              "path trains on one image array alone")
+    for nm, t in (("train", train), ("test", test)):
+        if not (isinstance(t, Cohort) and named[0] in t.arrays):
+            raise DataError(f"image feature {named[0]!r} is not an array of {nm}")
+    if np.ndim(arrays[named[0]]) < 4:
+        raise CapabilityError(f"array {named[0]!r} has shape {np.shape(arrays[named[0]])}; the torch classifier "
+                              "takes images [n, C, H, W] or [n, C, D, H, W]")
+    return named[0]
+
+
 def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: Sequence[str] | None = None,
                           estimator=None, subgroups: str | Sequence[str] | Mapping[str, str] | None = None,
                           metric: str | None = None, task: str | None = None, n_boot: int = 1000,
@@ -1286,6 +1524,12 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     each trains a fresh clone of ``estimator`` (default: standardized/one-hot features into
     a logistic regression, or ridge regression) on ``features`` (default: the columns
     shared by train and test, minus the label, the provenance and id columns).
+
+    Images: when ``features`` names one image array of :class:`~medcausal.Cohort` inputs
+    (``features=["mri"]``), or is ``None`` and train and test share exactly one image
+    array, each condition trains a fresh :class:`ImageClassifier` (a small torch CNN,
+    seeded with ``seed``; pass ``estimator=ImageClassifier(steps=..., ...)`` to set it)
+    on that array; synthetic sets must then be Cohorts holding the array too.
 
     Scores on the test rows of each subgroup (``subgroups``: a condition, a list, or
     ``{name: condition}``; ``"all"`` is always there). ``metric``: ``roc_auc`` (binary
@@ -1313,16 +1557,20 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
             raise DataError(f"label {label!r} is not a column of {name}; columns: {list(t.columns)}")
     if "synthetic" in test_t.columns and test_t["synthetic"].astype(bool).any():
         raise DataError("test= holds synthetic rows (synthetic=True); evaluate on held-out real data only")
-    if isinstance(train, Cohort) and train.arrays and features is None:
-        pass  # TODO(images): a small torch classifier on image arrays; tabular features only for now
+    img = _image_feature(train, test, features)  # an image array: the torch classifier path
+    arr: dict[str, np.ndarray] = {}  # image arrays of the real set and of each synthetic set
     # -- split real / synthetic sets -----------------------------------------
     if "synthetic" in train_t.columns:
         flag = train_t["synthetic"].astype(bool).to_numpy()
         real = train_t.loc[~flag]
+        if img is not None:
+            arr["real"] = train.arrays[img][~flag]
         if synthetic is None and flag.any():
-            synthetic = {"synthetic": train_t.loc[flag]}
+            synthetic = {"synthetic": train[flag] if img is not None else train_t.loc[flag]}
     else:
         real = train_t
+        if img is not None:
+            arr["real"] = train.arrays[img]
     if synthetic is None:
         synthetic = {}
     elif not isinstance(synthetic, Mapping):
@@ -1330,10 +1578,14 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     syn_sets = {}
     for name, s in synthetic.items():
         st = _table(s)
-        if "synthetic" in st.columns:
-            st = st.loc[st["synthetic"].astype(bool).to_numpy()]
+        keep = st["synthetic"].astype(bool).to_numpy() if "synthetic" in st.columns else np.ones(len(st), bool)
+        st = st.loc[keep]
         if label not in st.columns:
             raise DataError(f"synthetic set {name!r} has no label column {label!r}")
+        if img is not None:
+            if not (isinstance(s, Cohort) and img in s.arrays):
+                raise DataError(f"synthetic set {name!r} has no image array {img!r} (pass a medcausal Cohort)")
+            arr[f"syn:{name}"] = s.arrays[img][keep]
         syn_sets[str(name)] = st
     if len(real) == 0:
         raise DataError("train= has no real rows")
@@ -1342,7 +1594,9 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     for t in (train, test):
         if isinstance(t, Cohort):
             drop.add(t.id_column)
-    if features is None:
+    if img is not None:
+        features = []  # the image array alone; checked by _image_feature
+    elif features is None:
         features = [c for c in test_t.columns if c in real.columns and c not in drop]
     features = list(features)
     missing = {nm: [c for c in features if c not in t.columns]
@@ -1350,7 +1604,7 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     missing = {k: v for k, v in missing.items() if v}
     if missing:
         raise DataError(f"feature column(s) missing: {missing}")
-    if not features:
+    if not features and img is None:
         raise DataError("no feature columns to train on; pass features=")
     y_all = pd.concat([real[label], test_t[label]])
     if task is None:
@@ -1359,6 +1613,9 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
                 else "regression")
     if task not in ("classification", "regression"):
         raise MedCausalError(f"task must be 'classification' or 'regression', got {task!r}")
+    if img is not None and task != "classification" and estimator is None:
+        raise CapabilityError(f"image feature {img!r}: the built-in torch model is a classifier; label "
+                              f"{label!r} is a regression target (pass estimator= with fit(X, y)/predict on arrays)")
     classes = sorted(pd.unique(y_all), key=lambda v: (str(type(v)), v)) if task == "classification" else None
     if metric is None:
         metric = ("roc_auc" if len(classes) == 2 else "balanced_accuracy") if task == "classification" else "r2"
@@ -1393,14 +1650,23 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
 
     # -- train every condition -------------------------------------------------
     conditions = {"real": (real, None, len(real))}  # name -> (rows, synthetic set, real rows in it)
+    images = {"real": arr.get("real")}  # name -> the image array of those rows (image path)
     for name, st in syn_sets.items():
         conditions[f"real+{name}"] = (pd.concat([real, st], ignore_index=True), name, len(real))
         conditions[name] = (st, name, 0)
-    X_test = test_t[features]
+        if img is not None:
+            images[f"real+{name}"] = np.concatenate([arr["real"], arr[f"syn:{name}"]])
+            images[name] = arr[f"syn:{name}"]
+    X_test = test.arrays[img] if img is not None else test_t[features]
     preds, notes = {}, {}
     for cond, (data, sname, _) in conditions.items():
-        est = clone(estimator) if estimator is not None else _default_estimator(task, real[features])
-        if estimator is not None and any(not pd.api.types.is_numeric_dtype(real[c]) for c in features):
+        if img is not None:
+            est = (clone(estimator) if estimator is not None and hasattr(estimator, "get_params")
+                   else estimator if estimator is not None else ImageClassifier(seed=seed))
+        else:
+            est = clone(estimator) if estimator is not None else _default_estimator(task, real[features])
+        if img is None and estimator is not None and any(not pd.api.types.is_numeric_dtype(real[c])
+                                                         for c in features):
             from sklearn.pipeline import make_pipeline
             est = make_pipeline(_preprocessor(real[features]), est)
         y = data[label]
@@ -1410,7 +1676,7 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            est.fit(data[features], y)
+            est.fit(images[cond] if img is not None else data[features], y.to_numpy() if img is not None else y)
         if needs == "proba":
             proba = est.predict_proba(X_test)
             cls = list(est.classes_)
@@ -1608,6 +1874,102 @@ def _sidecar_for(path: Path, info: dict) -> None:
     _write_json(path.with_name(path.name + ".json"), info)
 
 
+_TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def _read_input(model, path: str | os.PathLike):
+    """The CLI's ``--input``: a CSV/Parquet table (with ``<name>_path`` columns for the model's
+    image variables: scans loaded as the model was fitted), an ``.h5ad`` file, or a folder
+    written by ``medcausal simulate``."""
+    from .io import read_table
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input {str(path)!r} does not exist")
+    if path.is_dir():
+        return read_run(path)
+    if path.suffix.lower() == ".h5ad":
+        from .adapters.singlecell import read_h5ad
+
+        return read_h5ad(path)
+    table = read_table(path)
+    images = [v for v, t in model.graph.variables.items() if t.kind == "image"]
+    if not images:
+        return table
+    missing = [f"{v}_path" for v in images if f"{v}_path" not in table.columns]
+    if missing:
+        raise DataError(f"input {str(path)!r} has no column(s) {missing} naming the scans of the model's image "
+                        f"variable(s) {images}; give a table with them, or a simulation folder")
+    from .adapters.images import load_images
+
+    cohort = None
+    for v in images:
+        c = load_images(None, table=path, image_column=f"{v}_path", name=v,
+                        spec=model.image_specs.get(v), shape=model.graph.variables[v].shape,
+                        intensity=None, progress=False)
+        cohort = c if cohort is None else Cohort(cohort.table, {**cohort.arrays, v: c.arrays[v]},
+                                                 id_column=cohort.id_column)
+    return cohort
+
+
+def _write_output(data, out: Path, image_format: str = "nifti") -> dict:
+    """Write a CLI result in its domain's format; returns extra sidecar fields.
+
+    ``.h5ad``: AnnData, or a Cohort with an expression array (as AnnData, the table in
+    ``.obs``). ``.csv``/``.parquet``: the table; a Cohort's image arrays go one file per
+    scan (NIfTI or PNG) into ``<stem>_<name>/`` beside it, the table holding
+    ``<name>_path`` relative to its own folder (what :func:`medcausal.adapters.load_images`
+    reads back). Every file is written atomically.
+    """
+    suffix = out.suffix.lower()
+    if suffix == ".h5ad":
+        from .adapters.singlecell import cohort_to_anndata, write_h5ad
+
+        if _is_anndata(data):
+            adata = data
+        elif isinstance(data, Cohort) and any(np.ndim(a) == 2 for a in data.arrays.values()):
+            expr = [k for k, a in data.arrays.items() if np.ndim(a) == 2][0]
+            adata = cohort_to_anndata(Cohort(data.table, {k: a for k, a in data.arrays.items() if np.ndim(a) <= 2},
+                                             id_column=data.id_column), expression=expr)
+        else:
+            raise DataError(f"{str(out)!r}: .h5ad output needs single-cell data (an expression array); this "
+                            "result has none: write .csv or .parquet")
+        write_h5ad(_h5ad_safe(adata.copy()), out)
+        return {"format": "h5ad"}
+    if suffix not in _TABLE_SUFFIXES:
+        raise DataError(f"output {str(out)!r}: use a .csv, .parquet or .h5ad file (or a folder for simulate)")
+    if _is_anndata(data) or isinstance(data, Cohort) and any(np.ndim(a) == 2 for a in data.arrays.values()):
+        raise DataError(f"{str(out)!r}: the result holds expression counts; write it as .h5ad "
+                        "(or to a folder with `medcausal simulate`)")
+    table = _table(data)
+    extra: dict = {"format": "parquet" if suffix in (".parquet", ".pq") else "csv"}
+    if isinstance(data, Cohort) and data.arrays:
+        from .adapters.images import write_images
+
+        table = table.copy()
+        unique = table[data.id_column].astype(str)
+        if unique.duplicated().any():  # long layouts repeat ids: name files by id and row
+            unique = unique + "_" + pd.Series(np.arange(len(table)), index=table.index).astype(str)
+        extra["images"] = {}
+        for name, arr in data.arrays.items():
+            folder = out.parent / f"{out.stem}_{_safe_stem(name)}"
+            tmp = Cohort(pd.DataFrame({"_file": unique.to_numpy()}), {name: arr}, id_column="_file")
+            idx = write_images(tmp, folder, format=image_format, name=name, table_name=".index.csv")
+            written = pd.read_csv(idx)
+            idx.unlink()
+            table[f"{name}_path"] = [f"{folder.name}/{f}" for f in written[f"{name}_path"]]
+            if f"{name}_scale" in written.columns:
+                table[f"{name}_scale"] = written[f"{name}_scale"].to_numpy()
+            extra["images"][name] = folder.name
+        extra["image_format"] = image_format
+    _write_table_file(table, out, extra["format"])
+    return extra
+
+
+def _safe_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name))
+
+
 def cmd_simulate(args) -> int:
     """``medcausal simulate RUN -n N [--do v=x] [--where COND] --out FOLDER|FILE``."""
     from .cli import load_run
@@ -1616,20 +1978,19 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     kw = dict(do=parse_cli_do(args.do) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
-    if out.suffix.lower() in (".csv", ".parquet", ".pq"):
+    if out.suffix.lower() in (*_TABLE_SUFFIXES, ".h5ad"):
         if out.exists() and not args.overwrite:
             raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-        df = simulate(model, args.n, **kw)
-        info = dict(df.attrs.get("medcausal", {}))
-        fmt = "csv" if out.suffix.lower() == ".csv" else "parquet"
-        if fmt == "parquet":
+        if out.suffix.lower() in (".parquet", ".pq"):
             _require_parquet()
-        _write_table_file(df, out, fmt)
-        _sidecar_for(out, {**info, "file": out.name, "status": "complete"})
+        df = simulate(model, args.n, **kw)
+        info = dict(_table(df).attrs.get("medcausal", {}))
+        extra = _write_output(df, out, args.image_format)
+        _sidecar_for(out, {**info, **extra, "file": out.name, "rows": len(df), "status": "complete"})
         print(f"wrote {len(df)} simulated patients to {out} ({info.get('method')})")
         return 0
     run = simulate(model, args.n, out=out, format=args.format, overwrite=args.overwrite, resume=args.resume,
-                   **kw)
+                   image_format=args.image_format, **kw)
     print(f"wrote {run.n} simulated patients in {len(run.parts)} part(s) to {out} ({run.info.get('method')})")
     return 0
 
@@ -1640,19 +2001,18 @@ def cmd_augment(args) -> int:
     from .io import read_table
 
     model = load_run(args.run_dir)
-    data = read_table(args.input)
+    data = _read_input(model, args.input)
     aug = augment(model, data, target=args.target, n=args.n, strategy=args.strategy,
                   do=parse_cli_do(args.do) or None, source=args.source, seed=args.seed,
                   progress=not args.quiet and None)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-    from .io import write_table
-
-    write_table(aug, out)
-    report = aug.attrs.get("medcausal", {})
-    _sidecar_for(out, {**report, "input": str(args.input), "rows": len(aug),
-                       "synthetic_rows": int(aug["synthetic"].sum())})
+    extra = _write_output(aug, out, args.image_format)
+    table = _table(aug)
+    report = table.attrs.get("medcausal", {})
+    _sidecar_for(out, {**report, **extra, "input": str(args.input), "rows": len(aug),
+                       "synthetic_rows": int(table["synthetic"].astype(bool).sum())})
     print(f"added {report.get('added', 0)} synthetic patients ({args.strategy}) -> {out} ({len(aug)} rows)")
     return 0
 
@@ -1668,10 +2028,9 @@ def _parse_world(item: str) -> tuple[str, dict]:
 def cmd_worlds(args) -> int:
     """``medcausal worlds RUN --input PATIENTS --world NAME:VAR=VAL ... --out FILE``."""
     from .cli import load_run
-    from .io import read_table, write_table
 
     model = load_run(args.run_dir)
-    data = read_table(args.input)
+    data = _read_input(model, args.input)
     worlds = dict(_parse_world(w) for w in args.world)
     if args.do:
         worlds = {**worlds, **_worlds(parse_cli_do(args.do))}
@@ -1682,8 +2041,9 @@ def cmd_worlds(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-    write_table(twins, out)
-    _sidecar_for(out, {"model_id": model_id(model), "worlds": {k: _describe_do(v) for k, v in worlds.items()},
+    extra = _write_output(twins, out, args.image_format)
+    _sidecar_for(out, {**extra, "model_id": model_id(model),
+                       "worlds": {k: _describe_do(v) for k, v in worlds.items()},
                        "seed": args.seed, "layout": args.layout, "patients": len(data), "input": str(args.input)})
     print(f"wrote {len(data)} patients x {len(worlds)} world(s) to {out}")
     return 0
@@ -1708,6 +2068,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("--out", required=True, help="a folder (chunked parts + simulation.json + _SUCCESS), or a "
                                                 "single .csv/.parquet file (held in memory) with a .json sidecar")
     s.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="part format of a folder")
+    s.add_argument("--image-format", choices=["nifti", "png"], default="nifti",
+                   help="file format of simulated scans (one file per scan, paths in <name>_path)")
     s.add_argument("--chunk-size", type=int, default=None,
                    help=f"patients per chunk (default {DEFAULT_CHUNK:,}; {DEFAULT_CHUNK_ARRAYS:,} with images/cells)")
     s.add_argument("--min-acceptance", type=float, default=1e-3, help="lowest rejection acceptance rate allowed")
@@ -1718,7 +2080,8 @@ def add_commands(subparsers) -> None:
 
     a = subparsers.add_parser("augment", help="grow a scarce subgroup or rebalance a label with synthetic patients")
     a.add_argument("run_dir")
-    a.add_argument("--input", required=True, help="the real cohort (CSV or Parquet)")
+    a.add_argument("--input", required=True, help="the real cohort: CSV/Parquet (with <name>_path columns for "
+                                                  "scans), .h5ad, or a `medcausal simulate` folder")
     a.add_argument("--target", required=True,
                    help="subgroup condition (\"sex == 1 and disease == 1\") or a label variable to rebalance")
     a.add_argument("-n", type=int, default=None, help="subgroup size after augmentation (per class for a label)")
@@ -1727,14 +2090,17 @@ def add_commands(subparsers) -> None:
                    help="transport intervention (default: the VAR == VALUE parts of --target)")
     a.add_argument("--source", default=None, metavar="COND", help="transport only real patients matching this")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", required=True, help="output CSV or Parquet (real + synthetic rows, provenance columns)")
+    a.add_argument("--out", required=True, help="output CSV or Parquet (real + synthetic rows, provenance columns; "
+                                                "scans as files beside it), or .h5ad for cells")
+    a.add_argument("--image-format", choices=["nifti", "png"], default="nifti", help="file format of scans")
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_augment)
 
     w = subparsers.add_parser("worlds", help="twin cohort: patients' counterfactuals in several named worlds")
     w.add_argument("run_dir")
-    w.add_argument("--input", required=True, help="CSV or Parquet with the observed patients")
+    w.add_argument("--input", required=True, help="the observed patients: CSV/Parquet (with <name>_path columns "
+                                                  "for scans), .h5ad, or a `medcausal simulate` folder")
     w.add_argument("--world", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                    help="a named world (repeatable)")
     w.add_argument("--do", action="append", default=[], metavar="VAR=VALUE",
@@ -1742,6 +2108,7 @@ def add_commands(subparsers) -> None:
     w.add_argument("--id-column", default=None, help="column holding patient ids (default: row number)")
     w.add_argument("--layout", choices=["wide", "long"], default="wide")
     w.add_argument("--seed", type=int, default=0, help="seed for the noise of discrete variables")
-    w.add_argument("--out", required=True, help="output CSV or Parquet")
+    w.add_argument("--out", required=True, help="output CSV or Parquet (scans as files beside it), or .h5ad")
+    w.add_argument("--image-format", choices=["nifti", "png"], default="nifti", help="file format of scans")
     w.add_argument("--overwrite", action="store_true")
     w.set_defaults(func=cmd_worlds)

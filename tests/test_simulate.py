@@ -477,3 +477,182 @@ def test_names_that_need_backticks():
     assert bal["pt.sex"].value_counts().to_dict() == {0: 300 - sex.sum(), 1: 300 - sex.sum()}
     with pytest.raises(DataError, match="'pt.sex' is binary"):
         S.simulate(model, 5, where="`pt.sex` == 'F'")
+
+
+# --------------------------------------------------------------------------- images and cells
+def _squares(n, seed, flip=False):
+    """Ground truth for the image path: class 1 scans carry a bright 4x4 square (+2 sd), class 0 do not."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = rng.normal(size=(n, 1, 8, 8)).astype(np.float32)
+    X[:, :, 2:6, 2:6] += 2.0 * y[:, None, None, None]
+    label = (1 - y) if flip else y
+    return mc.Cohort(pd.DataFrame({"y": label, "g": rng.integers(0, 2, n)}), {"img": X})
+
+
+def test_image_classifier_learns_and_checks_input():
+    from sklearn.metrics import roc_auc_score
+
+    tr, te = _squares(200, 0), _squares(300, 1)
+    clf = S.ImageClassifier(channels=(4,), steps=80, seed=0).fit(tr.arrays["img"], tr.table["y"])
+    p = clf.predict_proba(te.arrays["img"])[:, 1]
+    assert roc_auc_score(te.table["y"], p) > 0.95  # separable by construction
+    again = S.ImageClassifier(channels=(4,), steps=80, seed=0).fit(tr.arrays["img"], tr.table["y"])
+    np.testing.assert_array_equal(again.predict_proba(te.arrays["img"])[:, 1], p)  # seeded
+    assert clf.n_steps_ == 80 and list(clf.classes_) == [0, 1]
+    with pytest.raises(DataError, match="shape"):
+        clf.predict_proba(np.zeros((2, 1, 4, 4), np.float32))
+    with pytest.raises(DataError, match=r"\[n, C, H, W\]"):
+        S.ImageClassifier().fit(np.zeros((4, 8)), [0, 1, 0, 1])
+    with pytest.raises(DataError, match="two classes"):
+        S.ImageClassifier().fit(np.zeros((4, 1, 4, 4)), [1, 1, 1, 1])
+
+
+def test_evaluate_augmentation_on_images():
+    real, test = _squares(24, 2), _squares(300, 3)
+    oracle, flipped = _squares(200, 4), _squares(200, 5, flip=True)  # flipped: every label inverted
+    est = S.ImageClassifier(channels=(4,), steps=60, seed=0)
+    res = S.evaluate_augmentation(real, test, "y", synthetic={"oracle": oracle, "flipped": flipped},
+                                  features=["img"], estimator=est, subgroups={"g1": "g == 1"}, n_boot=200, seed=0)
+    assert res["condition"].tolist()[:5] == ["real", "real+oracle", "oracle", "real+flipped", "flipped"]
+    score = res[res["subgroup"] == "all"].set_index("condition")["score"]
+    # scans and labels stay aligned through the split and concatenation: the oracle set alone ranks the
+    # test scans almost perfectly, the label-inverted set almost perfectly backwards
+    assert score["oracle"] > 0.95 and score["flipped"] < 0.05
+    assert res.loc[res["condition"] == "real+oracle", "n_train_synthetic"].iloc[0] == 200
+    # default: the one image array shared by train and test; synthetic rows found by their flag
+    aug = S._concat([mc.Cohort(real.table.assign(synthetic=False), real.arrays),
+                     mc.Cohort(oracle.table.assign(synthetic=True), oracle.arrays)])
+    res2 = S.evaluate_augmentation(aug, test, "y", estimator=est, n_boot=50)
+    assert res2["condition"].tolist() == ["real", "real+synthetic", "synthetic"]
+    assert res2["n_train_real"].tolist() == [24, 24, 0]
+    with pytest.raises(mc.errors.CapabilityError, match="mix image"):
+        S.evaluate_augmentation(real, test, "y", features=["img", "g"])
+    with pytest.raises(DataError, match="synthetic set 'tab' has no image array 'img'"):
+        S.evaluate_augmentation(real, test, "y", synthetic={"tab": oracle.table}, features=["img"])
+    reg = mc.Cohort(real.table.assign(v=np.linspace(0, 1, 24)), real.arrays)
+    with pytest.raises(mc.errors.CapabilityError, match="regression"):
+        S.evaluate_augmentation(reg, mc.Cohort(test.table.assign(v=0.5), test.arrays), "v", features=["img"],
+                                task="regression")
+
+
+@pytest.fixture(scope="module")
+def brain_model():
+    import warnings
+
+    sim = mc.synthetic.BrainMRI(shape=(16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mc.errors.OutOfSupportWarning)
+        data = sim.sample(48, seed=0)
+    model = mc.CausalModel(sim.graph, mechanisms={"mri": {"name": "cvae", "channels": [4, 8], "z_dim": 4,
+                                                          "hidden": 16}})
+    return model.fit(data, max_epochs=1, seed=0, verbose=False), data
+
+
+@pytest.mark.parametrize("image_format", ["nifti", "png"])
+def test_simulate_image_model_streams_scan_files(brain_model, tmp_path, image_format):
+    model, _ = brain_model
+    mem = S.simulate(model, 10, seed=0, chunk_size=4)
+    assert isinstance(mem, mc.Cohort) and mem.arrays["mri"].shape == (10, 1, 16, 16)
+    run = S.simulate(model, 10, seed=0, chunk_size=4, out=tmp_path / "run", format="csv", image_format=image_format)
+    suffix = ".nii.gz" if image_format == "nifti" else ".png"
+    assert sorted(p.name for p in (run.path / "part-00001.mri").iterdir()) == [f"{i}{suffix}" for i in range(4, 8)]
+    part = pd.read_csv(run.path / "part-00000.csv")
+    assert set(S.PROVENANCE_COLUMNS) <= set(part.columns) and part["synthetic"].all()
+    assert part["mri_path"].tolist() == [f"part-00000.mri/{i}{suffix}" for i in range(4)]
+    meta = json.loads((run.path / "simulation.json").read_text())
+    assert meta["image_format"] == image_format and meta["parts"][0]["images"] == {"mri": "part-00000.mri"}
+    back = S.read_run(run.path)
+    assert isinstance(back, mc.Cohort) and back.table["id"].tolist() == list(range(10))
+    # NIfTI keeps float32 exactly; PNG quantizes to 16 bits of each chunk's maximum (half a step per row)
+    tol = 0.0 if image_format == "nifti" else 0.5 * back.table["mri_scale"].to_numpy()[:, None, None, None] + 1e-7
+    assert (np.abs(back.arrays["mri"] - mem.arrays["mri"]) <= tol).all()
+    # interrupted after a chunk's scans but before its table: resume redoes that chunk whole
+    (run.path / S.MARKER).unlink()
+    (run.path / "part-00002.csv").unlink()
+    (run.path / "part-00002.mri" / f"9{suffix}").unlink()
+    side = json.loads((run.path / "simulation.json").read_text())
+    side["parts"] = side["parts"][:2]
+    (run.path / "simulation.json").write_text(json.dumps(side))
+    with pytest.raises(DataError, match="incomplete"):
+        S.read_run(run.path)
+    S.simulate(model, 10, seed=0, chunk_size=4, out=tmp_path / "run", format="csv", image_format=image_format,
+               resume=True)
+    assert (np.abs(S.read_run(run.path).arrays["mri"] - mem.arrays["mri"]) <= tol).all()
+    S.simulate(model, 4, seed=1, chunk_size=4, out=tmp_path / "run", format="csv", overwrite=True,
+               image_format=image_format)
+    assert sorted(p.name for p in run.path.iterdir()) == ["_SUCCESS", "part-00000.csv", "part-00000.mri",
+                                                           "simulation.json"]
+    with pytest.raises(MedCausalError, match="image_format"):
+        S.simulate(model, 4, image_format="jpeg")
+
+
+def test_cli_writes_scans_and_h5ad(brain_model, tmp_path):
+    model, data = brain_model
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.mcm")
+    parser = argparse.ArgumentParser(prog="medcausal")
+    S.add_commands(parser.add_subparsers(dest="command"))
+
+    def cli(*argv):
+        args = parser.parse_args([str(a) for a in argv])
+        return args.func(args)
+
+    assert cli("simulate", run_dir, "-n", 6, "--where", "sex == 0", "--out", tmp_path / "sim.csv", "--quiet") == 0
+    sim = pd.read_csv(tmp_path / "sim.csv")
+    assert (sim["sex"] == 0).all() and sim["synthetic"].all() and set(S.PROVENANCE_COLUMNS) <= set(sim.columns)
+    assert all((tmp_path / p).is_file() and p.startswith("sim_mri/") and p.endswith(".nii.gz")
+               for p in sim["mri_path"])
+    side = json.loads((tmp_path / "sim.csv.json").read_text())
+    assert side["images"] == {"mri": "sim_mri"} and side["status"] == "complete" and side["rows"] == 6
+    # augment real patients from a CSV that names their scans: the scans are read back and written out
+    real = data[np.flatnonzero(data.table["sex"].to_numpy() == 0)[:6]]
+    mc.adapters.write_images(real, tmp_path / "real", format="nifti", table_name="real.csv")
+    assert cli("augment", run_dir, "--input", tmp_path / "real" / "real.csv", "--target", "sex == 1", "-n", 3,
+               "--strategy", "transport", "--out", tmp_path / "aug.csv", "--quiet") == 0
+    aug = pd.read_csv(tmp_path / "aug.csv")
+    syn = aug["synthetic"].to_numpy(dtype=bool)
+    assert len(aug) == 9 and syn.sum() == 3 and (aug.loc[syn, "sex"] == 1).all()
+    assert aug.loc[syn, "synth_source"].isin(real.ids.tolist()).all() and (aug.loc[syn, "synth_strategy"] == "transport").all()
+    assert all(p.startswith("aug_mri/") and p.endswith(".nii.gz") for p in aug["mri_path"])
+    back = mc.adapters.load_images(None, table=tmp_path / "aug.csv", image_column="mri_path", shape=(1, 16, 16),
+                                   intensity=None, progress=False)
+    np.testing.assert_array_equal(back.arrays["mri"][~syn], real.arrays["mri"])  # real scans kept as they were
+    # PNG cannot hold the model's slightly negative pixels: a clear error, never a silent clip
+    with pytest.raises(DataError, match="PNG cannot hold negative values"):
+        cli("augment", run_dir, "--input", tmp_path / "real" / "real.csv", "--target", "sex == 1", "-n", 3,
+            "--strategy", "transport", "--image-format", "png", "--out", tmp_path / "aug2.csv", "--quiet")
+    assert json.loads((tmp_path / "aug.csv.json").read_text())["synthetic_rows"] == 3
+    # worlds from a simulation folder: one scan per world, files beside the table
+    assert cli("simulate", run_dir, "-n", 4, "--out", tmp_path / "simrun", "--format", "csv", "--quiet") == 0
+    assert cli("worlds", run_dir, "--input", tmp_path / "simrun", "--world", "old:age=80",
+               "--out", tmp_path / "tw.csv") == 0
+    tw = pd.read_csv(tmp_path / "tw.csv")
+    assert len(tw) == 4 and any(c.startswith("mri") and c.endswith("_path") for c in tw.columns)
+    for col in [c for c in tw.columns if c.endswith("_path")]:
+        assert all((tmp_path / p).is_file() for p in tw[col])
+    with pytest.raises(DataError, match="h5ad output needs single-cell data"):
+        cli("simulate", run_dir, "-n", 2, "--out", tmp_path / "x.h5ad", "--quiet")
+    with pytest.raises(DataError, match="mri_path"):
+        data.table.to_csv(tmp_path / "noscans.csv", index=False)
+        cli("augment", run_dir, "--input", tmp_path / "noscans.csv", "--target", "sex == 1",
+            "--out", tmp_path / "a2.csv", "--quiet")
+
+
+def test_expression_results_are_written_as_h5ad(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    counts = np.arange(12, dtype=np.float32).reshape(4, 3)
+    prov = S._provenance(4, model_key="m1", strategy="simulate", do=None, where=None, seed=0, epsilon=None)
+    cells = mc.Cohort(pd.DataFrame({"drug": ["a", "b", "a", "b"], **prov}), {"expression": counts})
+    S._write_output(cells, tmp_path / "cells.h5ad")
+    a = anndata.read_h5ad(tmp_path / "cells.h5ad")
+    np.testing.assert_array_equal(a.layers["counts"].toarray(), counts)
+    assert a.obs["synthetic"].astype(bool).all() and (a.obs["synth_model"] == "m1").all()
+    with pytest.raises(DataError, match=r"\.h5ad"):
+        S._write_output(cells, tmp_path / "cells.csv")
+    # a streamed chunk: table part + .h5ad, read back into the same cohort
+    extra = S._write_part(tmp_path, 0, "csv", cells)
+    assert extra["h5ad"] == "part-00000.h5ad" and extra["h5ad_arrays"] == ["expression"]
+    arrays = S._read_part_arrays(tmp_path, extra, pd.read_csv(tmp_path / "part-00000.csv"))
+    np.testing.assert_array_equal(arrays["expression"], counts)

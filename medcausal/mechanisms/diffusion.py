@@ -33,7 +33,11 @@ near 0 (``init_scale``; for standardized data that is the N(0, 1) denoiser), and
 row's loss averages ``draws`` noise levels stratified over ``1..T``. The schedule
 follows the paper (``T = 100``, ``beta`` linear from 1e-4 to 0.1); ``steps`` (the DDIM
 steps of encoding and decoding) defaults to 25, the knee of the accuracy-vs-time curve
-(CF MSE within ~3% of 100 steps at 40% of the time; 10 steps: +10-15%, 5 steps: x2).
+measured on this mechanism before it had the location-scale preconditioner (CF MSE within
+~3% of 100 steps at 40% of the time; 10 steps: +10-15%, 5 steps: x2). With the
+preconditioner the curve on the non-additive triangle is flat (the denoiser stops early
+near its Gaussian start) and the preconditioner helps on some SCMs and hurts on others:
+``benchmarks/results/diffusion_steps.md`` and ``diffusion_preconditioner.md``.
 
 >>> import torch
 >>> from medcausal.graph import Continuous

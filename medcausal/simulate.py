@@ -686,6 +686,19 @@ def _json_default(o):
     return str(o)
 
 
+def _scans_beside(table: pd.DataFrame, scans: Cohort, name: str, folder: Path, image_format: str) -> None:
+    """Write one file per scan of ``scans`` into ``folder`` and give ``table`` (row-aligned)
+    the ``<name>_path`` column, relative to the folder's parent (and ``<name>_scale`` for PNG)."""
+    from .adapters.images import write_images
+
+    idx = write_images(scans, folder, format=image_format, name=name, table_name=".index.csv")
+    written = pd.read_csv(idx)
+    idx.unlink()
+    table[f"{name}_path"] = [f"{folder.name}/{f}" for f in written[f"{name}_path"]]
+    if f"{name}_scale" in written.columns:
+        table[f"{name}_scale"] = written[f"{name}_scale"].to_numpy()
+
+
 def _write_table_file(table: pd.DataFrame, path: Path, fmt: str) -> None:
     keep_index = table.index.name is not None
     with atomic_write(path) as tmp:
@@ -726,8 +739,6 @@ def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") 
         images = [k for k, v in data.arrays.items() if np.ndim(v) >= 4]
         matrices = [k for k, v in data.arrays.items() if k not in images]
         if images:
-            from .adapters.images import write_images
-
             extra["images"] = {}
             for name in images:
                 folder = out / f"part-{i:05d}.{name}"
@@ -736,13 +747,8 @@ def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") 
 
                     shutil.rmtree(folder)
                 keep = [data.id_column] + [c for c in (f"{name}_affine",) if c in table.columns]
-                idx = write_images(Cohort(table[keep], {name: data.arrays[name]}, id_column=data.id_column),
-                                   folder, format=image_format, name=name, table_name=".index.csv")
-                written = pd.read_csv(idx)
-                idx.unlink()
-                table[f"{name}_path"] = [f"{folder.name}/{f}" for f in written[f"{name}_path"]]
-                if f"{name}_scale" in written.columns:
-                    table[f"{name}_scale"] = written[f"{name}_scale"].to_numpy()
+                _scans_beside(table, Cohort(table[keep], {name: data.arrays[name]}, id_column=data.id_column),
+                              name, folder, image_format)
                 extra["images"][name] = folder.name
         if matrices:
             from .adapters.singlecell import cohort_to_anndata
@@ -1944,8 +1950,6 @@ def _write_output(data, out: Path, image_format: str = "nifti") -> dict:
     table = _table(data)
     extra: dict = {"format": "parquet" if suffix in (".parquet", ".pq") else "csv"}
     if isinstance(data, Cohort) and data.arrays:
-        from .adapters.images import write_images
-
         table = table.copy()
         unique = table[data.id_column].astype(str)
         if unique.duplicated().any():  # long layouts repeat ids: name files by id and row
@@ -1953,13 +1957,8 @@ def _write_output(data, out: Path, image_format: str = "nifti") -> dict:
         extra["images"] = {}
         for name, arr in data.arrays.items():
             folder = out.parent / f"{out.stem}_{_safe_stem(name)}"
-            tmp = Cohort(pd.DataFrame({"_file": unique.to_numpy()}), {name: arr}, id_column="_file")
-            idx = write_images(tmp, folder, format=image_format, name=name, table_name=".index.csv")
-            written = pd.read_csv(idx)
-            idx.unlink()
-            table[f"{name}_path"] = [f"{folder.name}/{f}" for f in written[f"{name}_path"]]
-            if f"{name}_scale" in written.columns:
-                table[f"{name}_scale"] = written[f"{name}_scale"].to_numpy()
+            _scans_beside(table, Cohort(pd.DataFrame({"_file": unique.to_numpy()}), {name: arr}, id_column="_file"),
+                          name, folder, image_format)
             extra["images"][name] = folder.name
         extra["image_format"] = image_format
     _write_table_file(table, out, extra["format"])
@@ -1998,7 +1997,6 @@ def cmd_simulate(args) -> int:
 def cmd_augment(args) -> int:
     """``medcausal augment RUN --input COHORT --target COND|LABEL [-n N] --out FILE``."""
     from .cli import load_run
-    from .io import read_table
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import medcausal as mc
 
@@ -34,3 +35,19 @@ def fitted(lg_graph, lg_data):
     df, _ = lg_data
     return mc.CausalModel(lg_graph).fit(df, seed=0, max_epochs=60,
                                         verbose=False)
+
+
+def discs(n, seed=0, radius=None, bright=None, centre=None, noise=None, size=16):
+    """Discs on a size x size canvas: parents radius r ~ U(2, 6) and brightness b ~ Bern(0.5);
+    exogenous centre ~ U(6, 10)^2 and pixel noise N(0, 0.02^2)."""
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(2.0, 6.0, n) if radius is None else np.asarray(radius, float)
+    b = rng.integers(0, 2, n) if bright is None else np.asarray(bright)
+    c = rng.uniform(6.0, size - 6.0, (n, 2)) if centre is None else centre
+    eps = rng.normal(0, 0.02, (n, 1, size, size)) if noise is None else noise
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    d = np.sqrt((xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2)
+    img = (0.5 + 0.4 * b)[:, None, None] / (1 + np.exp(-(r[:, None, None] - d) / 0.4))
+    x = (img[:, None] + 0.1 + eps).astype(np.float32)
+    pa = np.stack([(r - 4.0) / 1.15, b], 1).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(pa), {"r": r, "b": b, "c": c, "eps": eps}

@@ -19,23 +19,10 @@ from medcausal.mechanisms import image_diffusion as _idiff  # noqa: F401  (regis
 from medcausal.mechanisms import registry
 from medcausal.mechanisms.image_diffusion import ImageDiffusionMechanism
 
+from conftest import discs  # noqa: E402
+
 SIZE = 16
 
-
-def discs(n, seed=0, radius=None, bright=None, centre=None, noise=None):
-    """Discs on a 16x16 canvas (as in test_hvae): parents radius r ~ U(2, 6) and brightness
-    b ~ Bern(0.5); exogenous centre ~ U(6, 10)^2 and pixel noise N(0, 0.02^2)."""
-    rng = np.random.default_rng(seed)
-    r = rng.uniform(2.0, 6.0, n) if radius is None else np.asarray(radius, float)
-    b = rng.integers(0, 2, n) if bright is None else np.asarray(bright)
-    c = rng.uniform(6.0, SIZE - 6.0, (n, 2)) if centre is None else centre
-    eps = rng.normal(0, 0.02, (n, 1, SIZE, SIZE)) if noise is None else noise
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    d = np.sqrt((xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2)
-    img = (0.5 + 0.4 * b)[:, None, None] / (1 + np.exp(-(r[:, None, None] - d) / 0.4))
-    x = (img[:, None] + 0.1 + eps).astype(np.float32)
-    pa = np.stack([(r - 4.0) / 1.15, b], 1).astype(np.float32)
-    return torch.from_numpy(x), torch.from_numpy(pa), {"r": r, "b": b, "c": c, "eps": eps}
 
 TINY = {"channels": [8, 16], "norm_num_groups": 4, "cond_hidden": 16, "steps": 10}
 # what the trained-toy tests use: a short schedule (T = 200) and 20 DDIM steps

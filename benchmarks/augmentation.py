@@ -376,6 +376,30 @@ def brain_markdown(brain: dict) -> list[str]:
     return lines
 
 
+def throughput_markdown(thr: dict) -> list[str]:
+    lines = ["## Simulation throughput (10-variable flow model)", "",
+             "| path | patients | wall s | CPU s | patients/s (wall) | patients per CPU-s | target 100,000/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t in thr.items():
+        if name == "memory":
+            continue
+        ok = ("met" if t["patients_per_s"] >= 100_000 else "**missed**") if "reference" not in name else \
+            "(not the target's model)"
+        lines.append(f"| {name} | {t['n']:,} | {t['seconds']} | {t['cpu_seconds']} | {t['patients_per_s']:,} | "
+                     f"{t['patients_per_cpu_s']:,} | {ok} |")
+    mem = thr["memory"]
+    flat = mem["peak_rss_growth_large_mb"] <= 1.25 * mem["peak_rss_growth_small_mb"] + 25
+    lines += ["", f"Memory, streaming to Parquet in chunks of {mem['chunk_size']:,} (each run in a fresh process): "
+              f"peak RSS grew by {mem['peak_rss_growth_small_mb']} MB for {mem['n_small']:,} patients and by "
+              f"{mem['peak_rss_growth_large_mb']} MB for {mem['n_large']:,} (the latter's result would take "
+              f"~{mem['result_size_if_in_memory_mb']} MB as float64 in memory; resident memory sampled every "
+              "20 ms). " + ("Flat in n: 5x the patients, about the same peak." if flat else
+                            "Not flat at these sizes: see the full run (allocator warm-up dominates small runs)."),
+              "", "Timings are measured on the machine named above; on a shared, loaded machine they are lower "
+              "bounds of what the code does on 2 quiet cores."]
+    return lines
+
+
 def markdown(report: dict, summary: pd.DataFrame, command: str) -> str:
     reps = report["tabular"]["repetitions"]
     R = len(reps)
@@ -413,27 +437,34 @@ def markdown(report: dict, summary: pd.DataFrame, command: str) -> str:
         else:
             lines.append(f"| {name} | {t['n']:,} | {t['seconds']} | {t['cpu_seconds']} | {t['images_per_s']:,} | "
                          f"{t['images_per_cpu_s']:,} |")
-    lines += ["", "## Simulation throughput (10-variable flow model)", "",
-              "| path | patients | wall s | CPU s | patients/s (wall) | patients per CPU-s | target 100,000/s |",
-              "|---|---|---|---|---|---|---|"]
-    for name, t in report["throughput"].items():
-        if name == "memory":
-            continue
-        ok = ("met" if t["patients_per_s"] >= 100_000 else "**missed**") if "reference" not in name else \
-            "(not the target's model)"
-        lines.append(f"| {name} | {t['n']:,} | {t['seconds']} | {t['cpu_seconds']} | {t['patients_per_s']:,} | "
-                     f"{t['patients_per_cpu_s']:,} | {ok} |")
-    mem = report["throughput"]["memory"]
-    flat = mem["peak_rss_growth_large_mb"] <= 1.25 * mem["peak_rss_growth_small_mb"] + 25
-    lines += ["", f"Memory, streaming to Parquet in chunks of {mem['chunk_size']:,} (each run in a fresh process): "
-              f"peak RSS grew by {mem['peak_rss_growth_small_mb']} MB for {mem['n_small']:,} patients and by "
-              f"{mem['peak_rss_growth_large_mb']} MB for {mem['n_large']:,} (the latter's result would take "
-              f"~{mem['result_size_if_in_memory_mb']} MB as float64 in memory; resident memory sampled every "
-              "20 ms). " + ("Flat in n: 5x the patients, about the same peak." if flat else
-                            "Not flat at these sizes: see the full run (allocator warm-up dominates small runs)."),
-              "", "Timings are measured on the machine named above; on a shared, loaded machine they are lower "
-              "bounds of what the code does on 2 quiet cores."]
+    lines += [""] + throughput_markdown(report["throughput"])
     return "\n".join(lines) + "\n"
+
+
+def throughput_only(args, load_start, t0, c0) -> int:
+    q = args.quick
+    thr = throughput(n_stream=50_000 if q else 2_000_000, n_mem=40_000 if q else 1_000_000,
+                     chunk=10_000 if q else 100_000, threads=args.threads)
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    report = {"benchmark": "augmentation-throughput", "quick": q, "threads": args.threads,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), python {platform.python_version()}, "
+                         f"torch {torch.__version__}", "throughput": thr,
+              "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+              "load_start": load_start, "load_end": load_end}
+    command = "python benchmarks/augmentation.py --only-throughput" + (" --quick" if q else "") + (
+        f" --threads {args.threads}" if args.threads != 2 else "")
+    md = "\n".join([f"# Simulation throughput", "", f"Command: `{command}`  ",
+                    f"Machine: {report['machine']}; torch threads: {args.threads}; wall time "
+                    f"{report['seconds']:.0f} s.  ", f"Machine load (1/5/15-min load averages) at start "
+                    f"{load_start}, at end {load_end} (2 cores).", ""] + throughput_markdown(thr)) + "\n"
+    out = Path(args.out)
+    stem = "augmentation_throughput" + ("_quick" if q else "") + (f"_{args.threads}t" if args.threads != 2 else "")
+    with atomic_write(out / f"{stem}.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1))
+    with atomic_write(out / f"{stem}.md") as tmp:
+        Path(tmp).write_text(md)
+    print(md)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -442,6 +473,8 @@ def main(argv=None) -> int:
     p.add_argument("--repetitions", type=int, default=None, help="tabular repetitions (default 3)")
     p.add_argument("--brain-repetitions", type=int, default=None, help="brain-MRI repetitions (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the target is for 2 cores)")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="only the simulation-throughput part (writes augmentation_throughput.*)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--_stream-probe", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -454,6 +487,8 @@ def main(argv=None) -> int:
     brain_reps = args.brain_repetitions or (1 if q else 2)
     load_start = [round(x, 2) for x in os.getloadavg()]
     t0, c0 = time.perf_counter(), time.process_time()
+    if args.only_throughput:
+        return throughput_only(args, load_start, t0, c0)
     fit_kw = {"max_epochs": 15} if q else {}
     tab = [tabular_repetition(r, 1500 if q else 4000, 1500 if q else 4000, 0.05, 100 if q else 1000, fit_kw)
            for r in range(reps)]

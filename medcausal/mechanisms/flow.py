@@ -25,11 +25,37 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import zuko
-from zuko.transforms import ComposedTransform, MonotonicAffineTransform, MonotonicRQSTransform
+from zuko.transforms import ComposedTransform, MonotonicAffineTransform, MonotonicRQSTransform, Transform
 
 from .base import Mechanism, mlp, randn
 from .registry import register
+
+
+class _RQS(MonotonicRQSTransform):
+    """zuko's monotonic rational-quadratic spline, with its knots computed faster on CPU.
+
+    Same map, same parameters (tested against zuko's own class): only ``__init__`` differs.
+    ``torch.softmax`` over a last dimension of a few bins is ~5x slower on CPU than
+    ``exp`` and a sum, and it dominated sampling time. zuko first squashes the
+    unconstrained widths and heights into ``|w| < |log slope| / 2`` (< 3.5), so ``exp``
+    needs no max-subtraction to be safe.
+    """
+
+    def __init__(self, widths, heights, derivatives, bound: float = 5.0, slope: float = 1e-3):
+        Transform.__init__(self)
+        c = 2.0 / abs(math.log(slope))
+
+        def knots(u):
+            e = torch.exp(u / (1 + c * u.abs()))
+            cdf = torch.cumsum(e, dim=-1)
+            cdf = cdf / cdf[..., -1:]
+            return bound * (2 * F.pad(cdf, (1, 0), value=0.0) - 1)
+
+        self.horizontal = knots(widths)
+        self.vertical = knots(heights)
+        self.derivatives = torch.exp(F.pad(derivatives / (1 + 0.5 * c * derivatives.abs()), (1, 1), value=0.0))
 
 
 @register
@@ -73,11 +99,13 @@ class FlowMechanism(Mechanism):
         if self.dim > 1:
             return (self.flow(parents) if self.parent_dim else self.flow()).transform
         theta = self.hyper(parents).unsqueeze(1)  # [n, 1, params]: one scalar feature
+        if self.parent_dim == 0 and not torch.is_grad_enabled():
+            theta = theta[:1]  # a root's steps are the same for every row: build them once
         steps = [MonotonicAffineTransform(theta[..., 0], theta[..., 1])]
         k = 3 * self.bins - 1
         for i in range(self.transforms):
             w, h, d = theta[..., 2 + i * k:2 + (i + 1) * k].split([self.bins, self.bins, self.bins - 1], -1)
-            steps.append(MonotonicRQSTransform(w, h, d))
+            steps.append(_RQS(w, h, d))
         return ComposedTransform(*steps)
 
     def log_prob(self, value, parents):

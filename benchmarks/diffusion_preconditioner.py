@@ -1,18 +1,28 @@
-"""The ``diffusion`` mechanism with and without its location-scale preconditioner.
+"""The ``diffusion`` mechanism: its preconditioner and the denoiser's conditioning.
 
 Protocol of ``benchmarks/tabular_scm.py`` (5000 training rows, seed 0; every variable with
 descendants, 5 do-values at its 10-90% quantiles, 200 fresh units each; CF MSE x100 over the
-descendants), for ``diffusion`` with ``loc_scale=True`` (the default) and ``loc_scale=False``
-on SCMs where the two disagree, next to ``flow``. Fit settings: ``CausalModel.fit`` defaults
-(the mechanism's ``fit_defaults``: 600 epochs, patience 100).
+descendants), for ``diffusion`` in the settings below, next to ``flow``. Fit settings:
+``CausalModel.fit`` defaults (the mechanism's ``fit_defaults``).
+
+- ``diffusion`` (the default): location-scale preconditioner, the denoiser conditioned on
+  its ``(mu, log sigma)``;
+- ``diffusion condition=parents``: the same preconditioner, the denoiser conditioned on the
+  parents (as in the DCM paper);
+- ``diffusion condition=both``: the same preconditioner, the denoiser conditioned on
+  ``(mu, log sigma)`` and the parents;
+- ``diffusion loc_scale=False``: no preconditioner, the denoiser conditioned on the parents.
 
     python benchmarks/diffusion_preconditioner.py
+    python benchmarks/diffusion_preconditioner.py --variants flow diffusion --suffix _default
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -30,20 +40,50 @@ from tabular_scm import _markdown, queries  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [("chain", True), ("triangle", False), ("diamond", True), ("vector", False)]
-SETTINGS = {"flow": "flow", "diffusion loc_scale=True": {"name": "diffusion", "loc_scale": True},
-            "diffusion loc_scale=False": {"name": "diffusion", "loc_scale": False}}
+SETTINGS = ["flow", "diffusion", "diffusion condition=parents", "diffusion condition=both",
+            "diffusion loc_scale=False"]
 
 
-def main():
+def parse_variant(label: str):
+    """``"flow"`` -> ``"flow"``; ``"diffusion k=v ..."`` -> ``{"name": "diffusion", k: v, ...}``
+    (values read as JSON where they parse, else as strings; ``False``/``True`` as booleans).
+
+    >>> parse_variant("diffusion condition=both loc_scale=False")
+    {'name': 'diffusion', 'condition': 'both', 'loc_scale': False}
+    """
+    name, *pairs = label.split()
+    if not pairs:
+        return name
+    spec = {"name": name}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        value = {"True": "true", "False": "false"}.get(value, value)
+        try:
+            spec[key] = json.loads(value)
+        except json.JSONDecodeError:
+            spec[key] = value
+    return spec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=SETTINGS,
+                   help="'flow', 'diffusion' or 'diffusion key=value ...' (mechanism settings)")
+    p.add_argument("--scms", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
+    p.add_argument("--suffix", default="", help="results file name suffix, for a run of a subset")
+    args = p.parse_args(argv)
+    command = "python benchmarks/diffusion_preconditioner.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
     load_start, started, rows = [round(x, 2) for x in os.getloadavg()], time.time(), []
-    for name, additive in CASES:
+    for name, additive in [c for c in CASES if c[0] in args.scms]:
         sim = mc.synthetic.scm(name, additive=additive)
         train = sim.sample(5000, seed=0)
         qs = queries(sim, train, 5)
         factual = [sim.sample(200, seed=1000 + i) for i in range(len(qs))]
         truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
-        for label, spec in SETTINGS.items():
+        for label in args.variants:
+            spec = parse_variant(label)
             model = mc.CausalModel(sim.graph, mechanisms=spec if isinstance(spec, str)
                                    else {v: dict(spec) for v in sim.graph.variables})
             c0 = time.process_time()
@@ -56,16 +96,16 @@ def main():
                          "cf_mse_x100": 100 * cf, "fit_cpu_s": fit_cpu, "epochs": model.fit_info["epochs"],
                          "best_epoch": model.fit_info["best_epoch"]})
             print(rows[-1], flush=True)
-    meta = {"command": "python benchmarks/diffusion_preconditioner.py", "seconds": round(time.time() - started, 1),
+    meta = {"command": command.strip(), "seconds": round(time.time() - started, 1),
             "threads": torch.get_num_threads(), "load_start": load_start,
             "load_end": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
-    with atomic_write(RESULTS / "diffusion_preconditioner.json") as tmp:
+    with atomic_write(RESULTS / f"diffusion_preconditioner{args.suffix}.json") as tmp:
         Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["# diffusion: location-scale preconditioner on and off", "", f"Command: `{meta['command']}`  ",
+    lines = ["# diffusion: preconditioner and conditioning of the denoiser", "", f"Command: `{meta['command']}`  ",
              f"{meta['seconds']} s on {meta['threads']} torch thread(s); load {load_start} -> {meta['load_end']}.",
              "", _markdown(pd.DataFrame(rows)), ""]
-    with atomic_write(RESULTS / "diffusion_preconditioner.md") as tmp:
+    with atomic_write(RESULTS / f"diffusion_preconditioner{args.suffix}.md") as tmp:
         Path(tmp).write_text("\n".join(lines))
 
 

@@ -17,27 +17,46 @@ level ``b`` with noise prediction ``e`` is
 
 Decoding evaluates ``e = eps(x_b, b, pa)`` at the start of each backward move ``b -> a``.
 The exact inverse of that move needs ``e`` at its *end*: encoding solves
-``y = move(x_a; eps(y, b, pa))`` by fixed-point iteration from the explicit guess
+``y = move(x_a; eps(y, b, pa))`` by (Anderson-accelerated) fixed-point iteration from the explicit guess
 (``inversion_iters`` at most, until the update is below ``inversion_tol``), so
 ``decode(encode(x)) = x`` to ~1e-5 (the tests measure it; plain explicit DDIM
 inversion, ``inversion_iters=0``, is off by 0.1-0.4 sd at 25-50 steps). Abduction is
 ``deterministic-approximate``; the loss is the denoising objective, so there is no
 exact likelihood. Abduction and prediction are batched over all units: one network
-call per DDIM step when decoding, 2-4 per step when encoding.
+call per DDIM step when decoding, 2 or more per step when encoding.
 
 Choices beyond the paper, each measured on the DCM benchmark SCMs (see
-``benchmarks/diffusion_steps.py`` and the tests): the network predicts
-``v = sqrt(abar) e - sqrt(1 - abar) x`` (Salimans & Ho 2022; ``prediction="eps"`` is
-the paper's parametrization, 2-7x worse counterfactuals here), its output layer starts
-near 0 (``init_scale``; for standardized data that is the N(0, 1) denoiser), and each
-row's loss averages ``draws`` noise levels stratified over ``1..T``. The schedule
-follows the paper (``T = 100``, ``beta`` linear from 1e-4 to 0.1); ``steps`` (the DDIM
-steps of encoding and decoding) defaults to 25, the knee of the accuracy-vs-time curve
-measured on this mechanism before it had the location-scale preconditioner (CF MSE within
-~3% of 100 steps at 40% of the time; 10 steps: +10-15%, 5 steps: x2). With the
-preconditioner the curve on the non-additive triangle is flat (the denoiser stops early
-near its Gaussian start) and the preconditioner helps on some SCMs and hurts on others:
-``benchmarks/results/diffusion_steps.md`` and ``diffusion_preconditioner.md``.
+``benchmarks/diffusion_steps.py``, ``benchmarks/diffusion_preconditioner.py`` and the
+tests): the network predicts ``v = sqrt(abar) e - sqrt(1 - abar) x`` (Salimans & Ho 2022;
+``prediction="eps"`` is the paper's parametrization, 2-7x worse counterfactuals here), its
+output layer starts near 0 (``init_scale``; for standardized data that is the N(0, 1)
+denoiser), and each row's loss averages ``draws`` noise levels stratified over ``1..T``.
+A location-scale preconditioner (``loc_scale``) ``x~ = (x - mu(pa)) / sigma(pa)``, fitted
+by Gaussian likelihood, hands the diffusion the residual; the denoiser is conditioned on
+``(mu, log sigma)`` (``condition="affine"``) rather than on the parents (``"parents"``, the
+paper's input) or on both (``"both"``). Why: counterfactual parents often lie off the
+training manifold (on the additive diamond, ``do(x3)`` pairs every unit's ``x2`` with one
+``x3``), and a denoiser of the raw parents extrapolates there arbitrarily (CF MSE x100 of
+that query 129 with the denoiser vs 6 with the preconditioner alone); ``(mu, log sigma)``
+stays in its training range. Measured (CF MSE x100, all variables diffusion, flow in
+brackets): non-additive triangle affine 2.5 / both 7.5 / parents 22.0 (1.9); additive
+diamond 2.5 / 2.6 / 13.9 (2.4); non-additive vector 7.4 / 8.6 / 7.4 (7.6). The cost: a
+residual shape that depends on the parents in other ways (the vector SCM's rotating noise)
+is only as well resolved as ``(mu, log sigma)`` resolves the parents; with only ``x3``
+modelled by diffusion (the slow vector test) the mean CF MSE over fit seeds 0-2 is 0.189
+(affine), 0.275 (both), 0.197 (parents) against flow 0.172, each spreading 0.03-0.14 over
+seeds. The denoising
+loss's value is counted in the units of ``x`` (times ``sigma^2``, so model selection cannot
+prefer a wider preconditioner), its gradient is that of the standardized residual with every
+row weighted equally (``sigma^2``-weighted gradients left the rows of small ``sigma``, where
+the residual's shape matters most, untrained: the non-additive triangle stopped at epoch 23
+near its Gaussian start, CF MSE x100 18.8, now 2.5). The schedule follows the paper
+(``T = 100``, ``beta`` linear from 1e-4 to 0.1); ``steps`` (the DDIM steps of encoding and
+decoding) defaults to 25, the knee of the accuracy-vs-time curve measured on this mechanism
+before it had the preconditioner (CF MSE within ~3% of 100 steps at 40% of the time;
+10 steps: +10-15%, 5 steps: x2). Measured numbers: ``benchmarks/results/diffusion_steps.md``
+and ``diffusion_preconditioner*.md`` (the conditioning: ``_conditioning`` and
+``_conditioning_options``).
 
 >>> import torch
 >>> from medcausal.graph import Continuous
@@ -110,12 +129,18 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, abar_a: float, abar_b: float) 
 
 
 def ddim_invert_move(x: torch.Tensor, eps_at, abar_a: float, abar_b: float, iters: int,
-                     tol: float) -> torch.Tensor:
+                     tol: float, window: int = 3) -> torch.Tensor:
     """The exact inverse of a DDIM decoding move ``b -> a``: ``y`` with ``y = move(x; eps_at(y))``.
 
     Decoding evaluates the noise prediction at the start of its move, so encoding must
-    solve for the end point: fixed-point iteration from the explicit guess
-    ``move(x; eps_at(x))``, at most ``iters`` times, until the update is below ``tol``.
+    solve for the end point ``y = g(y)``, ``g(y) = move(x; eps_at(y))``, from the explicit
+    guess ``g(x)``: at most ``iters`` further evaluations of ``g``, until the update is
+    below ``tol``. With ``window > 0`` the iteration is Anderson-accelerated (type II,
+    Walker & Ni 2011; one least-squares mixing of the last ``window`` iterates per row):
+    on a trained denoiser's low-noise moves, where plain iteration contracts slowly, it
+    reaches the tolerance in a few steps (``benchmarks/results/ddim_inversion.md``);
+    ``window=0`` is plain fixed-point iteration. The result is always ``g`` of the last
+    iterate.
 
     >>> x = torch.tensor([[0.3]])
     >>> y = ddim_invert_move(x, lambda z: 0.5 * z, 0.9, 0.5, iters=50, tol=1e-7)
@@ -123,14 +148,33 @@ def ddim_invert_move(x: torch.Tensor, eps_at, abar_a: float, abar_b: float, iter
     >>> round(back.item(), 5)
     0.3
     """
-    y = ddim_move(x, eps_at(x), abar_a, abar_b)
-    for _ in range(iters):
-        y_next = ddim_move(x, eps_at(y), abar_a, abar_b)
-        done = y_next.numel() == 0 or (y_next - y).abs().max().item() <= tol
-        y = y_next
-        if done:
+    def g(y):
+        return ddim_move(x, eps_at(y), abar_a, abar_b)
+
+    y = g(x)
+    if iters < 1 or y.numel() == 0:
+        return y
+    shape, y = y.shape, y.flatten(1)
+    f = g(y.view(shape)).flatten(1) - y  # g(y) - y: the update plain iteration would make
+    dys: list[torch.Tensor] = []
+    dfs: list[torch.Tensor] = []
+    for _ in range(iters - 1):
+        if f.abs().max().item() <= tol:
             break
-    return y
+        step = f
+        if dys:  # mix the last iterates: minimize |f - dF gamma| per row
+            dy, df = torch.stack(dys, -1), torch.stack(dfs, -1)  # [n, d, m]
+            gram = (df.transpose(1, 2) @ df).double()
+            ridge = 1e-10 * (1.0 + gram.diagonal(dim1=1, dim2=2).amax(-1))
+            gram = gram + ridge[:, None, None] * torch.eye(len(dys), dtype=gram.dtype, device=gram.device)
+            gamma = torch.linalg.solve(gram, (df.transpose(1, 2) @ f.unsqueeze(-1)).double()).to(f.dtype)
+            step = f - ((dy + df) @ gamma).squeeze(-1)
+        y_next = y + step
+        f_next = g(y_next.view(shape)).flatten(1) - y_next
+        if window > 0:
+            dys, dfs = (dys + [y_next - y])[-window:], (dfs + [f_next - f])[-window:]
+        y, f = y_next, f_next
+    return (y + f).view(shape)
 
 
 class _TimeEmbedding(nn.Module):
@@ -160,7 +204,11 @@ class DiffusionMechanism(Mechanism):
     prediction; ``inversion_iters``/``inversion_tol`` the fixed-point solve of each
     encoding step; ``draws`` noise levels per row in the loss; ``time_freqs``
     sinusoidal frequencies of the step embedding; ``prediction`` ``"v"`` or ``"eps"``;
-    ``init_scale`` the factor on the initial output layer.
+    ``init_scale`` the factor on the initial output layer; ``loc_scale`` (and its MLP's
+    ``loc_scale_hidden``) the location-scale preconditioner; ``condition`` what the denoiser
+    sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
+    ``loc_scale``), ``"parents"`` the parents, ``"both"`` the two side by side
+    (without ``loc_scale`` every setting means ``"parents"``).
 
     >>> import torch
     >>> from medcausal.graph import Continuous
@@ -188,12 +236,17 @@ class DiffusionMechanism(Mechanism):
                  num_train_timesteps: int = 100, beta_start: float = 1e-4, beta_end: float = 0.1,
                  steps: int = 25, inversion_iters: int = 10, inversion_tol: float = 1e-5,
                  draws: int = 4, time_freqs: int = 6, prediction: str = "v", init_scale: float = 0.01,
-                 loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64)):
+                 loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
+                 condition: str = "affine"):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
                          inversion_iters=inversion_iters, inversion_tol=inversion_tol, draws=draws,
                          time_freqs=time_freqs, prediction=prediction, init_scale=init_scale,
-                         loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden))
+                         loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
+                         condition=condition)
+        if condition not in ("affine", "parents", "both"):
+            raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
+                                 f"got {condition!r}")
         if prediction not in ("eps", "v"):
             raise MedCausalError(f"diffusion: prediction must be 'eps' or 'v', got {prediction!r}")
         self.prediction = prediction
@@ -206,13 +259,18 @@ class DiffusionMechanism(Mechanism):
         self.inversion_iters = int(inversion_iters)
         self.inversion_tol = float(inversion_tol)
         self.draws = int(draws)
+        # The denoiser's conditioning: the preconditioner's (mu, log sigma) ("affine", with
+        # loc_scale), the parents themselves ("parents"), or both side by side ("both").
+        self.affine_cond = bool(loc_scale) and condition in ("affine", "both")
+        self.parent_cond = not self.affine_cond or condition == "both"
+        cond_dim = (self.dim + 1 if self.affine_cond else 0) + (self.parent_dim if self.parent_cond else 0)
         self.grid = ddim_timesteps(self.T, self.steps)  # validates steps
         abar = linear_beta_schedule(self.T, beta_start, beta_end)
         # float64 copy for the DDIM coefficients (python floats), float32 for training.
         self._abar64 = abar.tolist()
         self.register_buffer("abar", abar.float(), persistent=False)
         self.embed = _TimeEmbedding(int(time_freqs))
-        dims = (self.dim + self.parent_dim + self.embed.dim, *[int(h) for h in hidden])
+        dims = (self.dim + cond_dim + self.embed.dim, *[int(h) for h in hidden])
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.SiLU()]
@@ -220,8 +278,8 @@ class DiffusionMechanism(Mechanism):
         self.net = nn.Sequential(*layers)
         # Location-scale preconditioner x~ = (x - mu(pa)) / sigma(pa), sigma one scalar per row
         # (isotropic, so a vector's noise map keeps its shape): fitted by Gaussian likelihood,
-        # the diffusion models x~ given pa. Units far outside the training range then reach the
-        # denoiser as residuals of ordinary size.
+        # the diffusion models x~ given (mu, log sigma) or pa. Units far outside the training
+        # range then reach the denoiser as residuals of ordinary size.
         self.loc_scale = mlp(self.parent_dim, self.dim + 1, tuple(int(h) for h in loc_scale_hidden)) \
             if loc_scale else None
         with torch.no_grad():
@@ -234,19 +292,34 @@ class DiffusionMechanism(Mechanism):
                     p.mul_(init_scale)
 
     # -- the noise-prediction network ---------------------------------------------
-    def _raw(self, x_t: torch.Tensor, t: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-        s = (t.to(x_t.dtype) / self.T).reshape(-1, 1)
-        return self.net(torch.cat([x_t, parents.to(x_t.dtype), self.embed(s)], dim=-1))
+    def _cond(self, parents: torch.Tensor, mu: torch.Tensor | None = None,
+              log_sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """What the denoiser is conditioned on: ``(mu, log sigma)`` of the preconditioner
+        (``condition="affine"``; no gradient flows back into the preconditioner), the parents
+        (``"parents"``), or ``(mu, log sigma, parents)`` (``"both"``)."""
+        if not self.affine_cond:
+            return parents
+        if mu is None:
+            mu, log_sigma = self._affine(parents)
+        affine = torch.cat([mu, log_sigma], dim=-1).detach()
+        return torch.cat([affine, parents], dim=-1) if self.parent_cond else affine
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:
-        """Predicted noise at integer step(s) ``t`` (an int or ``[n]``)."""
+    def _raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        s = (t.to(x_t.dtype) / self.T).reshape(-1, 1)
+        return self.net(torch.cat([x_t, cond.to(x_t.dtype), self.embed(s)], dim=-1))
+
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(t):
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device)
-        out = self._raw(x_t, t, parents)
+        out = self._raw(x_t, t, cond)
         if self.prediction == "eps":
             return out
         ab = self.abar[t].unsqueeze(-1)
         return (1 - ab).sqrt() * x_t + ab.sqrt() * out
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:
+        """Predicted noise at integer step(s) ``t`` (an int or ``[n]``) given the parents."""
+        return self._eps(x_t, t, self._cond(parents))
 
     def _check(self, value: torch.Tensor | None, parents: torch.Tensor) -> None:
         if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
@@ -273,8 +346,11 @@ class DiffusionMechanism(Mechanism):
         row), so every row sees every range of noise levels and the per-row loss has a
         low variance. With ``prediction="v"`` the network predicts
         ``v = sqrt(abar) e - sqrt(1 - abar) x`` (Salimans & Ho 2022) and is trained on it;
-        its noise prediction is ``sqrt(1 - abar) x_t + sqrt(abar) v``. No ``.item()`` and
-        no permutation: the loss works per record under ``torch.func.vmap`` (DP-SGD).
+        its noise prediction is ``sqrt(1 - abar) x_t + sqrt(abar) v``. With ``loc_scale`` the
+        loss adds the Gaussian NLL of the preconditioner; the denoising loss's value is in the
+        units of ``x`` (times ``sigma^2``), its gradient that of the standardized residuals
+        (unweighted). No ``.item()`` and no permutation: the loss works per record under
+        ``torch.func.vmap`` (DP-SGD).
         """
         self._check(value, parents)
         mu, log_sigma = self._affine(parents)
@@ -283,20 +359,25 @@ class DiffusionMechanism(Mechanism):
         z = (value - mu) * torch.exp(-log_sigma)
         nll = (0.5 * z ** 2).sum(-1) + self.dim * log_sigma.squeeze(-1) if self.loc_scale is not None else 0.0
         value = z.detach()
+        cond = self._cond(parents, mu, log_sigma)
         n, k = value.shape[0], self.draws
         offset = torch.rand(1, n, device=value.device)
         strata = torch.arange(k, device=value.device, dtype=offset.dtype).unsqueeze(1)
         t = (1 + ((strata + offset) / k * self.T).long().clamp_max(self.T - 1)).reshape(-1)  # [k n]
         x0 = value.repeat(k, 1)
-        pa = parents.repeat(k, 1)
         e = torch.randn_like(x0)
         ab = self.abar[t].unsqueeze(-1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * e
-        out = self._raw(x_t, t, pa)
+        out = self._raw(x_t, t, cond.repeat(k, 1))
         target = e if self.prediction == "eps" else ab.sqrt() * e - (1 - ab).sqrt() * x0
         denoise = ((out - target) ** 2).sum(-1).reshape(k, n).mean(0)
-        if self.loc_scale is not None:  # in the units of x, so a wider sigma cannot lower it
-            denoise = denoise * torch.exp(2 * log_sigma.squeeze(-1)).detach()
+        if self.loc_scale is not None:
+            # Value: the denoising loss in the units of x (times sigma^2), so that model selection
+            # cannot prefer a wider preconditioner for shrinking the residuals. Gradient: that of
+            # the standardized residuals, every row weighted equally (sigma^2 weights would leave
+            # the rows of small sigma, where a residual's shape matters most, untrained).
+            w = torch.exp(2 * log_sigma.squeeze(-1)).detach()
+            denoise = denoise + (w - 1) * denoise.detach()
         return denoise + nll
 
     # -- the three verbs -------------------------------------------------------------
@@ -307,10 +388,10 @@ class DiffusionMechanism(Mechanism):
         """DDIM forward from ``value`` (t = 0) to the latent at ``t = T``."""
         self._check(value, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab = self._abar64
+        ab, cond = self._abar64, self._cond(parents)
         x = value
         for a, b in zip(grid[:-1], grid[1:]):
-            x = ddim_invert_move(x, lambda y: self.eps(y, b, parents), ab[a], ab[b],  # noqa: B023
+            x = ddim_invert_move(x, lambda y: self._eps(y, b, cond), ab[a], ab[b],  # noqa: B023
                                  self.inversion_iters, self.inversion_tol)
         return x
 
@@ -318,10 +399,10 @@ class DiffusionMechanism(Mechanism):
         """DDIM backward from the latent at ``t = T`` to a value at ``t = 0``."""
         self._check(latent, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab = self._abar64
+        ab, cond = self._abar64, self._cond(parents)
         x = latent
         for b, a in zip(grid[:0:-1], grid[-2::-1]):
-            x = ddim_move(x, self.eps(x, b, parents), ab[b], ab[a])
+            x = ddim_move(x, self._eps(x, b, cond), ab[b], ab[a])
         return x
 
     def set_steps(self, steps: int) -> "DiffusionMechanism":

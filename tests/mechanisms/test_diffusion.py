@@ -18,7 +18,7 @@ import medcausal as mc
 from medcausal.errors import DataError, InterventionError, MedCausalError
 from medcausal.graph import Continuous
 from medcausal.mechanisms import registry
-from medcausal.mechanisms.diffusion import (DiffusionMechanism, ddim_move, ddim_timesteps,
+from medcausal.mechanisms.diffusion import (DiffusionMechanism, ddim_invert_move, ddim_move, ddim_timesteps,
                                             linear_beta_schedule)
 from medcausal.metrics import counterfactual_mse
 from medcausal.synthetic import scm
@@ -80,7 +80,7 @@ class _GaussianOracle(DiffusionMechanism):
         self.mu = torch.as_tensor(mu, dtype=torch.float64)
         self.sigma = torch.as_tensor(sigma, dtype=torch.float64)
 
-    def eps(self, x_t, t, parents):
+    def _eps(self, x_t, t, cond):  # what encode/decode call, with the conditioning features
         ab = self._abar64[int(t)]
         c = ab * self.sigma + (1 - ab) * torch.eye(len(self.mu), dtype=torch.float64)
         return math.sqrt(1 - ab) * torch.linalg.solve(c, (x_t - math.sqrt(ab) * self.mu).T).T
@@ -154,31 +154,62 @@ def test_loss_is_the_denoising_objective(prediction):
 
 
 def test_location_scale_preconditioner():
-    """loss = Gaussian NLL of (mu, sigma) + the denoising loss of the residual, which is held
-    fixed; abduction/prediction wrap the DDIM codec in the same affine map."""
+    """loss = Gaussian NLL of (mu, sigma) + the denoising loss of the standardized residual,
+    which is held fixed, with the denoiser conditioned on (mu, log sigma) (held fixed
+    too); abduction/prediction wrap the DDIM codec in the same affine map."""
     torch.manual_seed(0)
     m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0)
-    plain = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, loc_scale=False)
+    # the same denoiser as a plain mechanism whose "parents" are (mu, log sigma)
+    plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
     plain.net.load_state_dict(m.net.state_dict())
     x, pa = 3 * torch.randn(6, 2), torch.randn(6, 1)
     mu, log_sigma = m._affine(pa)
     assert log_sigma.shape == (6, 1)  # one scale per row: isotropic
     z = (x - mu) / log_sigma.exp()
+    cond = torch.cat([mu, log_sigma], dim=-1).detach()
     nll = (0.5 * z ** 2).sum(-1) + 2 * log_sigma[:, 0]
     torch.manual_seed(1)
     total = m.loss(x, pa)
     torch.manual_seed(1)
-    # the denoising loss is counted in the units of x (times sigma^2), so model selection
-    # cannot prefer a wider preconditioner for shrinking the residuals
-    torch.testing.assert_close(total, nll + plain.loss(z.detach(), pa) * torch.exp(2 * log_sigma[:, 0]).detach())
-    # the denoising part sends no gradient into the preconditioner
+    denoise = plain.loss(z.detach(), cond)
+    # its value in the units of x (times sigma^2), so model selection cannot prefer a wider
+    # preconditioner for shrinking the residuals ...
+    torch.testing.assert_close(total, nll + denoise * torch.exp(2 * log_sigma[:, 0]).detach())
+    # ... its gradient that of the standardized residuals, every row weighted equally
     torch.manual_seed(1)
-    (total - nll).sum().backward()
+    (m.loss(x, pa) - nll).sum().backward()
+    denoise.sum().backward()
+    for a, b in zip(m.net.parameters(), plain.net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    # and no gradient into the preconditioner
     assert all(p.grad is None or p.grad.abs().max() < 1e-4 for p in m.loc_scale.parameters())  # float32 noise
     with torch.no_grad():
         u = m.abduct(x, pa)
         torch.testing.assert_close(u, m.encode(z, pa))
+        torch.testing.assert_close(u, plain.encode(z, cond))
         torch.testing.assert_close(m.sample(pa, noise=u), x, atol=1e-3, rtol=0)
+    # condition="parents": the denoiser sees the parents themselves (the DCM paper's input)
+    by_pa = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="parents")
+    assert by_pa.net[0].in_features == 2 + 1 + by_pa.embed.dim
+    assert m.net[0].in_features == 2 + 3 + m.embed.dim
+    # condition="both": (mu, log sigma) and the parents, side by side
+    both = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="both")
+    assert both.net[0].in_features == 2 + 3 + 1 + both.embed.dim
+    with torch.no_grad():
+        mu_b, log_sigma_b = both._affine(pa)
+        torch.testing.assert_close(both._cond(pa), torch.cat([mu_b, log_sigma_b, pa], dim=-1))
+        torch.testing.assert_close(both.sample(pa, noise=both.abduct(x, pa)), x, atol=1e-3, rtol=0)
+        plain_b = DiffusionMechanism(Continuous(dim=2), 4, hidden=[8], draws=4, loc_scale=False)
+        plain_b.net.load_state_dict(both.net.state_dict())
+        z_b = (x - mu_b) / log_sigma_b.exp()
+        nll_b = (0.5 * z_b ** 2).sum(-1) + 2 * log_sigma_b[:, 0]
+        torch.manual_seed(2)
+        total_b = both.loss(x, pa)
+        torch.manual_seed(2)
+        torch.testing.assert_close(total_b, nll_b + plain_b.loss(z_b, both._cond(pa))
+                                   * torch.exp(2 * log_sigma_b[:, 0]))
+    with pytest.raises(MedCausalError, match="condition"):
+        DiffusionMechanism(Continuous(), 1, condition="mu")
 
 
 @pytest.mark.parametrize("dim", [1, 2])
@@ -365,8 +396,15 @@ def test_vector_scm_works_with_the_model_and_the_metric():
 
 
 @pytest.mark.slow
-def test_vector_scm_diffusion_beats_additive_and_flow():
-    """On the non-additive vector SCM, DCM's counterfactuals of x3 beat both baselines."""
+def test_vector_scm_diffusion_beats_additive_and_nears_flow():
+    """On the non-additive vector SCM, DCM's counterfactuals of x3 beat the additive model
+    (misspecified: the noise enters non-additively) and are within 1.5x of flow's.
+
+    Diffusion no longer beats flow here: with the preconditioner's (mu, log sigma) as the
+    denoiser's conditioning (the default since it fixed the diamond and triangle SCMs),
+    fit seeds 0/1/2 gave diffusion 0.204/0.175/0.187 vs flow 0.146/0.210/0.160 (additive
+    0.374 at seed 0); the gap between them is within their spread over seeds.
+    """
     sim = scm("vector", additive=False)
     train = sim.sample(5000, seed=0)
     fact = sim.sample(200, seed=1)
@@ -379,4 +417,57 @@ def test_vector_scm_diffusion_beats_additive_and_flow():
                                          model.counterfactual(fact, do={"x2": q}), sim.graph, ["x2"]))
                 for q in train["x2"].quantile([0.1, 0.3, 0.5, 0.7, 0.9])]
         errors[name] = float(np.mean(errs))
-    assert errors["diffusion"] < min(errors["flow"], errors["additive"]), errors
+    assert errors["diffusion"] < 0.75 * errors["additive"], errors
+    assert errors["diffusion"] < 1.5 * errors["flow"], errors
+
+
+# --------------------------------------------------------------------------- the inversion solver
+def _slow_contraction_problem(n=6, d=16, seed=0):
+    """A DDIM move with a linear noise prediction eps(y) = y A^T whose fixed-point map contracts
+    fast in most directions and slowly (0.95) in two, as a trained denoiser's first low-noise
+    move does off the data; and the exact solution of y = move(x; eps(y)) by a linear solve."""
+    g = torch.Generator().manual_seed(seed)
+    abar_a, abar_b = 1.0, 0.9
+    c = math.sqrt(1 - abar_b)  # d move / d eps at abar_a = 1
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    radii = torch.full((d,), 0.3, dtype=torch.float64)
+    radii[:2] = torch.tensor([0.9, 0.95], dtype=torch.float64)
+    a = q @ torch.diag(radii / c) @ q.T  # c A: eigenvalues 0.3, 0.9 and 0.95
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # y = sqrt(abar_b) x + c y A^T  =>  y (I - c A^T) = sqrt(abar_b) x
+    exact = torch.linalg.solve((torch.eye(d, dtype=torch.float64) - c * a.T).T, (math.sqrt(abar_b) * x).T).T
+    return x, (lambda y: y @ a.T), abar_a, abar_b, exact
+
+
+def test_anderson_inversion_reaches_the_exact_solution_where_plain_iteration_crawls():
+    x, eps_at, abar_a, abar_b, exact = _slow_contraction_problem()
+    anderson = ddim_invert_move(x, eps_at, abar_a, abar_b, iters=20, tol=1e-12, window=3)
+    plain = ddim_invert_move(x, eps_at, abar_a, abar_b, iters=20, tol=1e-12, window=0)
+    err_anderson = (anderson - exact).abs().max().item()
+    err_plain = (plain - exact).abs().max().item()
+    assert err_anderson < 1e-8, err_anderson
+    assert err_plain > 0.1 * exact.abs().max().item()  # 0.95^21 ~ 0.34 of the start error left
+    # it is the inverse of the decoding move under the same noise prediction
+    back = ddim_move(anderson, eps_at(anderson), abar_b, abar_a)
+    torch.testing.assert_close(back, x, atol=1e-8, rtol=0)
+
+
+def test_inversion_solver_budget_and_plain_fallback():
+    x, eps_at, abar_a, abar_b, _ = _slow_contraction_problem(n=3, d=4)
+    calls = []
+
+    def counted(y):
+        calls.append(1)
+        return eps_at(y)
+
+    ddim_invert_move(x, counted, abar_a, abar_b, iters=5, tol=0.0, window=3)
+    assert len(calls) == 6  # the explicit guess + at most `iters` refinements
+    calls.clear()
+    explicit = ddim_invert_move(x, counted, abar_a, abar_b, iters=0, tol=0.0)
+    assert len(calls) == 1
+    torch.testing.assert_close(explicit, ddim_move(x, eps_at(x), abar_a, abar_b))
+    # window 0 is plain fixed-point iteration: y <- move(x; eps(y)), three times after the guess
+    y = ddim_move(x, eps_at(x), abar_a, abar_b)
+    for _ in range(3):
+        y = ddim_move(x, eps_at(y), abar_a, abar_b)
+    torch.testing.assert_close(ddim_invert_move(x, eps_at, abar_a, abar_b, iters=3, tol=0.0, window=0), y)

@@ -29,10 +29,15 @@ is abducted (posterior mean) and held fixed under interventions.
 **Abduction** (``deterministic-approximate``): deterministic DDIM inversion (eta = 0) of
 the observed scan under its *observed* parents from level 0 to level ``depth * T``
 (Diff-SCM's progression ratio; ``depth = 1`` by default: full inversion), in
-``round(steps * depth)`` moves. Each inversion move is solved by fixed-point iteration
-(``inversion_iters`` at most, until the update is below ``inversion_tol``) so that it is
-the exact inverse of the generation move, as in :mod:`medcausal.mechanisms.diffusion`
-(whose ``ddim_move`` it reuses). **Prediction**: DDIM generation from that latent under
+``round(steps * depth)`` moves. Each inversion move is solved by Anderson-accelerated
+fixed-point iteration (``inversion_iters`` at most, until the update is below
+``inversion_tol``) so that it is the exact inverse of the generation move, as in
+:mod:`medcausal.mechanisms.diffusion` (whose ``ddim_move`` and ``ddim_invert_move`` it
+reuses). On a trained denoiser the first, low-noise move is the hard one (the denoiser is
+close to a projection onto the data there, so plain iteration contracts slowly): on the
+brain benchmark's 32x32 model plain iteration capped at 4 left a 2e-2 round-trip error,
+Anderson capped at 20 about 1e-3 at nearly the same number of network calls
+(``benchmarks/results/ddim_inversion.md``). **Prediction**: DDIM generation from that latent under
 the new parents, with the same guidance. The noise of a unit is one flat tensor
 ``[semantic code, latent at depth * T]`` per row; ``noise_like`` draws it from the prior
 N(0, I), which is the model's noise distribution at ``depth = 1`` only
@@ -213,7 +218,8 @@ class ImageDiffusionMechanism(Mechanism):
     full-depth inversion or generation; ``depth`` (progression ratio) and ``guidance``
     (the two counterfactual knobs, see the module docstring); ``cfg_dropout`` fraction
     of rows trained without parents; ``semantic_dim`` (0: off) and ``semantic_kl``;
-    ``inversion_iters``/``inversion_tol`` of the fixed-point solve; ``ema_decay``,
+    ``inversion_iters``/``inversion_tol``/``inversion_window`` of the fixed-point solve
+    (Anderson acceleration over the last ``inversion_window`` iterates; 0: plain); ``ema_decay``,
     ``use_ema``; ``init_scale`` of the layers MONAI starts at zero.
 
     >>> from medcausal.graph import Image
@@ -235,7 +241,9 @@ class ImageDiffusionMechanism(Mechanism):
                               "use 'hvae' or 'cvae' for private image models")
     has_log_prob = False
     # Max |sample(pa, abduct(x, pa)) - x| in intensity units with the default solver
-    # (inversion_tol=1e-4 on the [-1, 1] scale): measured in tests/mechanisms/test_image_diffusion.py.
+    # (Anderson, window 3, at most 20 iterations, inversion_tol=1e-4 on the [-1, 1] scale):
+    # measured in tests/mechanisms/test_image_diffusion.py (small nets) and, on a denoiser trained
+    # as in the brain benchmark, in benchmarks/results/ddim_inversion.md.
     reconstruction_tolerance: ClassVar[float] = 5e-3
     fit_defaults: ClassVar[dict] = {"max_epochs": 200, "patience": 20}
     train_settings: ClassVar[dict] = TRAIN_SETTINGS
@@ -245,8 +253,8 @@ class ImageDiffusionMechanism(Mechanism):
                  cond_hidden: int = 128, num_train_timesteps: int = 1000, schedule: str = "linear_beta",
                  beta_start: float = 1e-4, beta_end: float = 0.02, prediction: str = "v", steps: int = 50,
                  depth: float = 1.0, guidance: float = 1.0, cfg_dropout: float = 0.1, semantic_dim: int = 0,
-                 semantic_kl: float = 1e-3, inversion_iters: int = 4, inversion_tol: float = 1e-4,
-                 ema_decay: float = 0.999, use_ema: bool = True, init_scale: float = 0.1):
+                 semantic_kl: float = 1e-3, inversion_iters: int = 20, inversion_tol: float = 1e-4,
+                 inversion_window: int = 3, ema_decay: float = 0.999, use_ema: bool = True, init_scale: float = 0.1):
         channels = [int(c) for c in channels]
         attention_levels = [False] * len(channels) if attention_levels is None else [bool(a) for a in attention_levels]
         super().__init__(variable, parents, channels=channels, num_res_blocks=int(num_res_blocks),
@@ -257,8 +265,8 @@ class ImageDiffusionMechanism(Mechanism):
                          steps=int(steps), depth=float(depth), guidance=float(guidance),
                          cfg_dropout=float(cfg_dropout), semantic_dim=int(semantic_dim),
                          semantic_kl=float(semantic_kl), inversion_iters=int(inversion_iters),
-                         inversion_tol=float(inversion_tol), ema_decay=float(ema_decay), use_ema=bool(use_ema),
-                         init_scale=float(init_scale))
+                         inversion_tol=float(inversion_tol), inversion_window=int(inversion_window),
+                         ema_decay=float(ema_decay), use_ema=bool(use_ema), init_scale=float(init_scale))
         shape = tuple(getattr(variable, "shape", ()) or ())
         if getattr(variable, "kind", None) != "image" or len(shape) not in (3, 4):
             raise MedCausalError(f"image-diffusion models images (C, H, W) or volumes (C, D, H, W); "
@@ -278,9 +286,10 @@ class ImageDiffusionMechanism(Mechanism):
             raise MedCausalError(f"image-diffusion: prediction must be 'v' or 'eps', got {prediction!r}")
         if not 0.0 <= cfg_dropout < 1.0:
             raise MedCausalError(f"image-diffusion: cfg_dropout must be in [0, 1), got {cfg_dropout}")
-        if int(semantic_dim) < 0 or int(inversion_iters) < 0 or int(steps) < 1:
-            raise MedCausalError(f"image-diffusion: need semantic_dim >= 0, inversion_iters >= 0, steps >= 1; "
-                                 f"got {semantic_dim}, {inversion_iters}, {steps}")
+        if int(semantic_dim) < 0 or int(inversion_iters) < 0 or int(inversion_window) < 0 or int(steps) < 1:
+            raise MedCausalError(f"image-diffusion: need semantic_dim >= 0, inversion_iters >= 0, "
+                                 f"inversion_window >= 0, steps >= 1; got {semantic_dim}, {inversion_iters}, "
+                                 f"{inversion_window}, {steps}")
         from monai.networks.schedulers import DDPMScheduler
 
         self.T = int(num_train_timesteps)
@@ -290,6 +299,7 @@ class ImageDiffusionMechanism(Mechanism):
         self.semantic_dim = int(semantic_dim)
         self.semantic_kl = float(semantic_kl)
         self.inversion_iters, self.inversion_tol = int(inversion_iters), float(inversion_tol)
+        self.inversion_window = int(inversion_window)
         self.n_pixels = math.prod(shape)
         self.steps = int(steps)
         self.set_knobs(depth=depth, guidance=guidance)
@@ -432,7 +442,7 @@ class ImageDiffusionMechanism(Mechanism):
         ab, x = self._abar64, x_scaled
         for a, b in zip(grid[:-1], grid[1:]):
             x = ddim_invert_move(x, lambda y: self.eps(y, b, parents, code, guidance),  # noqa: B023
-                                 ab[a], ab[b], self.inversion_iters, self.inversion_tol)
+                                 ab[a], ab[b], self.inversion_iters, self.inversion_tol, self.inversion_window)
         return x
 
     def generate(self, latent, parents, code=None, depth=None, guidance=None) -> torch.Tensor:

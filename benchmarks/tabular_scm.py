@@ -172,10 +172,10 @@ def check_targets(rows):
             if "dowhy" in g.index:
                 add(scm, variant, "diffusion CF MSE <= DoWhy", f"{mse['diffusion']:.3f} vs {mse['dowhy']:.3f}",
                     mse["diffusion"] <= mse["dowhy"])
-            if scm == "vector":
-                best = mse.drop("diffusion").min() if len(mse) > 1 else np.inf
-                add(scm, variant, "diffusion best of all columns", f"{mse['diffusion']:.3f} vs {best:.3f}",
-                    mse["diffusion"] <= best)
+            if scm == "vector" and len(mse) > 1:  # judged only against columns of this run
+                best = mse.drop("diffusion").min()
+                add(scm, variant, f"diffusion best of the columns run ({', '.join(mse.drop('diffusion').index)})",
+                    f"{mse['diffusion']:.3f} vs {best:.3f}", mse["diffusion"] <= best)
             elif "flow" in g.index:
                 add(scm, variant, "diffusion CF MSE <= 1.2 x flow",
                     f"{mse['diffusion']:.3f} vs {1.2 * mse['flow']:.3f}", mse["diffusion"] <= 1.2 * mse["flow"])

@@ -354,6 +354,18 @@ def summarize(reps: list[dict]) -> pd.DataFrame:
     return summary
 
 
+def gain_table(summary: pd.DataFrame, R: int) -> list[str]:
+    """The markdown rows of a summary: AUC, gain over real-only (sd), bootstrap CI, its sign counts."""
+    lines = ["| estimator | subgroup | condition | AUC | gain (sd) | CI | CI>0 | CI<0 | train rows in subgroup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, row in summary.iterrows():
+        sd = "" if np.isnan(row["gain_sd"]) else f" ({row['gain_sd']:.3f})"
+        lines.append(f"| {row['estimator']} | {row['subgroup']} | {row['condition']} | {row['score']:.3f} | "
+                     f"{row['gain']:+.3f}{sd} | [{row['ci_low_mean']:+.3f}, {row['ci_high_mean']:+.3f}] | "
+                     f"{row['ci_above_zero']}/{R} | {row['ci_below_zero']}/{R} | {row['n_train_subgroup']:.0f} |")
+    return lines
+
+
 def brain_markdown(brain: dict) -> list[str]:
     if brain.get("status") != "run":
         return [str(brain.get("status"))]
@@ -367,13 +379,7 @@ def brain_markdown(brain: dict) -> list[str]:
              f"scalar mechanisms + `cvae` {brain['mechanism']} for the scan, {brain['fit_kw']}. Downstream: "
              f"disease from the scan alone, ImageClassifier {brain['clf_kw']}; ROC AUC on held-out real test "
              "patients; columns as above.", "",
-             "| estimator | subgroup | condition | AUC | gain (sd) | CI | CI>0 | CI<0 | train rows in subgroup |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for _, row in summary.iterrows():
-        sd = "" if np.isnan(row["gain_sd"]) else f" ({row['gain_sd']:.3f})"
-        lines.append(f"| {row['estimator']} | {row['subgroup']} | {row['condition']} | {row['score']:.3f} | "
-                     f"{row['gain']:+.3f}{sd} | [{row['ci_low_mean']:+.3f}, {row['ci_high_mean']:+.3f}] | "
-                     f"{row['ci_above_zero']}/{R} | {row['ci_below_zero']}/{R} | {row['n_train_subgroup']:.0f} |")
+             ] + gain_table(summary, R)
     lines += ["", "Per repetition (mean): " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in sec.items())
               + "."]
     return lines
@@ -421,13 +427,7 @@ def markdown(report: dict, summary: pd.DataFrame, command: str) -> str:
              "per-repetition 95% paired-bootstrap bounds (test-set resampling); `CI>0` / `CI<0` = repetitions "
              "whose interval lies above / below zero. `real+uncut` puts the removed real women back "
              "(the reference).", "",
-             "| estimator | subgroup | condition | AUC | gain (sd) | CI | CI>0 | CI<0 | train rows in subgroup |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for _, row in summary.iterrows():
-        sd = "" if np.isnan(row["gain_sd"]) else f" ({row['gain_sd']:.3f})"
-        lines.append(f"| {row['estimator']} | {row['subgroup']} | {row['condition']} | {row['score']:.3f} | "
-                     f"{row['gain']:+.3f}{sd} | [{row['ci_low_mean']:+.3f}, {row['ci_high_mean']:+.3f}] | "
-                     f"{row['ci_above_zero']}/{R} | {row['ci_below_zero']}/{R} | {row['n_train_subgroup']:.0f} |")
+             ] + gain_table(summary, R)
     fit = np.mean([r["fit_seconds"] for r in reps])
     lines += ["", f"Model fit {fit:.1f} s per repetition (mean); transport acceptance "
               f"{np.mean([r['augment_info']['transport']['transport']['acceptance_rate'] for r in reps]):.2f}.",

@@ -148,6 +148,10 @@ def ddim_invert_move(x: torch.Tensor, eps_at, abar_a: float, abar_b: float, iter
     >>> round(back.item(), 5)
     0.3
     """
+    if iters < 0 or window < 0:
+        raise MedCausalError(f"ddim_invert_move: need iters >= 0 and window >= 0, got iters={iters}, "
+                             f"window={window}")
+
     def g(y):
         return ddim_move(x, eps_at(y), abar_a, abar_b)
 

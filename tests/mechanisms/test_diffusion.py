@@ -471,3 +471,5 @@ def test_inversion_solver_budget_and_plain_fallback():
     for _ in range(3):
         y = ddim_move(x, eps_at(y), abar_a, abar_b)
     torch.testing.assert_close(ddim_invert_move(x, eps_at, abar_a, abar_b, iters=3, tol=0.0, window=0), y)
+    with pytest.raises(MedCausalError, match="window"):
+        ddim_invert_move(x, eps_at, abar_a, abar_b, iters=3, tol=0.0, window=-1)

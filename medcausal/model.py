@@ -43,14 +43,25 @@ def _key(name: str) -> str:
 
 
 class _JointLoss(nn.Module):
-    """Sum of every mechanism's per-row loss: the one objective the loop minimizes."""
+    """Sum of every mechanism's per-row loss: the one objective the loop minimizes.
+
+    The mechanisms are its parts (disjoint parameters, one loss term each), so the loop
+    keeps each mechanism's weights from its own best validation epoch.
+    """
 
     def __init__(self, mechanisms: nn.ModuleDict):
         super().__init__()
         self.mechanisms = mechanisms
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The mechanisms that keep their best validation epoch (``select_by_validation``)."""
+        return {k: m for k, m in self.mechanisms.items() if m.select_by_validation}
+
+    def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items()}
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return sum(m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items())
+        return sum(self.part_losses(batch).values())
 
 
 class CausalModel:
@@ -174,8 +185,11 @@ class CausalModel:
         """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
 
         ``data`` is a DataFrame whose columns are the variable names, or a Cohort.
-        Training stops early when the validation loss has not improved for
-        ``patience`` epochs, and the best weights are kept. ``max_epochs`` and ``patience``
+        Each mechanism keeps the weights of its own best validation epoch
+        (``fit_info["best_epochs"]``), and training stops when no mechanism's validation
+        loss has improved for ``patience`` epochs. Mechanisms whose loss is no guide to
+        their counterfactuals (``select_by_validation = False``: ``diffusion``,
+        ``image-diffusion``) keep their last, averaged weights and have no say in stopping. ``max_epochs`` and ``patience``
         default to 200 and 20, or more where a mechanism declares it needs longer
         (its ``fit_defaults``; e.g. ``diffusion``).
 
@@ -231,6 +245,8 @@ class CausalModel:
         self.fit_info = {"seed": seed, "n_rows": len(data),
                          "data_kind": "cohort" if isinstance(data, Cohort) else "dataframe",
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                         "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
+                                         if _key(n) in result.best_epochs},
                          "epochs": len(result.history), "steps": result.steps,
                          "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
                          "world_size": result.world_size,

@@ -8,6 +8,16 @@ on a terminal, and data-parallel training when launched under ``torchrun``
 its share of each minibatch, and DDP averages the gradients, so all ranks end with
 identical weights.
 
+A module whose loss is a sum of independent parts (disjoint parameters, one loss term
+each, as the mechanisms of a causal model) can say so with ``part_losses(batch) ->
+{name: per-row loss}`` and ``parts() -> {name: submodule}``. Each part then keeps the
+weights of its own best validation epoch, and training stops when no part has improved
+for ``patience`` epochs: a part whose validation loss is noisy no longer picks the epoch
+for all the others. A part left out of ``parts()`` (a mechanism with
+``select_by_validation = False``) keeps its last weights and has no say in stopping;
+with no parts at all, training runs to ``max_epochs``/``max_steps``. Submodules with an
+``after_optimizer_step()`` method (weight averaging) have it called after every step.
+
 >>> import torch
 >>> from torch import nn
 >>> class Mean(nn.Module):
@@ -69,6 +79,7 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     world_size: int = 1
+    best_epochs: dict[str, int] = field(default_factory=dict)  # per part, when the module has parts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,17 +102,34 @@ def _split(n: int, val_fraction: float, generator: torch.Generator):
     return perm[n_val:], perm[:n_val]
 
 
-def _evaluate(module: nn.Module, tensors, idx, batch_size: int, seed: int = 0) -> float:
+def _part_losses(module: nn.Module, batch) -> dict[str, torch.Tensor]:
+    return module.part_losses(batch) if hasattr(module, "part_losses") else {"": module(batch)}
+
+
+def _selected_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """The parts whose best validation epoch the loop keeps (see the module docstring)."""
+    if hasattr(module, "parts"):
+        return module.parts()
+    return {"": module} if getattr(module, "select_by_validation", True) else {}
+
+
+def _after_step_hooks(module: nn.Module) -> list[Callable[[], None]]:
+    """``after_optimizer_step`` of every submodule that has one (e.g. weight averaging)."""
+    return [m.after_optimizer_step for m in module.modules() if hasattr(m, "after_optimizer_step")]
+
+
+def _evaluate(module: nn.Module, tensors, idx, batch_size: int, seed: int = 0) -> dict[str, float]:
+    """Mean validation loss of each part (one part, ``""``, for a module without parts)."""
     # Common random numbers: stochastic losses (ELBOs, denoising) draw the same noise at every
     # epoch, so the early-stopping comparison sees the model change, not the draw.
-    total, count = 0.0, 0
+    totals: dict[str, float] = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(idx), 4 * batch_size):
             b = idx[start:start + 4 * batch_size]
-            total += module({k: v[b] for k, v in tensors.items()}).sum().item()
-            count += len(b)
-    return total / max(count, 1)
+            for name, loss in _part_losses(module, {k: v[b] for k, v in tensors.items()}).items():
+                totals[name] = totals.get(name, 0.0) + loss.sum().item()
+    return {name: total / max(len(idx), 1) for name, total in totals.items()}
 
 
 def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainConfig | None = None,
@@ -143,7 +171,10 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
     if show and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="fit", unit="step", leave=False)
-    best_state, bad_epochs, t0 = None, 0, time.perf_counter()
+    parts = _selected_parts(module)
+    after_step = _after_step_hooks(module)
+    best = {name: (math.inf, 0, None) for name in parts}  # part -> (val loss, epoch, weights)
+    bad_epochs, t0 = 0, time.perf_counter()
     module.train()
     for epoch in range(config.max_epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
@@ -159,28 +190,37 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
+            for hook in after_step:
+                hook()
             running += loss.item()
             result.steps += 1
             if bar is not None:
                 bar.update(1)
             if result.steps >= total:
                 break
-        module.eval()
-        val = _evaluate(module, tensors, val_idx, batch, config.seed) if len(val_idx) else running / (s + 1)
-        module.train()
-        record = {"epoch": epoch, "train_loss": running / (s + 1), "val_loss": val,
-                  "lr": opt.param_groups[0]["lr"]}
+        train_loss = running / (s + 1)
+        if len(val_idx):
+            module.eval()
+            vals = _evaluate(module, tensors, val_idx, batch, config.seed)
+            module.train()
+        else:  # no validation split: the training loss decides, for every part alike
+            vals = {name: train_loss for name in parts}
+        val = sum(vals.values()) if len(val_idx) else train_loss
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val, "lr": opt.param_groups[0]["lr"]}
+        if len(val_idx) and hasattr(module, "part_losses"):
+            record["val_parts"] = vals
         result.history.append(record)
         if bar is not None:
             bar.set_postfix(val=f"{val:.4f}")
         if on_epoch is not None:
             on_epoch(record)
         sched.step(val)
-        if val < result.best_val_loss - 1e-6:
-            result.best_val_loss, result.best_epoch, bad_epochs = val, epoch, 0
-            best_state = copy.deepcopy(module.state_dict())
-        else:
-            bad_epochs += 1
+        improved = False
+        for name, part in parts.items():
+            if vals[name] < best[name][0] - 1e-6:
+                best[name] = (vals[name], epoch, copy.deepcopy(part.state_dict()))
+                improved = True
+        bad_epochs = 0 if improved or not parts else bad_epochs + 1
         if result.steps >= total:
             break
         if bad_epochs >= config.patience:
@@ -188,8 +228,18 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             break
     if bar is not None:
         bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    for name, part in parts.items():
+        if best[name][2] is not None:
+            part.load_state_dict(best[name][2])
+    # The validation loss of the weights kept: each selected part's best, the others' last.
+    kept = {name: (best[name][:2] if name in best else (v, epoch)) for name, v in vals.items()}
+    if len(val_idx):
+        result.best_val_loss = sum(v for v, _ in kept.values())
+    else:
+        result.best_val_loss = min((b[0] for b in best.values()), default=train_loss)
+    result.best_epoch = max((e for _, e in kept.values()), default=epoch)
+    if len(val_idx) and hasattr(module, "part_losses"):
+        result.best_epochs = {name: e for name, (_, e) in kept.items()}
     module.eval()
     result.seconds = time.perf_counter() - t0
     return result
@@ -220,6 +270,7 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
         return result
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     session = plan.attach(module, opt, tensors)
+    after_step = _after_step_hooks(module)
     show = config.verbose if config.verbose is not None else sys.stderr.isatty()
     bar = None
     if show:
@@ -233,6 +284,8 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
             for epoch in range(config.max_epochs):
                 for (records,) in loader:
                     if session.step(records):
+                        for hook in after_step:
+                            hook()
                         result.steps += 1
                         if bar is not None:
                             bar.update(1)

@@ -99,3 +99,98 @@ def test_ddp_two_ranks_end_identical_and_match_one_process(tmp_path):
     # updates as one process on whole minibatches, up to float32 summation order.
     for k in r0:
         torch.testing.assert_close(r0[k], one[k], atol=1e-4, rtol=1e-3)
+
+
+class TwoMeans(nn.Module):
+    """Two independent parts: ``a`` converges, ``b`` is pushed away from its optimum after epoch 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Mean(), Mean()
+
+    def parts(self):
+        return {"a": self.a, "b": self.b}
+
+    def part_losses(self, batch):
+        return {"a": self.a({"x": batch["x"]}), "b": self.b({"x": batch["y"]})}
+
+    def forward(self, batch):
+        return sum(self.part_losses(batch).values())
+
+
+def test_each_part_keeps_its_own_best_epoch():
+    # Part b's data mean is 0 and its parameter starts there; a large lr on a noisy target makes
+    # it wander, so its best epoch is an early one, while part a (mean 3, starting at 0) needs
+    # many epochs. A joint choice of one epoch would give up one of the two.
+    torch.manual_seed(0)
+    x = torch.randn(400, 1) * 0.1 + 3.0
+    y = torch.randn(400, 1) * 5.0
+    m = TwoMeans()
+    result = train(m, {"x": x, "y": y}, TrainConfig(max_epochs=60, lr=0.1, batch_size=8, patience=60,
+                                                    verbose=False))
+    hist = result.history
+    best_a = min(range(len(hist)), key=lambda e: hist[e]["val_parts"]["a"])
+    best_b = min(range(len(hist)), key=lambda e: hist[e]["val_parts"]["b"])
+    assert result.best_epochs == {"a": best_a, "b": best_b}
+    assert best_a != best_b
+    # the restored weights reproduce each part's best validation loss
+    assert result.best_val_loss == pytest.approx(hist[best_a]["val_parts"]["a"] + hist[best_b]["val_parts"]["b"])
+    assert result.best_val_loss < min(h["val_loss"] for h in hist)
+    val_rows = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:40]
+    assert ((x[val_rows] - m.a.mu) ** 2).mean().item() == pytest.approx(hist[best_a]["val_parts"]["a"], rel=1e-5)
+    assert ((y[val_rows] - m.b.mu) ** 2).mean().item() == pytest.approx(hist[best_b]["val_parts"]["b"], rel=1e-5)
+
+
+def test_parts_stop_only_when_none_improves():
+    torch.manual_seed(0)
+    m = TwoMeans()
+    result = train(m, {"x": torch.randn(200, 1) + 3.0, "y": torch.randn(200, 1)},
+                   TrainConfig(max_epochs=500, lr=0.5, patience=3, verbose=False))
+    assert result.stopped_early
+    last_improvement = max(result.best_epochs.values())
+    assert len(result.history) == last_improvement + 1 + 3
+
+
+def test_a_module_that_does_not_select_keeps_its_last_weights_and_runs_to_the_end():
+    class LastMean(Mean):
+        select_by_validation = False
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 1)
+    m = LastMean()
+    result = train(m, {"x": x}, TrainConfig(max_epochs=30, lr=0.5, patience=3, verbose=False))
+    assert not result.stopped_early and len(result.history) == 30  # patience=3 alone would stop it
+    val_rows = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:20]
+    last = result.history[-1]["val_loss"]
+    assert ((x[val_rows] - m.mu) ** 2).mean().item() == pytest.approx(last, rel=1e-5)
+    assert result.best_val_loss == pytest.approx(last) and result.best_epoch == 29
+
+
+def test_a_part_left_out_keeps_its_last_weights_and_the_others_decide_stopping():
+    class OnlyA(TwoMeans):
+        def parts(self):
+            return {"a": self.a}
+
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 1) + 3.0, torch.randn(200, 1)
+    m = OnlyA()
+    result = train(m, {"x": x, "y": y}, TrainConfig(max_epochs=500, lr=0.5, patience=3, verbose=False))
+    assert result.stopped_early and len(result.history) == result.best_epochs["a"] + 1 + 3
+    assert result.best_epochs["b"] == len(result.history) - 1
+    val_rows = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:20]
+    assert ((y[val_rows] - m.b.mu) ** 2).mean().item() == pytest.approx(result.history[-1]["val_parts"]["b"],
+                                                                        rel=1e-5)
+
+
+def test_after_optimizer_step_hooks_run_once_per_step():
+    class Counting(Mean):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def after_optimizer_step(self):
+            self.calls += 1
+
+    m = Counting()
+    result = train(m, {"x": torch.ones(100, 1)}, TrainConfig(max_steps=7, batch_size=10, verbose=False))
+    assert result.steps == 7 and m.calls == 7

@@ -50,6 +50,11 @@ class Mechanism(nn.Module):
     # Training lengths this mechanism needs when the user gives none (``max_epochs``,
     # ``patience``); CausalModel.fit takes the largest over the model's mechanisms.
     fit_defaults: ClassVar[dict] = {}
+    # True: the training loop keeps the weights of this mechanism's best validation epoch.
+    # False: it keeps the last (averaged) weights and this mechanism's validation loss does
+    # not decide when training stops (for losses that stop tracking query quality, e.g.
+    # denoising losses; see ``diffusion``).
+    select_by_validation: ClassVar[bool] = True
 
     def __init__(self, variable: VariableType, parents: Mapping[str, int] | int, **hparams: Any):
         super().__init__()
@@ -98,6 +103,41 @@ class Mechanism(nn.Module):
         return f"variable={self.variable.kind}, parent_dim={self.parent_dim}, abduction={self.abduction}"
 
 
+class AveragedWeights:
+    """Mixin for a mechanism whose network is ``self.net``: an exponential moving average of
+    its weights, with warm-up (decay ``min(ema_decay, (1 + k) / (10 + k))`` at update ``k``).
+
+    The training loop calls :meth:`after_optimizer_step` after every optimizer step (private
+    training included: averaging DP weights is post-processing). ``_run(*args)`` calls the
+    network with the averaged weights unless ``use_ema`` is off or ``ema=False``.
+    """
+
+    def _init_ema(self, decay: float, use_ema: bool) -> None:
+        self.ema_decay, self.use_ema = float(decay), bool(use_ema)
+        self.ema = nn.Module()
+        for name, p in self.net.named_parameters():
+            self.ema.register_buffer(name.replace(".", "__"), p.detach().clone())
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.ema_steps += 1
+        k = float(self.ema_steps)
+        d = min(self.ema_decay, (1.0 + k) / (10.0 + k))
+        params = list(self.net.named_parameters())
+        avg = [self.ema.get_buffer(name.replace(".", "__")) for name, _ in params]
+        torch._foreach_lerp_(avg, [p.detach() for _, p in params], 1.0 - d)
+
+    def ema_parameters(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, by the network's parameter names."""
+        return {name: self.ema.get_buffer(name.replace(".", "__")) for name, _ in self.net.named_parameters()}
+
+    def _run(self, *args, ema: bool | None = None, **kwargs):
+        if self.use_ema if ema is None else ema:
+            return torch.func.functional_call(self.net, self.ema_parameters(), args, kwargs)
+        return self.net(*args, **kwargs)
+
+
 def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.randn`` on the device/dtype of ``like`` with an optional generator."""
     kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
@@ -137,6 +177,10 @@ class StandaloneLoss(nn.Module):
     def __init__(self, mech: Mechanism):
         super().__init__()
         self.mech = mech
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The mechanism, unless it keeps its last weights (``select_by_validation``)."""
+        return {"": self.mech} if self.mech.select_by_validation else {}
 
     def forward(self, batch):
         return self.mech.loss(batch["x"], batch["pa"])

@@ -48,8 +48,8 @@ e]`` over all latents, ``flag = 1`` for abducted rows) followed by the ``C*H*W``
 noise ``u``. ``noise_like(n)`` draws the same structure from the prior.
 
 The loss is the negative ELBO in nats per image (``has_log_prob = False``). The weights
-are averaged (EMA, with the usual warm-up ``min(decay, (1 + t) / (10 + t))``) at each
-training step; ``sample``/``abduct`` use the averaged weights (``use_ema=False`` to
+are averaged (EMA, with the usual warm-up ``min(decay, (1 + t) / (10 + t))``) after each
+optimizer step; ``sample``/``abduct`` use the averaged weights (``use_ema=False`` to
 query the live ones). Optional counterfactual fine-tuning with frozen anti-causal
 predictors: :meth:`HVAEMechanism.finetune_counterfactual` (off unless called).
 
@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, MedCausalError
-from .base import Mechanism, StandaloneLoss, randn
+from .base import AveragedWeights, Mechanism, StandaloneLoss, randn
 from .registry import register
 
 __all__ = ["HVAEMechanism", "PixelNoiseVAE", "TRAIN_SETTINGS"]
@@ -462,7 +462,7 @@ def _shuffle_parents(pa: torch.Tensor) -> torch.Tensor:
     return pa[torch.randperm(pa.shape[0], device=pa.device)]
 
 
-class PixelNoiseVAE(Mechanism):
+class PixelNoiseVAE(AveragedWeights, Mechanism):
     """Shared machinery of the VAE image mechanisms (``hvae``, ``cvae``).
 
     Subclasses build ``self.net`` with the operations ``elbo``, ``abduct``, ``decode``,
@@ -487,34 +487,6 @@ class PixelNoiseVAE(Mechanism):
             raise MedCausalError(f"mechanism {self.name!r} models 2D images (C, H, W); "
                                  f"got variable {variable!r}")
 
-    # -- EMA ---------------------------------------------------------------------
-    def _init_ema(self, decay: float, use_ema: bool) -> None:
-        self.ema_decay, self.use_ema = float(decay), bool(use_ema)
-        self.ema = nn.Module()
-        for name, p in self.net.named_parameters():
-            self.ema.register_buffer(name.replace(".", "__"), p.detach().clone())
-        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def _ema_update(self) -> None:
-        self.ema_steps += 1
-        t = float(self.ema_steps)
-        d = min(self.ema_decay, (1.0 + t) / (10.0 + t))
-        names = [name for name, _ in self.net.named_parameters()]
-        live = [p.detach() for _, p in self.net.named_parameters()]
-        avg = [self.ema.get_buffer(name.replace(".", "__")) for name in names]
-        torch._foreach_lerp_(avg, live, 1.0 - d)
-
-    def ema_parameters(self) -> dict[str, torch.Tensor]:
-        """The averaged weights, by the network's parameter names."""
-        return {name: self.ema.get_buffer(name.replace(".", "__")) for name, _ in self.net.named_parameters()}
-
-    def _run(self, op: str, *args, ema: bool | None = None, **kwargs):
-        ema = self.use_ema if ema is None else ema
-        if ema:
-            return torch.func.functional_call(self.net, self.ema_parameters(), (op, *args), kwargs)
-        return self.net(op, *args, **kwargs)
-
     # -- checks ------------------------------------------------------------------
     def _check(self, value: torch.Tensor | None, parents: torch.Tensor) -> None:
         if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
@@ -537,8 +509,6 @@ class PixelNoiseVAE(Mechanism):
     def loss(self, value, parents):
         """Negative ELBO per image (nats): pixel NLL + beta * KL."""
         self._check(value, parents)
-        if self.training and torch.is_grad_enabled():
-            self._ema_update()  # averages the weights of the previous optimizer step
         nll, kl = self.net("elbo", value, parents)
         return nll + self.beta * kl
 

@@ -59,8 +59,10 @@ Both knobs leave null interventions exact: ``sample(pa, noise=abduct(x, pa))`` r
 ``x`` within :attr:`reconstruction_tolerance` for any depth and guidance, since
 generation and inversion use the same noise predictions.
 
-Weights are averaged (EMA with warm-up, updated at each training-mode loss call with
-gradients on); queries use the averaged weights unless ``use_ema=False``.
+Weights are averaged (EMA with warm-up, updated after each optimizer step of the training
+loop); queries use the averaged weights unless ``use_ema=False``, and training keeps the
+last weights rather than those of the best validation epoch (``select_by_validation``; as
+for the tabular ``diffusion``, the denoising loss is a poor guide to the counterfactuals).
 
 >>> import torch
 >>> from medcausal.graph import Image
@@ -86,7 +88,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, MedCausalError
-from .base import Mechanism, StandaloneLoss, mlp, randn
+from .base import AveragedWeights, Mechanism, StandaloneLoss, mlp, randn
 from .diffusion import ddim_invert_move, ddim_move
 from .registry import register
 
@@ -207,7 +209,7 @@ class _Net(nn.Module):
 
 
 @register
-class ImageDiffusionMechanism(Mechanism):
+class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     """Conditional diffusion model of an image variable with DDIM-inversion abduction.
 
     Hyperparameters (JSON-serializable): ``channels``, ``num_res_blocks``,
@@ -230,6 +232,7 @@ class ImageDiffusionMechanism(Mechanism):
     """
 
     name = "image-diffusion"
+    select_by_validation = False  # keep the last (averaged) weights; see the module docstring
     abduction = "deterministic-approximate"
     supports = ("image",)
     # Not yet verified exact under DP-SGD: torch.func.vmap cannot trace the batch-level
@@ -312,11 +315,7 @@ class ImageDiffusionMechanism(Mechanism):
         self.net = _Net(shape, self.parent_dim, channels, int(num_res_blocks), attention_levels,
                         int(norm_num_groups), int(num_head_channels), int(cond_hidden), self.cfg,
                         self.semantic_dim, float(init_scale))
-        self.ema_decay, self.use_ema = float(ema_decay), bool(use_ema)
-        self.ema = nn.Module()
-        for name, p in self.net.named_parameters():
-            self.ema.register_buffer(name.replace(".", "__"), p.detach().clone())
-        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self._init_ema(ema_decay, use_ema)
 
     # -- knobs -------------------------------------------------------------------------
     def set_knobs(self, depth: float | None = None, guidance: float | None = None) -> "ImageDiffusionMechanism":
@@ -345,24 +344,6 @@ class ImageDiffusionMechanism(Mechanism):
     def _grid(self, depth: float) -> list[int]:
         end = max(1, round(depth * self.T))
         return ddim_grid(end, max(1, round(self.steps * depth)))
-
-    # -- EMA ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _ema_update(self) -> None:
-        self.ema_steps += 1
-        t = float(self.ema_steps)
-        d = min(self.ema_decay, (1.0 + t) / (10.0 + t))
-        live = [p.detach() for _, p in self.net.named_parameters()]
-        avg = [self.ema.get_buffer(n.replace(".", "__")) for n, _ in self.net.named_parameters()]
-        torch._foreach_lerp_(avg, live, 1.0 - d)
-
-    def ema_parameters(self) -> dict[str, torch.Tensor]:
-        return {n: self.ema.get_buffer(n.replace(".", "__")) for n, _ in self.net.named_parameters()}
-
-    def _run(self, op, *args, ema: bool | None = None):
-        if self.use_ema if ema is None else ema:
-            return torch.func.functional_call(self.net, self.ema_parameters(), (op, *args))
-        return self.net(op, *args)
 
     # -- checks ------------------------------------------------------------------------
     def _check(self, value, parents) -> None:
@@ -418,8 +399,6 @@ class ImageDiffusionMechanism(Mechanism):
         rows trained without parents are stratified over the batch (one uniform draw each), so
         the per-record loss also works under ``torch.func.vmap``."""
         self._check(value, parents)
-        if self.training and torch.is_grad_enabled():
-            self._ema_update()  # averages the weights of the previous optimizer step
         n, dev = value.shape[0], value.device
         x0 = value * 2.0 - 1.0
         t = (_spread(n, dev) * self.T).long().clamp_max(self.T - 1)

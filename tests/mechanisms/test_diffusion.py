@@ -162,6 +162,7 @@ def test_location_scale_preconditioner():
     # the same denoiser as a plain mechanism whose "parents" are (mu, log sigma)
     plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
     plain.net.load_state_dict(m.net.state_dict())
+    plain.ema.load_state_dict(m.ema.state_dict())  # the averaged weights, which queries use
     x, pa = 3 * torch.randn(6, 2), torch.randn(6, 1)
     mu, log_sigma = m._affine(pa)
     assert log_sigma.shape == (6, 1)  # one scale per row: isotropic
@@ -473,3 +474,24 @@ def test_inversion_solver_budget_and_plain_fallback():
     torch.testing.assert_close(ddim_invert_move(x, eps_at, abar_a, abar_b, iters=3, tol=0.0, window=0), y)
     with pytest.raises(MedCausalError, match="window"):
         ddim_invert_move(x, eps_at, abar_a, abar_b, iters=3, tol=0.0, window=-1)
+
+
+def test_queries_use_the_averaged_denoiser_and_training_keeps_the_last_weights():
+    from medcausal.mechanisms.base import StandaloneLoss
+    from medcausal.train import TrainConfig, train
+    torch.manual_seed(0)
+    m = DiffusionMechanism(Continuous(), 1, hidden=[8], steps=5, init_scale=1.0)
+    pa = torch.randn(64, 1)
+    x = pa + 0.3 * torch.randn(64, 1)
+    result = train(StandaloneLoss(m), {"x": x, "pa": pa}, TrainConfig(max_epochs=4, batch_size=16, lr=0.05,
+                                                                       patience=1, verbose=False))
+    assert len(result.history) == 4 and int(m.ema_steps) == result.steps  # no early stop, one update a step
+    live = dict(m.net.named_parameters())
+    assert any(not torch.equal(live[k], v) for k, v in m.ema_parameters().items())
+    xt, t = torch.randn(5, 1), torch.full((5,), 40)
+    with torch.no_grad():
+        cond = m._cond(pa[:5])
+        torch.testing.assert_close(m._raw(xt, t, cond), m._raw(xt, t, cond, ema=True))
+        assert not torch.allclose(m._raw(xt, t, cond), m._raw(xt, t, cond, ema=False))
+        m.use_ema = False
+        torch.testing.assert_close(m._raw(xt, t, cond), m._raw(xt, t, cond, ema=False))

@@ -111,10 +111,13 @@ def test_ema_update_matches_its_formula():
     before = {k: v.clone() for k, v in m.ema_parameters().items()}
     opt = torch.optim.Adam(m.net.parameters(), lr=1e-2)
     x, pa, _ = discs(8)
-    m.loss(x, pa).mean().backward()  # first EMA update: live == initial weights, EMA unchanged
+    m.after_optimizer_step()  # first EMA update (k = 1): live == initial weights, EMA unchanged
+    for k, ema in m.ema_parameters().items():
+        torch.testing.assert_close(ema, before[k])
+    m.loss(x, pa).mean().backward()
     opt.step()
     after_step = {k: p.detach().clone() for k, p in m.net.named_parameters()}
-    m.loss(x, pa)  # second update, t = 2: d = min(0.999, 3 / 12)
+    m.after_optimizer_step()  # second update, k = 2: d = min(0.999, 3 / 12)
     d = 3.0 / 12.0
     for k, ema in m.ema_parameters().items():
         torch.testing.assert_close(ema, d * before[k] + (1 - d) * after_step[k])
@@ -126,14 +129,17 @@ def test_ema_update_matches_its_formula():
     assert int(m.ema_steps) == 2
 
 
-def test_eval_loss_does_not_touch_the_ema():
-    m = make("hvae").eval()
-    x, pa, _ = discs(4)
-    m.loss(x, pa)
-    with torch.no_grad():
-        m.train()
-        m.loss(x, pa)
+def test_only_optimizer_steps_of_the_training_loop_touch_the_ema():
+    from medcausal.train import TrainConfig, train
+    from medcausal.mechanisms.base import StandaloneLoss
+    m = make("hvae")
+    x, pa, _ = discs(8)
+    m.train()
+    m.loss(x, pa).mean().backward()  # a loss call, even with gradients, does not average
     assert int(m.ema_steps) == 0
+    result = train(StandaloneLoss(m), {"x": x, "pa": pa}, TrainConfig(max_steps=3, batch_size=4,
+                                                                       val_fraction=0.0, verbose=False))
+    assert result.steps == 3 and int(m.ema_steps) == 3
 
 
 def test_errors_name_the_culprit():

@@ -66,13 +66,17 @@ def test_where_on_continuous_root_rejects_roots_only(fitted):
 
 
 def test_where_on_descendant_uses_rejection(fitted):
-    truth, _ = linear_gaussian(400_000, seed=9)
-    p_high = float((truth["stage"] == "high").mean())
+    # The acceptance rate estimates the model's own P(stage = high): against a 200k-draw
+    # reference, within 4 binomial sd of ~7,500 draws (0.023). Against the true SCM the
+    # model's fit error adds (3,000 rows, 60 epochs; the sample itself is 0.013 off): 0.05.
+    p_model = float((fitted.sample(200_000, seed=123)["stage"] == "high").mean())
+    p_true = float((linear_gaussian(400_000, seed=9)[0]["stage"] == "high").mean())
     df = S.simulate(fitted, 3000, where="stage == 'high'", seed=0)
     info = df.attrs["medcausal"]
     assert info["method"] == "rejection" and (df["stage"] == "high").all()
-    assert abs(info["acceptance_rate"] - p_high) < 0.03
-    assert info["drawn"] >= 3000 / p_high * 0.9 and info["accepted"] >= 3000
+    assert abs(info["acceptance_rate"] - p_model) < 0.023
+    assert abs(info["acceptance_rate"] - p_true) < 0.05
+    assert info["drawn"] >= 3000 / p_model * 0.9 and info["accepted"] >= 3000
 
 
 def test_where_is_evaluated_in_the_intervened_world(fitted):

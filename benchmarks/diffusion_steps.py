@@ -6,7 +6,8 @@ variable with descendants, 5 intervention values at its 10/30/50/70/90% training
 the descendants of the intervened variable, averaged over all (variable, value) queries.
 Every method is ``CausalModel(graph, mechanisms=<name>)`` fitted by ``CausalModel.fit`` once
 per training seed, with ``--max-epochs``/``--patience`` (default: fit()'s 200/20) overridden by
-the mechanism's declared ``fit_defaults`` (diffusion: 600/100) unless ``--same-fit``; the
+the mechanism's declared ``fit_defaults`` (diffusion: 600/100 when the committed results were
+made, 300/100 now) unless ``--same-fit``; the
 other fit() arguments keep their defaults. ``diffusion`` is fitted once and queried at each step count (steps are a
 query-time setting); the row ``diffusion-explicit`` is the same model at its default steps
 with plain explicit DDIM inversion (``inversion_iters=0``), as in the DCM paper.

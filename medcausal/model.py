@@ -34,7 +34,7 @@ from .mechanisms import Mechanism, registry
 from .train import TrainConfig, TrainResult, train
 
 FORMAT = "medcausal-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: diffusion mechanisms also store averaged weights (ema.*); 1 still loads
 
 
 def _key(name: str) -> str:
@@ -252,6 +252,10 @@ class CausalModel:
                          "world_size": result.world_size,
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
                          "image_specs": image_specs}
+        names = {_key(n): n for n in self.graph.variables}
+        for record in result.history:  # per-mechanism validation losses by variable name
+            if "val_parts" in record:
+                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
         self.history = result.history
         return self
 

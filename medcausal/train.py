@@ -2,7 +2,8 @@
 
 ``train(module, tensors, config)`` minimizes ``module(batch).mean()`` where ``batch``
 is a dict of row-aligned tensors: minibatches, a validation split with early stopping
-(the best weights are restored), a learning rate halved on plateaus, a progress bar
+(the best weights are restored, per part: see below), a learning rate halved on plateaus
+of the total validation loss, a progress bar
 on a terminal, and data-parallel training when launched under ``torchrun``
 (gloo on CPU, nccl on GPU): every rank holds the same data and the same seed, takes
 its share of each minibatch, and DDP averages the gradients, so all ranks end with
@@ -15,8 +16,10 @@ weights of its own best validation epoch, and training stops when no part has im
 for ``patience`` epochs: a part whose validation loss is noisy no longer picks the epoch
 for all the others. A part left out of ``parts()`` (a mechanism with
 ``select_by_validation = False``) keeps its last weights and has no say in stopping;
-with no parts at all, training runs to ``max_epochs``/``max_steps``. Submodules with an
-``after_optimizer_step()`` method (weight averaging) have it called after every step.
+with no parts at all, training runs to ``max_epochs``/``max_steps``. Without a validation
+split (``val_fraction=0`` or under 20 rows) the total training loss stands in for every
+part's validation loss. Submodules with an ``after_optimizer_step()`` method (weight
+averaging) have it called after every step.
 
 >>> import torch
 >>> from torch import nn
@@ -108,6 +111,8 @@ def _part_losses(module: nn.Module, batch) -> dict[str, torch.Tensor]:
 
 def _selected_parts(module: nn.Module) -> dict[str, nn.Module]:
     """The parts whose best validation epoch the loop keeps (see the module docstring)."""
+    if hasattr(module, "parts") != hasattr(module, "part_losses"):
+        raise MedCausalError(f"{type(module).__name__} must define both parts() and part_losses(), or neither")
     if hasattr(module, "parts"):
         return module.parts()
     return {"": module} if getattr(module, "select_by_validation", True) else {}
@@ -203,6 +208,9 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             module.eval()
             vals = _evaluate(module, tensors, val_idx, batch, config.seed)
             module.train()
+            if epoch == 0 and not set(parts) <= set(vals):
+                raise MedCausalError(f"{type(module).__name__}: parts() names {sorted(set(parts) - set(vals))} "
+                                     f"that part_losses() does not return ({sorted(vals)})")
         else:  # no validation split: the training loss decides, for every part alike
             vals = {name: train_loss for name in parts}
         val = sum(vals.values()) if len(val_idx) else train_loss
@@ -232,13 +240,15 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         if best[name][2] is not None:
             part.load_state_dict(best[name][2])
     # The validation loss of the weights kept: each selected part's best, the others' last.
-    kept = {name: (best[name][:2] if name in best else (v, epoch)) for name, v in vals.items()}
+    # (A part that never improved on inf, e.g. a NaN loss, kept its last weights too.)
+    kept = {name: (best[name][:2] if name in best and best[name][2] is not None else (v, epoch))
+            for name, v in vals.items()}
     if len(val_idx):
         result.best_val_loss = sum(v for v, _ in kept.values())
     else:
         result.best_val_loss = min((b[0] for b in best.values()), default=train_loss)
     result.best_epoch = max((e for _, e in kept.values()), default=epoch)
-    if len(val_idx) and hasattr(module, "part_losses"):
+    if hasattr(module, "part_losses"):  # without a validation split: the selected parts only
         result.best_epochs = {name: e for name, (_, e) in kept.items()}
     module.eval()
     result.seconds = time.perf_counter() - t0

@@ -243,3 +243,17 @@ def test_log_prob_capability_error(lg_graph, fitted):
     m = mc.CausalModel(lg_graph)
     with pytest.raises(NotFittedError):
         m.log_prob(linear_gaussian(3)[0])
+
+
+def test_fit_reports_each_mechanisms_best_epoch_by_variable_name():
+    g = mc.CausalGraph({"a.b": "continuous", "c": "continuous"}, edges=[("a.b", "c")])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=300)
+    df = pd.DataFrame({"a.b": a, "c": a + 0.1 * rng.normal(size=300)})
+    model = mc.CausalModel(g).fit(df, max_epochs=5, verbose=False)
+    assert set(model.fit_info["best_epochs"]) == {"a.b", "c"}
+    assert set(model.history[0]["val_parts"]) == {"a.b", "c"}
+    assert model.fit_info["best_epoch"] == max(model.fit_info["best_epochs"].values())
+    for name, epoch in model.fit_info["best_epochs"].items():
+        losses = [h["val_parts"][name] for h in model.history]
+        assert losses[epoch] == min(losses)

@@ -194,3 +194,29 @@ def test_after_optimizer_step_hooks_run_once_per_step():
     m = Counting()
     result = train(m, {"x": torch.ones(100, 1)}, TrainConfig(max_steps=7, batch_size=10, verbose=False))
     assert result.steps == 7 and m.calls == 7
+
+
+def test_parts_and_part_losses_must_agree():
+    class NoParts(Mean):
+        def part_losses(self, batch):
+            return {"a": self(batch)}
+
+    with pytest.raises(MedCausalError, match="both parts\\(\\) and part_losses\\(\\)"):
+        train(NoParts(), {"x": torch.ones(40, 1)}, TrainConfig(max_epochs=1, verbose=False))
+
+    class Misnamed(TwoMeans):
+        def parts(self):
+            return {"a": self.a, "c": self.b}
+
+    with pytest.raises(MedCausalError, match=r"\['c'\].*part_losses"):
+        train(Misnamed(), {"x": torch.ones(40, 1), "y": torch.ones(40, 1)}, TrainConfig(max_epochs=1, verbose=False))
+
+
+def test_without_a_validation_split_the_training_loss_decides_for_every_part():
+    torch.manual_seed(0)
+    m = TwoMeans()
+    result = train(m, {"x": torch.randn(200, 1) + 3.0, "y": torch.randn(200, 1)},
+                   TrainConfig(max_epochs=30, lr=0.5, patience=3, val_fraction=0.0, verbose=False))
+    best = min(range(len(result.history)), key=lambda e: result.history[e]["train_loss"])
+    assert result.best_epochs == {"a": best, "b": best}
+    assert result.best_val_loss == pytest.approx(result.history[best]["train_loss"])

@@ -118,6 +118,17 @@ class AveragedWeights:
         for name, p in self.net.named_parameters():
             self.ema.register_buffer(name.replace(".", "__"), p.detach().clone())
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._fill_missing_ema)
+
+    def _fill_missing_ema(self, state_dict, prefix, *args) -> None:
+        # A model file written before this mechanism averaged its weights: the average
+        # starts from the saved weights, so queries answer exactly as they did.
+        if prefix + "ema_steps" in state_dict:
+            return
+        for name, _ in self.net.named_parameters():
+            if prefix + "net." + name in state_dict:
+                state_dict.setdefault(prefix + "ema." + name.replace(".", "__"), state_dict[prefix + "net." + name])
+        state_dict[prefix + "ema_steps"] = torch.zeros((), dtype=torch.long)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -181,6 +192,9 @@ class StandaloneLoss(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """The mechanism, unless it keeps its last weights (``select_by_validation``)."""
         return {"": self.mech} if self.mech.select_by_validation else {}
+
+    def part_losses(self, batch) -> dict[str, torch.Tensor]:
+        return {"": self.mech.loss(batch["x"], batch["pa"])}
 
     def forward(self, batch):
         return self.mech.loss(batch["x"], batch["pa"])

@@ -485,6 +485,11 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
         """Train this mechanism alone on ``(value, parents)`` with :func:`medcausal.train.train`
         (defaults from :data:`TRAIN_SETTINGS`) on ``device`` (default: where the mechanism's
         weights are, so ``mech.to("cuda").fit(...)`` trains on the GPU); returns the ``TrainResult``.
+        It trains to ``max_steps``/``max_epochs`` and keeps the last (averaged) weights:
+        ``patience`` only paces the learning-rate halving on validation plateaus
+        (``select_by_validation = False``). Standard practice for diffusion models (final
+        EMA weights); the measurement behind it is the tabular ``diffusion``'s, not an
+        image benchmark's.
 
         >>> from medcausal.graph import Image
         >>> m = ImageDiffusionMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], norm_num_groups=4)

@@ -38,3 +38,16 @@ def test_diffusion_within_1_2x_flow_on_scalar_scms(bench):
     verdicts = {(v["scm"], v["target"]): v["met"] for v in bench.check_targets(rows)}
     assert verdicts[("triangle", "diffusion CF MSE <= 1.2 x flow")] is False  # 2.48 > 2.28
     assert verdicts[("chain", "diffusion CF MSE <= 1.2 x flow")] is True
+
+
+def test_several_fit_seeds_are_judged_on_their_means(bench):
+    rows = []
+    for seed, (d, f) in enumerate([(2.0, 2.0), (3.0, 2.0), (1.0, 2.0)]):  # diffusion mean 2.0 <= 1.2 x 2.0
+        rows += [{**_row("y", "additive", "diffusion", d), "fit_seed": seed},
+                 {**_row("y", "additive", "flow", f), "fit_seed": seed}]
+    means = bench.seed_means(__import__("pandas").DataFrame(rows)).set_index("method")
+    assert means.loc["diffusion", "cf_mse_x100"] == pytest.approx(2.0)
+    assert means.loc["diffusion", "cf_mse_x100_sd"] == pytest.approx(1.0)
+    assert means.loc["diffusion", "n_seeds"] == 3
+    (v,) = [v for v in bench.check_targets(rows) if v["target"] == "diffusion CF MSE <= 1.2 x flow"]
+    assert v["met"] is True  # seed 1 alone (3.0 vs 2.4) would miss

@@ -56,7 +56,11 @@ decoding) defaults to 25, the knee of the accuracy-vs-time curve measured on thi
 before it had the preconditioner (CF MSE within ~3% of 100 steps at 40% of the time;
 10 steps: +10-15%, 5 steps: x2). Measured numbers: ``benchmarks/results/diffusion_steps.md``
 and ``diffusion_preconditioner*.md`` (the conditioning: ``_conditioning`` and
-``_conditioning_options``).
+``_conditioning_options``); those runs predate the last choice: training keeps the
+*last* denoiser weights, averaged (EMA, ``ema_decay``), for ``fit_defaults``' 300 epochs,
+not the best-validation epoch, because the denoising loss flattens long before the
+counterfactuals converge (see ``select_by_validation`` below; the current figures are in
+``benchmarks/results/tabular_scm*.md``).
 
 >>> import torch
 >>> from medcausal.graph import Continuous

@@ -245,6 +245,9 @@ def _markdown(report) -> str:
             lines.append(f"| {name} | {q['condition']} | {q['cell_type']} | "
                          + " | ".join(f"{q[c]:.3f}" for c in cols[:2] + cols[-2:]) + " |")
     lines += ["", "## Representations (test cells of the training conditions)", "",
+              "How much of each true factor the data reveal at all (a supervised regression on counts "
+              "and condition, the bound for these MCCs): `perturbseq_ceiling.md` "
+              "(`python benchmarks/perturbseq_ceiling.py`).", "",
               "| model | block | NMI context | NMI treatment | MCC z_context | MCC z_treatment | MCC z_interaction "
               "| MCC weak (matched) | MCC Spearman (matched) |", "|---|---|---|---|---|---|---|---|---|"]
     reps = [(n, m) for n, m in report["models"].items()]

@@ -399,12 +399,12 @@ def test_vector_scm_works_with_the_model_and_the_metric():
 @pytest.mark.slow
 def test_vector_scm_diffusion_beats_additive_and_nears_flow():
     """On the non-additive vector SCM, DCM's counterfactuals of x3 beat the additive model
-    (misspecified: the noise enters non-additively) and are within 1.5x of flow's.
+    (misspecified: the noise enters non-additively) and are within 1.2x of flow's.
 
-    Diffusion no longer beats flow here: with the preconditioner's (mu, log sigma) as the
-    denoiser's conditioning (the default since it fixed the diamond and triangle SCMs),
-    fit seeds 0/1/2 gave diffusion 0.204/0.175/0.187 vs flow 0.146/0.210/0.160 (additive
-    0.374 at seed 0); the gap between them is within their spread over seeds.
+    With the current training (last averaged weights, 300 epochs), fit seeds 0/1/2 gave
+    diffusion 0.165/0.147/0.163 vs flow 0.162/0.353/0.160 and additive 0.374/0.309/0.419
+    (seed 0 is this test; 1-2 are hand runs of its body). At seed 0 diffusion and flow tie
+    (ratio 1.02); over the seeds diffusion is the steadier of the two.
     """
     sim = scm("vector", additive=False)
     train = sim.sample(5000, seed=0)
@@ -419,7 +419,7 @@ def test_vector_scm_diffusion_beats_additive_and_nears_flow():
                 for q in train["x2"].quantile([0.1, 0.3, 0.5, 0.7, 0.9])]
         errors[name] = float(np.mean(errs))
     assert errors["diffusion"] < 0.75 * errors["additive"], errors
-    assert errors["diffusion"] < 1.5 * errors["flow"], errors
+    assert errors["diffusion"] < 1.2 * errors["flow"], errors
 
 
 # --------------------------------------------------------------------------- the inversion solver

@@ -189,9 +189,9 @@ class CausalModel:
         (``fit_info["best_epochs"]``), and training stops when no mechanism's validation
         loss has improved for ``patience`` epochs. Mechanisms whose loss is no guide to
         their counterfactuals (``select_by_validation = False``: ``diffusion``,
-        ``image-diffusion``) keep their last, averaged weights and have no say in stopping. ``max_epochs`` and ``patience``
-        default to 200 and 20, or more where a mechanism declares it needs longer
-        (its ``fit_defaults``; e.g. ``diffusion``).
+        ``image-diffusion``) keep their last, averaged weights and have no say in stopping.
+        ``max_epochs`` and ``patience`` default to 200 and 20, or more where a mechanism
+        declares it needs longer (its ``fit_defaults``; e.g. ``diffusion``).
 
         ``privacy=mc.Privacy(epsilon=..., ...)`` trains every mechanism jointly with DP-SGD
         under one accountant (no validation split, no early stopping); the ledger is

@@ -36,7 +36,7 @@ import medcausal as mc
 from medcausal.io import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tabular_scm import _markdown, queries  # noqa: E402
+from tabular_scm import _markdown, protocol_data  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [("chain", True), ("triangle", False), ("diamond", True), ("vector", False)]
@@ -78,10 +78,7 @@ def main(argv=None):
     load_start, started, rows = [round(x, 2) for x in os.getloadavg()], time.time(), []
     for name, additive in [c for c in CASES if c[0] in args.scms]:
         sim = mc.synthetic.scm(name, additive=additive)
-        train = sim.sample(5000, seed=0)
-        qs = queries(sim, train, 5)
-        factual = [sim.sample(200, seed=1000 + i) for i in range(len(qs))]
-        truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
+        train, qs, factual, truth = protocol_data(sim)
         for label in args.variants:
             spec = parse_variant(label)
             model = mc.CausalModel(sim.graph, mechanisms=spec if isinstance(spec, str)

@@ -6,8 +6,7 @@ variable with descendants, 5 intervention values at its 10/30/50/70/90% training
 the descendants of the intervened variable, averaged over all (variable, value) queries.
 Every method is ``CausalModel(graph, mechanisms=<name>)`` fitted by ``CausalModel.fit`` once
 per training seed, with ``--max-epochs``/``--patience`` (default: fit()'s 200/20) overridden by
-the mechanism's declared ``fit_defaults`` (diffusion: 600/100 when the committed results were
-made, 300/100 now) unless ``--same-fit``; the
+the mechanism's declared ``fit_defaults`` (diffusion: 300/100) unless ``--same-fit``; the
 other fit() arguments keep their defaults. ``diffusion`` is fitted once and queried at each step count (steps are a
 query-time setting); the row ``diffusion-explicit`` is the same model at its default steps
 with plain explicit DDIM inversion (``inversion_iters=0``), as in the DCM paper.
@@ -46,13 +45,11 @@ from medcausal.mechanisms import registry
 from medcausal.mechanisms.diffusion import DiffusionMechanism
 from medcausal.metrics import counterfactual_mse
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tabular_scm import protocol_data  # noqa: E402  (the tabular benchmark's data and queries)
+
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_SCMS = ("triangle:non-additive", "y:non-additive", "vector:non-additive")
-
-
-def _queries(sim, train, n_values):
-    return [(v, float(train[v].quantile(q))) for v in sim.graph.topological_order
-            if sim.graph.descendants(v) for q in np.linspace(0.1, 0.9, n_values)]
 
 
 def _cf_score(model, factual, truth, qs, graph):
@@ -93,10 +90,7 @@ def _fit(sim, mechanism, train, seed, args):
 def run_scm(spec, args, log):
     name, variant = spec.split(":")
     sim = mc.synthetic.scm(name, additive=variant == "additive")
-    train = sim.sample(args.n_train, seed=0)
-    qs = _queries(sim, train, args.n_values)
-    factual = [sim.sample(args.n_units, seed=1000 + i) for i in range(len(qs))]
-    truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
+    train, qs, factual, truth = protocol_data(sim, args.n_train, args.n_units, args.n_values)
     rows = []
     base = {"scm": name, "variant": variant}
     for seed in args.seeds:

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 import medcausal as mc
-import medcausal.model as model_module
 from medcausal.io import atomic_write
 from medcausal.metrics import counterfactual_mse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tabular_scm import queries  # noqa: E402  (the same queries as the tabular benchmark)
+from tabular_scm import protocol_data  # noqa: E402  (the tabular benchmark's data and queries)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,10 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 def trace(scm: str, variant: str, every: int, n_train: int = 5000, n_units: int = 200, seed: int = 0,
           max_epochs: int | None = None):
     sim = mc.synthetic.scm(scm, additive=variant == "additive")
-    train_df = sim.sample(n_train, seed=0)
-    qs = queries(sim, train_df, 5)
-    factual = [sim.sample(n_units, seed=1000 + i) for i in range(len(qs))]
-    truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
+    train_df, qs, factual, truth = protocol_data(sim, n_train, n_units)
     model = mc.CausalModel(sim.graph, mechanisms="diffusion")
 
     def cf_mse() -> float:
@@ -51,25 +47,19 @@ def trace(scm: str, variant: str, every: int, n_train: int = 5000, n_units: int 
                                     for f, t, (v, x) in zip(factual, truth, qs)]))
 
     points = []
-    train = model_module.train
 
-    def traced(module, tensors, config, privacy=None):
-        def on_epoch(record):
-            if record["epoch"] % every == 0:
-                module.eval()
-                with torch.no_grad():
-                    err = cf_mse()
-                module.train()
-                points.append({"epoch": record["epoch"], "lr": record["lr"], "cf_mse_x100": err,
-                               "val_parts": record.get("val_parts", {})})
-                print(f"epoch {record['epoch']:4d} CF MSE x100 {err:8.3f} val {record['val_loss']:.4f}", flush=True)
-        return train(module, tensors, config, on_epoch=on_epoch, privacy=privacy)
+    def on_epoch(record):
+        if record["epoch"] % every == 0:
+            mechanisms = model.mechanisms
+            mechanisms.eval()
+            with torch.no_grad():
+                err = cf_mse()
+            mechanisms.train()
+            points.append({"epoch": record["epoch"], "lr": record["lr"], "cf_mse_x100": err,
+                           "val_parts": record.get("val_parts", {})})
+            print(f"epoch {record['epoch']:4d} CF MSE x100 {err:8.3f} val {record['val_loss']:.4f}", flush=True)
 
-    model_module.train = traced
-    try:
-        model.fit(train_df, seed=seed, verbose=False, max_epochs=max_epochs)
-    finally:
-        model_module.train = train
+    model.fit(train_df, seed=seed, verbose=False, max_epochs=max_epochs, on_epoch=on_epoch)
     final = cf_mse()
     # What selecting each mechanism's best-validation epoch among the traced epochs would pick
     names = [n for n in sim.graph.topological_order if points and n in points[0]["val_parts"]]

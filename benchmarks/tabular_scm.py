@@ -114,12 +114,19 @@ def queries(sim, train, n_values):
     return out
 
 
-def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,)):
-    sim = mc.synthetic.scm(name, additive=additive)
+def protocol_data(sim, n_train: int = 5000, n_units: int = 200, n_values: int = 5):
+    """The protocol's data for one SCM: training rows (seed 0), the queries, the factual units
+    of each query (seed 1000 + i) and their true counterfactuals."""
     train = sim.sample(n_train, seed=0)
     qs = queries(sim, train, n_values)
     factual = [sim.sample(n_units, seed=1000 + i) for i in range(len(qs))]
     truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
+    return train, qs, factual, truth
+
+
+def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,)):
+    sim = mc.synthetic.scm(name, additive=additive)
+    train, qs, factual, truth = protocol_data(sim, n_train, n_units, n_values)
     true_samples = [sim.sample(n_mmd, seed=5000 + i, do={v: x}) for i, (v, x) in enumerate(qs)]
     floor = np.mean([float(mmd(t, sim.sample(n_mmd, seed=9000 + i, do={v: x})))
                      for i, (t, (v, x)) in enumerate(zip(true_samples, qs))])

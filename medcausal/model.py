@@ -15,7 +15,7 @@ of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -181,7 +181,8 @@ class CausalModel:
     # -- training ------------------------------------------------------------
     def fit(self, data, *, seed: int = 0, max_epochs: int | None = None, max_steps: int | None = None,
             batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int | None = None,
-            verbose: bool | None = None, device: str = "cpu", privacy=None) -> "CausalModel":
+            verbose: bool | None = None, device: str = "cpu", privacy=None,
+            on_epoch: Callable[[dict], None] | None = None) -> "CausalModel":
         """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
 
         ``data`` is a DataFrame whose columns are the variable names, or a Cohort.
@@ -192,6 +193,10 @@ class CausalModel:
         ``image-diffusion``) keep their last, averaged weights and have no say in stopping.
         ``max_epochs`` and ``patience`` default to 200 and 20, or more where a mechanism
         declares it needs longer (its ``fit_defaults``; e.g. ``diffusion``).
+
+        ``on_epoch(record)`` is called after every epoch with that epoch's record of
+        ``model.history`` (losses, learning rate, and ``val_parts``: each mechanism's
+        validation loss by variable name), e.g. to trace a query's accuracy during training.
 
         ``privacy=mc.Privacy(epsilon=..., ...)`` trains every mechanism jointly with DP-SGD
         under one accountant (no validation split, no early stopping); the ledger is
@@ -233,7 +238,16 @@ class CausalModel:
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
                              device=device)
-        result: TrainResult = train(_JointLoss(self.mechanisms), tensors, config, privacy=plan)
+        names = {_key(n): n for n in self.graph.variables}
+
+        def epoch_done(record: dict) -> None:  # per-mechanism validation losses by variable name
+            if "val_parts" in record:
+                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
+            if on_epoch is not None:
+                on_epoch(record)
+
+        result: TrainResult = train(_JointLoss(self.mechanisms), tensors, config, on_epoch=epoch_done,
+                                    privacy=plan)
         with torch.no_grad():
             if plan is not None:
                 plan.finalize(self.mechanisms, tensors)  # private versions only, accounted
@@ -252,10 +266,6 @@ class CausalModel:
                          "world_size": result.world_size,
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
                          "image_specs": image_specs}
-        names = {_key(n): n for n in self.graph.variables}
-        for record in result.history:  # per-mechanism validation losses by variable name
-            if "val_parts" in record:
-                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
         self.history = result.history
         return self
 

@@ -257,3 +257,14 @@ def test_fit_reports_each_mechanisms_best_epoch_by_variable_name():
     for name, epoch in model.fit_info["best_epochs"].items():
         losses = [h["val_parts"][name] for h in model.history]
         assert losses[epoch] == min(losses)
+
+
+def test_fit_calls_on_epoch_with_each_history_record():
+    g = mc.CausalGraph({"a.b": "continuous", "c": "continuous"}, edges=[("a.b", "c")])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=300)
+    seen = []
+    model = mc.CausalModel(g).fit(pd.DataFrame({"a.b": a, "c": a + 0.1 * rng.normal(size=300)}),
+                                  max_epochs=4, patience=10, verbose=False, on_epoch=seen.append)
+    assert seen == model.history and len(seen) == 4
+    assert all(set(r["val_parts"]) == {"a.b", "c"} for r in seen)  # by variable name, already in the callback

@@ -52,15 +52,14 @@ row weighted equally (``sigma^2``-weighted gradients left the rows of small ``si
 the residual's shape matters most, untrained: the non-additive triangle stopped at epoch 23
 near its Gaussian start, CF MSE x100 18.8, now 2.5). The schedule follows the paper
 (``T = 100``, ``beta`` linear from 1e-4 to 0.1); ``steps`` (the DDIM steps of encoding and
-decoding) defaults to 25, the knee of the accuracy-vs-time curve measured on this mechanism
-before it had the preconditioner (CF MSE within ~3% of 100 steps at 40% of the time;
-10 steps: +10-15%, 5 steps: x2). Measured numbers: ``benchmarks/results/diffusion_steps.md``
-and ``diffusion_preconditioner*.md`` (the conditioning: ``_conditioning`` and
-``_conditioning_options``); those runs predate the last choice: training keeps the
-*last* denoiser weights, averaged (EMA, ``ema_decay``), for ``fit_defaults``' 300 epochs,
-not the best-validation epoch, because the denoising loss flattens long before the
-counterfactuals converge (see ``select_by_validation`` below; the current figures are in
-``benchmarks/results/tabular_scm*.md``).
+decoding) defaults to 25, the knee of the accuracy-vs-time curve (non-additive triangle:
+CF MSE x100 2.85 / 2.33 / 2.26 / 2.23 at 10 / 25 / 50 / 100 steps, 25 within 4% of 100 at 30%
+of the time; ``benchmarks/results/diffusion_steps.md``). Training keeps the *last* denoiser
+weights, averaged (EMA, ``ema_decay``), for ``fit_defaults``' 300 epochs, not the
+best-validation epoch, because the denoising loss flattens long before the counterfactuals
+converge (see ``select_by_validation`` below). The conditioning measurements
+(``diffusion_preconditioner*.md``) predate that choice; the current figures are in
+``benchmarks/results/tabular_scm*.md``.
 
 >>> import torch
 >>> from medcausal.graph import Continuous
@@ -238,11 +237,12 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     # 100 steps (tests/mechanisms/test_diffusion.py, benchmarks/diffusion_steps.py).
     reconstruction_tolerance = 1e-3
     # The denoising validation loss is no guide to the counterfactuals: on the non-additive
-    # triangle it is flat from epoch ~20 while the CF MSE x100 falls from 20 to 2.3 by epoch
-    # ~90 and then wanders between 2.0 and 3.1 from epoch to epoch (the y SCM: 2.0-4.8 up to
-    # epoch 285). Selecting the best-validation epoch picked epoch 6 for x2 (CF MSE 6.3).
-    # So the loop keeps the last weights, averaged (EMA), and trains the full max_epochs
-    # unless other mechanisms' patience stops it first (fit_defaults: read by CausalModel.fit).
+    # triangle every mechanism's is flat within 0.01 from epoch ~20 while the CF MSE x100 falls
+    # from 19.7 to 2.3 by epoch 150; its best-validation epochs (x2: 90, x3: 65) would keep
+    # weights with CF MSE 10.6 (benchmarks/results/diffusion_training_curve_*.md). Without
+    # averaging, the last weights wandered between 2.0 and 3.1 from epoch to epoch. So the loop
+    # keeps the last weights, averaged (EMA), and trains the full max_epochs unless other
+    # mechanisms' patience stops it first (fit_defaults: read by CausalModel.fit).
     select_by_validation = False
     fit_defaults: ClassVar[dict] = {"max_epochs": 300, "patience": 100}
 
@@ -401,22 +401,26 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     def noise_like(self, n, generator=None):
         return randn((n, self.dim), generator)
 
-    def encode(self, value: torch.Tensor, parents: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """DDIM forward from ``value`` (t = 0) to the latent at ``t = T``."""
+    def encode(self, value: torch.Tensor, parents: torch.Tensor, steps: int | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM forward from ``value`` (t = 0) to the latent at ``t = T`` (``cond``: the
+        denoiser's conditioning when already computed, else ``_cond(parents)``)."""
         self._check(value, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab, cond = self._abar64, self._cond(parents)
+        ab, cond = self._abar64, self._cond(parents) if cond is None else cond
         x = value
         for a, b in zip(grid[:-1], grid[1:]):
             x = ddim_invert_move(x, lambda y: self._eps(y, b, cond), ab[a], ab[b],  # noqa: B023
                                  self.inversion_iters, self.inversion_tol)
         return x
 
-    def decode(self, latent: torch.Tensor, parents: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """DDIM backward from the latent at ``t = T`` to a value at ``t = 0``."""
+    def decode(self, latent: torch.Tensor, parents: torch.Tensor, steps: int | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM backward from the latent at ``t = T`` to a value at ``t = 0`` (``cond`` as for
+        :meth:`encode`)."""
         self._check(latent, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab, cond = self._abar64, self._cond(parents)
+        ab, cond = self._abar64, self._cond(parents) if cond is None else cond
         x = latent
         for b, a in zip(grid[:0:-1], grid[-2::-1]):
             x = ddim_move(x, self._eps(x, b, cond), ab[b], ab[a])
@@ -435,14 +439,16 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
 
     def abduct(self, value, parents, generator=None):
         self._check(value, parents)
-        mu, log_sigma = self._affine(parents)
-        return self.encode((value - mu) * torch.exp(-log_sigma), parents)
+        mu, log_sigma = self._affine(parents)  # once: it also gives the denoiser's conditioning
+        return self.encode((value - mu) * torch.exp(-log_sigma), parents,
+                           cond=self._cond(parents, mu, log_sigma))
 
     def sample(self, parents, noise=None, generator=None):
         if noise is None:
             noise = self.noise_like(parents.shape[0], generator).to(parents)
         mu, log_sigma = self._affine(parents)
-        return mu + torch.exp(log_sigma) * self.decode(noise.to(parents), parents)
+        return mu + torch.exp(log_sigma) * self.decode(noise.to(parents), parents,
+                                                       cond=self._cond(parents, mu, log_sigma))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, parent_dim={self.parent_dim}, T={self.T}, steps={self.steps}, "

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from ..errors import CapabilityError
+from ..errors import CapabilityError, MedCausalError
 from ..graph import VariableType
 
 ABDUCTION_KINDS = ("exact", "deterministic-approximate", "amortized", "sampled")
@@ -113,6 +113,8 @@ class AveragedWeights:
     """
 
     def _init_ema(self, decay: float, use_ema: bool) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise MedCausalError(f"{self.name}: ema_decay must be in [0, 1), got {decay}")
         self.ema_decay, self.use_ema = float(decay), bool(use_ema)
         self.ema = nn.Module()
         for name, p in self.net.named_parameters():

@@ -258,8 +258,6 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                          time_freqs=time_freqs, prediction=prediction, init_scale=init_scale,
                          loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema))
-        if not 0.0 <= float(ema_decay) < 1.0:
-            raise MedCausalError(f"diffusion: ema_decay must be in [0, 1), got {ema_decay}")
         if condition not in ("affine", "parents", "both"):
             raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
                                  f"got {condition!r}")

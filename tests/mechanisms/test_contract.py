@@ -114,3 +114,13 @@ class TestMechanismContract:
             again = m.sample(parents, noise=noise)
         err = (again - value).abs().max().item()
         assert err <= m.reconstruction_tolerance, f"reconstruction error {err} > {m.reconstruction_tolerance}"
+
+
+@pytest.mark.parametrize("name", ["diffusion", "hvae", "cvae", "image-diffusion"])
+def test_weight_averaging_rejects_a_decay_outside_0_1(name):
+    from medcausal.errors import MedCausalError
+    from medcausal.graph import Continuous, Image
+    from medcausal.mechanisms import registry
+    variable = Continuous() if name == "diffusion" else Image((1, 16, 16))
+    with pytest.raises(MedCausalError, match=f"{name}: ema_decay must be in \\[0, 1\\), got 1.5"):
+        registry.get(name)(variable, 1, ema_decay=1.5)

@@ -31,6 +31,7 @@ Methods: any registered medcausal mechanism for the continuous variables (``flow
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -131,7 +132,7 @@ def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seed
     floor = np.mean([float(mmd(t, sim.sample(n_mmd, seed=9000 + i, do={v: x})))
                      for i, (t, (v, x)) in enumerate(zip(true_samples, qs))])
     rows = []
-    for method, seed in ((m, s) for m in methods for s in fit_seeds):
+    for method, seed in itertools.product(methods, fit_seeds):
         m = make_method(sim, method, seed)
         t0, c0 = time.perf_counter(), time.process_time()
         m.fit(train)

@@ -94,7 +94,7 @@ def _figure(result, path: Path, title: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scm", default="triangle")
+    ap.add_argument("--scm", default="triangle", choices=[*mc.synthetic.scm_names(), "vector"])
     ap.add_argument("--variant", default="non-additive", choices=["additive", "non-additive"])
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)

@@ -202,6 +202,9 @@ class CausalModel:
         under one accountant (no validation split, no early stopping); the ledger is
         ``model.privacy``. See ``privacy/PRIVACY.md``.
         """
+        if on_epoch is not None and not callable(on_epoch):
+            raise MedCausalError(f"fit(on_epoch=...) takes a function of the epoch's record, got "
+                                 f"{type(on_epoch).__name__}")
         data = self._from_anndata(data)
         if not isinstance(data, (pd.DataFrame, Cohort)):
             raise DataError(f"fit() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "

@@ -268,3 +268,9 @@ def test_fit_calls_on_epoch_with_each_history_record():
                                   max_epochs=4, patience=10, verbose=False, on_epoch=seen.append)
     assert seen == model.history and len(seen) == 4
     assert all(set(r["val_parts"]) == {"a.b", "c"} for r in seen)  # by variable name, already in the callback
+
+
+def test_fit_rejects_an_on_epoch_that_is_not_a_function():
+    g = mc.CausalGraph({"a": "continuous"})
+    with pytest.raises(MedCausalError, match=r"on_epoch=.*got int"):
+        mc.CausalModel(g).fit(pd.DataFrame({"a": np.arange(30.0)}), max_epochs=1, verbose=False, on_epoch=3)

@@ -211,7 +211,9 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     prediction; ``inversion_iters``/``inversion_tol`` the fixed-point solve of each
     encoding step; ``draws`` noise levels per row in the loss; ``time_freqs``
     sinusoidal frequencies of the step embedding; ``prediction`` ``"v"`` or ``"eps"``;
-    ``init_scale`` the factor on the initial output layer; ``loc_scale`` (and its MLP's
+    ``init_scale`` the factor on the initial output layer; ``location_window`` (standardized
+    units; ``None``: off) where queries hand a unit whose preconditioner location lies beyond it
+    over to the Gaussian (see ``_window``); ``loc_scale`` (and its MLP's
     ``loc_scale_hidden``) the location-scale preconditioner; ``condition`` what the denoiser
     sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
     ``loc_scale``), ``"parents"`` the parents, ``"both"`` the two side by side
@@ -251,13 +253,20 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                  steps: int = 25, inversion_iters: int = 10, inversion_tol: float = 1e-5,
                  draws: int = 4, time_freqs: int = 6, prediction: str = "v", init_scale: float = 0.01,
                  loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
-                 condition: str = "affine", ema_decay: float = 0.995, use_ema: bool = True):
+                 condition: str = "affine", ema_decay: float = 0.995, use_ema: bool = True,
+                 location_window: float | None = 8.0):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
                          inversion_iters=inversion_iters, inversion_tol=inversion_tol, draws=draws,
                          time_freqs=time_freqs, prediction=prediction, init_scale=init_scale,
                          loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
-                         condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema))
+                         condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
+                         location_window=location_window)
+        if location_window is not None and not (isinstance(location_window, (int, float))
+                                                and location_window > 0):
+            raise MedCausalError(f"diffusion: location_window must be a number > 0 or None, got "
+                                 f"{location_window!r}")
+        self.location_window = None if location_window is None else float(location_window)
         if condition not in ("affine", "parents", "both"):
             raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
                                  f"got {condition!r}")
@@ -324,13 +333,36 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         return self._run(torch.cat([x_t, cond.to(x_t.dtype), self.embed(s)], dim=-1), ema=ema)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
+        """The noise prediction of abduction and prediction: the Gaussian denoiser's
+        ``sqrt(1 - abar) x_t`` plus the network's departure from it, the departure faded out
+        (``_window``) where the preconditioner's location leaves the range of any training data."""
         if not torch.is_tensor(t):
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device)
         out = self._raw(x_t, t, cond)
-        if self.prediction == "eps":
-            return out
         ab = self.abar[t].unsqueeze(-1)
-        return (1 - ab).sqrt() * x_t + ab.sqrt() * out
+        gauss = (1 - ab).sqrt() * x_t
+        departure = out - gauss if self.prediction == "eps" else ab.sqrt() * out
+        return gauss + self._window(cond) * departure
+
+    def _window(self, cond: torch.Tensor) -> torch.Tensor | float:
+        """``sigmoid(4 (location_window - max |mu|))`` per row: 1 within a few sd of the
+        variable's mean, 0 beyond ``location_window`` sd, where the denoiser never saw data.
+
+        Why: a unit far outside the training data (on the additive diamond, one factual unit
+        with ``x1 = -4.8``, ``x3 = 202``) reaches the denoiser with a location ``mu`` far outside
+        its training range; the denoiser extrapolates there arbitrarily (that one unit's squared
+        error 297, the query's CF MSE x100 76.7), while the Gaussian, i.e. the preconditioner alone,
+        answers it as a location-scale model (4.5). The window hands such units to the Gaussian,
+        like the linear tails of a spline flow. Only queries use it; training is unchanged.
+        Measured on the same trained models, fit seeds 0-2 of the eight scalar DCM SCMs (CF MSE
+        x100, no window -> ``location_window=8``): additive diamond seeds 1 and 2 7.47 -> 2.58 and
+        4.00 -> 3.20, seed 0 3.16 -> 3.22; every other SCM and seed within 0.6%. Bounds 3-5 cost
+        the non-additive triangle up to 30% (2.33 -> 3.04 at 3): its in-range rows need the
+        denoiser."""
+        if self.location_window is None or not self.affine_cond:
+            return 1.0
+        far = cond[:, :self.dim].abs().amax(-1, keepdim=True)
+        return torch.sigmoid(4.0 * (self.location_window - far))
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:
         """Predicted noise at integer step(s) ``t`` (an int or ``[n]``) given the parents."""

@@ -51,3 +51,10 @@ def test_several_fit_seeds_are_judged_on_their_means(bench):
     assert means.loc["diffusion", "n_seeds"] == 3
     (v,) = [v for v in bench.check_targets(rows) if v["target"] == "diffusion CF MSE <= 1.2 x flow"]
     assert v["met"] is True  # seed 1 alone (3.0 vs 2.4) would miss
+
+
+def test_in_training_range_flags_rows_outside_any_training_column(bench):
+    import pandas as pd
+    train = pd.DataFrame({"x1": [-1.0, 0.0, 2.0], "x3[0]": [0.0, 1.0, 5.0]})
+    rows = pd.DataFrame({"x1": [-1.0, 2.5, 0.0, 0.5], "x3[0]": [5.0, 1.0, -0.1, 3.0], "extra": [9.0] * 4})
+    assert bench.in_training_range(rows, train).tolist() == [True, False, False, True]

@@ -213,6 +213,41 @@ def test_location_scale_preconditioner():
         DiffusionMechanism(Continuous(), 1, condition="mu")
 
 
+def test_location_window_hands_far_units_to_the_gaussian():
+    """Where the preconditioner's location mu lies far beyond ``location_window`` (standardized
+    units), queries use the Gaussian denoiser: DDIM of N(0, 1) data, whose decoding move b -> a
+    is x_a = cos(theta_b - theta_a) x_b (abar = cos^2 theta), so the abducted noise is the
+    residual over the product of those cosines. Within the window the network is used as is."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    pa = torch.randn(40, 1, generator=g)
+    settings = dict(hidden=[16], steps=10, init_scale=1.0)  # a network far from the Gaussian
+    windowed, plain = (DiffusionMechanism(Continuous(), 1, **settings, location_window=w) for w in (8.0, None))
+    plain.load_state_dict(windowed.state_dict())
+    theta = torch.tensor(windowed._abar64, dtype=torch.float64).sqrt().acos()[windowed.grid]
+    shrink = float(torch.cos(theta[1:] - theta[:-1]).prod())
+    for mu, far in ((20.0, True), (0.0, False)):
+        for m in (windowed, plain):
+            with torch.no_grad():  # mu(pa) = mu and sigma = 1 for every row
+                m.loc_scale[-1].weight.zero_()
+                m.loc_scale[-1].bias.copy_(torch.tensor([mu, 0.0]))
+        x = mu + torch.randn(40, 1, generator=g)
+        with torch.no_grad():
+            u, u_plain = windowed.abduct(x, pa), plain.abduct(x, pa)
+            back = windowed.sample(pa, noise=u)
+        gaussian = (x - mu) / shrink
+        if far:
+            torch.testing.assert_close(u, gaussian, atol=1e-4, rtol=0)
+            assert (u_plain - gaussian).abs().max() > 0.05  # without the window the network answers
+        else:
+            torch.testing.assert_close(u, u_plain, atol=1e-6, rtol=0)
+            assert (u - gaussian).abs().max() > 0.05
+        assert (back - x).abs().max() <= windowed.reconstruction_tolerance
+    for bad in (0.0, -1.0, "8"):
+        with pytest.raises(MedCausalError, match="location_window"):
+            DiffusionMechanism(Continuous(), 1, location_window=bad)
+
+
 @pytest.mark.parametrize("dim", [1, 2])
 def test_encode_decode_reproduces_input_untrained(dim):
     torch.manual_seed(0)

@@ -59,7 +59,9 @@ weights, averaged (EMA, ``ema_decay``), for ``fit_defaults``' 300 epochs, not th
 best-validation epoch, because the denoising loss flattens long before the counterfactuals
 converge (see ``select_by_validation`` below). The conditioning measurements
 (``diffusion_preconditioner*.md``) predate that choice; the current figures are in
-``benchmarks/results/tabular_scm*.md``.
+``benchmarks/results/tabular_scm*.md``. Queries hand a unit whose preconditioner location
+lies beyond ``location_window`` (8 sd) to the Gaussian, the preconditioner alone, because
+the denoiser extrapolates arbitrarily there (see ``_window``).
 
 >>> import torch
 >>> from medcausal.graph import Continuous

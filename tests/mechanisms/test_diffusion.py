@@ -213,7 +213,8 @@ def test_location_scale_preconditioner():
         DiffusionMechanism(Continuous(), 1, condition="mu")
 
 
-def test_location_window_hands_far_units_to_the_gaussian():
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_location_window_hands_far_units_to_the_gaussian(prediction):
     """Where the preconditioner's location mu lies far beyond ``location_window`` (standardized
     units), queries use the Gaussian denoiser: DDIM of N(0, 1) data, whose decoding move b -> a
     is x_a = cos(theta_b - theta_a) x_b (abar = cos^2 theta), so the abducted noise is the
@@ -221,7 +222,7 @@ def test_location_window_hands_far_units_to_the_gaussian():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     pa = torch.randn(40, 1, generator=g)
-    settings = dict(hidden=[16], steps=10, init_scale=1.0)  # a network far from the Gaussian
+    settings = dict(hidden=[16], steps=10, init_scale=1.0, prediction=prediction)  # far from the Gaussian
     windowed, plain = (DiffusionMechanism(Continuous(), 1, **settings, location_window=w) for w in (8.0, None))
     plain.load_state_dict(windowed.state_dict())
     theta = torch.tensor(windowed._abar64, dtype=torch.float64).sqrt().acos()[windowed.grid]

@@ -277,6 +277,8 @@ def main(argv=None):
     ap.add_argument("--sweep-n", type=int, default=None, help="patients in the sweep (default all held-out)")
     ap.add_argument("--sweep-queries", nargs="+", default=None, choices=sorted(QUERIES))
     args = ap.parse_args(argv)
+    if args.n_realism is not None and args.n_realism < 2:
+        ap.error(f"--n-realism must be at least 2 (a Fréchet distance needs two rows), got {args.n_realism}")
     if args.quick:
         args.size, args.n_train, args.n_test, args.steps = 32, 200, 40, 30
     if args.diffusion_hparams is not None:

@@ -49,6 +49,9 @@ Protocol (fixed; the same for every mechanism):
     python benchmarks/brain_counterfactuals.py --models hvae hvae-decoder-scale   # sigma(z, pa) from the decoder
     python benchmarks/brain_counterfactuals.py --size 32 --models hvae cvae image-diffusion \
         --n-test 40 --soundness-n 16 --sweep 1,1 0.6,1 1,2 0.6,2 --stem brain_counterfactuals_32
+    python benchmarks/brain_counterfactuals.py ... --seed 1 --stem run_seed1   # the same protocol, new draw
+    python benchmarks/brain_counterfactuals.py --summarize results/run.json results/run_seed1.json \
+        --stem run_seeds       # means, sds and paired differences over the runs (nothing trained)
 """
 
 from __future__ import annotations
@@ -276,7 +279,17 @@ def main(argv=None):
                     help="image-diffusion knob settings re-queried on the same trained model")
     ap.add_argument("--sweep-n", type=int, default=None, help="patients in the sweep (default all held-out)")
     ap.add_argument("--sweep-queries", nargs="+", default=None, choices=sorted(QUERIES))
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="no training: means and paired differences over these runs' result files "
+                         "(the same protocol at different --seed); written to --stem (default "
+                         "brain_counterfactuals_seeds)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        command = "python benchmarks/brain_counterfactuals.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        md = summarize_main(args.summarize, args.out, args.stem or "brain_counterfactuals_seeds", command)
+        print(md)
+        return None
     if args.n_realism is not None and args.n_realism < 2:
         ap.error(f"--n-realism must be at least 2 (a Fréchet distance needs two rows), got {args.n_realism}")
     if args.quick:
@@ -341,9 +354,9 @@ def main(argv=None):
                 "reference_class_counts": {str(k): int(v) for k, v in
                                            pd.Series(cls_ref).value_counts().sort_index().items()}}
 
-    summary = {"command": command, "protocol": __doc__, "size": args.size, "n_train": args.n_train,
-               "n_test": args.n_test, "n_ref": args.n_ref, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "threads": args.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
+    summary = {"command": command, "protocol": __doc__, "seed": args.seed, "size": args.size,
+               "n_train": args.n_train, "n_test": args.n_test, "n_ref": args.n_ref, "steps": args.steps,
+               "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "load_average_start": load_start, "simulator_seconds": sim_seconds,
                "predictor_seconds": predictor_seconds, "predictor_test_quality": predictor_quality,
                "cld_baselines": cld_baselines, "n_realism": args.n_realism, "fid_real_vs_real": fid_floor,
@@ -374,7 +387,7 @@ def main(argv=None):
                   "eval_seconds": time.perf_counter() - t0,
                   "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams})
         results[name] = r
-        log(f"{name}: CF MAE {np.mean([q['cf']['mae'] for q in r['queries'].values()]):.4f}")
+        log(f"{name}: CF MAE {_query_mean(r):.4f}")
         summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
                        total_cpu_seconds=time.process_time() - cpu_all)
         _write(summary, args.out, stem)  # partial results survive an interrupted run
@@ -395,6 +408,11 @@ def main(argv=None):
     md = _write(summary, args.out, stem)
     print(md)
     return summary
+
+
+def _query_mean(r: dict, baseline: str = "cf", metric: str = "mae") -> float:
+    """A mechanism's ``baseline`` (cf / null_abduction / unchanged) ``metric`` averaged over the queries."""
+    return float(np.mean([q[baseline][metric] for q in r["queries"].values()]))
 
 
 def _fmt(v, nd=4):
@@ -427,21 +445,16 @@ def render_markdown(s: dict) -> str:
           "| mechanism | CF MAE | null-abduction MAE | CF / null (target <= 0.5) | unchanged-scan MAE | CF SSIM "
           "| null SSIM |", "|---|---|---|---|---|---|---|"]
     for n in names:
-        q = res[n]["queries"].values()
-        cf = np.mean([x["cf"]["mae"] for x in q])
-        nu = np.mean([x["null_abduction"]["mae"] for x in q])
-        un = np.mean([x["unchanged"]["mae"] for x in q])
+        r = res[n]
+        cf, nu, un = (_query_mean(r, b) for b in ("cf", "null_abduction", "unchanged"))
         L.append(f"| {n} | {cf:.4f} | {nu:.4f} | {cf / nu:.2f} {'met' if cf / nu <= 0.5 else 'MISSED'} | "
-                 f"{un:.4f} | {np.mean([x['cf']['ssim'] for x in q]):.3f} | "
-                 f"{np.mean([x['null_abduction']['ssim'] for x in q]):.3f} |")
+                 f"{un:.4f} | {_query_mean(r, 'cf', 'ssim'):.3f} | {_query_mean(r, 'null_abduction', 'ssim'):.3f} |")
     if "hvae" in res and "cvae" in res:
-        h = np.mean([x["cf"]["mae"] for x in res["hvae"]["queries"].values()])
-        c = np.mean([x["cf"]["mae"] for x in res["cvae"]["queries"].values()])
+        h, c = _query_mean(res["hvae"]), _query_mean(res["cvae"])
         L += ["", f"hvae CF MAE below cvae's (target): {'met' if h < c else 'MISSED'} ({h:.4f} vs {c:.4f})."]
     for n in names:
         if n != "hvae" and "hvae" in res and "guidance" in res[n].get("hparams", {}):
-            h = np.mean([x["cf"]["mae"] for x in res["hvae"]["queries"].values()])
-            d = np.mean([x["cf"]["mae"] for x in res[n]["queries"].values()])
+            h, d = _query_mean(res["hvae"]), _query_mean(res[n])
             fh, fd = res["hvae"]["fid_samples_vs_real"], res[n]["fid_samples_vs_real"]
             L += ["", f"{n} CF MAE at least as good as hvae's (target): {'met' if d <= h else 'MISSED'} "
                   f"({d:.4f} vs {h:.4f}); realism (FID) at least as good as hvae's (target): "
@@ -542,6 +555,116 @@ def render_markdown(s: dict) -> str:
                        f"{np.median([rq[q]['cf_cpu_ms_per_patient'] for q in qs]):.0f} |")
     L.append("")
     return "\n".join(L)
+
+
+def summarize_runs(runs: dict[str, dict]) -> dict:
+    """Means over complete runs of the same protocol at different ``--seed`` s (a new cohort,
+    predictor and fit seed each): per mechanism the CF MAE (mean over the queries, and per
+    query) and FID, each with its per-seed values; and the paired differences behind the
+    targets (hvae - cvae CF MAE; image-diffusion - hvae CF MAE and FID), so a gap can be read
+    against its spread over seeds. ``runs``: file name -> that run's JSON summary."""
+    if len(runs) < 2:
+        raise ValueError(f"--summarize needs at least two runs, got {len(runs)}")
+    keys = ("size", "n_train", "n_test", "steps", "batch_size", "lr", "n_realism")
+    first_name, first = next(iter(runs.items()))
+    seeds = {}
+    for name, s in runs.items():
+        if not s.get("complete"):
+            raise ValueError(f"{name}: the run is incomplete (partial results); rerun it before summarizing")
+        for k in keys:
+            if s.get(k) != first.get(k):
+                raise ValueError(f"{name}: {k}={s.get(k)!r} differs from {first_name}'s {first.get(k)!r}")
+        if list(s["results"]) != list(first["results"]):
+            raise ValueError(f"{name}: mechanisms {list(s['results'])} differ from {first_name}'s "
+                             f"{list(first['results'])}")
+        seed = s.get("seed", _seed_of(s["command"]))
+        if seed in seeds:
+            raise ValueError(f"{name} and {seeds[seed]} are the same --seed {seed}: not independent runs")
+        seeds[seed] = name
+
+    def stats(values):
+        v = np.asarray(values, dtype=float)
+        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)), "per_seed": [float(x) for x in v]}
+
+    ordered = [runs[seeds[k]] for k in sorted(seeds)]
+    models = list(first["results"])
+    out = {"seeds": sorted(seeds), "files": [seeds[k] for k in sorted(seeds)],
+           "protocol": {k: first.get(k) for k in keys},
+           "fid_real_vs_real": stats([s["fid_real_vs_real"] for s in ordered]) if first.get("fid_real_vs_real")
+           is not None else None, "models": {}, "paired": {}}
+    for m in models:
+        rs = [s["results"][m] for s in ordered]
+        out["models"][m] = {
+            "cf_mae": stats([_query_mean(r) for r in rs]),
+            "null_abduction_mae": stats([_query_mean(r, "null_abduction") for r in rs]),
+            "fid": stats([r["fid_samples_vs_real"] for r in rs]),
+            "queries": {q: stats([r["queries"][q]["cf"]["mae"] for r in rs]) for q in rs[0]["queries"]}}
+    pairs = [("hvae", "cvae", "cf_mae"), ("image-diffusion", "hvae", "cf_mae"), ("image-diffusion", "hvae", "fid")]
+    for a, b, metric in pairs:
+        if a in out["models"] and b in out["models"]:
+            d = np.subtract(out["models"][a][metric]["per_seed"], out["models"][b][metric]["per_seed"])
+            out["paired"][f"{a} - {b} {metric}"] = stats(d)
+    return out
+
+
+def _seed_of(command: str) -> int:
+    parts = command.split()
+    return int(parts[parts.index("--seed") + 1]) if "--seed" in parts else 0
+
+
+def render_seed_markdown(t: dict, command: str) -> str:
+    models, seeds = list(t["models"]), t["seeds"]
+    pm = lambda x, nd=4: f"{x['mean']:.{nd}f} ± {x['sd']:.{nd}f}"  # noqa: E731
+    per = lambda x, nd=4: " / ".join(f"{v:.{nd}f}" for v in x["per_seed"])  # noqa: E731
+    p = t["protocol"]
+    L = [f"# Counterfactual brain scans over --seed {', '.join(map(str, seeds))}: {' vs '.join(models)}", "",
+         f"Command: `{command}`  ", f"Runs: {', '.join(f'`{f}`' for f in t['files'])} (each with its own "
+         "command and timings). Each --seed draws a new cohort, anti-causal predictor and fit seed; "
+         f"BrainMRI {p['size']}x{p['size']}, {p['n_train']} training / {p['n_test']} held-out patients, "
+         f"{p['steps']} steps. Mean ± sd over the runs (sd with ddof 1), then the per-seed values.", "",
+         "| mechanism | CF MAE | per seed | null-abduction MAE | FID | per seed |", "|---|---|---|---|---|---|"]
+    for m, r in t["models"].items():
+        L.append(f"| {m} | {pm(r['cf_mae'])} | {per(r['cf_mae'])} | {pm(r['null_abduction_mae'])} | "
+                 f"{pm(r['fid'], 3)} | {per(r['fid'], 3)} |")
+    if t.get("fid_real_vs_real"):
+        f = t["fid_real_vs_real"]
+        L += ["", f"FID between two sets of {p['n_realism']} real scans (the estimator's floor): {pm(f, 3)} "
+              f"({per(f, 3)})."]
+    L += ["", "## Per query CF MAE", "", "| query | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for q in t["models"][models[0]]["queries"]:
+        L.append(f"| {q} | " + " | ".join(pm(t["models"][m]["queries"][q]) for m in models) + " |")
+    targets = {"hvae - cvae cf_mae": "hvae CF MAE below cvae's", "image-diffusion - hvae cf_mae":
+               "image-diffusion CF MAE at least as good as hvae's", "image-diffusion - hvae fid":
+               "image-diffusion FID at least as good as hvae's"}
+    L += ["", "## Targets on the means, with the paired difference per seed", "",
+          "| target | paired difference (mean ± sd) | per seed | verdict on the mean |", "|---|---|---|---|"]
+    for k, d in t["paired"].items():
+        nd = 3 if k.endswith("fid") else 4
+        met = d["mean"] < 0 if k.startswith("hvae - cvae") else d["mean"] <= 0
+        L.append(f"| {targets[k]} | {pm(d, nd)} | {per(d, nd)} | {'met' if met else 'MISSED'} |")
+    L.append("")
+    return "\n".join(L)
+
+
+def summarize_main(paths: list[Path], out: Path, stem: str, command: str) -> str:
+    runs = {}
+    for path in paths:
+        try:
+            runs[Path(path).name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--summarize: cannot read {path}: {e}")
+    try:
+        table = summarize_runs(runs)
+    except ValueError as e:
+        raise SystemExit(f"--summarize: {e}")
+    table["command"] = command
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / f"{stem}.json") as tmp:
+        Path(tmp).write_text(json.dumps(table, indent=1))
+    md = render_seed_markdown(table, command)
+    with atomic_write(out / f"{stem}.md") as tmp:
+        Path(tmp).write_text(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ N(0, I), which is the model's noise distribution at ``depth = 1`` only
 - ``guidance`` ``w >= 1``: amplifies the parents' effect on each denoising step (more
   effective counterfactuals), at the cost of minimality and realism (over-saturated
   images when ``w`` is large). Needs ``cfg_dropout > 0`` at training to differ from 1.
+  The default is ``w = 1`` (no guidance): on the 32x32 brain benchmark, ``w = 2`` doubled
+  the true-counterfactual MAE, and ``w = 1.5`` / ``2`` raised the FID of fresh samples from
+  0.29 to 12 / 40 (the real-vs-real floor there is 0.14).
 
 Both knobs leave null interventions exact: ``sample(pa, noise=abduct(x, pa))`` returns
 ``x`` within :attr:`reconstruction_tolerance` for any depth and guidance, since

@@ -1,22 +1,13 @@
 """The brain benchmark's summary over --seed runs (no model is trained: run summaries are given)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "brain_counterfactuals.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("brain_counterfactuals_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("brain_counterfactuals")
 
 
 def _mech(cf_maes, fid):

@@ -1,21 +1,13 @@
 """The diffusion training-curve benchmark at toy size: its bookkeeping, and that a diffusion
 model's counterfactuals at the end of fit() are those of its last epoch (no best-epoch restore)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusion_training_curve.py"
 
-
-def test_toy_run(tmp_path):
-    sys.path.insert(0, str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("diffusion_training_curve", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_toy_run(tmp_path, load_benchmark):
+    mod = load_benchmark("diffusion_training_curve")
     result = mod.main(["--scm", "chain", "--variant", "additive", "--every", "1", "--n-train", "300",
                        "--n-units", "20", "--max-epochs", "3", "--out", str(tmp_path)])
     assert [p["epoch"] for p in result["points"]] == [0, 1, 2] and result["epochs"] == 3

@@ -5,9 +5,6 @@ beside the models (the simulator's true counterfactual and the unchanged control
 scores are known exactly or bounded.
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,15 +12,10 @@ from medcausal.synthetic.perturbseq import PerturbSeq, parse_perturbation
 
 pytest.importorskip("scanpy")
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "perturbseq.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("perturbseq_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("perturbseq")
 
 
 @pytest.fixture(scope="module")

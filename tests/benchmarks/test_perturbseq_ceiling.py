@@ -1,23 +1,10 @@
 """The supervised-ceiling reference of the perturb-seq benchmark: its scorer on known answers."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 from sklearn.linear_model import LinearRegression
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "perturbseq_ceiling.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("perturbseq_ceiling", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_cross_validated_correlation_on_known_answers():
-    bench = _load()
+def test_cross_validated_correlation_on_known_answers(load_benchmark):
+    bench = load_benchmark("perturbseq_ceiling")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 3))
     # factor 0 is a linear function of the features (r = 1); factor 1 is independent noise (r ~ 0)
@@ -26,7 +13,7 @@ def test_cross_validated_correlation_on_known_answers():
     assert r[0] > 0.9999 and abs(r[1]) < 0.15  # 3 sd of a null correlation over 600 rows is ~0.12
 
 
-def test_writes_its_report(tmp_path):
-    report = _load().main(["--n-cells", "300", "--out", str(tmp_path)])
+def test_writes_its_report(tmp_path, load_benchmark):
+    report = load_benchmark("perturbseq_ceiling").main(["--n-cells", "300", "--out", str(tmp_path)])
     assert {r["block"] for r in report["rows"]} == {"z_context", "z_treatment", "z_interaction"}
     assert (tmp_path / "perturbseq_ceiling.md").read_text().count("| z_interaction |") == 3

@@ -1,21 +1,11 @@
 """The tabular benchmark's target verdicts (no model is trained: rows are given)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "tabular_scm.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(_PATH.parent))
-    spec = importlib.util.spec_from_file_location("tabular_scm_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("tabular_scm")
 
 
 def _row(scm, variant, method, mse, fit=10.0):

@@ -5,7 +5,6 @@ beside the models (the simulator's true counterfactual and the unchanged control
 scores are known exactly or bounded.
 """
 
-import numpy as np
 import pytest
 
 from medcausal.synthetic.perturbseq import PerturbSeq, parse_perturbation

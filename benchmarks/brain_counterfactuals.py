@@ -356,7 +356,8 @@ def main(argv=None):
 
     summary = {"command": command, "protocol": __doc__, "seed": args.seed, "size": args.size,
                "n_train": args.n_train, "n_test": args.n_test, "n_ref": args.n_ref, "steps": args.steps,
-               "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads, "machine": platform.platform(), "cpu_count": os.cpu_count(),
+               "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+               "machine": platform.platform(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "load_average_start": load_start, "simulator_seconds": sim_seconds,
                "predictor_seconds": predictor_seconds, "predictor_test_quality": predictor_quality,
                "cld_baselines": cld_baselines, "n_realism": args.n_realism, "fid_real_vs_real": fid_floor,
@@ -608,8 +609,14 @@ def summarize_runs(runs: dict[str, dict]) -> dict:
 
 
 def _seed_of(command: str) -> int:
+    """The ``--seed`` of a run that predates the ``seed`` field (its command line; default 0)."""
     parts = command.split()
-    return int(parts[parts.index("--seed") + 1]) if "--seed" in parts else 0
+    for i, part in enumerate(parts):
+        if part.startswith("--seed="):
+            return int(part.split("=", 1)[1])
+        if part == "--seed" and i + 1 < len(parts):
+            return int(parts[i + 1])
+    return 0
 
 
 def render_seed_markdown(t: dict, command: str) -> str:

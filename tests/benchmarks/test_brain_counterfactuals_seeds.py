@@ -16,7 +16,7 @@ def _mech(cf_maes, fid):
 
 
 def _run(seed, hvae, cvae, diff, complete=True, size=32):
-    cmd = "python benchmarks/brain_counterfactuals.py --size 32" + (f" --seed {seed}" if seed else "")
+    cmd = "python benchmarks/brain_counterfactuals.py --size 32" + {0: "", 1: " --seed 1"}.get(seed, f" --seed={seed}")
     return {"command": cmd, "complete": complete, "size": size, "n_train": 2000, "n_test": 40, "steps": 3000,
             "batch_size": 32, "lr": 3e-3, "n_realism": 500, "fid_real_vs_real": 0.1 + seed / 100,
             "results": {"hvae": _mech(*hvae), "cvae": _mech(*cvae), "image-diffusion": _mech(*diff)}}

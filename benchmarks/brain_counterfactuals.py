@@ -578,6 +578,10 @@ def summarize_runs(runs: dict[str, dict]) -> dict:
         if list(s["results"]) != list(first["results"]):
             raise ValueError(f"{name}: mechanisms {list(s['results'])} differ from {first_name}'s "
                              f"{list(first['results'])}")
+        for m, r in s["results"].items():
+            if r.get("hparams") != first["results"][m].get("hparams"):
+                raise ValueError(f"{name}: {m}'s hyperparameters {r.get('hparams')} differ from {first_name}'s "
+                                 f"{first['results'][m].get('hparams')}")
         seed = s.get("seed", _seed_of(s["command"]))
         if seed in seeds:
             raise ValueError(f"{name} and {seeds[seed]} are the same --seed {seed}: not independent runs")
@@ -599,7 +603,8 @@ def summarize_runs(runs: dict[str, dict]) -> dict:
             "cf_mae": stats([_query_mean(r) for r in rs]),
             "null_abduction_mae": stats([_query_mean(r, "null_abduction") for r in rs]),
             "fid": stats([r["fid_samples_vs_real"] for r in rs]),
-            "queries": {q: stats([r["queries"][q]["cf"]["mae"] for r in rs]) for q in rs[0]["queries"]}}
+            "queries": {q: stats([r["queries"][q]["cf"]["mae"] for r in rs]) for q in rs[0]["queries"]},
+            "hparams": rs[0].get("hparams", {})}
     pairs = [("hvae", "cvae", "cf_mae"), ("image-diffusion", "hvae", "cf_mae"), ("image-diffusion", "hvae", "fid")]
     for a, b, metric in pairs:
         if a in out["models"] and b in out["models"]:
@@ -628,8 +633,12 @@ def render_seed_markdown(t: dict, command: str) -> str:
          f"Command: `{command}`  ", f"Runs: {', '.join(f'`{f}`' for f in t['files'])} (each with its own "
          "command and timings). Each --seed draws a new cohort, anti-causal predictor and fit seed; "
          f"BrainMRI {p['size']}x{p['size']}, {p['n_train']} training / {p['n_test']} held-out patients, "
-         f"{p['steps']} steps. Mean ± sd over the runs (sd with ddof 1), then the per-seed values.", "",
-         "| mechanism | CF MAE | per seed | null-abduction MAE | FID | per seed |", "|---|---|---|---|---|---|"]
+         f"{p['steps']} steps. Mean ± sd over the runs (sd with ddof 1), then the per-seed values.", ""]
+    for m, r in t["models"].items():
+        hp = r.get("hparams", {})
+        if "guidance" in hp:
+            L += [f"{m}: {hp.get('steps')} DDIM steps, depth {hp.get('depth')}, guidance {hp.get('guidance')}.", ""]
+    L += ["| mechanism | CF MAE | per seed | null-abduction MAE | FID | per seed |", "|---|---|---|---|---|---|"]
     for m, r in t["models"].items():
         L.append(f"| {m} | {pm(r['cf_mae'])} | {per(r['cf_mae'])} | {pm(r['null_abduction_mae'])} | "
                  f"{pm(r['fid'], 3)} | {per(r['fid'], 3)} |")

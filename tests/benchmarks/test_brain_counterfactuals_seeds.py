@@ -12,7 +12,7 @@ def bench(load_benchmark):
 
 def _mech(cf_maes, fid):
     q = {f"q{i}": {"cf": {"mae": v}, "null_abduction": {"mae": 4 * v}} for i, v in enumerate(cf_maes)}
-    return {"queries": q, "fid_samples_vs_real": fid}
+    return {"queries": q, "fid_samples_vs_real": fid, "hparams": {"steps": 20, "depth": 1.0, "guidance": 1.0}}
 
 
 def _run(seed, hvae, cvae, diff, complete=True, size=32):
@@ -43,6 +43,7 @@ def test_means_sds_and_paired_differences_match_hand_values(bench):
     assert fid["mean"] == pytest.approx(-0.05)
     assert t["paired"]["hvae - cvae cf_mae"]["mean"] == pytest.approx(0.002)
     md = bench.render_seed_markdown(t, "cmd")
+    assert "image-diffusion: 20 DDIM steps, depth 1.0, guidance 1.0." in md
     assert "| hvae CF MAE below cvae's | 0.0020 ± 0.0010 | 0.0010 / 0.0020 / 0.0030 | MISSED |" in md
     assert "| image-diffusion FID at least as good as hvae's | -0.050 ± 0.150 |" in md
     assert "met |" in md.splitlines()[-2]  # the FID row: mean difference below zero
@@ -53,6 +54,8 @@ def test_means_sds_and_paired_differences_match_hand_values(bench):
     (lambda runs: runs["s2.json"].update(size=64), "s2.json: size=64 differs"),
     (lambda runs: runs["s2.json"].update(command=runs["s1.json"]["command"]), "same --seed 1"),
     (lambda runs: runs["s1.json"]["results"].pop("cvae"), "s1.json: mechanisms"),
+    (lambda runs: runs["s2.json"]["results"]["image-diffusion"]["hparams"].update(guidance=2.0),
+     "s2.json: image-diffusion's hyperparameters"),
 ])
 def test_runs_that_cannot_be_pooled_are_refused_by_name(bench, break_it, message):
     runs = _three()

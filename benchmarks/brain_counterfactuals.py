@@ -570,6 +570,8 @@ def summarize_runs(runs: dict[str, dict]) -> dict:
     first_name, first = next(iter(runs.items()))
     seeds = {}
     for name, s in runs.items():
+        if not isinstance(s, dict) or "results" not in s or "command" not in s:
+            raise ValueError(f"{name}: not a brain_counterfactuals.py result (no 'results' / 'command')")
         if not s.get("complete"):
             raise ValueError(f"{name}: the run is incomplete (partial results); rerun it before summarizing")
         for k in keys:

@@ -164,8 +164,8 @@ def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seed
                      "s_per_1000_cf": cf_s / (len(qs) * n_units) * 1000,
                      "cpu_s_per_1000_cf": cf_cpu / (len(qs) * n_units) * 1000, "n_queries": len(qs),
                      "fit_seed": seed})
-        print(f"{name:9s} {rows[-1]['variant']:12s} {method:9s} seed {seed} cf_mse x100 {rows[-1]['cf_mse_x100']:9.3f} (in range {rows[-1]['cf_mse_in_range_x100']:.3f}) "
-              f"mmd x100 {rows[-1]['mmd_x100']:7.3f} (floor {100 * floor:.3f}) fit {fit_s:6.1f}s "
+        print(f"{name:9s} {rows[-1]['variant']:12s} {method:9s} seed {seed} cf_mse x100 {rows[-1]['cf_mse_x100']:9.3f} "
+              f"(in range {rows[-1]['cf_mse_in_range_x100']:.3f}) mmd x100 {rows[-1]['mmd_x100']:7.3f} (floor {100 * floor:.3f}) fit {fit_s:6.1f}s "
               f"cf/1000 {rows[-1]['s_per_1000_cf']:.3f}s", flush=True)
     return rows
 

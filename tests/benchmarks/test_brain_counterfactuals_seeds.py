@@ -51,6 +51,7 @@ def test_means_sds_and_paired_differences_match_hand_values(bench):
 
 @pytest.mark.parametrize("break_it, message", [
     (lambda runs: runs["s1.json"].update(complete=False), "s1.json: the run is incomplete"),
+    (lambda runs: runs["s0.json"].pop("results"), "s0.json: not a brain_counterfactuals.py result"),
     (lambda runs: runs["s2.json"].update(size=64), "s2.json: size=64 differs"),
     (lambda runs: runs["s2.json"].update(command=runs["s1.json"]["command"]), "same --seed 1"),
     (lambda runs: runs["s1.json"]["results"].pop("cvae"), "s1.json: mechanisms"),

@@ -2,7 +2,9 @@
 
 Protocol (fixed; the same for both models):
 - ``medcausal.synthetic.PerturbSeq()`` with its defaults (1000 genes, 3 cell types x 2 donors,
-  8 single perturbations + 8 pair combinations, doses 0.5 / 1.0), structural seed 0;
+  8 single perturbations + 8 pair combinations, doses 0.5 / 1.0), structural seed 0
+  (``--sim-seed N`` draws another simulator: its programs, effects and gene loadings; the
+  results then go to ``perturbseq_sim{N}.*``);
 - held out of training: the first two combinations of the simulator (never seen in any
   context), and one (cell type, perturbation) pair: the last cell type with the first single
   perturbation that is not a member of a held-out combination;
@@ -26,6 +28,7 @@ Protocol (fixed; the same for both models):
 
     python benchmarks/perturbseq.py            # the full run
     python benchmarks/perturbseq.py --quick    # a small smoke run (minutes)
+    python benchmarks/perturbseq.py --sim-seed 1   # the same protocol on another simulator
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ def _evaluate_queries(sim, model, controls, targets, seed):
     return rows
 
 
+def result_stem(quick: bool, sim_seed: int) -> str:
+    """The results' file stem: ``perturbseq[_quick][_sim<N>]`` (no suffix for simulator seed 0)."""
+    return ("perturbseq_quick" if quick else "perturbseq") + (f"_sim{sim_seed}" if sim_seed else "")
+
+
 def _summaries(queries, combos) -> tuple[dict, dict]:
     combo_rows = [q for q in queries if q["condition"] in combos]
     summary = {k: float(np.mean([q[k] for q in combo_rows])) for k in combo_rows[0]
@@ -115,6 +123,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["fcr", "latent-shift"])
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--sim-seed", type=int, default=0,
+                    help="structural seed of the PerturbSeq simulator (default 0)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,7 +142,7 @@ def main(argv=None) -> dict:
         sizes["n_train"] = args.n_train
     if args.epochs:
         sizes["epochs"] = args.epochs
-    sim = PerturbSeq(n_genes=sizes["n_genes"], seed=0)
+    sim = PerturbSeq(n_genes=sizes["n_genes"], seed=args.sim_seed)
     combos, pair = _held_out(sim)
     train = sim.sample(sizes["n_train"], seed=0, conditions=[c for c in sim.conditions if c not in combos],
                        exclude=[pair])
@@ -174,7 +184,7 @@ def main(argv=None) -> dict:
                               "end_1_5_15min": [round(x, 2) for x in os.getloadavg()],
                               "cpu_count": os.cpu_count()}
     report["targets"] = _targets(report)
-    stem = "perturbseq_quick" if args.quick else "perturbseq"
+    stem = result_stem(args.quick, args.sim_seed)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / f"{stem}.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))

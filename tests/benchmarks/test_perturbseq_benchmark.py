@@ -71,3 +71,9 @@ def test_targets_are_read_against_the_thresholds(bench):
     # deg >= 0.8, deg > base, all >= 0.95, all > base, MCC >= 0.8, NMI_x >= 0.85, NMI_xt <= 0.1
     assert met == [True, False, False, True, False, True, True]
     assert bench._targets({"models": {"latent-shift": report["models"]["latent-shift"]}}) == []
+
+
+def test_result_stem_names_the_simulator_seed(bench):
+    # seed 0 keeps the committed file names; another simulator never overwrites them
+    assert bench.result_stem(False, 0) == "perturbseq" and bench.result_stem(True, 0) == "perturbseq_quick"
+    assert bench.result_stem(False, 2) == "perturbseq_sim2" and bench.result_stem(True, 1) == "perturbseq_quick_sim1"

@@ -10,7 +10,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 def test_there_are_tutorials():
     names = [p.name for p in NOTEBOOKS]
     assert {"01_counterfactual_patients.ipynb", "02_augment_scarce_subgroup.ipynb",
-            "03_private_augmentation.ipynb"} <= set(names)
+            "03_private_augmentation.ipynb", "04_perturbation_counterfactuals.ipynb"} <= set(names)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -151,6 +151,28 @@ class AveragedWeights:
         return self.net(*args, **kwargs)
 
 
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward, gradient times ``-scale`` backward (Ganin & Lempitsky 2015): the
+    adversarial games of ``fcr`` and ``hvae`` run inside the one training loop through it.
+
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> grad_reverse(x, 2.0).sum().backward(); x.grad.tolist()
+    [-2.0, -2.0]
+    """
+    return _GradReverse.apply(x, float(scale))
+
+
 def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.randn`` on the device/dtype of ``like`` with an optional generator."""
     kw = {} if like is None else {"device": like.device, "dtype": like.dtype}

@@ -85,7 +85,7 @@ from torch import nn
 
 from ..errors import MedCausalError
 from ..synthetic.perturbseq import nb_normal_score, nb_quantile_normal
-from .base import Mechanism, mlp
+from .base import Mechanism, grad_reverse, mlp
 from .registry import register
 
 __all__ = ["FCRMechanism", "LatentShiftMechanism", "nb_log_prob"]
@@ -105,27 +105,6 @@ def nb_log_prob(y: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> tor
     return (theta * (torch.log(theta + 1e-8) - log_theta_mu)
             + y * (torch.log(mean + 1e-8) - log_theta_mu)
             + torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1.0))
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity forward, gradient times ``-scale`` backward (Ganin & Lempitsky 2015).
-
-    >>> x = torch.ones(2, requires_grad=True)
-    >>> grad_reverse(x, 2.0).sum().backward(); x.grad.tolist()
-    [-2.0, -2.0]
-    """
-    return _GradReverse.apply(x, float(scale))
 
 
 def _group_permutation(keys: torch.Tensor | None, n: int, device) -> torch.Tensor:

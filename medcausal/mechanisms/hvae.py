@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, MedCausalError
-from .base import AveragedWeights, Mechanism, StandaloneLoss, randn
+from .base import AveragedWeights, Mechanism, StandaloneLoss, grad_reverse, randn
 from .registry import register
 
 __all__ = ["HVAEMechanism", "PixelNoiseVAE", "TRAIN_SETTINGS"]
@@ -419,16 +419,6 @@ class _HVAENet(nn.Module):
         return torch.cat([zeros, e], dim=1)
 
 
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-
 class _CounterfactualObjective(nn.Module):
     """The constrained counterfactual objective as a per-row loss for the one training loop:
     ``nll_pred(x*, pa*) + lambda (negELBO(x, pa) - target) / D`` (``D`` pixels: the bound
@@ -452,7 +442,7 @@ class _CounterfactualObjective(nn.Module):
         x, pa = batch["x"], batch["pa"]
         pa_cf = self.intervene(pa)
         x_cf = self.mech._counterfactual(x, pa, pa_cf, ema=False)
-        lam = F.softplus(self.lambda_rate * _GradReverse.apply(self.raw_lambda))
+        lam = F.softplus(self.lambda_rate * grad_reverse(self.raw_lambda))
         gap = (self.mech.loss(x, pa) - self.target) / self.mech.n_pixels
         return self.predictor_nll(x_cf, pa_cf) + lam * gap
 

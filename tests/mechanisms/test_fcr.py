@@ -11,8 +11,8 @@ from scipy import stats
 from medcausal.errors import MedCausalError
 from medcausal.graph import Continuous, Expression
 from medcausal.mechanisms import registry
-from medcausal.mechanisms.fcr import (FCRMechanism, LatentShiftMechanism, _group_permutation, _ParentLoss,
-                                      grad_reverse, nb_log_prob)
+from medcausal.mechanisms.base import grad_reverse
+from medcausal.mechanisms.fcr import FCRMechanism, LatentShiftMechanism, _group_permutation, _ParentLoss, nb_log_prob
 from scipy.special import ndtr
 
 from medcausal.synthetic.perturbseq import nb_cdf, nb_sf

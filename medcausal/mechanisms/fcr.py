@@ -111,9 +111,7 @@ def _group_permutation(keys: torch.Tensor | None, n: int, device) -> torch.Tenso
     """A random permutation of ``n`` rows that only swaps rows with equal ``keys`` rows."""
     if keys is None or keys.shape[1] == 0:
         return torch.randperm(n, device=device)
-    # rows -> one number each (an injective map on the finitely many rows of a batch, almost surely)
-    weights = torch.arange(1, keys.shape[1] + 1, device=device, dtype=torch.float64).sqrt() * math.pi
-    _, group = torch.unique(keys.to(torch.float64) @ weights, return_inverse=True)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)  # equal rows, compared exactly
     noisy = group.to(torch.float64) + torch.rand(n, device=device, dtype=torch.float64)
     order = torch.argsort(noisy)  # grouped, random order within each group
     base = torch.argsort(group, stable=True)  # grouped, original order within each group

@@ -52,6 +52,16 @@ def test_group_permutation_stays_within_groups():
     assert sorted(_group_permutation(None, 10, "cpu").tolist()) == list(range(10))
 
 
+def test_group_permutation_never_mixes_distinct_treatments():
+    # Dose-scaled multi-hot rows that a weighted sum maps to one number (1 * w1 == 0.5 * w4 for
+    # w_i = sqrt(i)): each must stay its own group.
+    torch.manual_seed(0)
+    rows = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0.5], [1.0, 0, 1.0, 0], [0, 0, 0, 0]])
+    keys = rows[torch.randint(0, 4, (400,))]
+    for _ in range(5):
+        assert torch.equal(keys[_group_permutation(keys, 400, "cpu")], keys)
+
+
 def test_grad_reverse_and_parent_loss():
     x = torch.randn(5, 3, requires_grad=True)
     grad_reverse(x, 0.5).pow(2).sum().backward()

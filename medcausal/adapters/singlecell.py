@@ -152,20 +152,9 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
     if str(control) not in values:
         raise DataError(f"control value {control!r} does not occur in obs[{perturbation_key!r}]; "
                         f"values: {values[:20]}")
-    singles: set[str] = set()
-    for v in values:
-        try:
-            singles.update(parse_perturbation(v, str(control), sep))
-        except DataError as e:
-            raise DataError(f"obs[{perturbation_key!r}]: {e}") from None
-    if not singles:
-        raise DataError(f"obs[{perturbation_key!r}] holds only the control {control!r}: nothing to learn")
-    categories = {}
     for key in covariate_keys:
-        col = obs[key]
-        if col.isna().any():
-            raise DataError(f"covariate obs[{key!r}] has {int(col.isna().sum())} missing value(s)")
-        categories[key] = sorted(map(str, pd.unique(col.astype(str))))
+        if obs[key].isna().any():
+            raise DataError(f"covariate obs[{key!r}] has {int(obs[key].isna().sum())} missing value(s)")
     if dose_key is not None:
         dose = pd.to_numeric(obs[dose_key], errors="coerce")
         if dose.isna().any() or not np.all(np.isfinite(dose.to_numpy())) or (dose < 0).any():
@@ -175,17 +164,36 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
     where = "X" if layer is None else f"layers[{layer!r}]"
     check_counts(_matrix(adata, layer), where=where)
     setup = {"perturbation_key": str(perturbation_key), "control": str(control),
-             "covariate_keys": [str(k) for k in covariate_keys], "perturbations": sorted(singles),
-             "covariate_categories": categories, "sep": sep, "n_vars": int(adata.n_vars)}
+             "covariate_keys": [str(k) for k in covariate_keys], "sep": sep, "n_vars": int(adata.n_vars)}
     for name, val in (("layer", layer), ("dose_key", dose_key), ("split_key", split_key)):
         if val is not None:
             setup[name] = str(val)
-    if dose_key is not None:
-        d = obs[dose_key].to_numpy(dtype=float)
-        treated = labels.astype(str).to_numpy() != str(control)
-        setup["max_dose"] = float(d[treated].max()) if treated.any() else 1.0
+    setup.update(_vocabulary(obs, setup))
     adata.uns[SETUP_KEY] = setup
     return adata if copy else None
+
+
+def _vocabulary(obs: pd.DataFrame, setup: Mapping) -> dict:
+    """What a model learns from these cells: single perturbations, covariate categories and
+    the largest dose given to a treated cell."""
+    pkey, control, sep = setup["perturbation_key"], setup["control"], setup.get("sep", "+")
+    labels = obs[pkey].astype(str)
+    singles: set[str] = set()
+    for v in pd.unique(labels):
+        try:
+            singles.update(parse_perturbation(v, control, sep))
+        except DataError as e:
+            raise DataError(f"obs[{pkey!r}]: {e}") from None
+    if not singles:
+        raise DataError(f"obs[{pkey!r}] holds only the control {control!r}: nothing to learn")
+    out = {"perturbations": sorted(singles),
+           "covariate_categories": {k: sorted(map(str, pd.unique(obs[k].astype(str))))
+                                    for k in setup["covariate_keys"]}}
+    if setup.get("dose_key") is not None:
+        d = obs[setup["dose_key"]].to_numpy(dtype=float)
+        treated = labels.to_numpy() != control
+        out["max_dose"] = float(d[treated].max()) if treated.any() else 1.0
+    return out
 
 
 def get_setup(adata) -> dict:
@@ -254,7 +262,7 @@ def _encode_obs(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None,
             d = obs[dkey].to_numpy(dtype=float)
         if not np.all(np.isfinite(d)) or (d < 0).any():
             raise DataError(f"dose must be finite and non-negative (obs[{dkey!r}] or dose=)")
-        treat *= d[:, None].astype(np.float32)
+        treat *= (d / float(setup.get("dose_scale", 1.0)))[:, None].astype(np.float32)
     blocks.append(treat)
     return np.concatenate(blocks, axis=1)
 
@@ -269,21 +277,14 @@ def _per_cell(value, n: int, key: str) -> list:
 
 
 class _CountRows:
-    """Row access to a count matrix in memory (dense or sparse) or backed on disk."""
+    """Row access to a count matrix in memory (dense or sparse) or backed on disk.
+
+    In backed mode anndata keeps ``X`` on disk (read here a minibatch at a time) and loads
+    the layers into memory; a view (``adata[100:200]``) reads its own rows either way.
+    """
 
     def __init__(self, adata, layer: str | None):
-        self._file = None
-        if adata.isbacked and layer is not None:
-            import h5py
-            from anndata.io import sparse_dataset
-
-            self._file = h5py.File(adata.filename, "r")
-            if "layers" not in self._file or layer not in self._file["layers"]:
-                raise _missing_key(layer, list(self._file.get("layers", {}).keys()), "layer (on disk)")
-            node = self._file["layers"][layer]
-            self.src = sparse_dataset(node) if isinstance(node, h5py.Group) else node
-        else:
-            self.src = _matrix(adata, layer)
+        self.src = _matrix(adata, layer)
         self.n = adata.n_obs
         self.n_vars = adata.n_vars
 
@@ -296,9 +297,7 @@ class _CountRows:
         return np.asarray(block, dtype=np.float32)[inv]
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Nothing to release (kept so callers need not know where the rows live)."""
 
 
 class _LazyTensor:
@@ -400,6 +399,11 @@ class FCRModel:
         if rows.size < 2:
             raise DataError(f"fit() needs at least 2 cells, got {rows.size}")
         torch.manual_seed(seed)
+        # What the model can answer is what its training rows show (held-out split rows may
+        # hold perturbations or categories it never sees); doses enter relative to the largest.
+        setup = {**setup, **_vocabulary(adata.obs.iloc[rows], setup)}
+        if setup.get("dose_key") is not None:
+            setup["dose_scale"] = setup["max_dose"] if setup["max_dose"] > 0 else 1.0
         self.setup = setup
         self.var_names = list(map(str, adata.var_names))
         self._build(setup, adata.n_vars)
@@ -491,7 +495,8 @@ class FCRModel:
         obs[pkey] = np.asarray(_per_cell(perturbation, n, "perturbation"), dtype=object).astype(str)
         if setup.get("dose_key"):
             dkey = setup["dose_key"]
-            d = cf_parents[:, -len(setup["perturbations"]):].max(dim=1).values.numpy()
+            d = cf_parents[:, -len(setup["perturbations"]):].max(dim=1).values.numpy() * float(
+                setup.get("dose_scale", 1.0))
             obs[f"factual_{dkey}"] = obs[dkey].to_numpy()
             obs[dkey] = d.astype(float)
         for key, val in (covariates or {}).items():

@@ -181,14 +181,21 @@ def test_streaming_from_backed_h5ad_matches_in_memory(sim, tmp_path):
     backed.file.close()
 
 
-def test_counts_layer_streams_from_disk(sim, tmp_path):
-    a = sim.sample(120, seed=5)
+def test_backed_views_read_their_own_rows(sim, tmp_path):
+    # A view of a backed AnnData (rows 100.. of the file) must read those rows, from the counts
+    # layer and from X alike, not the file's first rows.
+    a = sim.sample(150, seed=5)
+    a.X = a.layers["counts"].copy()
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control")
     path = scad.write_h5ad(a, tmp_path / "layer.h5ad")
     backed = scad.read_h5ad(path, backed=True)
-    scad.setup_anndata(backed, perturbation_key="perturbation", control="control")
-    rows = scad._CountRows(backed, "counts")
-    np.testing.assert_array_equal(rows.rows([5, 1, 5]), a.layers["counts"][[5, 1, 5]].toarray())
-    rows.close()
+    view = backed[100:110]
+    for layer in ("counts", None):
+        rows = scad._CountRows(view, layer)
+        np.testing.assert_array_equal(rows.rows([5, 1, 5]), a.layers["counts"][[105, 101, 105]].toarray())
+    model = scad.FCRModel(**SMALL).fit(a, max_epochs=1, seed=0, verbose=False)
+    factual = model.predict_counterfactual(view, perturbation=view.obs["perturbation"].astype(str).to_numpy())
+    assert (factual.X != a.layers["counts"][100:110]).nnz == 0  # the factual world gives back these cells
     backed.file.close()
 
 
@@ -278,3 +285,33 @@ def test_causal_model_takes_anndata_directly(sim):
                                         edges=[("perturbation", "x")]))
     with pytest.raises(mc.errors.DataError, match="expression variable"):
         bad.fit(a, max_epochs=1, verbose=False)
+
+
+def test_fit_learns_its_vocabulary_from_the_train_rows(sim):
+    # P3 occurs only in held-out split rows: the model never trains its weights, so asking for
+    # it must fail by name rather than answer with untrained weights.
+    a = sim.sample(300, seed=7)
+    labels = a.obs["perturbation"].astype(str)
+    a.obs["split"] = np.where(labels.str.contains("P3"), "test", "train")
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", split_key="split")
+    assert "P3" in a.uns["medcausal_setup"]["perturbations"]
+    m = scad.FCRModel(**SMALL).fit(a, max_epochs=1, verbose=False)
+    assert "P3" not in m.setup["perturbations"]
+    with pytest.raises(DataError, match="P3"):
+        m.predict_counterfactual(a[:5], perturbation="P3")
+
+
+def test_doses_enter_relative_to_the_largest_training_dose(sim):
+    # The same cells with doses in nM (x 1000) train the same model as with unit doses, and the
+    # counterfactual's obs records the dose in the data's own units.
+    a = sim.sample(200, seed=8)
+    b = a.copy()
+    b.obs["dose"] = b.obs["dose"] * 1000.0
+    models = []
+    for x in (a, b):
+        scad.setup_anndata(x, perturbation_key="perturbation", control="control", dose_key="dose")
+        models.append(scad.FCRModel(**SMALL).fit(x, max_epochs=2, seed=0, verbose=False))
+    for (k, v), w in zip(models[0].module.state_dict().items(), models[1].module.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+    cf = models[1].predict_counterfactual(b[:4], perturbation="P1", dose=500.0)
+    assert np.allclose(cf.obs["dose"].to_numpy(float), 500.0)

@@ -237,6 +237,21 @@ def test_interrupted_save_keeps_the_old_file(fitted, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.mcm"]
 
 
+def test_saved_files_get_the_mode_of_a_plain_write(fitted, tmp_path):
+    # atomic writes go through mkstemp (owner-only, 0600): the file in place must have the mode
+    # open() would give it, so a collaborator can read a shared model
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = fitted.save(tmp_path / "m.mcm")
+        (tmp_path / "plain").write_bytes(b"")
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
+
+
 def test_log_prob_capability_error(lg_graph, fitted):
     from medcausal.mechanisms.base import Mechanism
     assert Mechanism.has_log_prob  # the base default; a mechanism without one sets False

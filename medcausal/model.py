@@ -157,10 +157,14 @@ class CausalModel:
                                   {k: self.privacy[k] for k in ("epsilon", "delta", "privacy_unit")})
         return out
 
-    def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict) -> torch.Tensor:
-        """Apply one intervention; its raw values go to ``exact`` for the output table."""
+    def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict,
+                   observed: np.ndarray | None = None) -> torch.Tensor:
+        """Apply one intervention; its raw values go to ``exact`` for the output table.
+        ``observed`` (raw values) stands in for ``current`` when given."""
         codec = self.codecs[iv.name]
-        raw = iv.apply(None if current is None else codec.decode(current), n)
+        if observed is None and current is not None:
+            observed = codec.decode(current)
+        raw = iv.apply(observed, n)
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
 
@@ -315,6 +319,9 @@ class CausalModel:
         """
         self._require_fit()
         data = self._from_anndata(data)
+        if isinstance(do, Mapping):
+            index = (data.table if isinstance(data, Cohort) else data).index
+            do = {k: _by_row_label(k, v, index) for k, v in do.items()}
         ivs = parse_do(do, self.graph.variables)
         if not ivs:
             raise InterventionError("counterfactual() needs at least one intervention in do=")
@@ -333,6 +340,10 @@ class CausalModel:
                 iv = ivs.get(name)
                 if iv is not None and not iv.needs_current:
                     world[name] = self._intervene(iv, None, n, exact)
+                    continue
+                if iv is not None and not self.graph.ancestors(name) & set(ivs):
+                    # nothing upstream moved: the value it would have taken is the observed one, exactly
+                    world[name] = self._intervene(iv, None, n, exact, observed=self.codecs[name].observed(data))
                     continue
                 mech = self.mechanism(name)
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
@@ -397,6 +408,16 @@ class CausalModel:
         mechs = ", ".join(f"{v}: {c['name']}" for v, c in self.choices.items())
         state = "fitted" if self.is_fitted else "not fitted"
         return f"CausalModel({mechs}; {state})"
+
+
+def _by_row_label(name: str, spec, index: pd.Index):
+    """A per-row ``pd.Series`` intervention, aligned to the observed rows by its index."""
+    if not isinstance(spec, pd.Series) or spec.index.equals(index):
+        return spec
+    if spec.index.is_unique and len(spec) == len(index) and spec.index.isin(index).all():
+        return spec.reindex(index)
+    raise InterventionError(f"do[{name!r}] is a pandas Series whose index does not match the observed rows' "
+                            f"index; pass .to_numpy() to apply its values by position")
 
 
 def _generator(seed: int | None) -> torch.Generator:

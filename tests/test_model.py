@@ -62,6 +62,29 @@ def test_interventions_value_array_callable(fitted):
     assert np.mean((cf["y"] - (test["y"] + 1.0)) ** 2) < 0.02  # dy/dx = 2
 
 
+def test_callable_on_an_unmoved_variable_shifts_its_observed_value_exactly(fitted):
+    # Nothing upstream of y is intervened: the value y would have taken is the observed one, so
+    # the callable must see it exactly (not a float32 abduct -> sample round trip).
+    test, _ = linear_gaussian(50, seed=7)
+    test["y"] = test["y"] * 1e6  # large values, where float32 rounding shows
+    cf = fitted.counterfactual(test, do={"y": lambda y: y + 10.0}, seed=0)
+    assert (cf["y"].to_numpy() == test["y"].to_numpy() + 10.0).all()
+    same = fitted.counterfactual(test, do={"y": lambda y: y}, seed=0)
+    pd.testing.assert_series_equal(same["y"], test["y"])
+
+
+def test_per_row_series_follow_the_row_labels(fitted):
+    test, _ = linear_gaussian(3, seed=8)
+    test.index = [2, 0, 1]
+    values = pd.Series({0: 0.5, 1: 0.6, 2: 0.7})
+    cf = fitted.counterfactual(test, do={"x": values}, seed=0)
+    assert cf["x"].to_dict() == {2: 0.7, 0: 0.5, 1: 0.6}
+    with pytest.raises(InterventionError, match=r"do\['x'\].*index"):
+        fitted.counterfactual(test, do={"x": pd.Series([0.5, 0.6, 0.7], index=[5, 6, 7])}, seed=0)
+    cf = fitted.counterfactual(test, do={"x": values.to_numpy()}, seed=0)  # by position, on request
+    assert cf["x"].tolist() == [0.5, 0.6, 0.7]
+
+
 def test_same_seed_same_results(lg_graph, lg_data, fitted):
     assert fitted.sample(50, seed=3).equals(fitted.sample(50, seed=3))
     assert not fitted.sample(50, seed=3).equals(fitted.sample(50, seed=4))

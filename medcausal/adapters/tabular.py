@@ -191,6 +191,16 @@ class Codec:
             return np.asarray(self.vtype.categories, dtype=object)[v[:, 0].round().astype(int)]
         return v
 
+    def observed(self, data) -> np.ndarray:
+        """This variable's own values in ``data``, exactly, in the shape :meth:`decode` returns."""
+        kind = self.vtype.kind
+        if kind in ("image", "expression"):
+            return np.asarray(data.arrays[self.name])
+        table = _table(data)
+        if kind == "continuous":
+            return table[columns_of(self.name, self.vtype)].to_numpy(dtype=np.float64)
+        return table[self.name].to_numpy()
+
     def check_support(self, values: np.ndarray) -> None:
         """Warn when continuous intervention values leave the range seen at fit."""
         if self.vtype.kind != "continuous":

@@ -149,7 +149,7 @@ class CausalModel:
         return {k: v.to(self.device) for k, v in tabular.encode(data, self.graph, self.codecs, names).items()}
 
     def _decode(self, values, like=None, n=None, exact=None):
-        if like is None and self.fit_info.get("data_kind") == "cohort":
+        if like is None and self.fit_info.get("data_kind") in ("cohort", "anndata"):
             like = Cohort(pd.DataFrame(index=range(n)))
         out = tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
         table = out.table if isinstance(out, Cohort) else out
@@ -167,6 +167,16 @@ class CausalModel:
         raw = iv.apply(observed, n)
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
+
+    def _to_anndata(self, out: Cohort, like=None):
+        """A Cohort result as AnnData, the container the model was given (``like``: its cells)."""
+        from .adapters.singlecell import cohort_to_anndata
+
+        gene = next(v for v, t in self.graph.variables.items() if t.kind == "expression")
+        adata = cohort_to_anndata(out, expression=gene, var_names=None if like is None else like.var_names)
+        if like is not None:
+            adata.obs_names = like.obs_names
+        return adata
 
     def _from_anndata(self, data):
         """An AnnData becomes a Cohort: ``.obs`` as the table, its counts (layer ``counts`` if
@@ -209,6 +219,7 @@ class CausalModel:
         if on_epoch is not None and not callable(on_epoch):
             raise MedCausalError(f"fit(on_epoch=...) takes a function of the epoch's record, got "
                                  f"{type(on_epoch).__name__}")
+        given = data
         data = self._from_anndata(data)
         if not isinstance(data, (pd.DataFrame, Cohort)):
             raise DataError(f"fit() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "
@@ -264,7 +275,8 @@ class CausalModel:
                     self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
         self.privacy = plan.ledger(result.steps) if plan is not None else None
         self.fit_info = {"seed": seed, "n_rows": len(data),
-                         "data_kind": "cohort" if isinstance(data, Cohort) else "dataframe",
+                         "data_kind": ("anndata" if given is not data else
+                                       "cohort" if isinstance(data, Cohort) else "dataframe"),
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                          "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
                                          if _key(n) in result.best_epochs},
@@ -290,7 +302,7 @@ class CausalModel:
     def sample(self, n: int, do: Mapping[str, Any] | None = None, seed: int | None = None):
         """Draw ``n`` units, optionally under interventions ``do`` (values, arrays or callables).
 
-        Returns the container kind the model was fitted on (DataFrame or Cohort).
+        Returns the container kind the model was fitted on (DataFrame, Cohort or AnnData).
         """
         self._require_fit()
         if int(n) < 1:
@@ -308,7 +320,8 @@ class CausalModel:
                     continue
                 x = self.mechanism(name).sample(self._parents(name, values, n), generator=gen)
                 values[name] = x if iv is None else self._intervene(iv, x, n, exact)
-        return self._decode(values, n=n, exact=exact)
+        out = self._decode(values, n=n, exact=exact)
+        return self._to_anndata(out) if self.fit_info.get("data_kind") == "anndata" else out
 
     def counterfactual(self, data, do: Mapping[str, Any], seed: int | None = None):
         """The counterfactual of each given unit under ``do``: same rows, same columns.
@@ -318,6 +331,7 @@ class CausalModel:
         variables' noise is sampled from its posterior (``seed`` makes that reproducible).
         """
         self._require_fit()
+        given = data
         data = self._from_anndata(data)
         if isinstance(do, Mapping):
             index = (data.table if isinstance(data, Cohort) else data).index
@@ -349,7 +363,8 @@ class CausalModel:
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)
-        return self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact)
+        out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact)
+        return self._to_anndata(out, like=given) if given is not data else out
 
     def log_prob(self, data) -> pd.Series:
         """Per-row log-likelihood of the data (in the data's units), where every mechanism has one."""

@@ -268,8 +268,9 @@ def test_h5ad_helpers(tmp_path, sim):
 
 
 def test_causal_model_takes_anndata_directly(sim):
-    """fit/counterfactual accept AnnData (the graph's one expression variable takes the counts),
-    and Cohort.from_anndata / to_anndata are the same conversion."""
+    """fit/counterfactual accept AnnData (the graph's one expression variable takes the counts)
+    and answer with AnnData, as sample does; Cohort.from_anndata / to_anndata are the same
+    conversion."""
     import medcausal.mechanisms.fcr  # noqa: F401
 
     a = sim.sample(120, seed=9, conditions=["control", "P0"])
@@ -279,8 +280,13 @@ def test_causal_model_takes_anndata_directly(sim):
     model.fit(a, max_epochs=1, verbose=False)
     cf = model.counterfactual(a[:4], do={"perturbation": "P0"}, seed=0)
     via = model.counterfactual(mc.Cohort.from_anndata(a[:4], expression="genes"), do={"perturbation": "P0"}, seed=0)
-    np.testing.assert_array_equal(cf.arrays["genes"], via.arrays["genes"])
-    assert cf.to_anndata(expression="genes").shape == (4, a.n_vars)
+    assert isinstance(cf, type(a)) and isinstance(via, mc.Cohort)
+    assert cf.obs_names.equals(a.obs_names[:4]) and cf.var_names.equals(a.var_names)
+    assert (cf.obs["perturbation"] == "P0").all()
+    np.testing.assert_array_equal(cf.layers["counts"].toarray(), via.arrays["genes"])
+    assert via.to_anndata(expression="genes").shape == (4, a.n_vars)
+    drawn = model.sample(6, seed=0)
+    assert isinstance(drawn, type(a)) and drawn.shape == (6, a.n_vars)
     bad = mc.CausalModel(mc.CausalGraph({"perturbation": "categorical", "x": "continuous"},
                                         edges=[("perturbation", "x")]))
     with pytest.raises(mc.errors.DataError, match="expression variable"):

@@ -163,7 +163,7 @@ class CausalModel:
         ``observed`` (raw values) stands in for ``current`` when given."""
         codec = self.codecs[iv.name]
         if observed is None and current is not None:
-            observed = codec.decode(current)
+            observed = codec.restore(codec.decode(current))
         raw = iv.apply(observed, n)
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
@@ -221,6 +221,7 @@ class CausalModel:
                                  f"{type(on_epoch).__name__}")
         given = data
         data = self._from_anndata(data)
+        from_anndata = data is not given
         if not isinstance(data, (pd.DataFrame, Cohort)):
             raise DataError(f"fit() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "
                             f"got {type(data).__name__}")
@@ -275,7 +276,7 @@ class CausalModel:
                     self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
         self.privacy = plan.ledger(result.steps) if plan is not None else None
         self.fit_info = {"seed": seed, "n_rows": len(data),
-                         "data_kind": ("anndata" if given is not data else
+                         "data_kind": ("anndata" if from_anndata else
                                        "cohort" if isinstance(data, Cohort) else "dataframe"),
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                          "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order

@@ -312,3 +312,26 @@ def test_fit_rejects_an_on_epoch_that_is_not_a_function():
     g = mc.CausalGraph({"a": "continuous"})
     with pytest.raises(MedCausalError, match=r"on_epoch=.*got int"):
         mc.CausalModel(g).fit(pd.DataFrame({"a": np.arange(30.0)}), max_epochs=1, verbose=False, on_epoch=3)
+
+
+def test_discrete_columns_come_back_in_their_own_dtype(tmp_path):
+    # bool binary, pandas categorical (with an unseen category and an order) and integer categories
+    rng = np.random.default_rng(0)
+    n = 300
+    sex = rng.random(n) < 0.5
+    site = pd.Categorical(rng.choice(["A", "B"], n), categories=["B", "A", "C"], ordered=True)
+    grade = rng.choice([1, 2, 3], n)
+    y = sex + (site == "A") + 0.3 * grade + rng.normal(size=n)
+    df = pd.DataFrame({"sex": sex, "site": site, "grade": grade, "y": y})
+    graph = mc.CausalGraph({"sex": "binary", "site": "categorical", "grade": "categorical", "y": "continuous"},
+                           edges=[("sex", "y"), ("site", "y"), ("grade", "y")])
+    model = mc.CausalModel(graph).fit(df, max_epochs=2, verbose=False)
+    for out in (model.sample(20, seed=0), model.counterfactual(df[:20], do={"y": 0.0}),
+                model.counterfactual(df[:20], do={"site": "B"}),
+                mc.CausalModel.load(model.save(tmp_path / "m.mcm")).sample(5, seed=0)):
+        assert out["sex"].dtype == bool and out["grade"].dtype == df["grade"].dtype
+        assert isinstance(out["site"].dtype, pd.CategoricalDtype)
+        assert list(out["site"].cat.categories) == ["B", "A", "C"] and out["site"].cat.ordered
+    # a callable on a binary variable sees the data's own values (bools here)
+    flipped = model.counterfactual(df[:20], do={"sex": lambda s: ~s})
+    assert (flipped["sex"].to_numpy() == ~df["sex"].to_numpy()[:20]).all()

@@ -41,6 +41,14 @@ def columns_of(name: str, vtype: VariableType) -> list[str]:
     return [name]
 
 
+def _dtype_state(col: pd.Series) -> dict:
+    """The JSON-serializable dtype of a discrete column, for :meth:`Codec.restore`."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return {"dtype": "category", "dtype_categories": [_plain(c) for c in col.cat.categories],
+                "ordered": bool(col.cat.ordered)}
+    return {"dtype": str(col.dtype)}
+
+
 def _table(data) -> pd.DataFrame:
     if isinstance(data, Cohort):
         return data.table
@@ -107,7 +115,25 @@ class Codec:
                 raise DataError(f"categorical column {name!r} has a single value {cats}; "
                                 "declare its categories or drop the variable")
             vtype = Categorical(tuple(_plain(c) for c in cats))
-        return cls(name, vtype, {})
+        table = _table(data) if isinstance(data, (pd.DataFrame, Cohort)) else None
+        if table is None or name not in table.columns:
+            return cls(name, vtype, {})
+        return cls(name, vtype, _dtype_state(table[name]))
+
+    def restore(self, values: np.ndarray):
+        """Decoded discrete values in the dtype of the column the model was fitted on (bool,
+        int, pandas categorical with its categories and order); as they are for other kinds and
+        for model files written before the dtype was recorded."""
+        dtype = self.state.get("dtype")
+        if dtype is None or self.vtype.kind not in ("binary", "categorical"):
+            return values
+        if dtype == "category":
+            return pd.Categorical(values, categories=self.state["dtype_categories"],
+                                  ordered=bool(self.state.get("ordered", False)))
+        try:
+            return np.asarray(values).astype(np.dtype(dtype))
+        except (TypeError, ValueError):
+            return values
 
     # -- encoding ------------------------------------------------------------
     @property
@@ -282,9 +308,11 @@ def decode(tensors: Mapping[str, torch.Tensor], graph: CausalGraph, codecs: Mapp
         if graph.variables[name].kind in ("image", "expression"):
             arrays[name] = values
             continue
-        cols = columns_of(name, graph.variables[name])
-        values = values.reshape(n, -1) if graph.variables[name].kind == "continuous" else values[:, None]
-        for j, c in enumerate(cols):
+        if graph.variables[name].kind != "continuous":
+            table[name] = codecs[name].restore(values)
+            continue
+        values = values.reshape(n, -1)
+        for j, c in enumerate(columns_of(name, graph.variables[name])):
             table[c] = values[:, j]
     if isinstance(like, Cohort) or arrays:
         return Cohort(table, arrays, id_column=like.id_column if isinstance(like, Cohort) else "id")

@@ -77,6 +77,7 @@ class CausalModel:
         if not isinstance(graph, CausalGraph):
             raise GraphError(f"CausalModel needs a CausalGraph, got {type(graph).__name__}")
         self.graph = graph
+        self._declared = graph  # as the user wrote it: each fit learns undeclared categories afresh
         self.choices = self._resolve(mechanisms)
         self.codecs: dict[str, tabular.Codec] | None = None
         self.mechanisms: nn.ModuleDict | None = None
@@ -239,12 +240,12 @@ class CausalModel:
         plan = None
         if privacy is not None:
             from .privacy.engine import prepare
-            plan = prepare(privacy, data, self.graph,
+            plan = prepare(privacy, data, self._declared,
                            {_key(n): registry.get(c["name"]) for n, c in self.choices.items()},
                            seed=seed, batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps)
             self.codecs, data, seed = plan.codecs, plan.data, plan.seed
         else:
-            self.codecs = tabular.fit_codecs(data, self.graph)
+            self.codecs = tabular.fit_codecs(data, self._declared)
         self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)
         torch.manual_seed(seed)
         self._build()
@@ -306,8 +307,8 @@ class CausalModel:
         Returns the container kind the model was fitted on (DataFrame, Cohort or AnnData).
         """
         self._require_fit()
-        if int(n) < 1:
-            raise DataError(f"sample() needs n >= 1, got {n}")
+        if isinstance(n, bool) or not float(n).is_integer() or int(n) < 1:
+            raise DataError(f"sample() needs a whole number n >= 1, got {n!r}")
         n = int(n)
         ivs = parse_do(do, self.graph.variables)
         gen = _generator(seed)
@@ -341,6 +342,8 @@ class CausalModel:
         if not ivs:
             raise InterventionError("counterfactual() needs at least one intervention in do=")
         n = len(data)
+        if n == 0:
+            raise DataError("counterfactual() got no rows: pass at least one unit")
         affected = set(ivs).union(*(self.graph.descendants(v) for v in ivs))
         needed = affected.union(*(self.graph.parents(v) for v in affected))
         order = [v for v in self.graph.topological_order if v in needed]

@@ -335,3 +335,17 @@ def test_discrete_columns_come_back_in_their_own_dtype(tmp_path):
     # a callable on a binary variable sees the data's own values (bools here)
     flipped = model.counterfactual(df[:20], do={"sex": lambda s: ~s})
     assert (flipped["sex"].to_numpy() == ~df["sex"].to_numpy()[:20]).all()
+
+
+def test_refit_learns_new_categories_and_bad_tables_are_named(lg_graph):
+    df, _ = linear_gaussian(200, seed=1)
+    model = mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)
+    df2 = df.assign(stage=np.where(df["stage"] == "low", "low", "very high"))
+    model.fit(df2, max_epochs=1, verbose=False)  # the second fit's categories, not the first's
+    assert set(model.sample(50, seed=0)["stage"]) <= {"low", "very high"}
+    with pytest.raises(DataError, match=r"\['x'\] appear more than once"):
+        model.counterfactual(pd.concat([df2[["x"]], df2], axis=1), do={"y": 0.0})
+    with pytest.raises(DataError, match="no rows"):
+        model.counterfactual(df2[:0], do={"y": 0.0})
+    with pytest.raises(DataError, match="whole number"):
+        model.sample(2.7)

@@ -265,6 +265,9 @@ def check_columns(data, graph: CausalGraph, names=None) -> None:
     cols = [c for n in names if graph.variables[n].kind not in ("image", "expression")
             for c in columns_of(n, graph.variables[n])]
     _missing(cols, list(table.columns))
+    repeated = sorted({c for c in cols if (table.columns == c).sum() > 1})
+    if repeated:
+        raise DataError(f"column(s) {repeated} appear more than once in the table; keep one of each")
     arrays = [n for n in names if graph.variables[n].kind in ("image", "expression")]
     if arrays:
         available = list(data.arrays) if isinstance(data, Cohort) else []

@@ -75,7 +75,8 @@ def _matrix(adata, layer: str | None):
     if layer is None:
         return adata.X
     if layer not in adata.layers:
-        raise _missing_key(layer, list(adata.layers), "layer")
+        err = _missing_key(layer, list(adata.layers), "layer")
+        raise DataError(f"{err} (raw counts in .X? pass layer=None)") from None
     return adata.layers[layer]
 
 
@@ -156,9 +157,10 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
         if obs[key].isna().any():
             raise DataError(f"covariate obs[{key!r}] has {int(obs[key].isna().sum())} missing value(s)")
     if dose_key is not None:
-        dose = pd.to_numeric(obs[dose_key], errors="coerce")
+        dose = pd.to_numeric(obs[dose_key], errors="coerce")[labels.astype(str).to_numpy() != str(control)]
         if dose.isna().any() or not np.all(np.isfinite(dose.to_numpy())) or (dose < 0).any():
-            raise DataError(f"dose obs[{dose_key!r}] must hold finite non-negative numbers")
+            raise DataError(f"dose obs[{dose_key!r}] must hold finite non-negative numbers for treated cells "
+                            "(a control's dose is ignored and may be missing)")
     if split_key is not None and obs[split_key].isna().any():
         raise DataError(f"split obs[{split_key!r}] has missing value(s)")
     where = "X" if layer is None else f"layers[{layer!r}]"
@@ -257,9 +259,10 @@ def _encode_obs(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None,
             d = np.asarray(_per_cell(dose, n, "dose"), dtype=float)
         elif perturbation is not None:  # treated cells keep their dose; controls get the largest seen
             d = obs[dkey].to_numpy(dtype=float).copy()
-            d[d <= 0] = float(setup.get("max_dose", 1.0))
+            d[~(d > 0)] = float(setup.get("max_dose", 1.0))
         else:
             d = obs[dkey].to_numpy(dtype=float)
+            d = np.where(treat.any(axis=1), d, 0.0)  # a control's dose is ignored (may be NaN)
         if not np.all(np.isfinite(d)) or (d < 0).any():
             raise DataError(f"dose must be finite and non-negative (obs[{dkey!r}] or dose=)")
         treat *= (d / float(setup.get("dose_scale", 1.0)))[:, None].astype(np.float32)
@@ -478,6 +481,8 @@ class FCRModel:
 
         self._require_fit()
         setup, n = self.setup, adata.n_obs
+        if n == 0:
+            raise DataError("predict_counterfactual() got no cells")
         factual = torch.from_numpy(_encode_obs(adata.obs, setup))
         cf_parents = torch.from_numpy(_encode_obs(adata.obs, setup, perturbation=perturbation, dose=dose,
                                                   covariates=covariates))

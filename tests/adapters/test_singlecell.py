@@ -321,3 +321,21 @@ def test_doses_enter_relative_to_the_largest_training_dose(sim):
         torch.testing.assert_close(v, w, msg=k)
     cf = models[1].predict_counterfactual(b[:4], perturbation="P1", dose=500.0)
     assert np.allclose(cf.obs["dose"].to_numpy(float), 500.0)
+
+
+def test_missing_control_doses_and_other_named_errors(sim):
+    a = sim.sample(120, seed=10)
+    control = (a.obs["perturbation"] == "control").to_numpy()
+    a.obs.loc[control, "dose"] = np.nan  # often how real data store an untreated cell's dose
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", dose_key="dose")
+    m = scad.FCRModel(**SMALL).fit(a, max_epochs=1, verbose=False)
+    same = m.predict_counterfactual(a[control], perturbation="control")
+    assert (same.X != a.layers["counts"][control]).nnz == 0
+    assert np.isfinite(m.get_latent_representation(a)["context"]).all()
+    with pytest.raises(DataError, match="no cells"):
+        m.predict_counterfactual(a[:0], perturbation="P0")
+    with pytest.raises(DataError, match="layer=None"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control", layer="raw")
+    a.obs.loc[~control, "dose"] = np.nan
+    with pytest.raises(DataError, match="treated cells"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control", dose_key="dose")

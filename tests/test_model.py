@@ -234,6 +234,18 @@ def test_corrupt_and_foreign_model_files(fitted, tmp_path):
         mc.CausalModel.load(tmp_path / "missing.mcm")
 
 
+def test_a_damaged_codec_is_refused_at_load(fitted, tmp_path):
+    import json
+
+    payload = torch.load(fitted.save(tmp_path / "m.mcm"), weights_only=True)
+    spec = json.loads(payload["medcausal"])
+    del spec["codecs"]["x"]["state"]["scale"]
+    payload["medcausal"] = json.dumps(spec)
+    torch.save(payload, tmp_path / "bad.mcm")
+    with pytest.raises(ModelFileError, match=r"bad.mcm.*codec of 'x' lacks \['scale'\]"):
+        mc.CausalModel.load(tmp_path / "bad.mcm")
+
+
 def test_malicious_pickle_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

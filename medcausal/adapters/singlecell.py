@@ -65,6 +65,14 @@ def _require_anndata(adata) -> None:
         raise DataError(f"expected an anndata.AnnData, got {type(adata).__name__}")
 
 
+def _copy(adata):
+    if adata.isbacked:
+        raise DataError(f"copy=True needs the data in memory, and this AnnData is backed by "
+                        f"{str(adata.filename)!r}: use copy=False (annotations are written in place) "
+                        "or adata.to_memory()")
+    return adata.copy()
+
+
 def _missing_key(key: str, available: Sequence[str], what: str) -> DataError:
     close = difflib.get_close_matches(str(key), [str(a) for a in available], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -137,7 +145,7 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
     """
     _require_anndata(adata)
     if copy:
-        adata = adata.copy()
+        adata = _copy(adata)
     obs = adata.obs
     keys = [("perturbation_key", perturbation_key)] + [("covariate_keys", k) for k in covariate_keys]
     keys += [(n, k) for n, k in (("dose_key", dose_key), ("split_key", split_key)) if k is not None]
@@ -457,7 +465,7 @@ class FCRModel:
     def write_latents(self, adata, batch_size: int = 1024, copy: bool = False):
         """Write ``.obsm["X_fcr_<block>"]``; returns None, or the annotated copy with ``copy=True``."""
         if copy:
-            adata = adata.copy()
+            adata = _copy(adata)
         for k, v in self.get_latent_representation(adata, batch_size).items():
             adata.obsm[f"{self.prefix}_{k}"] = v.astype(np.float32)
         return adata if copy else None
@@ -635,6 +643,9 @@ def write_h5ad(adata, path: str | Path) -> Path:
     """Write ``.h5ad`` atomically (a reader never sees a half-written file)."""
     _require_anndata(adata)
     path = Path(path)
+    if adata.isbacked:  # anndata would re-point the object at the temporary file, renamed away after
+        raise DataError(f"{str(path)!r}: this AnnData is backed by {str(adata.filename)!r}; write "
+                        "adata.to_memory() instead, or copy the backing file")
     with atomic_write(path) as tmp:
         adata.write_h5ad(tmp)
     return path

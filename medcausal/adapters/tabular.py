@@ -245,7 +245,12 @@ class Codec:
     @classmethod
     def from_dict(cls, name: str, d: Mapping) -> "Codec":
         from ..graph import as_type
-        return cls(name, as_type(d["type"], name), dict(d.get("state", {})))
+        codec = cls(name, as_type(d["type"], name), dict(d.get("state", {})))
+        missing = [k for k in ("loc", "scale", "min", "max") if k not in codec.state] \
+            if codec.vtype.kind == "continuous" else []
+        if missing:
+            raise ValueError(f"the codec of {name!r} lacks {missing}")
+        return codec
 
 
 def _plain(v: Any) -> Any:

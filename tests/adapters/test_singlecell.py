@@ -339,3 +339,15 @@ def test_missing_control_doses_and_other_named_errors(sim):
     a.obs.loc[~control, "dose"] = np.nan
     with pytest.raises(DataError, match="treated cells"):
         scad.setup_anndata(a, perturbation_key="perturbation", control="control", dose_key="dose")
+
+
+def test_backed_data_refuses_copies_and_in_place_rewrites(sim, tmp_path):
+    a = sim.sample(30, seed=11)
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control")
+    backed = scad.read_h5ad(scad.write_h5ad(a, tmp_path / "b.h5ad"), backed=True)
+    with pytest.raises(DataError, match="to_memory"):
+        scad.write_h5ad(backed, tmp_path / "c.h5ad")
+    with pytest.raises(DataError, match="copy=False"):
+        scad.setup_anndata(backed, perturbation_key="perturbation", control="control", copy=True)
+    assert backed.filename == tmp_path / "b.h5ad"  # still backed by its own file
+    backed.file.close()

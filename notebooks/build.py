@@ -412,8 +412,9 @@ pd.DataFrame({block: {"NMI with context": nmi(train.obsm[f"X_fcr_{block}"], cont
         new_markdown_cell(
             "**What to trust.** The counterfactual *counts* are measured above against the truth. The "
             "interaction block is the weakest part: on the full perturb-seq benchmark "
-            "(`benchmarks/results/perturbseq*.md`) its MCC against the simulator's true interaction factors "
-            "is 0.35-0.5, well below the 0.9 that a supervised regression reaches from the same data, so read "
+            "(`benchmarks/results/perturbseq*.md`, three simulators) its MCC against the simulator's true "
+            "interaction factors is 0.3-0.5, well below the 0.9 that a supervised regression reaches from the "
+            "same data, so read "
             "`X_fcr_interaction` as a useful summary, not as identified biology."),
     ]
     return new_notebook(cells=cells, metadata=_meta())

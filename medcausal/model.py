@@ -169,6 +169,19 @@ class CausalModel:
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
 
+    def _one_vector_value(self, do, n: int):
+        """``do={"v": [a, b]}`` on a 2-vector ``v`` is one value for every row (a per-row spec of
+        a vector is [n, dim]), not two per-row values."""
+        if not isinstance(do, Mapping):
+            return do
+        out = dict(do)
+        for name, spec in do.items():
+            vtype = self.graph.variables.get(name)
+            if (getattr(vtype, "kind", None) == "continuous" and vtype.dim > 1 and not callable(spec)
+                    and np.ndim(spec) == 1 and len(spec) == vtype.dim):
+                out[name] = np.tile(np.asarray(spec, dtype=float)[None], (n, 1))
+        return out
+
     def _to_anndata(self, out: Cohort, like=None):
         """A Cohort result as AnnData, the container the model was given (``like``: its cells)."""
         from .adapters.singlecell import cohort_to_anndata
@@ -310,7 +323,7 @@ class CausalModel:
         if isinstance(n, bool) or not float(n).is_integer() or int(n) < 1:
             raise DataError(f"sample() needs a whole number n >= 1, got {n!r}")
         n = int(n)
-        ivs = parse_do(do, self.graph.variables)
+        ivs = parse_do(self._one_vector_value(do, n), self.graph.variables)
         gen = _generator(seed)
         values: dict[str, torch.Tensor] = {}
         exact: dict[str, np.ndarray] = {}
@@ -338,7 +351,7 @@ class CausalModel:
         if isinstance(do, Mapping):
             index = (data.table if isinstance(data, Cohort) else data).index
             do = {k: _by_row_label(k, v, index) for k, v in do.items()}
-        ivs = parse_do(do, self.graph.variables)
+        ivs = parse_do(self._one_vector_value(do, len(data)), self.graph.variables)
         if not ivs:
             raise InterventionError("counterfactual() needs at least one intervention in do=")
         n = len(data)

@@ -362,3 +362,20 @@ def test_refit_learns_new_categories_and_bad_tables_are_named(lg_graph):
         model.counterfactual(df2[:0], do={"y": 0.0})
     with pytest.raises(DataError, match="whole number"):
         model.sample(2.7)
+
+
+def test_a_vector_takes_one_value_for_every_row_and_cohorts_keep_their_meta():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    v = np.stack([a + rng.normal(size=200), -a + rng.normal(size=200)], 1)
+    df = pd.DataFrame({"a": a, "v[0]": v[:, 0], "v[1]": v[:, 1]})
+    graph = mc.CausalGraph({"a": "continuous", "v": mc.Continuous(dim=2)}, edges=[("a", "v")])
+    model = mc.CausalModel(graph).fit(df, max_epochs=1, verbose=False)
+    for n in (5, 2):  # n == dim is no longer read as two per-row values
+        out = model.sample(n, do={"v": [0.5, -0.5]}, seed=0)
+        assert (out["v[0]"] == 0.5).all() and (out["v[1]"] == -0.5).all()
+    cf = model.counterfactual(df[:3], do={"v": [0.5, -0.5]})
+    assert (cf["v[1]"] == -0.5).all() and cf["a"].equals(df["a"][:3])
+    cohort = mc.Cohort(df.assign(id=range(200)), meta={"source": "trial 7"})
+    fitted = mc.CausalModel(graph).fit(cohort, max_epochs=1, verbose=False)
+    assert fitted.counterfactual(cohort[:4], do={"a": 0.0}).meta["source"] == "trial 7"

@@ -323,5 +323,7 @@ def decode(tensors: Mapping[str, torch.Tensor], graph: CausalGraph, codecs: Mapp
         for j, c in enumerate(columns_of(name, graph.variables[name])):
             table[c] = values[:, j]
     if isinstance(like, Cohort) or arrays:
-        return Cohort(table, arrays, id_column=like.id_column if isinstance(like, Cohort) else "id")
+        if isinstance(like, Cohort):
+            return Cohort(table, arrays, id_column=like.id_column, meta=like.meta)
+        return Cohort(table, arrays, id_column="id")
     return table

@@ -1,8 +1,24 @@
 """One exception hierarchy, so callers can ``except medcausal.MedCausalError``.
 
 Every class subclasses :class:`ValueError` as well, so code written against
-plain ``ValueError`` keeps working.
+plain ``ValueError`` keeps working. :func:`warn` issues medcausal's warnings so that they
+point at the user's line, not at medcausal's own code.
 """
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside medcausal (however deep the
+    call that warns), so the warning names the user's line and ``-W error`` filters by it."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class MedCausalError(ValueError):

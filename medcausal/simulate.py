@@ -62,7 +62,7 @@ from . import __version__
 from .adapters.tabular import check_columns, columns_of
 from .cohort import Cohort
 from .errors import (CapabilityError, DataError, InterventionError, MedCausalError,
-                     OutOfSupportWarning)
+                     OutOfSupportWarning, warn)
 from .interventions import Intervention, parse_cli_do, parse_do
 from .io import atomic_write
 
@@ -1262,9 +1262,9 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         got += len(sel)
         rounds += 1
     if reused:
-        warnings.warn(f"augment: only {len(pool)} real patients could be transported into {w.text!r} for "
+        warn(f"augment: only {len(pool)} real patients could be transported into {w.text!r} for "
                       f"{k} synthetic rows; some were transported more than once (see synth_source)",
-                      UserWarning, stacklevel=3)
+                      UserWarning)
     return _concat(kept), {"do": _describe_do(spec), "acceptance_rate": accepted / drawn, "drawn": drawn,
                            "pool": int(len(pool)), "reused_patients": reused}
 

@@ -379,3 +379,11 @@ def test_a_vector_takes_one_value_for_every_row_and_cohorts_keep_their_meta():
     cohort = mc.Cohort(df.assign(id=range(200)), meta={"source": "trial 7"})
     fitted = mc.CausalModel(graph).fit(cohort, max_epochs=1, verbose=False)
     assert fitted.counterfactual(cohort[:4], do={"a": 0.0}).meta["source"] == "trial 7"
+
+
+def test_warnings_point_at_the_callers_line(fitted):
+    # OutOfSupportWarning is raised deep inside medcausal; it must name this file, so a user's
+    # -W filter or log points at their own code
+    with pytest.warns(OutOfSupportWarning) as caught:
+        fitted.sample(3, do={"x": 50.0}, seed=0)
+    assert caught[0].filename == __file__

@@ -21,7 +21,6 @@ tensor into features for the variable's children, and turns tensors back into co
 from __future__ import annotations
 
 import difflib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -30,7 +29,7 @@ import pandas as pd
 import torch
 
 from ..cohort import Cohort
-from ..errors import DataError, InterventionError, OutOfSupportWarning
+from ..errors import DataError, InterventionError, OutOfSupportWarning, warn
 from ..graph import Categorical, CausalGraph, VariableType
 
 
@@ -235,9 +234,9 @@ class Codec:
         lo, hi = np.asarray(self.state["min"]), np.asarray(self.state["max"])
         outside = ((x < lo) | (x > hi)).any(1)
         if outside.any():
-            warnings.warn(f"do({self.name}): {int(outside.sum())} value(s) outside the range seen at "
+            warn(f"do({self.name}): {int(outside.sum())} value(s) outside the range seen at "
                           f"fit [{lo.min():.4g}, {hi.max():.4g}]; the mechanisms extrapolate there",
-                          OutOfSupportWarning, stacklevel=4)
+                          OutOfSupportWarning)
 
     def to_dict(self) -> dict:
         return {"type": self.vtype.to_dict(), "state": self.state}

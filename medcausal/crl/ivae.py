@@ -57,7 +57,6 @@ import copy
 import dataclasses
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,7 +65,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..errors import DataError, MedCausalError, ModelFileError, NotFittedError
+from ..errors import DataError, MedCausalError, ModelFileError, NotFittedError, warn
 from ..io import load_model_file, save_model_file
 from ..train import TrainConfig, TrainResult, train
 
@@ -168,8 +167,8 @@ class _AuxCodec:
                 pass
             cats = [c.item() if hasattr(c, "item") else c for c in cats]
             if len(cats) < 2:
-                warnings.warn(f"{name} has a single category ({cats[0]!r}): the prior p(z|u) cannot vary "
-                              "and the iVAE reduces to a plain VAE", UserWarning, stacklevel=4)
+                warn(f"{name} has a single category ({cats[0]!r}): the prior p(z|u) cannot vary "
+                              "and the iVAE reduces to a plain VAE", UserWarning)
             return cls("categorical", len(cats), categories=cats)
         arr = _as_matrix(np.asarray(u, dtype=object).reshape(len(u), -1) if isinstance(u, pd.Series)
                          else np.asarray(u).reshape(len(u), -1), name)

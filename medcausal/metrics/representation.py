@@ -44,7 +44,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
-from medcausal.errors import DataError
+from medcausal.errors import DataError, warn
 
 __all__ = [
     "DegenerateColumnWarning",
@@ -303,8 +303,8 @@ def _standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _warn_constant(kind: str, name: str, what: str) -> None:
-    warnings.warn(
-        f"{kind} column {name!r} is constant; {what}", DegenerateColumnWarning, stacklevel=3
+    warn(
+        f"{kind} column {name!r} is constant; {what}", DegenerateColumnWarning
     )
 
 
@@ -663,9 +663,9 @@ def dci(
             err[j] = _regression_error(ys_te, est.predict(x_te))
 
     if imp.sum() <= 0:
-        warnings.warn(
+        warn(
             "no code has any importance for any factor; D and C are set to 0",
-            DegenerateColumnWarning, stacklevel=2,
+            DegenerateColumnWarning
         )
         code_d, weights, fac_c = np.zeros(d), np.zeros(d), np.zeros(k)
     else:
@@ -848,10 +848,10 @@ def dci_es(
             )
         e_per[j], curves[j] = _explicitness_from_curve(axis, losses[j], lowest_loss)
         if np.isnan(e_per[j]):
-            warnings.warn(
+            warn(
                 f"factors column {fnames[j]!r}: no probe beats the baseline loss by 0.001; "
                 "its explicitness is undefined (NaN)",
-                DegenerateColumnWarning, stacklevel=2,
+                DegenerateColumnWarning
             )
     defined = ~np.isnan(e_per)
     settings = {

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..cohort import Cohort
-from ..errors import DataError, MedCausalError
+from ..errors import DataError, MedCausalError, warn
 from ..graph import CausalGraph
 from . import ledger as _ledger
 from .config import Privacy, PrivacyError, PrivacyWarning
@@ -218,7 +218,7 @@ def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str,
                f"pick delta well below 1/N (e.g. {min(1e-5, 0.1 / n_records):.1g})")
         if not privacy.force:
             raise PrivacyError(msg + "; pass Privacy(force=True) to accept it anyway")
-        warnings.warn(msg + " (accepted because force=True)", PrivacyWarning, stacklevel=3)
+        warn(msg + " (accepted because force=True)", PrivacyWarning)
 
     finalizers = {}
     for key, cls in mechanisms.items():
@@ -300,9 +300,8 @@ def _records(privacy: Privacy, data, graph: CausalGraph, table: pd.DataFrame):
                                f"unit; declare it, Privacy(unit_column={data.id_column!r}), or pass force=True "
                                "for row-level DP")
         if has_cells:
-            warnings.warn("row-level (cell-level) DP on single-cell data: a donor with k cells is only "
-                          "protected at k times epsilon (accepted because force=True)", PrivacyWarning,
-                          stacklevel=4)
+            warn("row-level (cell-level) DP on single-cell data: a donor with k cells is only "
+                          "protected at k times epsilon (accepted because force=True)", PrivacyWarning)
         return np.arange(n, dtype=np.int64), "row", None
     if col not in table.columns:
         close = difflib.get_close_matches(str(col), [str(c) for c in table.columns], n=1)
@@ -322,8 +321,8 @@ def _records(privacy: Privacy, data, graph: CausalGraph, table: pd.DataFrame):
                            f"protects a unit only at {k}x epsilon (group privacy); pass force=True to accept "
                            "it (the ledger shows the conversion), or drop row_level to train per unit")
     if k > 1:
-        warnings.warn(f"row-level DP with up to {k} rows per {col!r}: the ledger's group_privacy gives the "
-                      "guarantee per unit", PrivacyWarning, stacklevel=4)
+        warn(f"row-level DP with up to {k} rows per {col!r}: the ledger's group_privacy gives the "
+                      "guarantee per unit", PrivacyWarning)
     return np.arange(n, dtype=np.int64), "row", {"group_size": k, "unit": str(col)}
 
 

@@ -20,7 +20,6 @@ Constants computed from private data leak it (a maximum *is* a record). Under DP
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -28,7 +27,7 @@ import torch
 
 from ..adapters import tabular
 from ..cohort import Cohort
-from ..errors import DataError
+from ..errors import DataError, warn
 from ..graph import CausalGraph
 from .config import Privacy, PrivacyError, PrivacyWarning
 
@@ -119,8 +118,8 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
         x = tabular._numeric(table, cols, name)
         outside = int(((x < lo) | (x > hi)).sum())
         if outside:
-            warnings.warn(f"{outside} value(s) of {name!r} lie outside its public bounds [{lo}, {hi}] and "
-                          "were clipped to them for private training", PrivacyWarning, stacklevel=3)
+            warn(f"{outside} value(s) of {name!r} lie outside its public bounds [{lo}, {hi}] and "
+                          "were clipped to them for private training", PrivacyWarning)
         x = np.clip(x, lo, hi)
         for j, c in enumerate(cols):
             clipped[c] = x[:, j]

@@ -127,7 +127,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -141,7 +140,7 @@ from scipy import ndimage as ndi
 from scipy.special import ndtri
 
 from ..cohort import Cohort
-from ..errors import DataError, InterventionError, MedCausalError, OutOfSupportWarning
+from ..errors import DataError, InterventionError, MedCausalError, OutOfSupportWarning, warn
 from ..graph import Binary, Categorical, CausalGraph, Continuous, Image
 from ..interventions import Intervention, parse_do
 from .tabular import _HAS_NP_STRINGS, TabularSCM, _hash_uniform, _parse_ids
@@ -848,9 +847,9 @@ class BrainMRI:
                 e = min(n, s + self.batch_size)
                 out[s:e, 0] = self._render_batch(tpl, table.iloc[s:e], seeds[s:e], rows[s:e], clipped)
         for name, count in clipped.items():
-            warnings.warn(f"{count} scan(s) could not reach the requested {name} (out of what the "
+            warn(f"{count} scan(s) could not reach the requested {name} (out of what the "
                           f"template can render); they were rendered at the nearest attainable value",
-                          OutOfSupportWarning, stacklevel=3)
+                          OutOfSupportWarning)
         return out
 
     def _render_batch(self, tpl: _Template, table: pd.DataFrame, seeds, rows, clipped) -> np.ndarray:

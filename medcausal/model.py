@@ -14,6 +14,8 @@ of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -255,8 +257,10 @@ class CausalModel:
             from .privacy.engine import prepare
             plan = prepare(privacy, data, self._declared,
                            {_key(n): registry.get(c["name"]) for n, c in self.choices.items()},
-                           seed=seed, batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps)
-            self.codecs, data, seed = plan.codecs, plan.data, plan.seed
+                           batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps)
+            self.codecs, data = plan.codecs, plan.data  # plan.seed (the DP noise's) is never stored
+            if seed is None:
+                seed = int.from_bytes(os.urandom(4), "little")
         else:
             self.codecs = tabular.fit_codecs(data, self._declared)
         self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)

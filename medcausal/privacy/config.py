@@ -73,6 +73,9 @@ class Privacy:
     - ``stats_noise_multiplier``: in fixed-noise mode, the Gaussian noise multiplier of those
       statistics (default 10).
     - ``secure_mode``: cryptographically secure noise (needs ``torchcsprng``; no seed).
+    - ``noise_seed``: pins the DP randomness (sampling, noise) for tests and reproductions.
+      Anyone who knows it can replay the noise, so a model meant for release leaves it None
+      (fresh OS entropy, never stored); ``fit(seed=...)`` only sets the initial weights.
     - ``force``: accept delta >= 1/N, row-level DP on multi-row units, ... with a warning.
     """
 
@@ -90,6 +93,7 @@ class Privacy:
     stats_share: float = 0.1
     stats_noise_multiplier: float | None = None
     secure_mode: bool = False
+    noise_seed: int | None = None
     force: bool = False
 
     def __post_init__(self):
@@ -132,6 +136,9 @@ class Privacy:
             bad(f"stats_share={self.stats_share}): must be in (0, 1)")
         if self.stats_noise_multiplier is not None and not float(self.stats_noise_multiplier) > 0:
             bad(f"stats_noise_multiplier={self.stats_noise_multiplier}): must be > 0")
+        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)
+                                            or self.noise_seed < 0):
+            bad(f"noise_seed={self.noise_seed!r}): a whole number >= 0, or None (fresh noise; for a release)")
         if self.row_level and self.unit_column is None:
             bad("row_level=True): row-level DP is the default without a unit_column; "
                 "row_level=True only makes sense with unit_column= declared")
@@ -159,6 +166,8 @@ class Privacy:
         """
         d = asdict(self)
         d["public_bounds"] = {k: list(v) for k, v in self.public_bounds.items()}
+        if self.noise_seed is not None:  # saved in ledgers: say that it was pinned, not what to
+            d["noise_seed"] = "pinned (withheld)"
         return d
 
     @classmethod

@@ -22,7 +22,7 @@ Per-record gradients (``Privacy.grad_sample_mode``):
 >>> from medcausal.privacy import Privacy
 >>> g = mc.CausalGraph({"x": "continuous"})
 >>> plan = prepare(Privacy(noise_multiplier=1.0, public_bounds={"x": (-3, 3)}, standardize="bounds"),
-...                pd.DataFrame({"x": [0.0, 1.0, -1.0, 2.0]}), g, {}, seed=0, batch_size=2,
+...                pd.DataFrame({"x": [0.0, 1.0, -1.0, 2.0]}), g, {}, batch_size=2,
 ...                max_epochs=1, max_steps=None)
 >>> plan.n_records, plan.sample_rate, plan.steps
 (4, 0.5, 2)
@@ -170,6 +170,8 @@ class PrivatePlan:
                "target_epsilon": self.target_epsilon, "grad_sample_mode": self.grad_sample_mode,
                "batch_size": self.batch_size, "physical_batch_size": self.physical_batch_size,
                "poisson_sampling": True, "secure_mode": self.privacy.secure_mode,
+               "noise": ("pinned by Privacy(noise_seed=...): replayable by whoever knows it; not for release"
+                         if self.privacy.noise_seed is not None else "fresh OS entropy, not stored"),
                "history": history, "dp_statistics": list(self.dp_statistics),
                "preprocessing": dict(self.preprocessing), "group_privacy": None,
                "validation": "none: every record trains; no early stopping, last weights kept",
@@ -181,7 +183,7 @@ class PrivatePlan:
 
 
 def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str, type], *,
-            seed: int | None, batch_size: int, max_epochs: int, max_steps: int | None) -> PrivatePlan:
+            batch_size: int, max_epochs: int, max_steps: int | None) -> PrivatePlan:
     """Check the request, build private codecs and plan the budget; see the module docstring.
 
     ``mechanisms`` maps variable (ModuleDict key) -> mechanism class, for the finalize check.
@@ -189,20 +191,22 @@ def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str,
     if not isinstance(privacy, Privacy):
         raise PrivacyError(f"privacy= takes a medcausal Privacy, got {type(privacy).__name__}")
     secure_rng = None
+    # The DP randomness (Poisson sampling, gradient noise, noisy statistics) never comes from
+    # fit(seed=...): that seed is stored in the model file and 0 by default, and anyone who
+    # knows it could replay the noise and tell the two neighbouring datasets apart exactly.
+    # It comes from fresh OS entropy and is not stored; Privacy(noise_seed=...) pins it for
+    # tests, and the ledger says so. fit's seed still sets the weights' initialization.
     if privacy.secure_mode:
-        if seed is not None:
-            raise PrivacyError(f"Privacy(secure_mode=True) with seed={seed}: secure noise comes from a "
-                               "cryptographically secure generator that cannot be seeded; call "
-                               "fit(..., seed=None)")
+        if privacy.noise_seed is not None:
+            raise PrivacyError(f"Privacy(secure_mode=True, noise_seed={privacy.noise_seed}): secure noise "
+                               "comes from a cryptographically secure generator that cannot be seeded")
         try:
             import torchcsprng as csprng  # noqa: F401
         except ImportError:
             raise PrivacyError("Privacy(secure_mode=True) needs the torchcsprng package (Opacus's secure "
                                "generator), which is not installed") from None
         secure_rng = csprng.create_random_device_generator("/dev/urandom")
-        seed = int.from_bytes(os.urandom(4), "little")
-    elif seed is None:
-        seed = int.from_bytes(os.urandom(4), "little")
+    seed = privacy.noise_seed if privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little")
 
     table = table_of(data)
     n_rows = len(table)

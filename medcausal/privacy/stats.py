@@ -110,6 +110,8 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
     for name, vtype in graph.variables.items():
         if vtype.kind != "continuous":
             codecs[name] = tabular.Codec.fit(name, vtype, data)  # declared / data-free
+            if codecs[name].state.get("dtype") == "category":  # the declared categories, not the data's
+                codecs[name].state["dtype_categories"] = list(codecs[name].vtype.categories)
             desc[name] = {"categorical": "declared categories", "binary": "no constants"}.get(
                 vtype.kind, "no constants (passed through)")
             continue

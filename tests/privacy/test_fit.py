@@ -89,7 +89,7 @@ def test_fixed_noise_mode_reports_its_epsilon(chain):
 
 def test_dp_standardization_is_skipped_when_n_is_too_small_for_it(chain):
     sim, df = chain
-    plan = engine.prepare(Privacy(epsilon=2.0, public_bounds=BOUNDS), df.iloc[:300], sim.graph, {}, seed=0,
+    plan = engine.prepare(Privacy(epsilon=2.0, public_bounds=BOUNDS), df.iloc[:300], sim.graph, {},
                           batch_size=100, max_epochs=1, max_steps=None)
     assert plan.history == [] and "skipped" in plan.preprocessing["standardization"]
     assert plan.codecs["x2"].state["loc"] == [6.5]  # from the bounds (-2, 15)
@@ -125,7 +125,7 @@ def test_values_outside_public_bounds_are_clipped_with_a_warning():
     df = pd.DataFrame({"x": [-5.0, 0.0, 0.5, 9.0]})
     privacy = Privacy(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (-1, 1)}, standardize="bounds")
     with pytest.warns(PrivacyWarning, match="2 value"):
-        plan = engine.prepare(privacy, df, g, {}, seed=0, batch_size=4, max_epochs=1, max_steps=None)
+        plan = engine.prepare(privacy, df, g, {}, batch_size=4, max_epochs=1, max_steps=None)
     assert plan.data["x"].tolist() == [-1.0, 0.0, 0.5, 1.0]
     assert df["x"].tolist() == [-5.0, 0.0, 0.5, 9.0]  # the caller's data are untouched
 
@@ -134,7 +134,7 @@ def test_dp_standardization_is_close_to_the_true_moments():
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"x": rng.normal(40.0, 8.0, 20000)})
     g = mc.CausalGraph({"x": "continuous"})
-    plan = engine.prepare(Privacy(epsilon=4.0, public_bounds={"x": (0, 100)}), df, g, {}, seed=0,
+    plan = engine.prepare(Privacy(epsilon=4.0, public_bounds={"x": (0, 100)}), df, g, {},
                           batch_size=512, max_epochs=1, max_steps=None)
     loc, scale = plan.codecs["x"].state["loc"][0], plan.codecs["x"].state["scale"][0]
     # noise sd of the mean: z * sqrt(2) * 50 / N with z ~ 6 for 10% of eps=4: ~0.02; allow 0.5
@@ -146,14 +146,37 @@ def test_dp_standardization_is_close_to_the_true_moments():
 def test_secure_mode_cannot_be_seeded():
     g = mc.CausalGraph({"x": "continuous"})
     df = pd.DataFrame({"x": np.linspace(0, 1, 10)})
-    p = Privacy(epsilon=1.0, delta=1e-3, secure_mode=True, public_bounds={"x": (0, 1)})
+    kw = dict(epsilon=1.0, delta=1e-3, secure_mode=True, public_bounds={"x": (0, 1)})
     with pytest.raises(PrivacyError, match="cannot be seeded"):
-        engine.prepare(p, df, g, {}, seed=0, batch_size=4, max_epochs=1, max_steps=None)
+        engine.prepare(Privacy(noise_seed=0, **kw), df, g, {}, batch_size=4, max_epochs=1, max_steps=None)
     try:
         import torchcsprng  # noqa: F401
     except ImportError:
         with pytest.raises(PrivacyError, match="torchcsprng"):
-            engine.prepare(p, df, g, {}, seed=None, batch_size=4, max_epochs=1, max_steps=None)
+            engine.prepare(Privacy(**kw), df, g, {}, batch_size=4, max_epochs=1, max_steps=None)
+
+
+def test_the_dp_noise_is_fresh_unless_pinned_and_never_stored(tmp_path):
+    # fit(seed=...) is stored in the model file (and 0 by default): if it seeded the noise, anyone
+    # with the file and the other records could replay both neighbouring worlds exactly.
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df = _patients(100, 1)[["x", "y"]]
+
+    def fit(**extra):
+        p = Privacy(noise_multiplier=1.0, delta=1e-3, standardize="bounds",
+                    public_bounds={"x": (-4, 4), "y": (-12, 12)}, **extra)
+        m = mc.CausalModel(g, mechanisms="additive").fit(df, max_epochs=1, batch_size=20, verbose=False,
+                                                         privacy=p, seed=0)
+        return m, torch.cat([v.flatten() for v in m.mechanisms.state_dict().values()])
+
+    (a, wa), (b, wb) = fit(), fit()
+    assert not torch.equal(wa, wb)  # same fit seed, fresh noise
+    assert a.fit_info["seed"] == 0 and a.privacy["noise"] == "fresh OS entropy, not stored"
+    (c, wc), (_, wd) = fit(noise_seed=7), fit(noise_seed=7)
+    torch.testing.assert_close(wc, wd)  # pinned for tests: reproducible, and the ledger says so
+    assert "pinned" in c.privacy["noise"] and c.privacy["settings"]["noise_seed"] == "pinned (withheld)"
+    saved = c.save(tmp_path / "m.mcm").read_bytes()
+    assert b'"noise_seed": 7' not in saved
 
 
 def _patients(n_patients=40, visits=3, seed=0):
@@ -199,7 +222,7 @@ def test_repeated_cohort_ids_and_single_cells_need_a_unit():
     g = mc.CausalGraph({"x": "continuous"})
     cohort = Cohort(pd.DataFrame({"id": [1, 1, 2, 2], "x": [0.1, 0.2, 0.3, 0.4]}))
     p = dict(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (0, 1)}, standardize="bounds")
-    args = dict(seed=0, batch_size=2, max_epochs=1, max_steps=None)
+    args = dict(batch_size=2, max_epochs=1, max_steps=None)
     with pytest.raises(PrivacyError, match="unit_column='id'"):
         engine.prepare(Privacy(**p), cohort, g, {}, **args)
     assert engine.prepare(Privacy(unit_column="id", **p), cohort, g, {}, **args).n_records == 2
@@ -249,7 +272,7 @@ def test_mechanisms_that_read_data_without_a_private_version_are_refused():
     df = pd.DataFrame({"x": np.linspace(0, 1, 10)})
     with pytest.raises(PrivacyError, match="memorizes"):
         engine.prepare(Privacy(epsilon=1.0, delta=1e-3, public_bounds={"x": (0, 1)}), df, g, {"x": Opt},
-                       seed=0, batch_size=4, max_epochs=1, max_steps=None)
+                       batch_size=4, max_epochs=1, max_steps=None)
 
 
 def test_tiny_batches_with_empty_poisson_draws_still_train():
@@ -276,9 +299,22 @@ def test_physical_batches_give_the_same_model_as_whole_logical_batches(mode):
     weights = []
     for physical in (None, 16):
         p = Privacy(noise_multiplier=1.0, delta=1e-4, standardize="bounds", grad_sample_mode=mode,
-                    physical_batch_size=physical, public_bounds={"x": (-4, 4), "y": (-12, 12)})
+                    physical_batch_size=physical, public_bounds={"x": (-4, 4), "y": (-12, 12)}, noise_seed=3)
         m = mc.CausalModel(g, mechanisms="additive").fit(df, max_epochs=2, batch_size=60, verbose=False,
                                                          privacy=p, seed=3)
         assert m.privacy["grad_sample_mode"] == mode and m.privacy["steps"] == 10
         weights.append(torch.cat([v.flatten() for v in m.mechanisms.state_dict().values()]))
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_private_model_file_holds_the_declared_categories_not_the_datas():
+    # a pandas categorical column's dtype lists the categories present; the private codec must keep
+    # the declared list, or a rare category would reveal whether its holder trained the model
+    g = mc.CausalGraph({"dx": mc.Categorical(("common", "other", "rare_disease")), "y": "continuous"},
+                       edges=[("dx", "y")])
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"dx": pd.Categorical(rng.choice(["common", "other"], 60)), "y": rng.normal(size=60)})
+    m = mc.CausalModel(g, mechanisms={"y": "additive"}).fit(
+        df, max_epochs=1, batch_size=20, verbose=False,
+        privacy=Privacy(noise_multiplier=1.0, delta=1e-3, standardize="bounds", public_bounds={"y": (-4, 4)}))
+    assert m.codecs["dx"].state["dtype_categories"] == ["common", "other", "rare_disease"]

@@ -35,6 +35,23 @@ def load_run(run_dir: str):
     return CausalModel.load(run / MODEL_FILE)
 
 
+RUN_FILES = (MODEL_FILE, "recipe.toml", "fit.json")
+
+
+def _check_replaceable_run(out: Path) -> None:
+    """``fit --overwrite`` replaces a previous run folder, and nothing else: not a file, not the
+    working folder or one above it, not a folder holding other files (the recipe, the data)."""
+    if not out.is_dir():
+        raise MedCausalError(f"--out {str(out)!r} is a file, not a run folder; choose another --out")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or target in here.parents:
+        raise MedCausalError(f"refusing to replace {str(out)!r}: it is the working folder or holds it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    if foreign:
+        raise MedCausalError(f"refusing to replace {str(out)!r}: it holds files that are not a fitted run's: "
+                             f"{foreign[:5]} (a run folder holds only {list(RUN_FILES)})")
+
+
 def cmd_fit(args) -> int:
     from .model import CausalModel
     from .recipe import load_recipe
@@ -43,6 +60,8 @@ def cmd_fit(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    if out.exists():
+        _check_replaceable_run(out)  # before the fit, so a refusal costs nothing
     data = recipe.load_data()
     fit_args = recipe.fit.model_dump()
     if args.max_epochs is not None:
@@ -170,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MedCausalError as e:
         print(f"medcausal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written: say which, without a traceback
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"medcausal {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

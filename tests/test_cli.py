@@ -68,6 +68,26 @@ def test_fit_refuses_to_overwrite(recipe, tmp_path, capsys):
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_fit_overwrite_replaces_a_run_folder_and_nothing_else(recipe, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["fit", str(recipe), "--out", str(run), "--quiet"]) == 0
+    assert main(["fit", str(recipe), "--out", str(run), "--quiet", "--overwrite"]) == 0  # a run: replaced
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    # the folder holding the recipe and the data, the working folder, a plain file: all refused, untouched
+    assert main(["fit", str(recipe), "--out", str(tmp_path), "--quiet", "--overwrite"]) == 2
+    assert "working folder" in capsys.readouterr().err
+    assert main(["fit", str(recipe), "--out", ".", "--quiet", "--overwrite"]) == 2
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["fit", str(recipe), "--out", str(other), "--quiet", "--overwrite"]) == 2
+    assert "['notes.txt']" in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep me"
+    assert main(["fit", str(recipe), "--out", str(tmp_path / "data.csv"), "--quiet", "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["results"])
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.replace('x2 = "continuous"', 'x2 = "continous"'), "variable 'x2': unknown type 'continous'"),
     (lambda t: t.replace("seed = 0", "sed = 0"), "fit.sed: Extra inputs are not permitted"),
@@ -154,3 +174,13 @@ def test_data_needs_exactly_one_source(recipe, tmp_path, capsys):
     recipe.write_text(recipe.read_text().replace('path = "data.csv"', 'path = "data.csv"\nsynthetic = "chain"'))
     assert main(["fit", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "exactly one of data.path" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_path_is_an_error_not_a_traceback(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(recipe), "--out", str(run), "--quiet"]) == 0
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    assert main(["sample", str(run), "-n", "5", "--out", str(blocker / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "medcausal sample: error:" in err and "blocker" in err and "Traceback" not in err

@@ -1291,6 +1291,14 @@ def _id_source(cohort) -> Callable[[int], np.ndarray]:
     return take
 
 
+def _nullable_int(col: pd.Series) -> pd.Series:
+    """An object column of integers and None as pandas' nullable Int64 (as is, if not all integers)."""
+    values = col.dropna()
+    if len(values) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return col.astype("Int64")
+    return col
+
+
 def _append_synthetic(cohort, pieces, next_id, report):
     table = _table(cohort)
     real = table.copy()
@@ -1315,6 +1323,8 @@ def _append_synthetic(cohort, pieces, next_id, report):
     combined = pd.concat([real, syn_t])
     combined = combined[list(real.columns) + [c for c in combined.columns if c not in real.columns]]
     combined["synthetic"] = combined["synthetic"].astype(bool)
+    for c in ("synth_seed", "synth_source"):  # None on real rows: keep integers exact (not float64)
+        combined[c] = _nullable_int(combined[c])
     combined.attrs["medcausal"] = report
     if isinstance(cohort, Cohort):
         arrays = {}
@@ -2029,7 +2039,13 @@ def cmd_worlds(args) -> int:
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
-    worlds = dict(_parse_world(w) for w in args.world)
+    parsed = [_parse_world(w) for w in args.world]
+    names = [n for n, _ in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InterventionError(f"--world names {repeated} more than once; give each world its own name "
+                                "(several interventions of one world go after one name: NAME:A=1,B=2)")
+    worlds = dict(parsed)
     if args.do:
         worlds = {**worlds, **_worlds(parse_cli_do(args.do))}
     if not worlds:

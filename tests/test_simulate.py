@@ -308,6 +308,20 @@ def test_augment_by_counterfactual_transport(fitted, lg_data):
     assert sub.attrs["medcausal"]["groups"][0]["transport"]["acceptance_rate"] < 0.5
 
 
+def test_augment_provenance_keeps_exact_integers_through_parquet(fitted, lg_data, tmp_path):
+    # real rows have no seed or source (None): the columns must stay integers, not float64
+    real = _scarce(lg_data)
+    aug = S.augment(fitted, real, target="s == 1", n=160, strategy="mixed", seed=2**61 + 1)
+    aug.to_parquet(tmp_path / "aug.parquet")
+    back = pd.read_parquet(tmp_path / "aug.parquet")
+    syn = back[back["synthetic"]]
+    assert str(syn["synth_seed"].dtype) == "Int64" and back.loc[~back["synthetic"], "synth_seed"].isna().all()
+    assert syn["synth_seed"].tolist() == aug.loc[aug["synthetic"], "synth_seed"].tolist()
+    assert syn["synth_seed"].max() > 2**53  # beyond float64's integers: exact only as Int64
+    moved = syn["synth_source"].dropna()
+    assert len(moved) == 50 and set(moved) <= set(real.index)
+
+
 def test_augment_rebalance_and_errors(fitted, lg_data):
     real = lg_data[0].iloc[:600]
     counts = real["stage"].value_counts()
@@ -455,6 +469,12 @@ def test_cli_commands(fitted, lg_data, tmp_path):
     assert {"x@a", "x@b", "s@b", "effect:y@b"} <= set(tw.columns) and len(tw) == 20
     with pytest.raises(MedCausalError, match="already exists"):
         cli("worlds", run_dir, "--input", tmp_path / "p.csv", "--do", "x=0", "--out", tmp_path / "tw.csv")
+    with pytest.raises(MedCausalError, match=r"\['hi'\] more than once"):  # the first world was dropped
+        cli("worlds", run_dir, "--input", tmp_path / "p.csv", "--world", "hi:x=1", "--world", "hi:x=2",
+            "--out", tmp_path / "tw2.csv")
+    # a binary read back as True/False takes --do s=True, as it prints
+    assert cli("simulate", run_dir, "-n", 5, "--do", "s=True", "--out", tmp_path / "t.csv", "--quiet") == 0
+    assert (pd.read_csv(tmp_path / "t.csv")["s"] == 1).all()
 
 
 def test_anndata_container_helpers():

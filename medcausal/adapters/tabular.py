@@ -178,7 +178,9 @@ class Codec:
         if kind == "binary":
             if values.dtype == bool:
                 return values.astype(np.float64)[:, None]
-            num = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+            words = {"true": 1.0, "false": 0.0}  # as a bool column prints (e.g. a CLI --do smoker=True)
+            series = pd.Series(values).map(lambda v: words.get(v.strip().lower(), v) if isinstance(v, str) else v)
+            num = pd.to_numeric(series, errors="coerce").to_numpy()
             bad = ~np.isin(num, [0.0, 1.0])
             if bad.any():
                 raise DataError(f"{where} is binary but has {int(bad.sum())} value(s) other than "

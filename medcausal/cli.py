@@ -103,7 +103,17 @@ def _privacy_line(model) -> str:
             f"({p['accountant']} accountant); see `medcausal info`")
 
 
+def _check_table_out(args) -> None:
+    """``--out`` of sample/counterfactual: a .csv or .parquet file, not replaced without --overwrite."""
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise MedCausalError(f"--out {str(out)!r}: write a .csv or .parquet file")
+    if out.exists() and not args.overwrite:
+        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+
+
 def cmd_sample(args) -> int:
+    _check_table_out(args)
     model = load_run(args.run_dir)
     df = model.sample(args.n, do=parse_cli_do(args.do) or None, seed=args.seed)
     write_table(df, args.out)
@@ -113,6 +123,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_counterfactual(args) -> int:
+    _check_table_out(args)
     model = load_run(args.run_dir)
     data = read_table(args.input)
     do = parse_cli_do(args.do)
@@ -158,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output CSV or Parquet file")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("counterfactual", help="counterfactuals of given units under interventions")
@@ -166,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed for the noise of discrete variables")
     c.add_argument("--out", required=True, help="output CSV or Parquet file")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_counterfactual)
 
     d = sub.add_parser("demo", help="the brain-MRI demo: fit hvae and cvae on a synthetic cohort whose true "

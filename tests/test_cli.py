@@ -184,3 +184,18 @@ def test_an_unwritable_output_path_is_an_error_not_a_traceback(recipe, tmp_path,
     assert main(["sample", str(run), "-n", "5", "--out", str(blocker / "s.csv")]) == 2
     err = capsys.readouterr().err
     assert "medcausal sample: error:" in err and "blocker" in err and "Traceback" not in err
+
+
+def test_sample_and_counterfactual_outputs_are_tables_and_not_replaced_silently(recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(recipe), "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "s.csv"
+    assert main(["sample", str(run), "-n", "5", "--out", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(["sample", str(run), "-n", "7", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == first
+    assert main(["sample", str(run), "-n", "7", "--out", str(out), "--overwrite"]) == 0
+    assert len(pd.read_csv(out)) == 7
+    assert main(["counterfactual", str(run), "--input", str(out), "--do", "x2=1.0",
+                 "--out", str(tmp_path / "cf.xlsx")]) == 2
+    assert ".csv or .parquet" in capsys.readouterr().err and not (tmp_path / "cf.xlsx").exists()

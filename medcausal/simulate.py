@@ -316,6 +316,7 @@ class _Plan:
     probability: float | None = None  # exact P(where) for exact-roots
     drawn: int = 0
     accepted: int = 0
+    pilot_rate: float | None = None  # sizes every rejection batch, so a chunk's rows depend on its seed alone
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -552,6 +553,7 @@ def _pilot(model, plan: _Plan, ivs, seed: int, min_acceptance: float) -> None:
         table = _table(model.sample(k, do={n: iv.spec for n, iv in ivs.items()} or None,
                                     seed=_child_seed(seed, 2**31 - 1)))
     plan.drawn, plan.accepted = k, int(plan.where.mask(table).sum())
+    plan.pilot_rate = plan.acceptance_rate
     if plan.acceptance_rate < min_acceptance:
         raise _acceptance_error(model, plan, min_acceptance)
 
@@ -579,7 +581,9 @@ def _rejection(draw: Callable[[int, int], Any], plan: _Plan, m: int, min_accepta
                max_batch: int = 1_000_000):
     kept, got, j = [], 0, 0
     while got < m:
-        rate = max(plan.acceptance_rate or 1.0, min_acceptance)
+        # sized by the pilot's rate, not the running one: a resumed run (which has only the pilot)
+        # then draws each chunk exactly as the uninterrupted run did
+        rate = max(plan.pilot_rate or plan.acceptance_rate or 1.0, min_acceptance)
         k = int(min(max_batch, max(1024, math.ceil((m - got) / rate * 1.2))))
         batch = draw(k, j)
         mask = plan.where.mask(_table(batch))

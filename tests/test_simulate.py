@@ -184,6 +184,27 @@ def test_interrupted_run_leaves_complete_parts_and_resumes(fitted, tmp_path):
     np.testing.assert_allclose(run.read()["y"].to_numpy(), whole["y"].to_numpy(), rtol=1e-12)
 
 
+def test_a_resumed_rejection_run_equals_the_uninterrupted_one(fitted, tmp_path, monkeypatch):
+    # rejection batches were sized by the acceptance rate counted over earlier chunks, which a
+    # resumed process (holding only the pilot's count) did not have: its later chunks differed
+    kw = dict(where="y > 1", seed=7, chunk_size=700, format="csv", progress=False)
+    whole = S.simulate(fitted, 2100, out=tmp_path / "a", **kw)
+    write = S._write_part
+
+    def interrupt(out, i, *a, **k):
+        if i == 2:
+            raise KeyboardInterrupt
+        return write(out, i, *a, **k)
+
+    monkeypatch.setattr(S, "_write_part", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        S.simulate(fitted, 2100, out=tmp_path / "b", **kw)
+    monkeypatch.setattr(S, "_write_part", write)
+    resumed = S.simulate(fitted, 2100, out=tmp_path / "b", resume=True, **kw)
+    assert resumed.info["method"] == whole.info["method"] == "rejection"
+    pd.testing.assert_frame_equal(resumed.read(), whole.read())
+
+
 def test_streaming_memory_is_flat_in_n(fitted, tmp_path):
     def peak(n, name):
         tracemalloc.start()

@@ -123,7 +123,9 @@ class CausalModel:
             cls = registry.get(spec.pop("name"))
             try:
                 mechs[_key(name)] = cls(self.codecs[name].vtype, parents, **spec)
-            except TypeError as e:
+            except MedCausalError:
+                raise
+            except (TypeError, ValueError) as e:  # e.g. int("x") of a setting given as a string
                 raise MedCausalError(f"bad settings for mechanism {cls.name!r} of {name!r}: {e}") from None
         self.mechanisms = nn.ModuleDict(mechs)
 

@@ -387,3 +387,9 @@ def test_warnings_point_at_the_callers_line(fitted):
     with pytest.warns(OutOfSupportWarning) as caught:
         fitted.sample(3, do={"x": 50.0}, seed=0)
     assert caught[0].filename == __file__
+
+
+def test_a_mechanism_setting_of_the_wrong_type_names_the_variable(lg_graph, lg_data):
+    model = mc.CausalModel(lg_graph, mechanisms={"y": {"name": "flow", "transforms": "x"}})
+    with pytest.raises(MedCausalError, match="bad settings for mechanism 'flow' of 'y'"):
+        model.fit(lg_data[0], max_epochs=1, verbose=False)

@@ -38,6 +38,12 @@ def load_run(run_dir: str):
 RUN_FILES = (MODEL_FILE, "recipe.toml", "fit.json")
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Every command's output rule: an existing ``--out`` is replaced only with ``--overwrite``."""
+    if Path(out).exists() and not overwrite:
+        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+
+
 def _check_replaceable_run(out: Path) -> None:
     """``fit --overwrite`` replaces a previous run folder, and nothing else: not a file, not the
     working folder or one above it, not a folder holding other files (the recipe, the data)."""
@@ -58,8 +64,7 @@ def cmd_fit(args) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    refuse_existing(out, args.overwrite)
     if out.exists():
         _check_replaceable_run(out)  # before the fit, so a refusal costs nothing
     data = recipe.load_data()
@@ -108,8 +113,7 @@ def _check_table_out(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise MedCausalError(f"--out {str(out)!r}: write a .csv or .parquet file")
-    if out.exists() and not args.overwrite:
-        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    refuse_existing(out, args.overwrite)
 
 
 def cmd_sample(args) -> int:

@@ -1267,8 +1267,8 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         rounds += 1
     if reused:
         warn(f"augment: only {len(pool)} real patients could be transported into {w.text!r} for "
-                      f"{k} synthetic rows; some were transported more than once (see synth_source)",
-                      UserWarning)
+             f"{k} synthetic rows; some were transported more than once (see synth_source)",
+             UserWarning)
     return _concat(kept), {"do": _describe_do(spec), "acceptance_rate": accepted / drawn, "drawn": drawn,
                            "pool": int(len(pool)), "reused_patients": reused}
 
@@ -1985,15 +1985,14 @@ def _safe_stem(name: str) -> str:
 
 def cmd_simulate(args) -> int:
     """``medcausal simulate RUN -n N [--do v=x] [--where COND] --out FOLDER|FILE``."""
-    from .cli import load_run
+    from .cli import load_run, refuse_existing
 
     model = load_run(args.run_dir)
     out = Path(args.out)
     kw = dict(do=parse_cli_do(args.do) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
     if out.suffix.lower() in (*_TABLE_SUFFIXES, ".h5ad"):
-        if out.exists() and not args.overwrite:
-            raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+        refuse_existing(out, args.overwrite)
         if out.suffix.lower() in (".parquet", ".pq"):
             _require_parquet()
         df = simulate(model, args.n, **kw)
@@ -2010,7 +2009,7 @@ def cmd_simulate(args) -> int:
 
 def cmd_augment(args) -> int:
     """``medcausal augment RUN --input COHORT --target COND|LABEL [-n N] --out FILE``."""
-    from .cli import load_run
+    from .cli import load_run, refuse_existing
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
@@ -2018,8 +2017,7 @@ def cmd_augment(args) -> int:
                   do=parse_cli_do(args.do) or None, source=args.source, seed=args.seed,
                   progress=not args.quiet and None)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    refuse_existing(out, args.overwrite)
     extra = _write_output(aug, out, args.image_format)
     table = _table(aug)
     report = table.attrs.get("medcausal", {})
@@ -2039,7 +2037,7 @@ def _parse_world(item: str) -> tuple[str, dict]:
 
 def cmd_worlds(args) -> int:
     """``medcausal worlds RUN --input PATIENTS --world NAME:VAR=VAL ... --out FILE``."""
-    from .cli import load_run
+    from .cli import load_run, refuse_existing
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
@@ -2057,8 +2055,7 @@ def cmd_worlds(args) -> int:
     twins = counterfactual_patients(model, data, do=worlds, seed=args.seed, id_column=args.id_column,
                                     layout=args.layout)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise MedCausalError(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    refuse_existing(out, args.overwrite)
     extra = _write_output(twins, out, args.image_format)
     _sidecar_for(out, {**extra, "model_id": model_id(model),
                        "worlds": {k: _describe_do(v) for k, v in worlds.items()},

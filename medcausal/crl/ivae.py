@@ -168,7 +168,7 @@ class _AuxCodec:
             cats = [c.item() if hasattr(c, "item") else c for c in cats]
             if len(cats) < 2:
                 warn(f"{name} has a single category ({cats[0]!r}): the prior p(z|u) cannot vary "
-                              "and the iVAE reduces to a plain VAE", UserWarning)
+                     "and the iVAE reduces to a plain VAE", UserWarning)
             return cls("categorical", len(cats), categories=cats)
         arr = _as_matrix(np.asarray(u, dtype=object).reshape(len(u), -1) if isinstance(u, pd.Series)
                          else np.asarray(u).reshape(len(u), -1), name)

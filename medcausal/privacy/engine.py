@@ -305,7 +305,7 @@ def _records(privacy: Privacy, data, graph: CausalGraph, table: pd.DataFrame):
                                "for row-level DP")
         if has_cells:
             warn("row-level (cell-level) DP on single-cell data: a donor with k cells is only "
-                          "protected at k times epsilon (accepted because force=True)", PrivacyWarning)
+                 "protected at k times epsilon (accepted because force=True)", PrivacyWarning)
         return np.arange(n, dtype=np.int64), "row", None
     if col not in table.columns:
         close = difflib.get_close_matches(str(col), [str(c) for c in table.columns], n=1)
@@ -326,7 +326,7 @@ def _records(privacy: Privacy, data, graph: CausalGraph, table: pd.DataFrame):
                            "it (the ledger shows the conversion), or drop row_level to train per unit")
     if k > 1:
         warn(f"row-level DP with up to {k} rows per {col!r}: the ledger's group_privacy gives the "
-                      "guarantee per unit", PrivacyWarning)
+             "guarantee per unit", PrivacyWarning)
     return np.arange(n, dtype=np.int64), "row", {"group_size": k, "unit": str(col)}
 
 

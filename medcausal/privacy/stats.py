@@ -121,7 +121,7 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
         outside = int(((x < lo) | (x > hi)).sum())
         if outside:
             warn(f"{outside} value(s) of {name!r} lie outside its public bounds [{lo}, {hi}] and "
-                          "were clipped to them for private training", PrivacyWarning)
+                 "were clipped to them for private training", PrivacyWarning)
         x = np.clip(x, lo, hi)
         for j, c in enumerate(cols):
             clipped[c] = x[:, j]

@@ -848,8 +848,8 @@ class BrainMRI:
                 out[s:e, 0] = self._render_batch(tpl, table.iloc[s:e], seeds[s:e], rows[s:e], clipped)
         for name, count in clipped.items():
             warn(f"{count} scan(s) could not reach the requested {name} (out of what the "
-                          f"template can render); they were rendered at the nearest attainable value",
-                          OutOfSupportWarning)
+                 f"template can render); they were rendered at the nearest attainable value",
+                 OutOfSupportWarning)
         return out
 
     def _render_batch(self, tpl: _Template, table: pd.DataFrame, seeds, rows, clipped) -> np.ndarray:

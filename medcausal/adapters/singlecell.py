@@ -307,9 +307,6 @@ class _CountRows:
             block = block.toarray()
         return np.asarray(block, dtype=np.float32)[inv]
 
-    def close(self) -> None:
-        """Nothing to release (kept so callers need not know where the rows live)."""
-
 
 class _LazyTensor:
     """Row-indexable stand-in for a tensor: ``train`` reads minibatches through it."""
@@ -420,17 +417,14 @@ class FCRModel:
         self._build(setup, adata.n_vars)
         parents = torch.from_numpy(_encode_obs(adata.obs.iloc[rows], setup))
         source = _CountRows(adata, setup.get("layer"))
-        try:
-            gen = np.random.default_rng(seed)
-            init_rows = np.sort(gen.choice(rows.size, size=min(rows.size, 2000), replace=False))
-            self.module.initialize(torch.from_numpy(source.rows(rows[init_rows])))
-            tensors = {"parents": parents, "counts": _LazyTensor(source, rows)}
-            config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                                 weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
-                                 seed=seed, verbose=verbose, device=device)
-            result = train(_Objective(self.module), tensors, config)
-        finally:
-            source.close()
+        gen = np.random.default_rng(seed)
+        init_rows = np.sort(gen.choice(rows.size, size=min(rows.size, 2000), replace=False))
+        self.module.initialize(torch.from_numpy(source.rows(rows[init_rows])))
+        tensors = {"parents": parents, "counts": _LazyTensor(source, rows)}
+        config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
+                             seed=seed, verbose=verbose, device=device)
+        result = train(_Objective(self.module), tensors, config)
         self.module.to("cpu").eval()
         self.history = result.history
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "best_epoch": result.best_epoch,
@@ -444,12 +438,9 @@ class FCRModel:
         self._require_fit()
         self._check_genes(adata)
         source = _CountRows(adata, self.setup.get("layer"))
-        try:
-            for start in range(0, adata.n_obs, batch_size):
-                idx = np.arange(start, min(adata.n_obs, start + batch_size))
-                yield idx, torch.from_numpy(source.rows(idx))
-        finally:
-            source.close()
+        for start in range(0, adata.n_obs, batch_size):
+            idx = np.arange(start, min(adata.n_obs, start + batch_size))
+            yield idx, torch.from_numpy(source.rows(idx))
 
     def get_latent_representation(self, adata, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """Posterior means of each latent block: ``{"context", "treatment", "interaction"}`` for

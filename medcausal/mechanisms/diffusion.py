@@ -255,15 +255,17 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                  steps: int = 25, inversion_iters: int = 10, inversion_tol: float = 1e-5,
                  draws: int = 4, time_freqs: int = 6, prediction: str = "v", init_scale: float = 0.01,
                  loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
-                 condition: str = "affine", ema_decay: float = 0.995, use_ema: bool = True,
-                 location_window: float | None = 8.0):
+                 loc_scale_members: int = 5, condition: str = "affine", ema_decay: float = 0.995, use_ema: bool = True,
+                 location_window: float | None = 8.0, clamp_condition: bool = True):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
                          inversion_iters=inversion_iters, inversion_tol=inversion_tol, draws=draws,
                          time_freqs=time_freqs, prediction=prediction, init_scale=init_scale,
                          loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
+                         loc_scale_members=int(loc_scale_members),
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
-                         location_window=location_window)
+                         location_window=location_window, clamp_condition=bool(clamp_condition))
+        self.clamp_condition = bool(clamp_condition)
         if location_window is not None and not (isinstance(location_window, (int, float))
                                                 and location_window > 0):
             raise MedCausalError(f"diffusion: location_window must be a number > 0 or None, got "
@@ -305,17 +307,55 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         # (isotropic, so a vector's noise map keeps its shape): fitted by Gaussian likelihood,
         # the diffusion models x~ given (mu, log sigma) or pa. Units far outside the training
         # range then reach the denoiser as residuals of ordinary size.
-        self.loc_scale = mlp(self.parent_dim, self.dim + 1, tuple(int(h) for h in loc_scale_hidden)) \
-            if loc_scale else None
+        if int(loc_scale_members) < 1:
+            raise MedCausalError(f"diffusion: loc_scale_members must be >= 1, got {loc_scale_members}")
+        self.loc_scale = nn.ModuleList(
+            mlp(self.parent_dim, self.dim + 1, tuple(int(h) for h in loc_scale_hidden))
+            for _ in range(int(loc_scale_members))) if loc_scale else None
         with torch.no_grad():
             # Start near output 0: with prediction "v" that is the denoiser of a standard normal
             # variable (x0 = sqrt(abar) x_t), the right start for standardized data; and
             # mu = 0, sigma = 1.
-            last = [self.net[-1]] + ([self.loc_scale[-1]] if loc_scale else [])
+            last = [self.net[-1]] + ([m[-1] for m in self.loc_scale] if loc_scale else [])
             for layer in last:
                 for p in layer.parameters():
                     p.mul_(init_scale)
         self._init_ema(ema_decay, use_ema)  # of the denoiser (the preconditioner keeps its last weights)
+        # The per-coordinate range of the conditioning seen in training (set by finalize; old
+        # model files and private fits, which have no finalize, keep the whole line).
+        self.register_buffer("cond_lo", torch.full((cond_dim,), -math.inf))
+        self.register_buffer("cond_hi", torch.full((cond_dim,), math.inf))
+        self._register_load_state_dict_pre_hook(self._upgrade_state)
+
+    def _upgrade_state(self, state_dict, prefix, *args) -> None:
+        """Read model files written before the preconditioner became an ensemble or recorded the
+        conditioning's range: queries answer exactly as they did."""
+        # Such files have no range: the whole line, no clamping.
+        state_dict.setdefault(prefix + "cond_lo", self.cond_lo.new_full(self.cond_lo.shape, -math.inf))
+        state_dict.setdefault(prefix + "cond_hi", self.cond_hi.new_full(self.cond_hi.shape, math.inf))
+        if self.loc_scale is None:
+            return
+        # One MLP ("loc_scale.<layer>.<param>"): it becomes member 0. Files list the members they
+        # have (the model file keeps the user's settings, not the defaults of its time).
+        head = prefix + "loc_scale."
+        old = [k for k in state_dict if k.startswith(head) and k[len(head):].count(".") == 1]
+        for k in old:
+            state_dict[head + "0." + k[len(head):]] = state_dict.pop(k)
+        members = {int(k[len(head):].split(".")[0]) for k in state_dict if k.startswith(head)}
+        if members and len(members) < len(self.loc_scale):
+            self.loc_scale = nn.ModuleList(self.loc_scale[:len(members)])
+
+    # Under DP the range would leak the extremes of the data: private fits skip finalize and
+    # keep the whole line (no clamping), at no cost to the privacy budget.
+    finalize_private = None
+
+    @torch.no_grad()
+    def finalize(self, value, parents) -> None:
+        """Record the range of the denoiser's conditioning over the training rows (see ``_eps``)."""
+        if parents.shape[0] and self.cond_lo.numel():
+            cond = self._cond(parents)
+            self.cond_lo.copy_(cond.amin(0))
+            self.cond_hi.copy_(cond.amax(0))
 
     # -- the noise-prediction network ---------------------------------------------
     def _cond(self, parents: torch.Tensor, mu: torch.Tensor | None = None,
@@ -340,7 +380,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         (``_window``) where the preconditioner's location leaves the range of any training data."""
         if not torch.is_tensor(t):
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device)
-        out = self._raw(x_t, t, cond)
+        out = self._raw(x_t, t, torch.maximum(torch.minimum(cond, self.cond_hi), self.cond_lo)
+                        if self.clamp_condition else cond)
         ab = self.abar[t].unsqueeze(-1)
         gauss = (1 - ab).sqrt() * x_t
         departure = out - gauss if self.prediction == "eps" else ab.sqrt() * out
@@ -380,13 +421,19 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
             raise MedCausalError(f"diffusion: value must have shape [{parents.shape[0]}, {self.dim}], "
                                  f"got {tuple(value.shape)}")
 
+    def _members(self, parents: torch.Tensor) -> torch.Tensor:
+        """Each preconditioner member's ``(mu, log sigma)``: ``[members, n, dim + 1]``."""
+        out = torch.stack([m(parents) for m in self.loc_scale])
+        return torch.cat([out[..., :self.dim], out[..., self.dim:].clamp(-7.0, 7.0)], -1)
+
     def _affine(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mu(pa)`` ``[n, dim]`` and ``log sigma(pa)`` ``[n, 1]`` of the preconditioner."""
+        """``mu(pa)`` ``[n, dim]`` and ``log sigma(pa)`` ``[n, 1]`` of the preconditioner
+        (the members' average)."""
         if self.loc_scale is None:
             zero = parents.new_zeros(parents.shape[0], 1)
             return zero.expand(-1, self.dim), zero
-        out = self.loc_scale(parents)
-        return out[:, :self.dim], out[:, self.dim:].clamp(-7.0, 7.0)
+        out = self._members(parents).mean(0)
+        return out[:, :self.dim], out[:, self.dim:]
 
     # -- training -------------------------------------------------------------------
     def loss(self, value, parents):
@@ -404,10 +451,14 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         """
         self._check(value, parents)
         mu, log_sigma = self._affine(parents)
-        # Gaussian NLL (up to a constant) trains the preconditioner; the denoiser sees its
-        # residuals with the preconditioner held fixed (no gradient through them).
+        # Gaussian NLL (up to a constant) trains the preconditioner, each member on its own;
+        # the denoiser sees the residuals of their average, held fixed (no gradient through them).
+        nll = 0.0
+        if self.loc_scale is not None:
+            each = self._members(parents)
+            z_each = (value - each[..., :self.dim]) * torch.exp(-each[..., self.dim:])
+            nll = ((0.5 * z_each ** 2).sum(-1) + self.dim * each[..., self.dim]).mean(0)
         z = (value - mu) * torch.exp(-log_sigma)
-        nll = (0.5 * z ** 2).sum(-1) + self.dim * log_sigma.squeeze(-1) if self.loc_scale is not None else 0.0
         value = z.detach()
         cond = self._cond(parents, mu, log_sigma)
         n, k = value.shape[0], self.draws

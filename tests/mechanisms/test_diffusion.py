@@ -158,7 +158,7 @@ def test_location_scale_preconditioner():
     which is held fixed, with the denoiser conditioned on (mu, log sigma) (held fixed
     too); abduction/prediction wrap the DDIM codec in the same affine map."""
     torch.manual_seed(0)
-    m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0)
+    m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0, loc_scale_members=1)
     # the same denoiser as a plain mechanism whose "parents" are (mu, log sigma)
     plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
     plain.net.load_state_dict(m.net.state_dict())
@@ -194,7 +194,7 @@ def test_location_scale_preconditioner():
     assert by_pa.net[0].in_features == 2 + 1 + by_pa.embed.dim
     assert m.net[0].in_features == 2 + 3 + m.embed.dim
     # condition="both": (mu, log sigma) and the parents, side by side
-    both = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="both")
+    both = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="both", loc_scale_members=1)
     assert both.net[0].in_features == 2 + 3 + 1 + both.embed.dim
     with torch.no_grad():
         mu_b, log_sigma_b = both._affine(pa)
@@ -211,6 +211,87 @@ def test_location_scale_preconditioner():
                                    * torch.exp(2 * log_sigma_b[:, 0]))
     with pytest.raises(MedCausalError, match="condition"):
         DiffusionMechanism(Continuous(), 1, condition="mu")
+
+
+def test_preconditioner_ensemble_averages_members_each_fitted_on_its_own_likelihood():
+    """With ``loc_scale_members=K`` the preconditioner is the average of K MLPs' (mu, log sigma);
+    the loss holds the mean of the members' own Gaussian NLLs (a deep ensemble, each member
+    fitted alone), and the denoiser sees the residual of the average."""
+    torch.manual_seed(0)
+    m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0, loc_scale_members=3)
+    x, pa = 3 * torch.randn(6, 2), torch.randn(6, 1)
+    outs = [member(pa) for member in m.loc_scale]
+    mu, log_sigma = m._affine(pa)
+    torch.testing.assert_close(mu, sum(o[:, :2] for o in outs) / 3)
+    torch.testing.assert_close(log_sigma, sum(o[:, 2:] for o in outs) / 3)
+    nlls = [(0.5 * ((x - o[:, :2]) / o[:, 2:].exp()) ** 2).sum(-1) + 2 * o[:, 2] for o in outs]
+    # the same denoiser without a preconditioner, conditioned on the average's (mu, log sigma)
+    plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("cond_")}, strict=False)
+    z = ((x - mu) / log_sigma.exp()).detach()
+    torch.manual_seed(1)
+    total = m.loss(x, pa)
+    torch.manual_seed(1)
+    denoise = plain.loss(z, torch.cat([mu, log_sigma], -1).detach())
+    torch.testing.assert_close(total, sum(nlls) / 3 + denoise * torch.exp(2 * log_sigma[:, 0]).detach())
+    # member k's gradient is that of its own NLL (over K) alone
+    total.sum().backward()
+    own = torch.autograd.grad((nlls[1] / 3).sum(), list(m.loc_scale[1].parameters()))
+    for p, g in zip(m.loc_scale[1].parameters(), own):
+        torch.testing.assert_close(p.grad, g)
+    with pytest.raises(MedCausalError, match="loc_scale_members"):
+        DiffusionMechanism(Continuous(), 1, loc_scale_members=0)
+
+
+def test_queries_clamp_the_conditioning_to_its_training_range():
+    """After ``finalize`` the denoiser answers a condition outside the per-coordinate range it
+    was trained on as at the nearest edge of that range; inside it, as before; encoding and
+    decoding stay inverse to each other either way."""
+    torch.manual_seed(0)
+    m = DiffusionMechanism(Continuous(), 1, hidden=[16], steps=10, init_scale=1.0, location_window=None)
+    pa = torch.linspace(-1, 1, 50).unsqueeze(1)
+    with torch.no_grad():
+        assert torch.isinf(m.cond_lo).all() and torch.isinf(m.cond_hi).all()  # before finalize: no clamp
+        m.finalize(torch.randn(50, 1), pa)
+        cond = m._cond(pa)
+        torch.testing.assert_close(m.cond_lo, cond.amin(0))
+        torch.testing.assert_close(m.cond_hi, cond.amax(0))
+        far = torch.full((4, 1), 6.0)  # a parent value never seen: its (mu, log sigma) lie outside
+        assert ((m._cond(far) > m.cond_hi) | (m._cond(far) < m.cond_lo)).any()
+        x_t, t = torch.randn(4, 1), 30
+        edge = torch.maximum(torch.minimum(m._cond(far), m.cond_hi), m.cond_lo)
+        torch.testing.assert_close(m.eps(x_t, t, far), m._eps(x_t, t, edge))
+        m.clamp_condition = False
+        unclamped = m.eps(x_t, t, far)
+        assert (unclamped - m._eps(x_t, t, edge)).abs().max() > 1e-3
+        m.clamp_condition = True
+        inside = pa[::10]
+        torch.testing.assert_close(m.eps(torch.randn(5, 1), t, inside).shape, torch.Size([5, 1]))
+        x = torch.randn(4, 1)
+        assert (m.sample(far, noise=m.abduct(x, far)) - x).abs().max() <= m.reconstruction_tolerance
+    # the range would leak the data's extremes: a private fit skips this finalize, at no privacy cost
+    from medcausal.privacy.stats import private_finalizer
+    assert private_finalizer(DiffusionMechanism) is None
+
+
+def test_a_model_file_with_one_preconditioner_and_no_range_loads_and_answers_as_before():
+    # Files written before the preconditioner became an ensemble hold one MLP ("loc_scale.<layer>.*")
+    # and no conditioning range: it becomes the only member, nothing is clamped.
+    torch.manual_seed(0)
+    old = DiffusionMechanism(Continuous(), 2, hidden=[8], steps=5, init_scale=1.0, loc_scale_members=1)
+    state = {k.replace("loc_scale.0.", "loc_scale."): v for k, v in old.state_dict().items()
+             if not k.startswith("cond_")}
+    fresh = DiffusionMechanism(Continuous(), 2, hidden=[8], steps=5, init_scale=1.0, loc_scale_members=5)
+    assert len(fresh.loc_scale) > 1
+    fresh.load_state_dict(state)  # strict
+    assert len(fresh.loc_scale) == 1 and torch.isinf(fresh.cond_hi).all()
+    pa, x = 4 * torch.randn(30, 2), torch.randn(30, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.abduct(x, pa), old.abduct(x, pa))
+        torch.testing.assert_close(fresh.sample(pa, noise=x), old.sample(pa, noise=x))
+    again = DiffusionMechanism(Continuous(), 2, hidden=[8], steps=5, loc_scale_members=5)
+    again.load_state_dict(fresh.state_dict())  # and such a model, saved again, loads again
+    assert len(again.loc_scale) == 1
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
@@ -230,8 +311,9 @@ def test_location_window_hands_far_units_to_the_gaussian(prediction):
     for mu, far in ((20.0, True), (0.0, False)):
         for m in (windowed, plain):
             with torch.no_grad():  # mu(pa) = mu and sigma = 1 for every row
-                m.loc_scale[-1].weight.zero_()
-                m.loc_scale[-1].bias.copy_(torch.tensor([mu, 0.0]))
+                for member in m.loc_scale:
+                    member[-1].weight.zero_()
+                    member[-1].bias.copy_(torch.tensor([mu, 0.0]))
         x = mu + torch.randn(40, 1, generator=g)
         with torch.no_grad():
             u, u_plain = windowed.abduct(x, pa), plain.abduct(x, pa)

@@ -44,11 +44,17 @@ def _key(name: str) -> str:
     return name.replace(".", "\u00b7")
 
 
+def _part(key: str, part: str) -> str:
+    return f"{key}/{part}" if part else key
+
+
 class _JointLoss(nn.Module):
     """Sum of every mechanism's per-row loss: the one objective the loop minimizes.
 
-    The mechanisms are its parts (disjoint parameters, one loss term each), so the loop
-    keeps each mechanism's weights from its own best validation epoch.
+    The mechanisms' parts are its parts (disjoint parameters, one loss term each; a
+    mechanism is one part unless it says otherwise), so the loop keeps each part's weights
+    from its own best validation epoch. A part is named by its variable's key, then
+    ``/part`` for a part within a mechanism.
     """
 
     def __init__(self, mechanisms: nn.ModuleDict):
@@ -56,11 +62,12 @@ class _JointLoss(nn.Module):
         self.mechanisms = mechanisms
 
     def parts(self) -> dict[str, nn.Module]:
-        """The mechanisms that keep their best validation epoch (``select_by_validation``)."""
-        return {k: m for k, m in self.mechanisms.items() if m.select_by_validation}
+        """The parts that keep their best validation epoch (:meth:`Mechanism.selected_parts`)."""
+        return {_part(k, s): p for k, m in self.mechanisms.items() for s, p in m.selected_parts().items()}
 
     def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items()}
+        return {_part(k, s): loss for k, m in self.mechanisms.items()
+                for s, loss in m.part_losses(batch[k], batch[k + "|pa"]).items()}
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.part_losses(batch).values())
@@ -222,7 +229,9 @@ class CausalModel:
         (``fit_info["best_epochs"]``), and training stops when no mechanism's validation
         loss has improved for ``patience`` epochs. Mechanisms whose loss is no guide to
         their counterfactuals (``select_by_validation = False``: ``diffusion``,
-        ``image-diffusion``) keep their last, averaged weights and have no say in stopping.
+        ``image-diffusion``) keep their last, averaged weights and have no say in stopping,
+        except for parts they select themselves (``diffusion``'s preconditioner members:
+        ``"x3/loc_scale.0"`` in ``best_epochs``).
         ``max_epochs`` and ``patience`` default to 200 and 20, or more where a mechanism
         declares it needs longer (its ``fit_defaults``; e.g. ``diffusion``).
 
@@ -281,7 +290,11 @@ class CausalModel:
 
         def epoch_done(record: dict) -> None:  # per-mechanism validation losses by variable name
             if "val_parts" in record:
-                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
+                by_variable: dict[str, float] = {}
+                for k, v in record["val_parts"].items():  # a mechanism's parts add up to its loss
+                    name = names[k.split("/")[0]]
+                    by_variable[name] = by_variable.get(name, 0.0) + v
+                record["val_parts"] = by_variable
             if on_epoch is not None:
                 on_epoch(record)
 
@@ -299,8 +312,8 @@ class CausalModel:
                          "data_kind": ("anndata" if from_anndata else
                                        "cohort" if isinstance(data, Cohort) else "dataframe"),
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                         "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
-                                         if _key(n) in result.best_epochs},
+                         "best_epochs": {names[k.split("/")[0]] + k[len(k.split("/")[0]):]: e
+                                         for k, e in result.best_epochs.items()},
                          "epochs": len(result.history), "steps": result.steps,
                          "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
                          "world_size": result.world_size,

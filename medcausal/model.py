@@ -65,6 +65,13 @@ class _JointLoss(nn.Module):
         """The parts that keep their best validation epoch (:meth:`Mechanism.selected_parts`)."""
         return {_part(k, s): p for k, m in self.mechanisms.items() for s, p in m.selected_parts().items()}
 
+    def stopping_parts(self) -> set[str]:
+        """The parts whose improvement postpones stopping: those of mechanisms that
+        ``select_by_validation`` (a mechanism that keeps its last weights, e.g. ``diffusion``,
+        has no say in stopping even for the parts it selects)."""
+        return {_part(k, s) for k, m in self.mechanisms.items() if m.select_by_validation
+                for s in m.selected_parts()}
+
     def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {_part(k, s): loss for k, m in self.mechanisms.items()
                 for s, loss in m.part_losses(batch[k], batch[k + "|pa"]).items()}

@@ -227,6 +227,10 @@ class StandaloneLoss(nn.Module):
         """The mechanism's :meth:`Mechanism.selected_parts`."""
         return self.mech.selected_parts()
 
+    def stopping_parts(self) -> set[str]:
+        """As for a CausalModel: only a mechanism that ``select_by_validation`` stops training."""
+        return set(self.mech.selected_parts()) if self.mech.select_by_validation else set()
+
     def part_losses(self, batch) -> dict[str, torch.Tensor]:
         return self.mech.part_losses(batch["x"], batch["pa"])
 

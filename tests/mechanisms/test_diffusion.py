@@ -272,6 +272,12 @@ def test_preconditioner_members_keep_their_own_best_validation_epoch():
         assert result.best_epochs[f"loc_scale.{i}"] == best[-1]
         assert kept[f"loc_scale.{i}"].mean().item() == pytest.approx(min(losses), rel=1e-5)
     assert min(best) < len(hist) - 1  # at least one member was rolled back
+    # the members have no say in stopping: patience 1 still trains every epoch
+    torch.manual_seed(0)
+    m2 = DiffusionMechanism(Continuous(), 1, hidden=[8], steps=5, loc_scale_members=3)
+    result = train(StandaloneLoss(m2), {"x": x, "pa": pa},
+                   TrainConfig(max_epochs=15, batch_size=16, lr=0.05, patience=1, verbose=False))
+    assert len(result.history) == 15 and not result.stopped_early
 
 
 def test_queries_clamp_the_conditioning_to_its_training_range():

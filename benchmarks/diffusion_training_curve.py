@@ -65,7 +65,6 @@ def trace(scm: str, variant: str, every: int, n_train: int = 5000, n_units: int 
     names = [n for n in sim.graph.topological_order if points and n in points[0]["val_parts"]]
     best = {n: min(points, key=lambda p: p["val_parts"][n])["epoch"] for n in names}
     return {"points": points, "final_cf_mse_x100": final, "epochs": model.fit_info["epochs"],
-            "best_epochs": model.fit_info["best_epochs"],
             "best_val_epoch_per_mechanism": best}
 
 

@@ -44,17 +44,11 @@ def _key(name: str) -> str:
     return name.replace(".", "\u00b7")
 
 
-def _part(key: str, part: str) -> str:
-    return f"{key}/{part}" if part else key
-
-
 class _JointLoss(nn.Module):
     """Sum of every mechanism's per-row loss: the one objective the loop minimizes.
 
-    The mechanisms' parts are its parts (disjoint parameters, one loss term each; a
-    mechanism is one part unless it says otherwise), so the loop keeps each part's weights
-    from its own best validation epoch. A part is named by its variable's key, then
-    ``/part`` for a part within a mechanism.
+    The mechanisms are its parts (disjoint parameters, one loss term each), so the loop
+    keeps each mechanism's weights from its own best validation epoch.
     """
 
     def __init__(self, mechanisms: nn.ModuleDict):
@@ -62,19 +56,11 @@ class _JointLoss(nn.Module):
         self.mechanisms = mechanisms
 
     def parts(self) -> dict[str, nn.Module]:
-        """The parts that keep their best validation epoch (:meth:`Mechanism.selected_parts`)."""
-        return {_part(k, s): p for k, m in self.mechanisms.items() for s, p in m.selected_parts().items()}
-
-    def stopping_parts(self) -> set[str]:
-        """The parts whose improvement postpones stopping: those of mechanisms that
-        ``select_by_validation`` (a mechanism that keeps its last weights, e.g. ``diffusion``,
-        has no say in stopping even for the parts it selects)."""
-        return {_part(k, s) for k, m in self.mechanisms.items() if m.select_by_validation
-                for s in m.selected_parts()}
+        """The mechanisms that keep their best validation epoch (``select_by_validation``)."""
+        return {k: m for k, m in self.mechanisms.items() if m.select_by_validation}
 
     def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {_part(k, s): loss for k, m in self.mechanisms.items()
-                for s, loss in m.part_losses(batch[k], batch[k + "|pa"]).items()}
+        return {k: m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items()}
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.part_losses(batch).values())
@@ -236,9 +222,7 @@ class CausalModel:
         (``fit_info["best_epochs"]``), and training stops when no mechanism's validation
         loss has improved for ``patience`` epochs. Mechanisms whose loss is no guide to
         their counterfactuals (``select_by_validation = False``: ``diffusion``,
-        ``image-diffusion``) keep their last, averaged weights and have no say in stopping,
-        except for parts they select themselves (``diffusion``'s preconditioner members:
-        ``"x3/loc_scale.0"`` in ``best_epochs``).
+        ``image-diffusion``) keep their last, averaged weights and have no say in stopping.
         ``max_epochs`` and ``patience`` default to 200 and 20, or more where a mechanism
         declares it needs longer (its ``fit_defaults``; e.g. ``diffusion``).
 
@@ -297,11 +281,7 @@ class CausalModel:
 
         def epoch_done(record: dict) -> None:  # per-mechanism validation losses by variable name
             if "val_parts" in record:
-                by_variable: dict[str, float] = {}
-                for k, v in record["val_parts"].items():  # a mechanism's parts add up to its loss
-                    name = names[k.split("/")[0]]
-                    by_variable[name] = by_variable.get(name, 0.0) + v
-                record["val_parts"] = by_variable
+                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
             if on_epoch is not None:
                 on_epoch(record)
 
@@ -319,8 +299,8 @@ class CausalModel:
                          "data_kind": ("anndata" if from_anndata else
                                        "cohort" if isinstance(data, Cohort) else "dataframe"),
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                         "best_epochs": {names[k.split("/")[0]] + k[len(k.split("/")[0]):]: e
-                                         for k, e in result.best_epochs.items()},
+                         "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
+                                         if _key(n) in result.best_epochs},
                          "epochs": len(result.history), "steps": result.steps,
                          "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
                          "world_size": result.world_size,

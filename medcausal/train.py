@@ -16,9 +16,7 @@ weights of its own best validation epoch, and training stops when no part has im
 for ``patience`` epochs: a part whose validation loss is noisy no longer picks the epoch
 for all the others. A part left out of ``parts()`` (a mechanism with
 ``select_by_validation = False``) keeps its last weights and has no say in stopping;
-``stopping_parts() -> {names}`` narrows which selected parts have a say (``diffusion``'s
-preconditioner members are selected, but must not cut its denoiser's training short);
-with no such parts, training runs to ``max_epochs``/``max_steps``. Without a validation
+with no parts at all, training runs to ``max_epochs``/``max_steps``. Without a validation
 split (``val_fraction=0`` or under 20 rows) the total training loss stands in for every
 part's validation loss. Submodules with an ``after_optimizer_step()`` method (weight
 averaging) have it called after every step.
@@ -179,9 +177,6 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="fit", unit="step", leave=False)
     parts = _selected_parts(module)
-    # The parts whose improvement postpones stopping: all selected parts, unless the module
-    # names fewer (parts selected for their own sake that must not cut others' training short).
-    stopping = set(module.stopping_parts()) if hasattr(module, "stopping_parts") else set(parts)
     after_step = _after_step_hooks(module)
     best = {name: (math.inf, 0, None) for name in parts}  # part -> (val loss, epoch, weights)
     bad_epochs, t0 = 0, time.perf_counter()
@@ -232,8 +227,8 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         for name, part in parts.items():
             if vals[name] < best[name][0] - 1e-6:
                 best[name] = (vals[name], epoch, copy.deepcopy(part.state_dict()))
-                improved = improved or name in stopping
-        bad_epochs = 0 if improved or not stopping else bad_epochs + 1
+                improved = True
+        bad_epochs = 0 if improved or not parts else bad_epochs + 1
         if result.steps >= total:
             break
         if bad_epochs >= config.patience:

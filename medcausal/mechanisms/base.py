@@ -91,16 +91,6 @@ class Mechanism(nn.Module):
     def log_prob(self, value: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         raise CapabilityError(f"mechanism {self.name!r} has no exact log-likelihood")
 
-    def part_losses(self, value: torch.Tensor, parents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-row losses by part name, summing to :meth:`loss` (``""``: the whole mechanism)."""
-        return {"": self.loss(value, parents)}
-
-    def selected_parts(self) -> dict[str, nn.Module]:
-        """The submodules the training loop keeps at their own best validation epoch, each judged
-        on the :meth:`part_losses` entry of the same name. Default: the whole mechanism, unless
-        ``select_by_validation`` is off."""
-        return {"": self} if self.select_by_validation else {}
-
     # -- optional hooks --------------------------------------------------
     def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
         """Called once after training with (a sample of) the training data."""
@@ -224,15 +214,11 @@ class StandaloneLoss(nn.Module):
         self.mech = mech
 
     def parts(self) -> dict[str, nn.Module]:
-        """The mechanism's :meth:`Mechanism.selected_parts`."""
-        return self.mech.selected_parts()
-
-    def stopping_parts(self) -> set[str]:
-        """As for a CausalModel: only a mechanism that ``select_by_validation`` stops training."""
-        return set(self.mech.selected_parts()) if self.mech.select_by_validation else set()
+        """The mechanism, unless it keeps its last weights (``select_by_validation``)."""
+        return {"": self.mech} if self.mech.select_by_validation else {}
 
     def part_losses(self, batch) -> dict[str, torch.Tensor]:
-        return self.mech.part_losses(batch["x"], batch["pa"])
+        return {"": self.mech.loss(batch["x"], batch["pa"])}
 
     def forward(self, batch):
-        return sum(self.part_losses(batch).values())
+        return self.part_losses(batch)[""]

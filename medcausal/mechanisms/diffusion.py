@@ -61,25 +61,7 @@ converge (see ``select_by_validation`` below). The conditioning measurements
 (``diffusion_preconditioner*.md``) predate that choice; the current figures are in
 ``benchmarks/results/tabular_scm*.md``. Queries hand a unit whose preconditioner location
 lies beyond ``location_window`` (8 sd) to the Gaussian, the preconditioner alone, because
-the denoiser extrapolates arbitrarily there (see ``_window``), and clamp the denoiser's
-conditioning to its training range (see ``_eps``).
-
-The preconditioner is a deep ensemble (Lakshminarayanan et al. 2017): ``loc_scale_members``
-(5) MLPs, each fitted on its own Gaussian likelihood, averaged. Why: where counterfactual
-parents leave the training manifold, one MLP's extrapolation depends on its initialization
-(the additive diamond's ``do(x2)`` error on ``x3`` ranged 0.8-11 over init seeds), and the
-preconditioner's error there is most of the diffusion's (the same fits with the denoiser
-switched off differ from it by under 10% on those queries). Averaging shrinks that variance.
-Measured before the clamp, fit seeds 0-2, CF MSE x100 of 1 -> 5 members: additive diamond
-3.00 -> 2.52, non-additive triangle 2.73 -> 2.25; 10 members 3.84 and 2.39 (one diamond seed
-whose x4 denoiser learnt a spurious dependence on its conditioning: 6.31). Wider or narrower
-members extrapolate worse (5 members of 128x128: diamond 5.01; of 32x32: 3.58 and 5.88 on
-seeds 0 and 1). The ensemble costs ~25% more fitting time (diamond: 90 -> 113 CPU s).
-Each member keeps the weights of its own best validation epoch (``selected_parts``), while
-the denoiser keeps its last: a longer-trained member extrapolates worse. Additive diamond,
-5 members with the clamp, last -> best-validation members: seed 0 2.35 -> 2.06, seed 1
-2.68 -> 2.32 (an experiment selecting on separate held-out rows; the benchmark's figures,
-selecting on the loop's validation split, are in ``tabular_scm_seeds_*.md``).
+the denoiser extrapolates arbitrarily there (see ``_window``).
 
 >>> import torch
 >>> from medcausal.graph import Continuous
@@ -233,10 +215,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     sinusoidal frequencies of the step embedding; ``prediction`` ``"v"`` or ``"eps"``;
     ``init_scale`` the factor on the initial output layer; ``location_window`` (standardized
     units; ``None``: off) where queries hand a unit whose preconditioner location lies beyond it
-    over to the Gaussian (see ``_window``); ``loc_scale`` (and its MLPs'
-    ``loc_scale_hidden``) the location-scale preconditioner, the average of
-    ``loc_scale_members`` MLPs each fitted on its own likelihood; ``clamp_condition`` whether
-    queries clamp the denoiser's conditioning to its training range (see ``_eps``); ``condition`` what the denoiser
+    over to the Gaussian (see ``_window``); ``loc_scale`` (and its MLP's
+    ``loc_scale_hidden``) the location-scale preconditioner; ``condition`` what the denoiser
     sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
     ``loc_scale``), ``"parents"`` the parents, ``"both"`` the two side by side
     (without ``loc_scale`` every setting means ``"parents"``); ``ema_decay``/``use_ema`` the
@@ -265,11 +245,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     # from 19.7 to 2.3 by epoch 150; its best-validation epochs (x2: 90, x3: 65) would keep
     # weights with CF MSE 10.6 (benchmarks/results/diffusion_training_curve_*.md). Without
     # averaging, the last weights wandered between 2.0 and 3.1 from epoch to epoch. So the loop
-    # keeps the last weights, averaged (EMA), and trains the full max_epochs unless the
-    # patience of other mechanisms, or of this one's preconditioner members, stops it first
-    # (fit_defaults: read by CausalModel.fit). The members are Gaussian regressions, whose
-    # likelihood does track what they are used for: each keeps its own best validation epoch
-    # (selected_parts; measured in the module docstring).
+    # keeps the last weights, averaged (EMA), and trains the full max_epochs unless other
+    # mechanisms' patience stops it first (fit_defaults: read by CausalModel.fit).
     select_by_validation = False
     fit_defaults: ClassVar[dict] = {"max_epochs": 300, "patience": 100}
 
@@ -400,16 +377,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
         """The noise prediction of abduction and prediction: the Gaussian denoiser's
         ``sqrt(1 - abar) x_t`` plus the network's departure from it, the departure faded out
-        (``_window``) where the preconditioner's location leaves the range of any training data.
-
-        The network sees the conditioning clamped, per coordinate, to the range it had over the
-        training rows (``clamp_condition``; recorded by ``finalize``): a condition never trained
-        on is answered as at the nearest edge of what was, rather than by the network's
-        extrapolation. Counterfactual parents produce such conditions (on the additive diamond,
-        ``do(x3)`` moves x4's ``(mu, log sigma)``). Measured with 5-member preconditioners, fit
-        seeds 0-2, CF MSE x100 without -> with the clamp: non-additive triangle 2.25 -> 2.17,
-        additive diamond 2.52 -> 2.54; with 10 members, diamond seed 0 (whose x4 denoiser had
-        learnt a spurious dependence on its conditioning), 6.31 -> 4.75."""
+        (``_window``) where the preconditioner's location leaves the range of any training data."""
         if not torch.is_tensor(t):
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device)
         out = self._raw(x_t, t, torch.maximum(torch.minimum(cond, self.cond_hi), self.cond_lo)
@@ -469,17 +437,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
 
     # -- training -------------------------------------------------------------------
     def loss(self, value, parents):
-        """The sum of :meth:`part_losses`: the denoising loss plus the preconditioner's NLL."""
-        return sum(self.part_losses(value, parents).values())
-
-    def selected_parts(self) -> dict[str, nn.Module]:
-        """The preconditioner's members, each kept at its own best validation epoch (the
-        denoiser keeps its last averaged weights: see ``select_by_validation``)."""
-        return {f"loc_scale.{i}": m for i, m in enumerate(self.loc_scale or [])}
-
-    def part_losses(self, value, parents):
-        """The DDPM denoising loss per row (``"denoiser"``), averaged over ``draws`` noise levels,
-        and each preconditioner member's Gaussian NLL over the number of members (``"loc_scale.i"``).
+        """The DDPM denoising loss per row, averaged over ``draws`` noise levels.
 
         Each row's ``draws`` steps are stratified over ``1..T`` (one uniform offset per
         row), so every row sees every range of noise levels and the per-row loss has a
@@ -495,12 +453,11 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         mu, log_sigma = self._affine(parents)
         # Gaussian NLL (up to a constant) trains the preconditioner, each member on its own;
         # the denoiser sees the residuals of their average, held fixed (no gradient through them).
-        parts = {}
+        nll = 0.0
         if self.loc_scale is not None:
             each = self._members(parents)
             z_each = (value - each[..., :self.dim]) * torch.exp(-each[..., self.dim:])
-            nlls = (0.5 * z_each ** 2).sum(-1) + self.dim * each[..., self.dim]
-            parts = {f"loc_scale.{i}": nll / len(nlls) for i, nll in enumerate(nlls)}
+            nll = ((0.5 * z_each ** 2).sum(-1) + self.dim * each[..., self.dim]).mean(0)
         z = (value - mu) * torch.exp(-log_sigma)
         value = z.detach()
         cond = self._cond(parents, mu, log_sigma)
@@ -522,7 +479,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
             # the rows of small sigma, where a residual's shape matters most, untrained).
             w = torch.exp(2 * log_sigma.squeeze(-1)).detach()
             denoise = denoise + (w - 1) * denoise.detach()
-        return {"denoiser": denoise, **parts}
+        return denoise + nll
 
     # -- the three verbs -------------------------------------------------------------
     def noise_like(self, n, generator=None):

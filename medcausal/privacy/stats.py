@@ -201,8 +201,7 @@ def private_finalizer(cls):
 
     ``finalize_private(value, parents, query)`` may call ``query.mean(per_row_vectors)``
     once (entries in [-1, 1]; one full-batch Gaussian query, accounted); returns a string
-    saying what it released. ``None``: the class reads no data in ``finalize``, or declares
-    ``finalize_private = None`` (what its ``finalize`` records is optional and is skipped under DP).
+    saying what it released. ``None``: the class reads no data in ``finalize``.
     Raises :class:`PrivacyError` when the class reads data and has no private version.
 
     >>> from medcausal.mechanisms import registry
@@ -210,8 +209,6 @@ def private_finalizer(cls):
     (True, '_additive_finalize')
     """
     if not needs_private_finalize(cls):
-        return None
-    if hasattr(cls, "finalize_private") and cls.finalize_private is None:
         return None
     own = getattr(cls, "finalize_private", None)
     if own is not None:

@@ -270,7 +270,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                  steps: int = 25, inversion_iters: int = 10, inversion_tol: float = 1e-5,
                  draws: int = 4, time_freqs: int = 6, prediction: str = "v", init_scale: float = 0.01,
                  loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
-                 loc_scale_members: int = 5, condition: str = "affine", ema_decay: float = 0.995, use_ema: bool = True,
+                 loc_scale_members: int = 5, condition: str = "affine", ema_decay: float = 0.995,
+                 use_ema: bool = True,
                  location_window: float | None = 8.0):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
@@ -351,6 +352,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         members = {int(k[len(head):].split(".")[0]) for k in state_dict if k.startswith(head)}
         if members and len(members) < len(self.loc_scale):
             self.loc_scale = nn.ModuleList(self.loc_scale[:len(members)])
+            self.hparams["loc_scale_members"] = len(members)
 
     # -- the noise-prediction network ---------------------------------------------
     def _cond(self, parents: torch.Tensor, mu: torch.Tensor | None = None,
@@ -438,7 +440,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         low variance. With ``prediction="v"`` the network predicts
         ``v = sqrt(abar) e - sqrt(1 - abar) x`` (Salimans & Ho 2022) and is trained on it;
         its noise prediction is ``sqrt(1 - abar) x_t + sqrt(abar) v``. With ``loc_scale`` the
-        loss adds the Gaussian NLL of the preconditioner; the denoising loss's value is in the
+        loss adds the mean of the preconditioner members' Gaussian NLLs; the denoising loss's value is in the
         units of ``x`` (times ``sigma^2``), its gradient that of the standardized residuals
         (unweighted). No ``.item()`` and no permutation: the loss works per record under
         ``torch.func.vmap`` (DP-SGD).

@@ -259,7 +259,7 @@ def test_a_model_file_with_one_preconditioner_loads_and_answers_as_before():
         torch.testing.assert_close(fresh.sample(pa, noise=x), old.sample(pa, noise=x))
     again = DiffusionMechanism(Continuous(), 2, hidden=[8], steps=5, loc_scale_members=5)
     again.load_state_dict(fresh.state_dict())  # and such a model, saved again, loads again
-    assert len(again.loc_scale) == 1
+    assert len(again.loc_scale) == 1 and again.hparams["loc_scale_members"] == 1
 
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])

@@ -446,7 +446,6 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         ``torch.func.vmap`` (DP-SGD).
         """
         self._check(value, parents)
-        mu, log_sigma = self._affine(parents)
         # Gaussian NLL (up to a constant) trains the preconditioner, each member on its own;
         # the denoiser sees the residuals of their average, held fixed (no gradient through them).
         nll = 0.0
@@ -454,6 +453,9 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
             each = self._members(parents)
             z_each = (value - each[..., :self.dim]) * torch.exp(-each[..., self.dim:])
             nll = ((0.5 * z_each ** 2).sum(-1) + self.dim * each[..., self.dim]).mean(0)
+            mu, log_sigma = each.mean(0).split([self.dim, 1], -1)  # = _affine, members run once
+        else:
+            mu, log_sigma = self._affine(parents)
         z = (value - mu) * torch.exp(-log_sigma)
         value = z.detach()
         cond = self._cond(parents, mu, log_sigma)

@@ -72,8 +72,9 @@ the denoiser switched off is within 3%). Averaging shrinks that variance. Measur
 seeds 0-2, CF MSE x100 of 1 -> 5 members: additive diamond 3.00 -> 2.52, non-additive
 triangle 2.73 -> 2.25; 10 members 3.84 and 2.39 (one diamond seed whose x4 denoiser learnt a
 spurious dependence on its conditioning: 6.31). Wider or narrower members extrapolate worse
-(5 members of 128x128: diamond 5.01; of 32x32: 3.58 and 5.88 on seeds 0 and 1). The
-ensemble costs ~25% more fitting time (diamond: 90 -> 113 CPU s). Tried and not kept (each
+(5 members of 128x128: diamond 5.01; of 32x32: 3.58 and 5.88 on seeds 0 and 1). On the
+vector SCM, seed 0: additive 4.56 -> 2.92, non-additive 6.38 -> 6.29. The ensemble costs
+25-35% more fitting time (diamond: 90-98 -> 121-124 CPU s). Tried and not kept (each
 helped one SCM and hurt others): keeping each member at its best validation epoch, and
 clamping the denoiser's conditioning to its training range at query time.
 

@@ -423,13 +423,14 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         out = torch.stack([m(parents) for m in self.loc_scale])
         return torch.cat([out[..., :self.dim], out[..., self.dim:].clamp(-7.0, 7.0)], -1)
 
-    def _affine(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mu(pa)`` ``[n, dim]`` and ``log sigma(pa)`` ``[n, 1]`` of the preconditioner
-        (the members' average)."""
+    def _affine(self, parents: torch.Tensor, members: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mu(pa)`` ``[n, dim]`` and ``log sigma(pa)`` ``[n, 1]`` of the preconditioner: the
+        average of its members' (``members``: their outputs when already computed)."""
         if self.loc_scale is None:
             zero = parents.new_zeros(parents.shape[0], 1)
             return zero.expand(-1, self.dim), zero
-        out = self._members(parents).mean(0)
+        out = (self._members(parents) if members is None else members).mean(0)
         return out[:, :self.dim], out[:, self.dim:]
 
     # -- training -------------------------------------------------------------------
@@ -441,22 +442,20 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         low variance. With ``prediction="v"`` the network predicts
         ``v = sqrt(abar) e - sqrt(1 - abar) x`` (Salimans & Ho 2022) and is trained on it;
         its noise prediction is ``sqrt(1 - abar) x_t + sqrt(abar) v``. With ``loc_scale`` the
-        loss adds the mean of the preconditioner members' Gaussian NLLs; the denoising loss's value is in the
-        units of ``x`` (times ``sigma^2``), its gradient that of the standardized residuals
-        (unweighted). No ``.item()`` and no permutation: the loss works per record under
-        ``torch.func.vmap`` (DP-SGD).
+        loss adds the mean of the preconditioner members' Gaussian NLLs; the denoising loss's
+        value is in the units of ``x`` (times ``sigma^2``), its gradient that of the standardized
+        residuals (unweighted). No ``.item()`` and no permutation: the loss works per record
+        under ``torch.func.vmap`` (DP-SGD).
         """
         self._check(value, parents)
         # Gaussian NLL (up to a constant) trains the preconditioner, each member on its own;
         # the denoiser sees the residuals of their average, held fixed (no gradient through them).
-        nll = 0.0
+        nll, each = 0.0, None
         if self.loc_scale is not None:
             each = self._members(parents)
             z_each = (value - each[..., :self.dim]) * torch.exp(-each[..., self.dim:])
             nll = ((0.5 * z_each ** 2).sum(-1) + self.dim * each[..., self.dim]).mean(0)
-            mu, log_sigma = each.mean(0).split([self.dim, 1], -1)  # = _affine, members run once
-        else:
-            mu, log_sigma = self._affine(parents)
+        mu, log_sigma = self._affine(parents, each)
         z = (value - mu) * torch.exp(-log_sigma)
         value = z.detach()
         cond = self._cond(parents, mu, log_sigma)

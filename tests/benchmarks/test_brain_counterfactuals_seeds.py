@@ -76,3 +76,23 @@ def test_summarize_cli_writes_json_and_markdown(bench, tmp_path):
     assert (tmp_path / "out" / "seeds.md").read_text().startswith("# Counterfactual brain scans over --seed 0, 1, 2")
     with pytest.raises(SystemExit, match="cannot read"):
         bench.main(["--summarize", str(tmp_path / "missing.json"), str(paths[0]), "--out", str(tmp_path)])
+
+
+def test_finetuning_predictor_learns_the_parents_as_the_mechanism_sees_them(bench):
+    # parent_nll reads the mechanism's parent layout (one-hot scanner, standardized volumes), so the
+    # fine-tuning predictor must be fitted on those columns, not on the raw volumes in mL.
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    scanner = torch.randint(0, 3, (n,), generator=gen)
+    vol = torch.randn(n, 1, generator=gen) * 2.0 + 5.0  # a column in the layout: its mean 5, sd 2
+    pa = torch.cat([torch.nn.functional.one_hot(scanner, 3).float(), vol], 1)
+    x = torch.rand(n, 1, 16, 16, generator=gen)
+    guide = bench.finetuning_predictor(x, pa, {"scanner": 3, "icv": 1}, {"scanner": 3, "icv": "continuous"},
+                                       16, seed=0, max_epochs=1)
+    assert list(guide.targets) == ["scanner", "icv"]
+    assert float(guide.loc[1]) == pytest.approx(float(vol.mean()), rel=1e-5)
+    assert float(guide.scale[1]) == pytest.approx(float(vol.std()), rel=1e-5)
+    nll = guide.parent_nll(x, pa)
+    assert nll.shape == (n,) and bool(torch.isfinite(nll).all())

@@ -123,8 +123,8 @@ class CausalModel:
             cls = registry.get(spec.pop("name"))
             try:
                 mechs[_key(name)] = cls(self.codecs[name].vtype, parents, **spec)
-            except MedCausalError:
-                raise
+            except MedCausalError as e:  # same class, the variable named: mechanisms do not know it
+                raise type(e)(f"mechanism {cls.name!r} of {name!r}: {e}") from None
             except (TypeError, ValueError) as e:  # e.g. int("x") of a setting given as a string
                 raise MedCausalError(f"bad settings for mechanism {cls.name!r} of {name!r}: {e}") from None
         self.mechanisms = nn.ModuleDict(mechs)

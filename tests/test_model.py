@@ -393,3 +393,10 @@ def test_a_mechanism_setting_of_the_wrong_type_names_the_variable(lg_graph, lg_d
     model = mc.CausalModel(lg_graph, mechanisms={"y": {"name": "flow", "transforms": "x"}})
     with pytest.raises(MedCausalError, match="bad settings for mechanism 'flow' of 'y'"):
         model.fit(lg_data[0], max_epochs=1, verbose=False)
+
+
+def test_a_mechanisms_own_setting_error_names_the_variable_and_keeps_its_class(lg_graph, lg_data):
+    model = mc.CausalModel(lg_graph, mechanisms={"y": {"name": "diffusion", "loc_scale_members": 0}})
+    with pytest.raises(MedCausalError, match="mechanism 'diffusion' of 'y': diffusion: loc_scale_members must be") as e:
+        model.fit(lg_data[0], max_epochs=1, verbose=False)
+    assert type(e.value) is MedCausalError

@@ -412,44 +412,36 @@ def main(argv=None):
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         mech.eval()
         log(f"evaluating {name} (trained {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU)")
-        t0 = time.perf_counter()
-        r = evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, args.seed,
-                     ref_feats=ref_feats, soundness_n=args.soundness_n,
-                     reconstruct_is_null=(kind == "image-diffusion"), realism=realism)
-        r.update({"train_seconds": seconds, "train_cpu_seconds": cpu_seconds, "steps": fit.steps, "lr": lr,
-                  "best_val_loss_nats": fit.best_val_loss,
-                  "train_images_per_s": fit.steps * args.batch_size / seconds,
-                  "eval_seconds": time.perf_counter() - t0,
-                  "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams})
-        results[name] = r
-        log(f"{name}: CF MAE {_query_mean(r):.4f}")
-        summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
-                       total_cpu_seconds=time.process_time() - cpu_all)
-        _write(summary, args.out, stem)  # partial results survive an interrupted run
+
+        def score(label, steps, seconds, cpu_seconds, **extra):
+            """Evaluate the mechanism as it is now, record it under ``label``, write the partial results."""
+            t0 = time.perf_counter()
+            r = evaluate(label, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets,
+                         args.seed, ref_feats=ref_feats, soundness_n=args.soundness_n,
+                         reconstruct_is_null=(kind == "image-diffusion"), realism=realism)
+            r.update({"train_seconds": seconds, "train_cpu_seconds": cpu_seconds, "steps": steps, "lr": lr,
+                      "best_val_loss_nats": fit.best_val_loss, "train_images_per_s": steps * args.batch_size / seconds,
+                      "eval_seconds": time.perf_counter() - t0,
+                      "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams, **extra})
+            results[label] = r
+            log(f"{label}: CF MAE {_query_mean(r):.4f}")
+            summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
+                           total_cpu_seconds=time.process_time() - cpu_all)
+            _write(summary, args.out, stem)  # partial results survive an interrupted run
+            return r
+
+        r = score(name, fit.steps, seconds, cpu_seconds)
         if guide is not None and kind in ("hvae", "cvae"):
-            cft = f"{name}-cft"
             log(f"counterfactual fine-tuning of {name}: {args.finetune_steps} steps, lr {args.finetune_lr}")
             t0, c0 = time.perf_counter(), time.process_time()
             tuned = mech.finetune_counterfactual(x_train, pa_train, guide.parent_nll, elbo_slack=args.finetune_slack,
                                                  max_steps=args.finetune_steps, batch_size=args.batch_size,
                                                  lr=args.finetune_lr, seed=args.seed, verbose=None)
             ft_seconds, ft_cpu = time.perf_counter() - t0, time.process_time() - c0
-            t0 = time.perf_counter()
-            r = evaluate(cft, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, args.seed,
-                         ref_feats=ref_feats, soundness_n=args.soundness_n, realism=realism)
-            r.update({"train_seconds": seconds + ft_seconds, "train_cpu_seconds": cpu_seconds + ft_cpu,
-                      "steps": fit.steps + tuned.steps, "lr": lr, "finetune_steps": tuned.steps,
-                      "finetune_lr": args.finetune_lr, "finetune_seconds": ft_seconds,
-                      "finetune_cpu_seconds": ft_cpu, "elbo_target_nats": tuned.elbo_target,
-                      "lagrange_multiplier": tuned.lagrange_multiplier, "best_val_loss_nats": fit.best_val_loss,
-                      "train_images_per_s": (fit.steps + tuned.steps) * args.batch_size / (seconds + ft_seconds),
-                      "eval_seconds": time.perf_counter() - t0,
-                      "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams})
-            results[cft] = r
-            log(f"{cft}: CF MAE {_query_mean(r):.4f}")
-            summary.update(load_average=os.getloadavg(), total_seconds=time.perf_counter() - t_all,
-                           total_cpu_seconds=time.process_time() - cpu_all)
-            _write(summary, args.out, stem)
+            score(f"{name}-cft", fit.steps + tuned.steps, seconds + ft_seconds, cpu_seconds + ft_cpu,
+                  finetune_steps=tuned.steps, finetune_lr=args.finetune_lr, finetune_seconds=ft_seconds,
+                  finetune_cpu_seconds=ft_cpu, elbo_target_nats=tuned.elbo_target,
+                  lagrange_multiplier=tuned.lagrange_multiplier)
         if kind == "image-diffusion" and args.sweep:
             n = args.sweep_n or args.n_test
             queries = args.sweep_queries or list(QUERIES)

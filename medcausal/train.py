@@ -1,7 +1,8 @@
 """The one training loop every mechanism is trained with.
 
 ``train(module, tensors, config)`` minimizes ``module(batch).mean()`` where ``batch``
-is a dict of row-aligned tensors: minibatches, a validation split with early stopping
+is a dict of row-aligned tensors: minibatches, a validation split (random, or the rows
+``val_rows`` names) with early stopping
 (the best weights are restored, per part: see below), a learning rate halved on plateaus
 of the total validation loss, a progress bar
 on a terminal, and data-parallel training when launched under ``torchrun``
@@ -65,12 +66,17 @@ class TrainConfig:
     seed: int = 0
     verbose: bool | None = None  # None: a progress bar only when stderr is a terminal
     device: str = "cpu"
+    # Rows (indices into the tensors) that form the validation set, e.g. a declared split;
+    # the other rows train. None: a random ``val_fraction`` of the rows.
+    val_rows: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.max_epochs < 1 or self.batch_size < 1:
             raise MedCausalError("max_epochs and batch_size must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedCausalError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_rows is not None:
+            self.val_rows = tuple(int(i) for i in self.val_rows)
 
 
 @dataclass
@@ -99,9 +105,22 @@ def distributed_setup(device: str = "cpu") -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _split(n: int, val_fraction: float, generator: torch.Generator):
+def _split(n: int, config: TrainConfig, generator: torch.Generator):
+    """Training and validation rows: the given ``val_rows``, or a random ``val_fraction``."""
+    if config.val_rows is not None:
+        val = torch.tensor(config.val_rows, dtype=torch.long)
+        if len(val) and (int(val.min()) < 0 or int(val.max()) >= n):
+            raise MedCausalError(f"val_rows must index the {n} rows, got values in [{int(val.min())}, "
+                                 f"{int(val.max())}]")
+        if len(set(config.val_rows)) != len(val):
+            raise MedCausalError("val_rows holds a row more than once")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[val] = False
+        if not keep.any():
+            raise MedCausalError(f"val_rows takes all {n} rows: none are left to train on")
+        return torch.nonzero(keep).squeeze(1), val
     perm = torch.randperm(n, generator=generator)
-    n_val = int(round(n * val_fraction)) if n >= 20 else 0
+    n_val = int(round(n * config.val_fraction)) if n >= 20 else 0
     return perm[n_val:], perm[:n_val]
 
 
@@ -152,7 +171,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         return _train_private(module, tensors, config, privacy, on_epoch)
     rank, world = distributed_setup(config.device)
     gen = torch.Generator().manual_seed(config.seed)
-    train_idx, val_idx = _split(n, config.val_fraction, gen)
+    train_idx, val_idx = _split(n, config, gen)
     device = torch.device(config.device)
     module.to(device)
     tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -271,6 +290,9 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
     if world > 1:
         raise MedCausalError("private training under torchrun (Opacus DPDDP) is not supported yet; "
                              "train on one process")
+    if config.val_rows is not None:
+        raise MedCausalError("private training has no validation set (every record trains under the "
+                             "accountant): leave val_rows unset")
     device = torch.device(config.device)
     module.to(device)
     tensors = {k: v.to(device) for k, v in tensors.items()}

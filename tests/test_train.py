@@ -56,6 +56,30 @@ def test_divergence_is_reported():
         train(Boom(), {"x": torch.ones(100, 1)}, TrainConfig(verbose=False))
 
 
+def test_given_val_rows_are_the_validation_set_and_never_train():
+    # rows 0-79 hold 0, rows 80-99 hold 10: trained on the first only, mu goes to 0, and each epoch's
+    # validation loss is the squared error on the last rows, (10 - mu)^2 (a random split would mix them)
+    x = torch.cat([torch.zeros(80, 1), torch.full((20, 1), 10.0)])
+    m = Mean()
+    result = train(m, {"x": x}, TrainConfig(max_epochs=60, lr=0.1, batch_size=16, patience=100,
+                                            val_rows=range(80, 100), verbose=False))
+    assert abs(m.mu.item()) < 1e-3
+    assert result.history[-1]["val_loss"] == pytest.approx((10.0 - m.mu.item()) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows, message", [((0, 100), "must index the 100 rows"), ((3, 3), "more than once"),
+                                           (range(100), "none are left to train on")])
+def test_bad_val_rows_are_refused(rows, message):
+    with pytest.raises(MedCausalError, match=message):
+        train(Mean(), {"x": torch.zeros(100, 1)}, TrainConfig(max_epochs=1, val_rows=rows, verbose=False))
+
+
+def test_private_training_refuses_val_rows():
+    with pytest.raises(MedCausalError, match="private training has no validation set"):
+        train(Mean(), {"x": torch.zeros(100, 1)}, TrainConfig(max_epochs=1, val_rows=[0], verbose=False),
+              privacy=object())
+
+
 def test_bad_config():
     with pytest.raises(MedCausalError, match="val_fraction"):
         TrainConfig(val_fraction=1.5)

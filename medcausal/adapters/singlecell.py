@@ -129,7 +129,8 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
     untreated cells, ``"A+B"`` for combinations); ``covariate_keys``: context columns
     (cell type, donor, batch); ``layer``: raw counts (``None`` for ``.X``);
     ``dose_key``: optional numeric dose column; ``split_key``: optional column of
-    split names (``"train"`` rows are used by :meth:`FCRModel.fit` when it is set).
+    split names (when it is set, :meth:`FCRModel.fit` trains on the ``"train"`` rows and
+    validates on the ``"val"`` rows, if any).
     Returns None, or the annotated copy with ``copy=True``.
 
     >>> import anndata as ad
@@ -392,16 +393,19 @@ class FCRModel:
             seed: int = 0, verbose: bool | None = None, device: str = "cpu") -> "FCRModel":
         """Train on the cells of ``adata`` (its ``"train"`` split when a split key was declared).
 
-        Counts stream from the declared layer in minibatches; returns ``self``.
+        A declared split's ``"val"`` (or ``"validation"``) rows are the validation set of early
+        stopping; without any, a random ``val_fraction`` of the training cells is. Counts stream
+        from the declared layer in minibatches; returns ``self``.
         """
         setup = get_setup(adata)
         if setup["n_vars"] != adata.n_vars:
             raise DataError(f"setup_anndata saw {setup['n_vars']} genes, the AnnData has {adata.n_vars}: "
                             "call setup_anndata again after subsetting genes")
-        rows = np.arange(adata.n_obs)
+        rows, val = np.arange(adata.n_obs), np.arange(0)
         if setup.get("split_key"):
             split = adata.obs[setup["split_key"]].astype(str).to_numpy()
             rows = np.flatnonzero(split == "train")
+            val = np.flatnonzero(np.isin(split, ("val", "validation")))
             if rows.size == 0:
                 raise DataError(f"obs[{setup['split_key']!r}] has no 'train' rows")
         if rows.size < 2:
@@ -416,18 +420,26 @@ class FCRModel:
         self.var_names = list(map(str, adata.var_names))
         self._build(setup, adata.n_vars)
         parents = torch.from_numpy(_encode_obs(adata.obs.iloc[rows], setup))
+        if val.size:
+            try:
+                val_parents = torch.from_numpy(_encode_obs(adata.obs.iloc[val], setup))
+            except DataError as e:
+                raise DataError(f"obs[{setup['split_key']!r}] 'val' rows: {e}; validation cells must hold "
+                                "what the 'train' rows show") from None
+            parents = torch.cat([parents, val_parents])
         source = _CountRows(adata, setup.get("layer"))
         gen = np.random.default_rng(seed)
         init_rows = np.sort(gen.choice(rows.size, size=min(rows.size, 2000), replace=False))
         self.module.initialize(torch.from_numpy(source.rows(rows[init_rows])))
-        tensors = {"parents": parents, "counts": _LazyTensor(source, rows)}
+        tensors = {"parents": parents, "counts": _LazyTensor(source, np.concatenate([rows, val]))}
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
-                             seed=seed, verbose=verbose, device=device)
+                             seed=seed, verbose=verbose, device=device,
+                             val_rows=range(rows.size, rows.size + val.size) if val.size else None)
         result = train(_Objective(self.module), tensors, config)
         self.module.to("cpu").eval()
         self.history = result.history
-        self.fit_info = {"seed": seed, "n_cells": int(rows.size), "best_epoch": result.best_epoch,
+        self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size), "best_epoch": result.best_epoch,
                          "best_val_loss": result.best_val_loss, "epochs": len(result.history),
                          "steps": result.steps, "seconds": round(result.seconds, 3),
                          "stopped_early": result.stopped_early}

@@ -207,6 +207,20 @@ def test_split_key_trains_on_train_rows(sim):
     assert m.fit_info["n_cells"] == 100
 
 
+def test_declared_val_rows_validate_and_must_hold_what_train_rows_show(sim):
+    a = sim.sample(150, seed=6)
+    a.obs["split"] = np.where(np.arange(150) < 100, "train", np.where(np.arange(150) < 130, "val", "test"))
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", split_key="split")
+    m = scad.fit_fcr(a, hparams=SMALL, max_epochs=1, verbose=False)
+    assert (m.fit_info["n_cells"], m.fit_info["n_val_cells"]) == (100, 30)
+    labels = a.obs["perturbation"].astype(str)
+    assert labels.str.contains("P3").any()
+    a.obs["split"] = np.where(labels.str.contains("P3"), "val", "train")  # P3 only in validation rows
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", split_key="split")
+    with pytest.raises(DataError, match="obs\\['split'\\] 'val' rows: .*P3"):
+        scad.fit_fcr(a, hparams=SMALL, max_epochs=1, verbose=False)
+
+
 def test_latent_shift_baseline_through_the_same_entry_point(cells):
     m = scad.FCRModel("latent-shift", n_latent=6, **SMALL).fit(cells, max_epochs=2, verbose=False)
     a = m.write_latents(cells, copy=True)

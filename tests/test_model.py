@@ -350,6 +350,33 @@ def test_discrete_columns_come_back_in_their_own_dtype(tmp_path):
     assert (flipped["sex"].to_numpy() == ~df["sex"].to_numpy()[:20]).all()
 
 
+def test_date_categories_take_any_date_type_and_survive_the_model_file(tmp_path):
+    import datetime
+
+    from medcausal.adapters.tabular import Codec
+
+    rng = np.random.default_rng(0)
+    visit = pd.to_datetime(rng.choice(["2020-01-01", "2021-06-01"], 200))
+    df = pd.DataFrame({"visit": visit, "y": rng.normal(size=200) + 3.0 * (visit.year == 2021)})
+    graph = mc.CausalGraph({"visit": "categorical", "y": "continuous"}, edges=[("visit", "y")])
+    model = mc.CausalModel(graph).fit(df, max_epochs=2, verbose=False)
+    assert model.codecs["visit"].vtype.categories == ("2020-01-01T00:00:00", "2021-06-01T00:00:00")
+    loaded = mc.CausalModel.load(model.save(tmp_path / "m.mcm"))
+    answers = [m.counterfactual(df[:5], do={"visit": v}) for m in (model, loaded)
+               for v in (pd.Timestamp("2020-01-01"), datetime.datetime(2020, 1, 1), np.datetime64("2020-01-01"),
+                         "2020-01-01T00:00:00")]
+    for out in answers + [model.sample(5, seed=0)]:
+        assert out["visit"].dtype == df["visit"].dtype
+    for out in answers:
+        assert (out["visit"] == pd.Timestamp("2020-01-01")).all()
+        pd.testing.assert_series_equal(out["y"], answers[0]["y"])
+    # files written when date categories were stored as integer nanoseconds read the same
+    old = Codec("visit", mc.graph.Categorical(tuple(pd.Timestamp(c).value for c in ("2020-01-01", "2021-06-01"))),
+                {"dtype": "datetime64[ns]"})
+    assert old.encode(df[:3]).tolist() == model.codecs["visit"].encode(df[:3]).tolist()
+    assert (old.restore(np.array([1577836800000000000])) == np.datetime64("2020-01-01")).all()
+
+
 def test_refit_learns_new_categories_and_bad_tables_are_named(lg_graph):
     df, _ = linear_gaussian(200, seed=1)
     model = mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)

@@ -6,7 +6,9 @@ tensor into features for the variable's children, and turns tensors back into co
 - continuous: standardized with the training mean/std; the training range is kept to
   warn about interventions outside it. Vector variables use columns ``name[0]``, ``name[1]``...
 - binary: 0/1 (``True``/``False`` accepted); a float ``[n, 1]`` index.
-- categorical: the index into ``categories`` (declared, or the sorted values seen at fit).
+- categorical: the index into ``categories`` (declared, or the sorted values seen at fit);
+  dates and times are kept as ISO strings (``"2021-06-01T00:00:00"``), so a model file
+  stays JSON and ``do=`` takes a ``Timestamp``, a ``datetime`` or that string alike.
 - image / expression: arrays from a :class:`~medcausal.Cohort`, passed through as float.
 
 >>> import pandas as pd
@@ -20,6 +22,7 @@ tensor into features for the variable's children, and turns tensors back into co
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -109,7 +112,7 @@ class Codec:
             col = _table(data)[name]
             if col.isna().any():
                 raise DataError(f"column {name!r} has {int(col.isna().sum())} missing value(s)")
-            cats = sorted(pd.unique(col).tolist(), key=lambda v: (str(type(v)), v))
+            cats = sorted({_plain(v) for v in pd.unique(col)}, key=lambda v: (str(type(v)), v))
             if len(cats) < 2:
                 raise DataError(f"categorical column {name!r} has a single value {cats}; "
                                 "declare its categories or drop the variable")
@@ -129,6 +132,8 @@ class Codec:
         if dtype == "category":
             return pd.Categorical(values, categories=self.state["dtype_categories"],
                                   ordered=bool(self.state.get("ordered", False)))
+        if dtype.startswith("datetime64"):  # ISO strings (or, in older files, integer nanoseconds)
+            return pd.Series(pd.to_datetime(list(values))).astype(dtype).to_numpy()
         try:
             return np.asarray(values).astype(np.dtype(dtype))
         except (TypeError, ValueError):
@@ -190,6 +195,8 @@ class Codec:
             cats = list(self.vtype.categories)
             lookup = {c: i for i, c in enumerate(cats)}
             lookup.update({str(c): i for i, c in enumerate(cats)})
+            if any(isinstance(c, int) for c in cats) and self.state.get("dtype", "").startswith("datetime64"):
+                lookup.update({_plain(pd.Timestamp(c)): i for i, c in enumerate(cats)})  # older files: ns
             idx = np.array([lookup.get(_plain(v), lookup.get(str(v), -1)) for v in values])
             if (idx < 0).any():
                 unseen = pd.unique(values[idx < 0])[:5].tolist()
@@ -255,7 +262,10 @@ class Codec:
 
 
 def _plain(v: Any) -> Any:
-    """numpy scalars to Python scalars, so categories are JSON-serializable."""
+    """numpy scalars to Python scalars and dates/times to ISO strings, so categories are
+    JSON-serializable and a date matches whatever type it is given as."""
+    if isinstance(v, (np.datetime64, datetime.date)):  # datetime and pd.Timestamp included
+        return pd.Timestamp(v).isoformat()
     return v.item() if isinstance(v, np.generic) else v
 
 

@@ -230,10 +230,26 @@ class CausalModel:
         ``model.history`` (losses, learning rate, and ``val_parts``: each mechanism's
         validation loss by variable name), e.g. to trace a query's accuracy during training.
 
+        A fit that fails or is interrupted leaves the model as it was (its weights, codecs and
+        privacy ledger), never half-trained under the old ledger.
+
         ``privacy=mc.Privacy(epsilon=..., ...)`` trains every mechanism jointly with DP-SGD
         under one accountant (no validation split, no early stopping); the ledger is
         ``model.privacy``. See ``privacy/PRIVACY.md``.
         """
+        kept = {k: getattr(self, k, None) for k in ("codecs", "graph", "mechanisms", "privacy", "fit_info",
+                                                    "history", "device")}
+        try:
+            return self._fit(data, seed=seed, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
+                             lr=lr, val_fraction=val_fraction, patience=patience, verbose=verbose,
+                             device=device, privacy=privacy, on_epoch=on_epoch)
+        except BaseException:  # KeyboardInterrupt too
+            for k, v in kept.items():
+                setattr(self, k, v)
+            raise
+
+    def _fit(self, data, *, seed, max_epochs, max_steps, batch_size, lr, val_fraction, patience, verbose,
+             device, privacy, on_epoch) -> "CausalModel":
         if on_epoch is not None and not callable(on_epoch):
             raise MedCausalError(f"fit(on_epoch=...) takes a function of the epoch's record, got "
                                  f"{type(on_epoch).__name__}")

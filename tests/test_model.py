@@ -377,6 +377,23 @@ def test_date_categories_take_any_date_type_and_survive_the_model_file(tmp_path)
     assert (old.restore(np.array([1577836800000000000])) == np.datetime64("2020-01-01")).all()
 
 
+def test_a_refit_that_fails_leaves_the_model_as_it_was(lg_graph, lg_data):
+    model = mc.CausalModel(lg_graph).fit(lg_data[0], max_epochs=2, verbose=False)
+    ledger = {"epsilon": 1.0, "delta": 1e-5, "privacy_unit": "row"}
+    model.privacy = dict(ledger)  # stands for the ledger of an earlier private fit
+    before = model.counterfactual(lg_data[0][:5], do={"x": 1.0}, seed=0)
+    state = {k: v.clone() for k, v in model.mechanisms.state_dict().items()}
+
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(lg_data[0][:1000], max_epochs=5, seed=1, verbose=False, on_epoch=interrupt)
+    assert model.privacy == ledger
+    assert all(torch.equal(v, state[k]) for k, v in model.mechanisms.state_dict().items())
+    pd.testing.assert_frame_equal(model.counterfactual(lg_data[0][:5], do={"x": 1.0}, seed=0), before)
+
+
 def test_refit_learns_new_categories_and_bad_tables_are_named(lg_graph):
     df, _ = linear_gaussian(200, seed=1)
     model = mc.CausalModel(lg_graph).fit(df, max_epochs=1, verbose=False)

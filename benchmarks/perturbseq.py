@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--sim-seed", type=int, default=0,
                     help="structural seed of the PerturbSeq simulator (default 0)")
+    ap.add_argument("--fcr-hparams", type=json.loads, default={},
+                    help='hyperparameters of the fcr model, as JSON (e.g. \'{"lambda_cls_interaction": 0}\')')
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,11 +157,11 @@ def main(argv=None) -> dict:
     report = {"command": "python benchmarks/perturbseq.py" + "".join(f" {a}" for a in (argv or [])),
               "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
-              "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+              "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams, "python": platform.python_version(),
               "models": {}}
     for name in args.models:
         t0 = time.perf_counter()
-        model = FCRModel(name).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
+        model = FCRModel(name, **(args.fcr_hparams if name == "fcr" else {})).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
                                    patience=sizes["patience"], seed=0, verbose=None)
         fit_s = time.perf_counter() - t0
         queries = _evaluate_queries(sim, model, controls, targets, seed=2)

@@ -51,7 +51,11 @@ The loss is the negative ELBO in nats per image (``has_log_prob = False``). The 
 are averaged (EMA, with the usual warm-up ``min(decay, (1 + t) / (10 + t))``) after each
 optimizer step; ``sample``/``abduct`` use the averaged weights (``use_ema=False`` to
 query the live ones). Optional counterfactual fine-tuning with frozen anti-causal
-predictors: :meth:`HVAEMechanism.finetune_counterfactual` (off unless called).
+predictors: :meth:`HVAEMechanism.finetune_counterfactual` (off unless called). On the
+synthetic brains it made true counterfactuals worse (32x32, 1000 steps after 3000: CF MAE
+0.0151 -> 0.0173; ``benchmarks/results/brain_counterfactuals_32_3000_cft.md``): it moves the
+scans toward what the frozen predictors read, which is not the true counterfactual. Latents
+as mediators gave 0.0156 on the same cohort (``brain_counterfactuals_32_3000_mediator.md``).
 
 >>> import torch
 >>> from medcausal.graph import Image

@@ -157,12 +157,13 @@ def main(argv=None) -> dict:
     report = {"command": "python benchmarks/perturbseq.py" + "".join(f" {a}" for a in (argv or [])),
               "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
-              "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams, "python": platform.python_version(),
-              "models": {}}
+              "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams,
+              "python": platform.python_version(), "models": {}}
     for name in args.models:
         t0 = time.perf_counter()
-        model = FCRModel(name, **(args.fcr_hparams if name == "fcr" else {})).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
-                                   patience=sizes["patience"], seed=0, verbose=None)
+        hparams = args.fcr_hparams if name == "fcr" else {}
+        model = FCRModel(name, **hparams).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
+                                              patience=sizes["patience"], seed=0, verbose=None)
         fit_s = time.perf_counter() - t0
         queries = _evaluate_queries(sim, model, controls, targets, seed=2)
         rep = _representation(sim, model, repr_cells)

@@ -439,9 +439,9 @@ class FCRModel:
         result = train(_Objective(self.module), tensors, config)
         self.module.to("cpu").eval()
         self.history = result.history
-        self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size), "best_epoch": result.best_epoch,
-                         "best_val_loss": result.best_val_loss, "epochs": len(result.history),
-                         "steps": result.steps, "seconds": round(result.seconds, 3),
+        self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),
+                         "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                         "epochs": len(result.history), "steps": result.steps, "seconds": round(result.seconds, 3),
                          "stopped_early": result.stopped_early}
         return self
 

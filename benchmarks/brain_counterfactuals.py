@@ -293,6 +293,8 @@ def main(argv=None):
                     help="realism on this many further patients (seed + 3) instead of the held-out set")
     ap.add_argument("--soundness-n", type=int, default=None,
                     help="composition/reversibility on the first k held-out patients (default all)")
+    ap.add_argument("--hvae-hparams", type=json.loads, default=None,
+                    help="hyperparameters of the hvae models, as JSON, over their defaults")
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="after training, also score each VAE after this many steps of counterfactual "
                          "fine-tuning (reported as NAME-cft; 0: off)")
@@ -401,6 +403,8 @@ def main(argv=None):
     for name in args.models:
         torch.manual_seed(args.seed)
         kind, hparams = MODELS[name]
+        if kind == "hvae" and args.hvae_hparams:
+            hparams = {**hparams, **args.hvae_hparams}
         mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
         steps, lr = args.steps, args.lr
         if kind == "image-diffusion":

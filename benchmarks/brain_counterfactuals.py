@@ -405,7 +405,10 @@ def main(argv=None):
         kind, hparams = MODELS[name]
         if kind == "hvae" and args.hvae_hparams:
             hparams = {**hparams, **args.hvae_hparams}
-        mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
+        try:
+            mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
+        except TypeError as e:  # e.g. a misspelt --hvae-hparams key
+            raise SystemExit(f"model {name!r} with settings {hparams}: {e}") from None
         steps, lr = args.steps, args.lr
         if kind == "image-diffusion":
             steps = args.diffusion_train_steps or args.steps

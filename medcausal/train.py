@@ -76,7 +76,10 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedCausalError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_rows is not None:
-            self.val_rows = tuple(int(i) for i in self.val_rows)
+            try:
+                self.val_rows = tuple(int(i) for i in self.val_rows)
+            except (TypeError, ValueError):
+                raise MedCausalError(f"val_rows must be row indices (integers), got {self.val_rows!r}") from None
 
 
 @dataclass

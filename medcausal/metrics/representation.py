@@ -25,6 +25,9 @@ function                       reference
 :func:`leeb_interventional`    Leeb et al., NeurIPS 2022 (latent responses)
 :func:`report`                 all of them in one table (Leeb et al. when
                                an encoder and a decoder are given)
+:func:`within_group_r2`        a diagnostic: how much of the factors'
+                               variation *within* known groups (e.g.
+                               experimental conditions) a code carries
 =============================  ==============================================
 
 Bad input raises :class:`medcausal.errors.DataError` (a ``ValueError``) whose
@@ -55,6 +58,7 @@ __all__ = [
     "SAPResult",
     "IRSResult",
     "LeebResult",
+    "WithinGroupR2Result",
     "mcc",
     "dci",
     "dci_from_importance",
@@ -64,6 +68,7 @@ __all__ = [
     "irs",
     "leeb_interventional",
     "report",
+    "within_group_r2",
 ]
 
 #: columns with at most this many distinct integer values are auto-detected as discrete
@@ -93,6 +98,18 @@ class MCCResult:
     corr: np.ndarray
     pairs: tuple[tuple[int, int], ...]
     matched: np.ndarray
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class WithinGroupR2Result:
+    """Cross-validated R² of each factor's within-group deviation from the code's.
+
+    ``per_factor`` holds one R² per factor column; ``score`` is their mean.
+    """
+
+    score: float
+    per_factor: np.ndarray
     settings: dict[str, Any]
 
 
@@ -480,6 +497,62 @@ def mcc(
         matched=matched,
         settings=settings,
     )
+
+
+def within_group_r2(factors: Any, codes: Any, groups: Any, *, folds: int = 3, seed: int = 0
+                    ) -> WithinGroupR2Result:
+    """How much of the factors' variation *within* each group the code carries.
+
+    Both arrays are centred on their group means (``groups``: one label per row, e.g.
+    the experimental condition), then each factor's deviation is predicted from the
+    code's deviations by a ridge regression (scikit-learn's ``RidgeCV`` on standardized
+    codes), out of fold (``folds``-fold, shuffled with ``seed``), and scored by R². A
+    code that only labels the groups scores 0, whatever its MCC: the diagnostic tells
+    a representation of the units apart from a representation of their conditions.
+    Not a published metric; a linear probe, so a nonlinear encoding scores lower.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> g = np.repeat(np.arange(4), 250)
+    >>> f = g[:, None] + rng.normal(size=(1000, 1))
+    >>> round(within_group_r2(f, f - g[:, None], g).score, 3)   # the units themselves
+    1.0
+    >>> abs(within_group_r2(f, g[:, None] * 1.0, g).score) < 0.01  # a code of the groups
+    True
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    f, fnames, c, _ = _check_pair(factors, codes, min_n=2 * max(int(folds), 2))
+    labels = np.asarray(groups)
+    if labels.ndim != 1 or len(labels) != len(f):
+        raise DataError(f"groups must hold one label per row ({len(f)}); got shape {labels.shape}")
+    if int(folds) < 2:
+        raise DataError(f"folds must be >= 2; got {folds}")
+    _, group = np.unique(labels, return_inverse=True)
+    count = np.bincount(group)[:, None]
+
+    def centred(a):
+        sums = np.zeros((count.shape[0], a.shape[1]))
+        np.add.at(sums, group, a)
+        return a - (sums / count)[group]
+
+    fw, cw = centred(f), centred(c)
+    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    pred = cross_val_predict(probe, cw, fw, cv=KFold(int(folds), shuffle=True, random_state=seed))
+    pred = pred.reshape(fw.shape)
+    sst = (fw ** 2).sum(0)
+    r2 = np.zeros(fw.shape[1])
+    for j in range(fw.shape[1]):
+        if sst[j] <= 1e-12 * max(1.0, float((f[:, j] ** 2).sum())):
+            _warn_constant("factor", fnames[j], "it does not vary within groups; its within-group R² is set to 0")
+        else:
+            r2[j] = 1.0 - float(((pred[:, j] - fw[:, j]) ** 2).sum()) / float(sst[j])
+    settings = {"probe": "ridge (RidgeCV, alphas 1e-3..1e3) on standardized within-group code deviations",
+                "folds": int(folds), "seed": int(seed), "n_groups": int(count.shape[0])}
+    return WithinGroupR2Result(score=float(r2.mean()), per_factor=r2, settings=settings)
 
 
 # --------------------------------------------------------------------------- #

@@ -59,6 +59,17 @@ def test_true_factors_match_themselves(bench, sim):
     assert rep["context"]["nmi_context"] > rep["treatment"]["nmi_context"] + 0.3
 
 
+def test_true_factors_carry_their_own_within_condition_variation(bench, sim):
+    cells = sim.sample(600, seed=3)
+    within = bench._within_condition("true-factors", cells)
+    assert set(within) == {"context", "treatment", "interaction", "all blocks"}
+    for block in ("context", "treatment", "interaction"):
+        # each true block holds its own factors exactly and none of the others' (independent noise
+        # within a condition; out-of-fold ridge R² of unrelated factors stays near 0)
+        assert within[block][block] > 0.999 and within["all blocks"][block] > 0.999
+        assert all(abs(within[block][other]) < 0.1 for other in within[block] if other != block)
+
+
 def test_targets_are_read_against_the_thresholds(bench):
     def model(deg, allg, mcc_tx, nmi_x, nmi_xt):
         return {"held_out_combinations_mean": {"r2_mean_deg": deg, "r2_mean_all": allg},

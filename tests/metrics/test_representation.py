@@ -29,6 +29,7 @@ from medcausal.metrics.representation import (
     mig,
     report,
     sap,
+    within_group_r2,
 )
 
 
@@ -508,3 +509,41 @@ def test_docstring_examples_run():
         warnings.simplefilter("ignore")
         result = doctest.testmod(rep, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- #
+# within-group R² (a diagnostic)
+# --------------------------------------------------------------------------- #
+
+
+def test_within_group_r2_matches_the_variance_share(rng):
+    # f = group effect + e1 + e2, code = e1 (plus a group shift): within groups the code
+    # explains var(e1) / (var(e1) + var(e2)) = 1 / (1 + 0.5^2) = 0.8 of f; a code of the
+    # groups alone explains nothing, however well it matches f across groups (MCC ~0.9).
+    n, g = 6000, np.repeat(np.arange(6), 1000)
+    e1, e2 = rng.normal(size=n), 0.5 * rng.normal(size=n)
+    f = (3.0 * g + e1 + e2)[:, None]
+    shifted = within_group_r2(f, (e1 - 2.0 * g)[:, None], g)
+    assert abs(shifted.score - 0.8) < 0.02  # tolerance: ~4 sd of the estimate at n = 6000
+    group_code = (3.0 * g)[:, None].astype(float)
+    assert mcc(f, group_code).score > 0.9
+    assert abs(within_group_r2(f, group_code, g).score) < 0.01
+    # several factors, several codes: one R² per factor, mixing undone by the probe
+    f2 = np.column_stack([e1, e2]) + g[:, None]
+    mixed = np.column_stack([e1 + e2, e1 - e2])
+    res = within_group_r2(f2, mixed, g)
+    assert res.per_factor.shape == (2,) and np.all(res.per_factor > 0.99)
+    assert res.settings["n_groups"] == 6
+
+
+def test_within_group_r2_bad_input_names_the_argument(rng):
+    f = rng.normal(size=(40, 2))
+    with pytest.raises(DataError, match="groups must hold one label per row"):
+        within_group_r2(f, f, np.zeros(39))
+    with pytest.raises(DataError, match="folds must be >= 2"):
+        within_group_r2(f, f, np.zeros(40), folds=1)
+    with pytest.raises(DataError, match="but codes has 39"):
+        within_group_r2(f, f[:39], np.zeros(40))
+    with pytest.warns(DegenerateColumnWarning, match="does not vary within groups"):
+        res = within_group_r2(np.arange(40.0)[:, None], f, np.arange(40))
+    assert res.score == 0.0

@@ -69,6 +69,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -316,7 +317,7 @@ def main(argv=None):
                          "brain_counterfactuals_seeds)")
     args = ap.parse_args(argv)
     if args.summarize:
-        command = "python benchmarks/brain_counterfactuals.py " + " ".join(
+        command = "python benchmarks/brain_counterfactuals.py " + shlex.join(
             argv if argv is not None else sys.argv[1:])
         md = summarize_main(args.summarize, args.out, args.stem or "brain_counterfactuals_seeds", command)
         print(md)
@@ -329,7 +330,7 @@ def main(argv=None):
         MODELS["image-diffusion"] = ("image-diffusion", dict(args.diffusion_hparams))
     torch.set_num_threads(args.threads)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
-    command = (f"{env} " if env else "") + "python benchmarks/brain_counterfactuals.py " + " ".join(
+    command = (f"{env} " if env else "") + "python benchmarks/brain_counterfactuals.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     stem = args.stem or ("brain_counterfactuals" + ("_quick" if args.quick else ""))
     load_start = os.getloadavg()

@@ -30,6 +30,7 @@ import argparse
 import inspect
 import json
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -225,7 +226,7 @@ def main(argv=None):
         if variant not in ("additive", "non-additive"):
             p.error(f"--scms {spec!r}: write name:additive or name:non-additive")
         mc.synthetic.scm(name)  # unknown names fail here, before any fitting
-    command = "python benchmarks/diffusion_steps.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/diffusion_steps.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
     started = time.time()
     rows = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     result = trace(args.scm, args.variant, args.every, args.n_train, args.n_units, max_epochs=args.max_epochs)
-    command = "python benchmarks/diffusion_training_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/diffusion_training_curve.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result["meta"] = {"command": command.strip(), "seconds": round(time.time() - t0, 1), "threads": args.threads,
                       "torch": torch.__version__, "medcausal": mc.__version__}
     stem = args.out / f"diffusion_training_curve_{args.scm}_{args.variant}"

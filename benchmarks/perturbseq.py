@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
     repr_cells = sim.sample(sizes["n_repr"], seed=3, conditions=[c for c in sim.conditions if c not in combos])
     targets = [(c, ct) for c in combos for ct in sim.cell_types] + [(pair[1], pair[0])]
     load_start = os.getloadavg()
-    report = {"command": "python benchmarks/perturbseq.py" + "".join(f" {a}" for a in (argv or [])),
+    report = {"command": " ".join(["python benchmarks/perturbseq.py", shlex.join(argv or [])]).strip(),
               "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
               "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams,

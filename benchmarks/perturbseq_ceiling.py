@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
                          "mean_r": float(np.mean(corr)), "r_per_factor": [round(c, 3) for c in corr]})
             print(f"{block:14s} {features:19s} {regressor:5s} mean r {rows[-1]['mean_r']:.3f} "
                   f"{rows[-1]['r_per_factor']}", flush=True)
-    command = "python benchmarks/perturbseq_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/perturbseq_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"meta": {"command": command.strip(), "seconds": round(time.time() - t0, 1),
                        "n_cells": args.n_cells}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -420,7 +421,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "privacy_quick" if args.quick else "privacy"
     result = {"quick": args.quick, "complete": False,
-              "command": "python benchmarks/privacy.py " + " ".join(argv or sys.argv[1:]),
+              "command": "python benchmarks/privacy.py " + shlex.join(argv or sys.argv[1:]),
               "threads": args.threads, "seconds": 0.0,
               "versions": f"medcausal {mc.__version__}, torch {torch.__version__}, opacus {opacus.__version__}",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "cost": [], "utility": [], "targets": []}

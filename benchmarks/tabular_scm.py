@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import warnings
@@ -308,7 +309,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.n_units, args.n_values, args.n_mmd = 1000, 50, 2, 200
-    command = "python benchmarks/tabular_scm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/tabular_scm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
     started = time.time()
     rows = []

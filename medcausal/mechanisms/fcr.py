@@ -347,6 +347,12 @@ class FCRMechanism(_CountMechanism):
     1000 genes; ``lambda_cls_interaction = 1`` from {1, 10}, see the module docstring; at 0
     the strong MCC of ``z_tx`` rose on simulator seed 0, 0.325 -> 0.550, but not on seed 1,
     0.365 -> 0.355, where the top-20 DEG R² of held-out combinations fell 0.814 -> 0.754).
+    Why that MCC stays low, from the benchmark's within-condition table: ``z_tx`` codes the
+    condition and holds only 0.30 / 0.24 / 0.39 (simulators 0 / 1 / 2) of the interaction
+    factors' variation within a condition, sharing it with ``z_t``. ``beta = 0.5`` moved the
+    MCC to 0.349 / 0.501 / 0.404 (from 0.325 / 0.365 / 0.512) and cost NMI(z_x, context) on
+    simulator 0 (0.848) and the held-out DEG R² on simulator 2 (0.712 -> 0.655); beta stays 1
+    (``benchmarks/results/perturbseq*_beta_0.5.md``).
 
     >>> from medcausal.graph import Expression
     >>> m = FCRMechanism(Expression(10), {"cell_type": 3, "perturbation": 4}, n_context=2)

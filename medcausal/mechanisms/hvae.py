@@ -57,7 +57,8 @@ synthetic brains it made true counterfactuals worse (32x32, 1000 steps after 300
 scans toward what the frozen predictors read, which is not the true counterfactual. Latents
 as mediators gave 0.0156 on the same cohort (``brain_counterfactuals_32_3000_mediator.md``),
 and a KL weight ``beta = 4`` (the latents made dearer, so the parents must carry more) 0.0149
-against 0.0151 at ``beta = 1`` (``brain_counterfactuals_32_3000_beta4.md``; cvae 0.0149).
+against 0.0151 at ``beta = 1`` (``brain_counterfactuals_32_3000_beta4.md``; cvae 0.0149), and
+at 64x64 0.0199 against 0.0203 (``brain_counterfactuals_64_3000_beta4.md``; cvae 0.0184).
 
 >>> import torch
 >>> from medcausal.graph import Image

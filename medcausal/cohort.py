@@ -29,7 +29,9 @@ class Cohort:
                  id_column: str = "id", meta: Mapping | None = None):
         if not isinstance(table, pd.DataFrame):
             raise DataError(f"Cohort.table must be a pandas DataFrame, got {type(table).__name__}")
-        table = table.reset_index(drop=True)
+        # an index named like the id column holds the ids: keep it as that column
+        keep_index = table.index.name == id_column and id_column not in table.columns
+        table = table.reset_index(drop=not keep_index)
         if id_column not in table.columns:
             table.insert(0, id_column, np.arange(len(table)))
         self.table = table
@@ -56,7 +58,12 @@ class Cohort:
         if isinstance(rows, slice):
             idx = np.arange(len(self))[rows]
         else:
-            idx = np.asarray(rows)
+            idx = np.atleast_1d(np.asarray(rows))
+            if idx.size == 0:
+                idx = idx.astype(int)
+            if idx.dtype.kind not in "biu":
+                raise DataError(f"a Cohort is indexed by row positions, a slice or a boolean mask, "
+                                f"got {rows!r}")
             if idx.dtype == bool:
                 if idx.shape[0] != len(self):
                     raise DataError(f"boolean mask has {idx.shape[0]} entries for {len(self)} rows")

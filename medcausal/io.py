@@ -62,8 +62,11 @@ def write_table(df, path: str | os.PathLike) -> None:
             df.to_csv(tmp, index=keep_index)
 
 
-def read_table(path: str | os.PathLike):
-    """Read a CSV or Parquet table, with a clear error for a missing or unreadable file."""
+def read_table(path: str | os.PathLike, str_columns=()):
+    """Read a CSV or Parquet table, with a clear error for a missing or unreadable file.
+
+    ``str_columns`` of a CSV are read as text, so ids like ``"001"`` stay as written.
+    """
     import pandas as pd
 
     from .errors import DataError
@@ -74,7 +77,7 @@ def read_table(path: str | os.PathLike):
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype={c: str for c in str_columns} or None)
     except Exception as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e}") from e
 

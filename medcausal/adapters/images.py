@@ -48,7 +48,7 @@ __all__ = ["ImageLoadWarning", "build_transforms", "image_transform_spec", "load
            "write_images", "IMAGE_SUFFIXES"]
 
 SPEC_FORMAT = "medcausal-image-transforms"
-SPEC_VERSION = 1
+SPEC_VERSION = 2       # 2: "resize_pad" fits the whole scan inside the shape (ResizeToFitd)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -57,7 +57,8 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + PIL_SUFFIXES + NPZ_SUFFIXES
 
 # MONAI dictionary transforms a spec may name (nothing else is ever instantiated)
 _ALLOWED = ("EnsureChannelFirstd", "Orientationd", "Spacingd", "ScaleIntensityd",
-            "ScaleIntensityRangePercentilesd", "Resized", "ResizeWithPadOrCropd", "EnsureTyped")
+            "ScaleIntensityRangePercentilesd", "Resized", "ResizeWithPadOrCropd", "EnsureTyped",
+            "ResizeToFitd")
 _KEY = "image"
 
 
@@ -74,6 +75,10 @@ def image_transform_spec(shape: Sequence[int] = (1, 64, 64), *, orientation: str
                          resize: str = "resize_pad", channels: str = "mean") -> dict:
     """The preprocessing of a scan to ``Image(shape)``, as JSON-serializable data.
 
+    ``shape`` is ``(C, H, W)`` (rows, columns) for 2D scans, ``(C, X, Y, Z)`` for volumes
+    in MONAI's voxel order (after ``orientation``; DICOM series: rows, columns, slices),
+    so slices come last.
+
     - ``orientation``: axis codes for ``Orientationd`` (3D volumes only; ``None`` keeps
       the file's voxel order);
     - ``spacing``: resample to this voxel size (mm) with ``Spacingd`` first, or ``None``;
@@ -81,14 +86,15 @@ def image_transform_spec(shape: Sequence[int] = (1, 64, 64), *, orientation: str
       (``ScaleIntensityRangePercentilesd`` of ``percentiles`` to [0, 1], clipped) or
       ``None`` (raw values);
     - ``resize``: ``"resize"`` (``Resized`` to the shape, aspect not kept),
-      ``"resize_pad"`` (longest side to the shape, then ``ResizeWithPadOrCropd``: aspect
-      kept), ``"pad_crop"`` (``ResizeWithPadOrCropd`` only) or ``"none"`` (must match);
+      ``"resize_pad"`` (scaled to fit inside the shape with ``ResizeToFitd``, then padded
+      with ``ResizeWithPadOrCropd``: aspect kept, nothing cropped), ``"pad_crop"``
+      (``ResizeWithPadOrCropd`` only) or ``"none"`` (must match);
     - ``channels``: how a scan with another channel count becomes ``shape[0]``:
       ``"mean"`` (e.g. RGB to grey) or ``"first"``.
 
     >>> spec = image_transform_spec((1, 32, 32), intensity="percentile")
     >>> [t["name"] for t in spec["transforms"]]
-    ['EnsureChannelFirstd', 'ScaleIntensityRangePercentilesd', 'Resized', 'ResizeWithPadOrCropd']
+    ['EnsureChannelFirstd', 'ScaleIntensityRangePercentilesd', 'ResizeToFitd', 'ResizeWithPadOrCropd']
     """
     shape = _check_shape(shape)
     nd = len(shape) - 1
@@ -119,8 +125,8 @@ def image_transform_spec(shape: Sequence[int] = (1, 64, 64), *, orientation: str
         ts.append({"name": "Resized", "kwargs": {"spatial_size": size, "mode": mode,
                                                  "anti_aliasing": True}})
     elif resize == "resize_pad":
-        ts.append({"name": "Resized", "kwargs": {"spatial_size": max(size), "size_mode": "longest",
-                                                 "mode": mode, "anti_aliasing": True}})
+        ts.append({"name": "ResizeToFitd", "kwargs": {"spatial_size": size, "mode": mode,
+                                                      "anti_aliasing": True}})
         ts.append({"name": "ResizeWithPadOrCropd", "kwargs": {"spatial_size": size}})
     elif resize == "pad_crop":
         ts.append({"name": "ResizeWithPadOrCropd", "kwargs": {"spatial_size": size}})
@@ -148,19 +154,47 @@ def build_transforms(spec: Mapping):
             raise DataError(f"image spec transform #{i} is {name!r}; allowed: {list(_ALLOWED)}")
         kwargs = dict(t.get("kwargs", {}))
         try:
-            out.append(getattr(mt, name)(keys=[_KEY], **kwargs))
+            cls = ResizeToFitd if name == "ResizeToFitd" else getattr(mt, name)
+            out.append(cls(keys=[_KEY], **kwargs))
         except TypeError as e:
             raise DataError(f"image spec transform #{i} ({name}): bad arguments {kwargs}: {e}") from None
     return mt.Compose(out)
+
+
+class ResizeToFitd:
+    """Scale a channel-first scan to fit inside ``spatial_size`` keeping its aspect (MONAI ``Resize``).
+
+    Every axis is scaled by ``min(target / size)``, so a later pad reaches the shape
+    without cropping.
+    """
+
+    def __init__(self, keys, spatial_size, mode="bilinear", anti_aliasing=True):
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.mode, self.anti_aliasing = mode, anti_aliasing
+
+    def __call__(self, data):
+        from monai.transforms import Resize
+
+        d = dict(data)
+        for k in self.keys:
+            size = d[k].shape[1:]
+            if len(size) != len(self.spatial_size):
+                raise ValueError(f"ResizeToFitd: scan has spatial shape {tuple(size)}, "
+                                 f"target {self.spatial_size}")
+            f = min(t / s for t, s in zip(self.spatial_size, size))
+            new = [min(t, max(1, round(s * f))) for t, s in zip(self.spatial_size, size)]
+            d[k] = Resize(new, mode=self.mode, anti_aliasing=self.anti_aliasing)(d[k])
+        return d
 
 
 def _check_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise DataError(f"shape must be (C, H, W) or (C, D, H, W), got {shape!r}") from None
+        raise DataError(f"shape must be (C, H, W) or (C, X, Y, Z), got {shape!r}") from None
     if len(shape) not in (3, 4) or min(shape) < 1:
-        raise DataError(f"shape must be (C, H, W) or (C, D, H, W), got {shape}")
+        raise DataError(f"shape must be (C, H, W) or (C, X, Y, Z), got {shape}")
     return shape
 
 
@@ -220,7 +254,8 @@ def _scan_folder(folder: Path) -> list[Path]:
 # reading one scan
 # --------------------------------------------------------------------------- #
 def _read(path: Path, kind: str):
-    """One scan as a MONAI MetaTensor (no channel axis yet) via the MONAI reader for its kind."""
+    """One scan as a MONAI MetaTensor via the MONAI reader for its kind: no channel axis, or
+    channel-first RGB (``meta["original_channel_dim"] == 0``)."""
     from monai.data import NibabelReader, PILReader, PydicomReader
     from monai.transforms import LoadImage
 
@@ -234,7 +269,9 @@ def _read(path: Path, kind: str):
             reader = PILReader(reverse_indexing=False)   # numpy (row, column) order
         img = LoadImage(reader=reader, image_only=True)(str(path))
     if kind == "pil" and img.ndim == 3 and img.shape[-1] in (3, 4):
-        img = img[..., :3].float().mean(-1)          # RGB(A) -> grey before channel-first
+        img = img[..., :3].permute(2, 0, 1).float()      # RGB(A) -> channel-first RGB
+        img.meta["original_channel_dim"] = 0
+    else:
         img.meta["original_channel_dim"] = "no_channel"
     return img
 
@@ -244,13 +281,20 @@ def _preprocess(img, transforms, spec: dict, where: str) -> tuple[np.ndarray, np
     shape = tuple(spec["shape"])
     nd = len(shape) - 1
     arr = img
-    # a 2D image stored as a single-slice volume
-    if arr.ndim == nd + 1 and nd == 2 and arr.shape[-1] == 1:
+    has_c = arr.meta.get("original_channel_dim") == 0
+    if has_c and arr.shape[0] != shape[0]:     # e.g. RGB into one channel: the spec's rule
+        arr = arr.float().mean(0) if spec.get("channels", "mean") == "mean" else arr[0]
+        has_c = False
+    # a 2D image stored as a single-slice volume, a volume with a trailing axis of 1
+    if not has_c and arr.ndim == nd + 1 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if arr.ndim != nd:
-        raise DataError(f"{where}: has {arr.ndim} spatial dimension(s) (shape {tuple(arr.shape)}); "
-                        f"the declared Image shape {shape} needs {nd}")
-    arr.meta["original_channel_dim"] = "no_channel"
+    if arr.ndim - has_c != nd:
+        hint = (" (a DICOM series is a folder of files: pass it in a list, images=[folder])"
+                if nd == 3 and str(arr.meta.get("filename_or_obj", "")).lower().endswith(DICOM_SUFFIXES)
+                else "")
+        raise DataError(f"{where}: has {arr.ndim - has_c} spatial dimension(s) (shape "
+                        f"{tuple(arr.shape)}); the declared Image shape {shape} needs {nd}{hint}")
+    arr.meta["original_channel_dim"] = 0 if has_c else "no_channel"
     try:
         out = transforms({_KEY: arr})[_KEY]
     except Exception as e:  # a MONAI transform failed on this scan: name it
@@ -272,6 +316,8 @@ def _preprocess(img, transforms, spec: dict, where: str) -> tuple[np.ndarray, np
 
 def _npz_items(path: Path, spec: dict, allow_pickle: bool = False):
     """MedMNIST-style arrays: ``<split>_images`` (+ ``<split>_labels``) or ``images``/``labels``."""
+    from monai.data import MetaTensor
+
     try:
         data = np.load(path, allow_pickle=allow_pickle)
         keys = list(data.keys())
@@ -297,9 +343,10 @@ def _npz_items(path: Path, spec: dict, allow_pickle: bool = False):
                     row["label"] = lab[0].item()
                 else:
                     row.update({f"label[{j}]": v.item() for j, v in enumerate(lab)})
-            img = images[i].astype(np.float32)
+            img = MetaTensor(images[i].astype(np.float32))
             if rgb:
-                img = img[..., :3].mean(-1)
+                img = img[..., :3].permute(-1, *range(nd))     # channel-first RGB
+            img.meta["original_channel_dim"] = 0 if rgb else "no_channel"
             yield f"{path.stem}:{split or 'all'}:{i}", img, row
 
 
@@ -314,8 +361,9 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
                 resize: str = "resize_pad", progress: bool | None = None) -> Cohort:
     """Load scans and their patients' variables into a :class:`~medcausal.Cohort`.
 
-    ``images`` is a folder (every image file in it, and every subfolder of DICOM
-    files as one series), a list of paths, a ``.npz`` file (MedMNIST style), or
+    ``images`` is a folder (every image file in it, each ``.dcm`` file one scan, and
+    every subfolder of DICOM files as one series), a list of paths (files or DICOM
+    series folders), a ``.npz`` file (MedMNIST style), or
     ``None`` with ``image_column`` naming a column of file paths in ``table``
     (relative paths are relative to the table file's folder). ``table`` is a
     DataFrame or a CSV/Parquet path with an ``id_column``; a scan's id is its file
@@ -353,7 +401,7 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
                                     intensity=intensity, resize=resize)
     spec = _check_spec(spec)
     transforms = build_transforms(spec)
-    tab, base = _read_table(table)
+    tab, base = _read_table(table, [id_column, image_column, f"{name}_path"])
     if tab is not None and id_column not in tab.columns:
         raise DataError(f"the table has no id column {id_column!r}; columns: {list(tab.columns)}")
     if tab is not None and tab[id_column].duplicated().any():
@@ -381,7 +429,7 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
             root = Path(images)
             if not root.exists():
                 raise DataError(f"image path {str(root)!r} does not exist")
-            paths = _scan_folder(root) if root.is_dir() and not _dicom_files(root) else [root]
+            paths = _scan_folder(root) if root.is_dir() else [root]
         elif isinstance(images, Iterable):
             paths = [Path(str(p)) for p in images]
             if not paths:
@@ -408,6 +456,7 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
                 alias[_stem(Path(tab[path_col].iloc[j]))] = uid
             alias[uid] = uid
         items = [(alias.get(it[0], it[0]), *it[1:]) for it in items]
+    scales = _png_scales(tab, id_column, name)
     dup = pd.Series([i[0] for i in items])
     if dup.duplicated().any():
         raise DataError(f"two scans share an id, e.g. {dup[dup.duplicated()].unique()[:5].tolist()}; "
@@ -443,14 +492,15 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
             if kind == "unknown":
                 raise DataError(f"{where}: unsupported file type (supported: {', '.join(IMAGE_SUFFIXES)})")
             if pre is not None:
-                from monai.data import MetaTensor
-
-                img = MetaTensor(pre)
+                img = pre
             else:
                 try:
                     img = _read(path, kind)
                 except Exception as e:
                     raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from None
+                s, file = scales.get(uid, (None, None))
+                if kind == "pil" and s is not None and file in (None, path.name):
+                    img = img.float() * s     # integers of a PNG written by write_images
             arr, affine = _preprocess(img, transforms, spec, where)
         except DataError as e:
             if on_error == "raise":
@@ -475,9 +525,6 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
         table_out = merged
     else:
         table_out, stack = info, np.stack(arrays)
-    scale_col = f"{name}_scale"
-    if scale_col in table_out.columns:   # PNGs written by write_images: 16-bit integers
-        stack = stack * table_out[scale_col].to_numpy(dtype=np.float32).reshape(-1, *[1] * (stack.ndim - 1))
     cohort = Cohort(table_out, {name: stack.astype(np.float32)}, id_column=id_column,
                     meta={"image_specs": {name: spec}, "skipped": skipped})
     if skipped:
@@ -488,13 +535,26 @@ def load_images(images: Any = None, table: pd.DataFrame | str | Path | None = No
     return cohort
 
 
-def _read_table(table) -> tuple[pd.DataFrame | None, Path]:
+def _png_scales(tab, id_column: str, name: str) -> dict[str, tuple[float, str | None]]:
+    """id -> (the ``<name>_scale`` of its PNG written by :func:`write_images`, that file's name)."""
+    scale_col, path_col = f"{name}_scale", f"{name}_path"
+    if tab is None or scale_col not in tab.columns:
+        return {}
+    files = tab[path_col] if path_col in tab.columns else pd.Series([None] * len(tab))
+    out = {}
+    for uid, s, f in zip(tab[id_column].astype(str), tab[scale_col], files):
+        if pd.notna(s):
+            out[uid] = (float(s), Path(f).name if isinstance(f, str) else None)
+    return out
+
+
+def _read_table(table, str_columns) -> tuple[pd.DataFrame | None, Path]:
     if table is None:
         return None, Path(".")
     if isinstance(table, pd.DataFrame):
         return table.reset_index(drop=True), Path(".")
     if isinstance(table, (str, Path)):
-        return read_table(table), Path(table).parent
+        return read_table(table, [c for c in str_columns if c]), Path(table).parent
     raise DataError(f"table= must be a DataFrame or a CSV/Parquet path, got {type(table).__name__}")
 
 
@@ -511,8 +571,10 @@ def write_images(cohort: Cohort, folder: str | Path, format: str = "nifti", *, n
 
     NIfTI keeps float32 values and the affine: ``affine=`` if given, else the
     ``<name>_affine`` column (written by :func:`load_images`), else the identity.
-    PNG holds 16-bit integers: values are scaled by the cohort's maximum, and the
-    factor is kept in the ``<name>_scale`` column, which :func:`load_images` applies.
+    PNG holds 16-bit integers (8-bit for RGB): values are scaled by the cohort's maximum,
+    and the factor is kept in the ``<name>_scale`` column, which :func:`load_images`
+    applies; NIfTI output drops that column. All rows are checked before any file is
+    written, and the old table is removed first, so a failed write leaves no table.
     File names are the ids (characters outside ``[A-Za-z0-9._-]`` become ``_``);
     ``<name>_path`` holds them. Every file is written atomically. Returns the table path.
 
@@ -533,7 +595,7 @@ def write_images(cohort: Cohort, folder: str | Path, format: str = "nifti", *, n
         raise DataError(f"format must be 'nifti' or 'png', got {format!r}")
     arr = np.asarray(cohort.arrays[name], dtype=np.float32)
     if arr.ndim not in (4, 5):
-        raise DataError(f"array {name!r} must be [n, C, H, W] or [n, C, D, H, W], got {arr.shape}")
+        raise DataError(f"array {name!r} must be [n, C, H, W] or [n, C, X, Y, Z], got {arr.shape}")
     C = arr.shape[1]
     if fmt == "png" and (arr.ndim != 4 or C not in (1, 3)):
         raise DataError(f"PNG holds 2D scans with 1 or 3 channels; array {name!r} is {arr.shape[1:]}")
@@ -542,45 +604,64 @@ def write_images(cohort: Cohort, folder: str | Path, format: str = "nifti", *, n
     if not np.isfinite(arr).all():
         raise DataError(f"array {name!r} has non-finite values")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     table = cohort.table.copy()
     names = [_safe_name(u) for u in cohort.ids]
     if len(set(names)) != len(names):
         raise DataError("two ids map to the same file name after replacing characters outside "
                         "[A-Za-z0-9._-]; make the ids distinct")
-    aff_col = f"{name}_affine"
+    # check every row before touching the folder, so a bad row never leaves it half rewritten
+    aff_col, scale_col = f"{name}_affine", f"{name}_scale"
     if fmt == "png":
-        lo = float(arr.min())
+        lo = float(arr.min()) if arr.size else 0.0
         if lo < 0:
             raise DataError(f"PNG cannot hold negative values (array {name!r} has min {lo}); use NIfTI")
-        scale = float(arr.max()) / 65535.0 or 1.0
-        table[f"{name}_scale"] = scale
+        top = 65535 if C == 1 else 255      # 16-bit grey, 8-bit RGB
+        scale = (float(arr.max()) / top if arr.size else 0.0) or 1.0
+        table[scale_col] = scale
+    else:
+        table = table.drop(columns=[scale_col], errors="ignore")   # NIfTI keeps the values
+        affines = [_row_affine(affine, table, aff_col, i, uid) for i, uid in enumerate(cohort.ids)]
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / table_name
+    # a table describes its files: drop the old one first, so a write that fails midway
+    # leaves no table claiming a mix of old and new files as one cohort
+    out.unlink(missing_ok=True)
     files = []
     for i, stem in enumerate(names):
         if fmt == "nifti":
             fname = f"{stem}.nii.gz"
-            A = (np.asarray(affine, dtype=np.float64) if affine is not None
-                 else np.asarray(json.loads(table[aff_col].iloc[i]), dtype=np.float64)
-                 if aff_col in table.columns and isinstance(table[aff_col].iloc[i], str) else np.eye(4))
-            if A.shape != (4, 4):
-                raise DataError(f"affine must be 4x4, got {A.shape}")
-            img = nib.Nifti1Image(arr[i, 0], A)
             with atomic_write(folder / fname) as tmp:
-                _save_nifti(img, tmp)
+                _save_nifti(nib.Nifti1Image(arr[i, 0], affines[i]), tmp)
         else:
             fname = f"{stem}.png"
-            q = np.clip(np.rint(arr[i] / scale), 0, 65535).astype(np.uint16)
-            pil = PILImage.fromarray(q[0]) if C == 1 else PILImage.fromarray(
-                (q.transpose(1, 2, 0) >> 8).astype(np.uint8), mode="RGB")
+            q = np.clip(np.rint(arr[i] / scale), 0, top)
+            pil = (PILImage.fromarray(q[0].astype(np.uint16)) if C == 1
+                   else PILImage.fromarray(q.transpose(1, 2, 0).astype(np.uint8), mode="RGB"))
             with atomic_write(folder / fname) as tmp:
                 pil.save(tmp, format="PNG")
         files.append(fname)
     table[f"{name}_path"] = files
     if fmt == "nifti" and affine is not None:
         table[aff_col] = json.dumps(np.asarray(affine, dtype=float).round(6).tolist())
-    out = folder / table_name
     write_table(table, out)
     return out
+
+
+def _row_affine(affine, table: pd.DataFrame, aff_col: str, i: int, uid) -> np.ndarray:
+    """The 4x4 affine of row ``i``: ``affine=``, else its ``<name>_affine`` JSON, else the identity."""
+    where = "the affine= argument" if affine is not None else f"{aff_col!r} of id {str(uid)!r}"
+    try:
+        if affine is not None:
+            A = np.asarray(affine, dtype=np.float64)
+        elif aff_col in table.columns and isinstance(table[aff_col].iloc[i], str):
+            A = np.asarray(json.loads(table[aff_col].iloc[i]), dtype=np.float64)
+        else:
+            return np.eye(4)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{where}: not a 4x4 affine ({type(e).__name__}: {e})") from None
+    if A.shape != (4, 4) or not np.isfinite(A).all():
+        raise DataError(f"{where}: affine must be a finite 4x4 matrix, got shape {A.shape}")
+    return A
 
 
 def _save_nifti(img, tmp: str) -> None:

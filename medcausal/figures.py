@@ -88,6 +88,10 @@ def counterfactual_grid(factual: Cohort | np.ndarray,
         raise DataError(f"{len(labels)} labels for {len(rows)} patients")
     if labels is None and isinstance(factual, Cohort):
         labels = [str(factual.ids[i]) for i in rows]
+    for what, arr in [("factual", fact), *((f"counterfactual {label!r}", a) for label, a in cfs)]:
+        bad = [i for i in rows if not np.isfinite(arr[i]).all()]
+        if bad:  # one NaN would make the colour limits NaN and blank every panel
+            raise DataError(f"{what} has non-finite pixels (NaN or inf) in the scans of patient(s) {bad}")
     diffs = [arr[rows] - fact[rows] for _, arr in cfs]
     lim = float(diff_limit) if diff_limit else max(float(np.abs(d).max()) for d in diffs) or 1.0
     vmin = min(float(fact[rows].min()), *(float(a[rows].min()) for _, a in cfs))

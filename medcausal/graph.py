@@ -75,9 +75,13 @@ class Image:
     kind = "image"
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape)
+        try:
+            shape = tuple(int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            shape = ()
         if len(shape) not in (3, 4) or min(shape) < 1:
-            raise GraphError(f"Image shape must be (C, H, W) or (C, D, H, W), got {self.shape}")
+            raise GraphError(f"Image shape must be (C, H, W) or (C, D, H, W) positive integers, "
+                             f"got {self.shape!r}")
         object.__setattr__(self, "shape", shape)
 
     def to_dict(self) -> dict:
@@ -125,7 +129,9 @@ def as_type(spec: Any, name: str = "?") -> VariableType:
                          f"known types: {sorted(classes)}")
     try:
         return classes[kind](**args)
-    except TypeError as e:
+    except GraphError as e:
+        raise GraphError(f"variable {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:
         raise GraphError(f"variable {name!r}: bad arguments for type {kind!r}: {e}") from None
 
 

@@ -127,7 +127,8 @@ def _plain(v: Any) -> Any:
 
 
 def _describe_do(do: Mapping[str, Any] | None) -> dict | None:
-    """A JSON-able description of a do= mapping (arrays and callables by summary)."""
+    """A JSON-able description of a do= mapping: values as they are, per-row arrays by length
+    and content hash (so that a resumed run can check it), callables by name."""
     if not do:
         return None
     out = {}
@@ -136,7 +137,10 @@ def _describe_do(do: Mapping[str, Any] | None) -> dict | None:
         if kind == "value":
             out[name] = _plain(np.asarray(spec).item())
         elif kind == "array":
-            out[name] = f"<per-row array of {len(spec)}>"
+            arr = np.asarray(spec)
+            data = repr(arr.tolist()).encode() if arr.dtype.hasobject else np.ascontiguousarray(arr).tobytes()
+            digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode() + data).hexdigest()
+            out[name] = f"<per-row array of {len(spec)}, sha256 {digest[:16]}>"
         else:
             out[name] = f"<callable {getattr(spec, '__name__', 'f')}>"
     return out
@@ -396,8 +400,14 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
         if iv.kind == "array" and len(np.asarray(iv.spec)) != n:
             raise InterventionError(f"do[{name!r}] has {len(np.asarray(iv.spec))} values for n={n} patients")
     plan = _make_plan(model, ivs, where, min_acceptance)
-    if seed is None and resume and out is not None and (Path(out) / SIDECAR).is_file():
-        seed = _read_sidecar(Path(out)).get("seed")  # finish the interrupted run with its own seed
+    if resume and out is not None and (Path(out) / SIDECAR).is_file():
+        fns = [name for name, iv in ivs.items() if iv.kind == "callable"]
+        if fns:
+            raise InterventionError(f"cannot resume {str(out)!r} with a callable in do[{fns[0]!r}]: a "
+                                    "callable cannot be verified to be the one the run started with; "
+                                    "pass overwrite=True to start the run again")
+        if seed is None:
+            seed = _read_sidecar(Path(out)).get("seed")  # finish the interrupted run with its own seed
     run_seed = _new_seed(seed)
     if plan.method in ("root-rejection", "rejection"):
         _pilot(model, plan, ivs, run_seed, min_acceptance)
@@ -634,7 +644,8 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
             same = ("n", "chunk_size", "seed", "model_id", "do", "where", "part_format", "image_format")
             diff = [k for k in same if old.get(k) != meta.get(k)]
             if diff:
-                raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff}")
+                detail = "; ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
+                raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})")
             if (out / MARKER).exists():
                 return SimulationRun(out, old["n"], [p["file"] for p in old["parts"]], old)
             done = {p["chunk"]: p for p in old["parts"] if (out / p["file"]).is_file()}

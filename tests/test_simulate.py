@@ -160,27 +160,32 @@ def test_stream_to_folder_matches_in_memory(fitted, tmp_path, fmt):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_interrupted_run_leaves_complete_parts_and_resumes(fitted, tmp_path):
+def test_interrupted_run_leaves_complete_parts_and_resumes(fitted, tmp_path, monkeypatch):
     calls = {"n": 0}
+    draw = S._simulate_chunk
 
-    def shift(x):
+    def chunk(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # the user pressed Ctrl-C while chunk 3 was drawn
-        return 0.5 * x
+        return draw(*args, **kw)
 
+    monkeypatch.setattr(S, "_simulate_chunk", chunk)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv")
+        S.simulate(fitted, 500, do={"x": 0.5}, seed=1, chunk_size=100, out=out, format="csv")
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.csv", "part-00001.csv", S.SIDECAR]
     with pytest.raises(DataError, match="incomplete .* 2 of 5 parts"):
         S.read_run(out)
     assert len(S.read_run(out, allow_incomplete=True)) == 200
     with pytest.raises(MedCausalError, match="differs in \\['n'\\]"):
-        S.simulate(fitted, 600, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
-    run = S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
+        S.simulate(fitted, 600, do={"x": 0.5}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
+    with pytest.raises(InterventionError, match="callable cannot be verified"):
+        S.simulate(fitted, 500, do={"x": lambda x: 0.5 * x}, seed=1, chunk_size=100, out=out, format="csv",
+                   resume=True)
+    run = S.simulate(fitted, 500, do={"x": 0.5}, seed=1, chunk_size=100, out=out, format="csv", resume=True)
     assert calls["n"] == 6  # only chunks 2, 3, 4 were drawn again
-    whole = S.simulate(fitted, 500, do={"x": shift}, seed=1, chunk_size=100)
+    whole = S.simulate(fitted, 500, do={"x": 0.5}, seed=1, chunk_size=100)
     np.testing.assert_allclose(run.read()["y"].to_numpy(), whole["y"].to_numpy(), rtol=1e-12)
 
 

@@ -43,12 +43,57 @@ def columns_of(name: str, vtype: VariableType) -> list[str]:
     return [name]
 
 
-def _dtype_state(col: pd.Series) -> dict:
-    """The JSON-serializable dtype of a discrete column, for :meth:`Codec.restore`."""
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        return {"dtype": "category", "dtype_categories": [_plain(c) for c in col.cat.categories],
-                "ordered": bool(col.cat.ordered)}
-    return {"dtype": str(col.dtype)}
+def _dtype_state(col: pd.Series, vtype: VariableType) -> dict:
+    """The JSON-serializable dtype of a discrete column, for :meth:`Codec.restore`. A category
+    dtype also gets the declared categories; a binary column of neither bools nor numbers gets
+    ``levels``, its own values for 0 and 1."""
+    state = {"dtype": str(col.dtype)}
+    is_category = isinstance(col.dtype, pd.CategoricalDtype)
+    if vtype.kind == "binary" and not pd.api.types.is_numeric_dtype(col.dtype):
+        seen = col.cat.categories if is_category else pd.unique(col.dropna())
+        state["levels"] = _binary_levels([_plain(v) for v in seen])
+    if is_category:
+        cats = [_plain(c) for c in col.cat.categories]
+        extra = vtype.categories if vtype.kind == "categorical" else state.get("levels", [])
+        cats += [c for c in extra if c is not None and c not in cats]
+        state.update(dtype="category", dtype_categories=cats, ordered=bool(col.cat.ordered))
+    return state
+
+
+def _to01(values: np.ndarray) -> np.ndarray:
+    """Binary values as floats, 0/1 where they read as such (bools, numbers, "True"/"False")."""
+    if values.dtype == bool:
+        return values.astype(np.float64)
+    words = {"true": 1.0, "false": 0.0}  # as a bool column prints (e.g. a CLI --do smoker=True)
+    series = pd.Series(values).map(lambda v: words.get(v.strip().lower(), v) if isinstance(v, str) else v)
+    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _binary_levels(seen: list) -> list:
+    """``[value for 0, value for 1]`` among ``seen``; one not seen is inferred from the other
+    where it can be (``True`` -> ``False``, ``"1"`` -> ``"0"``, ``"TRUE"`` -> ``"FALSE"``), else None."""
+    levels = [None, None]
+    for v, code in zip(seen, _to01(np.asarray(seen, dtype=object))):
+        if code in (0.0, 1.0) and levels[int(code)] is None:
+            levels[int(code)] = v
+    for code in (0, 1):
+        if levels[code] is None and levels[1 - code] is not None:
+            levels[code] = _other_level(levels[1 - code], code)
+    return levels
+
+
+def _other_level(v: Any, code: int) -> Any:
+    if isinstance(v, bool):
+        return bool(code)
+    if isinstance(v, (int, float)):
+        return type(v)(code)
+    word = v.strip().lower() if isinstance(v, str) else None
+    if word in ("0", "1"):
+        return str(code)
+    if word in ("true", "false"):
+        word = "true" if code else "false"
+        return word.upper() if v.isupper() else word.capitalize() if v[:1].isupper() else word
+    return None
 
 
 def _table(data) -> pd.DataFrame:
@@ -120,18 +165,35 @@ class Codec:
         table = _table(data) if isinstance(data, (pd.DataFrame, Cohort)) else None
         if table is None or name not in table.columns:
             return cls(name, vtype, {})
-        return cls(name, vtype, _dtype_state(table[name]))
+        return cls(name, vtype, _dtype_state(table[name], vtype))
 
     def restore(self, values: np.ndarray):
         """Decoded discrete values in the dtype of the column the model was fitted on (bool,
-        int, pandas categorical with its categories and order); as they are for other kinds and
-        for model files written before the dtype was recorded."""
+        int, pandas categorical with its categories and order; a binary column's own values for
+        0/1, e.g. ``"True"``/``"False"``); as they are for other kinds and for model files written
+        before the dtype was recorded. A value that has no place there is a DataError, never NaN."""
         dtype = self.state.get("dtype")
         if dtype is None or self.vtype.kind not in ("binary", "categorical"):
             return values
+        levels = self.state.get("levels")
+        if levels is None and dtype == "category" and self.vtype.kind == "binary":
+            levels = _binary_levels(self.state["dtype_categories"])  # files written before "levels"
+        if levels is not None:  # binary: 0/1 -> the training column's own values
+            codes = np.asarray(values).astype(np.int64)
+            for code in (0, 1):
+                if levels[code] is None and (codes == code).any():
+                    raise DataError(f"variable {self.name!r}: the training column has no value for "
+                                    f"{code} (its values read as {levels}); refit on a column that has both")
+            values = np.asarray(levels, dtype=object)[codes]
         if dtype == "category":
-            return pd.Categorical(values, categories=self.state["dtype_categories"],
-                                  ordered=bool(self.state.get("ordered", False)))
+            cats = self.state["dtype_categories"]
+            out = pd.Categorical(values, categories=cats, ordered=bool(self.state.get("ordered", False)))
+            lost = out.isna() & ~pd.isna(values)
+            if lost.any():
+                unknown = pd.unique(np.asarray(values)[lost])[:5].tolist()
+                raise DataError(f"variable {self.name!r}: value(s) {unknown} are not among the categories "
+                                f"{cats} of its training column; refit the model to write them")
+            return out
         if dtype.startswith("datetime64"):  # ISO strings (or, in older files, integer nanoseconds)
             return pd.Series(pd.to_datetime(list(values))).astype(dtype).to_numpy()
         try:
@@ -179,13 +241,14 @@ class Codec:
                 values = pd.DataFrame(arr.reshape(len(arr), -1), columns=cols)
             x = _numeric(values, cols, name)
             return (x - np.asarray(self.state["loc"])) / np.asarray(self.state["scale"])
-        values = np.asarray(values).reshape(-1)
+        values = np.asarray(values)
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        elif values.ndim > 1:
+            raise DataError(f"{where} needs 1 value per row, got shape {values.shape}")
+        values = values.reshape(-1)
         if kind == "binary":
-            if values.dtype == bool:
-                return values.astype(np.float64)[:, None]
-            words = {"true": 1.0, "false": 0.0}  # as a bool column prints (e.g. a CLI --do smoker=True)
-            series = pd.Series(values).map(lambda v: words.get(v.strip().lower(), v) if isinstance(v, str) else v)
-            num = pd.to_numeric(series, errors="coerce").to_numpy()
+            num = _to01(values)
             bad = ~np.isin(num, [0.0, 1.0])
             if bad.any():
                 raise DataError(f"{where} is binary but has {int(bad.sum())} value(s) other than "

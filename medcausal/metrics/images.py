@@ -47,11 +47,16 @@ def _images(x: Any, image: str | None = None, what: str = "images") -> np.ndarra
         x = arrays[image]
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be a numeric array [n, C, H, W]") from None
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim < 4:
         raise DataError(f"{what} must be [n, C, H, W] (or [C, H, W]), got shape {arr.shape}")
+    if arr.size == 0:
+        raise DataError(f"{what} holds no images (shape {arr.shape})")
     if not np.isfinite(arr).all():
         raise DataError(f"{what} has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
     return arr
@@ -154,21 +159,45 @@ def effectiveness(predicted: Any, target: Any, kind: str = "continuous") -> dict
 
     ``predicted``: the anti-causal predictor's output on the counterfactual images
     (a value for continuous; the probability of 1 for binary; class probabilities
-    ``[n, k]`` or labels for categorical). ``target``: the intervened values.
+    ``[n, k]`` or labels for categorical). ``target``: the intervened values (0/1 for
+    binary; labels or one-hot ``[n, k]`` for categorical); NaN or mismatched shapes raise.
     Returns ``{"mae"}`` (continuous), ``{"accuracy", "auc"}`` (binary; ``auc`` is
     ``nan`` when the targets hold one class) or ``{"accuracy"}`` (categorical).
 
     >>> effectiveness([0.9, 0.2, 0.6], [1, 0, 0], kind="binary")
     {'accuracy': 0.6666666666666666, 'auc': 1.0}
     """
-    p, t = np.asarray(predicted, dtype=np.float64), np.asarray(target)
+    if kind not in ("continuous", "binary", "categorical"):
+        raise DataError(f"effectiveness: kind must be 'continuous', 'binary' or 'categorical', got {kind!r}")
+
+    def array(a, what):
+        try:
+            arr = np.asarray(a, dtype=np.float64) if (kind != "categorical" or what == "predicted") else np.asarray(a)
+        except (TypeError, ValueError):
+            raise DataError(f"effectiveness: {what} must be numeric") from None
+        if arr.ndim == 0:
+            raise DataError(f"effectiveness: {what} must be an array with one row per image, got a scalar")
+        if len(arr) == 0:
+            raise DataError(f"effectiveness: {what} is empty")
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise DataError(f"effectiveness: {what} has {int((~np.isfinite(arr)).sum())} non-finite value(s)")
+        return arr
+
+    p, t = array(predicted, "predicted"), array(target, "target")
     if len(p) != len(t):
         raise DataError(f"predicted has {len(p)} rows but target has {len(t)}")
     if kind == "continuous":
-        return {"mae": float(np.abs(p.reshape(len(p), -1) - t.astype(float).reshape(len(t), -1)).mean())}
+        p2, t2 = p.reshape(len(p), -1), t.reshape(len(t), -1)
+        if p2.shape != t2.shape:
+            raise DataError(f"effectiveness: predicted has shape {p.shape} but target has {t.shape}")
+        return {"mae": float(np.abs(p2 - t2).mean())}
     if kind == "binary":
-        t = t.astype(float).reshape(-1)
-        p = p.reshape(-1)
+        if p.size != len(p) or t.size != len(t):
+            raise DataError(f"effectiveness: binary predicted (probabilities of 1) and target (0/1) need one "
+                            f"value per row, got shapes {p.shape} and {t.shape}")
+        t, p = t.reshape(-1), p.reshape(-1)
+        if not np.isin(t, [0, 1]).all():
+            raise DataError(f"effectiveness: binary target must be 0/1, got values {np.unique(t)[:5].tolist()}")
         out = {"accuracy": float(((p >= 0.5) == (t >= 0.5)).mean())}
         if len(np.unique(t)) < 2:
             out["auc"] = float("nan")
@@ -176,10 +205,12 @@ def effectiveness(predicted: Any, target: Any, kind: str = "continuous") -> dict
             from sklearn.metrics import roc_auc_score
             out["auc"] = float(roc_auc_score(t, p))
         return out
-    if kind == "categorical":
-        labels = p.argmax(1) if p.ndim == 2 else p.reshape(-1)
-        return {"accuracy": float((labels == t.reshape(-1)).mean())}
-    raise DataError(f"effectiveness: kind must be 'continuous', 'binary' or 'categorical', got {kind!r}")
+    labels = p.argmax(1) if p.ndim == 2 else p.reshape(-1)
+    t = t.argmax(1) if t.ndim == 2 else t.reshape(-1)  # a one-hot target -> labels
+    if labels.shape != t.shape:
+        raise DataError(f"effectiveness: categorical predicted has shape {p.shape} but target has "
+                        f"{np.shape(target)}")
+    return {"accuracy": float((labels == t).mean())}
 
 
 def true_counterfactual_error(predicted: Any, true: Any, data_range: float | None = None,
@@ -200,6 +231,8 @@ def true_counterfactual_error(predicted: Any, true: Any, data_range: float | Non
 
     p, t = _images(predicted, image, "predicted"), _images(true, image, "true")
     _same_shape(p, t, ("predicted", "true"))
+    if min(t.shape[2:]) < 3:
+        raise DataError(f"true_counterfactual_error: SSIM needs images of at least 3x3 pixels, got {t.shape[2:]}")
     if data_range is None:
         data_range = float(t.max() - t.min()) or 1.0
     per_mae = np.abs(p - t).reshape(len(t), -1).mean(1)
@@ -253,6 +286,10 @@ def frechet_distance(a: Any, b: Any) -> float:
         raise DataError(f"frechet_distance needs two [n, d] feature sets of equal d, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
         raise DataError("frechet_distance needs at least 2 rows in each feature set")
+    for what, f in (("a", a), ("b", b)):
+        if not np.isfinite(f).all():
+            raise DataError(f"frechet_distance: feature set {what} has {int((~np.isfinite(f)).sum())} "
+                            "non-finite value(s)")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = linalg.sqrtm(s_a @ s_b)

@@ -64,6 +64,10 @@ class AntiCausalPredictor(nn.Module):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.targets = {str(k): (v if isinstance(v, str) else int(v)) for k, v in targets.items()}
         self.widths = {k: _width(v) for k, v in self.targets.items()}
+        if min(self.image_shape[1:]) < 2 ** len(channels):
+            raise DataError(f"images of {self.image_shape[1]}x{self.image_shape[2]} are too small for "
+                            f"{len(channels)} blocks (each halves the size; need at least "
+                            f"{2 ** len(channels)}x{2 ** len(channels)}): pass fewer channels=")
         layers: list[nn.Module] = []
         c_in = self.image_shape[0]
         for c in channels:
@@ -104,9 +108,16 @@ class AntiCausalPredictor(nn.Module):
 
     # -- data ------------------------------------------------------------------
     def _tensor_images(self, images: Any) -> torch.Tensor:
-        x = images.detach().float() if torch.is_tensor(images) else torch.as_tensor(np.asarray(images, np.float32))
+        try:
+            x = images.detach().float() if torch.is_tensor(images) else torch.as_tensor(np.asarray(images, np.float32))
+        except (TypeError, ValueError):
+            raise DataError("images must be a numeric array or tensor") from None
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise DataError(f"images must be [n, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
+        if len(x) == 0:
+            raise DataError("images holds no images (n = 0)")
+        if not torch.isfinite(x).all():
+            raise DataError(f"images has {int((~torch.isfinite(x)).sum())} non-finite value(s)")
         return x
 
     def _tensor_values(self, values: Mapping[str, Any], n: int) -> dict[str, torch.Tensor]:
@@ -119,6 +130,12 @@ class AntiCausalPredictor(nn.Module):
             if kind not in ("continuous", "binary") and v.ndim == 2:  # one-hot -> index
                 v = v.argmax(1)
             v = v.reshape(-1)
+            try:
+                v = v.astype(np.float64)
+            except (TypeError, ValueError):
+                raise DataError(f"target {k!r} must be numeric, got dtype {v.dtype}") from None
+            if not np.isfinite(v).all():
+                raise DataError(f"target {k!r} has {int((~np.isfinite(v)).sum())} missing or infinite value(s)")
             if len(v) != n:
                 raise DataError(f"target {k!r} has {len(v)} values for {n} images")
             if kind == "binary" and not np.isin(v, [0, 1]).all():

@@ -47,8 +47,10 @@ __all__ = ["CounterfactualCountError", "counterfactual_error", "e_distance", "ev
 def _dense(x: Any, what: str) -> np.ndarray:
     if hasattr(x, "layers") and hasattr(x, "X"):
         raise DataError(f"{what}: pass an array (e.g. adata.layers['counts']), not an AnnData")
-    arr = x.toarray() if sparse.issparse(x) else np.asarray(x, dtype=float)
-    arr = np.asarray(arr, dtype=float)
+    try:
+        arr = np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be a numeric [cells, genes] array") from None
     if arr.ndim != 2:
         raise DataError(f"{what} must be a 2-D [cells, genes] array, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -69,12 +71,20 @@ def log_normalize(counts: Any, target_sum: float = 1e4) -> np.ndarray:
     return np.log1p(x / np.where(total > 0, total, 1.0) * target_sum)
 
 
-def _pair(true, pred, genes, what="pred"):
-    t, p = _dense(true, "true"), _dense(pred, what)
+def _pair(true, pred, genes, what="pred", true_what="true"):
+    t, p = _dense(true, true_what), _dense(pred, what)
     if t.shape[1] != p.shape[1]:
-        raise DataError(f"true has {t.shape[1]} genes but {what} has {p.shape[1]}")
+        raise DataError(f"{true_what} has {t.shape[1]} genes but {what} has {p.shape[1]}")
+    if len(t) == 0 or len(p) == 0:
+        raise DataError(f"{true_what} and {what} need at least one cell each, got {len(t)} and {len(p)}")
     if genes is not None:
         genes = np.asarray(genes)
+        if genes.dtype != bool and not np.issubdtype(genes.dtype, np.integer):
+            raise DataError(f"genes must be integer gene indices (or a boolean mask), got dtype {genes.dtype}")
+        if genes.dtype != bool and genes.size and not (-t.shape[1] <= genes.min() and genes.max() < t.shape[1]):
+            raise DataError(f"genes holds indices outside 0..{t.shape[1] - 1}")
+        if genes.dtype == bool and genes.shape != (t.shape[1],):
+            raise DataError(f"genes mask has shape {genes.shape} but there are {t.shape[1]} genes")
         t, p = t[:, genes], p[:, genes]
     if t.shape[1] < 2:
         raise DataError("R² needs at least 2 genes")
@@ -100,6 +110,8 @@ def r2_var(true: Any, pred: Any, genes: Sequence[int] | None = None) -> float:
     1.0
     """
     t, p = _pair(true, pred, genes)
+    if len(t) < 2 or len(p) < 2:
+        raise DataError(f"r2_var needs at least 2 cells in true and pred, got {len(t)} and {len(p)}")
     return float(r2_score(t.var(0), p.var(0)))
 
 
@@ -111,8 +123,9 @@ def lfc_r2(true: Any, pred: Any, control: Any, genes: Sequence[int] | None = Non
     >>> lfc_r2(t, t * 0.5, c)   # lfc (1, 0, -1) vs (.5, 0, -.5): 1 - 0.5 / 2
     0.75
     """
+    _pair(true, control, None, what="control")  # same genes as true
     t, p = _pair(true, pred, genes)
-    c, _ = _pair(control, control, genes, what="control")
+    c, _ = _pair(control, control, genes, what="control", true_what="control")
     return float(r2_score(t.mean(0) - c.mean(0), p.mean(0) - c.mean(0)))
 
 
@@ -139,6 +152,8 @@ def e_distance(x: Any, y: Any, metric: str = "euclidean", max_points: int = 2000
         raise DataError(f"e_distance: x has {X.shape[1]} dimensions but y has {Y.shape[1]}")
     if len(X) < 2 or len(Y) < 2:
         raise DataError("e_distance: need at least 2 points in each sample")
+    if int(max_points) < 2:
+        raise DataError(f"e_distance: max_points must be >= 2, got {max_points}")
     rng = np.random.default_rng(seed)
     if len(X) > max_points:
         X = X[np.sort(rng.choice(len(X), max_points, replace=False))]
@@ -186,7 +201,10 @@ def counterfactual_error(true_counts: Any, pred_counts: Any, factual: Any | None
     per_cell = np.sqrt(((lt - lp) ** 2).mean(1))
     pearson = None
     if factual is not None:
-        f = log_normalize(_pair(factual, factual, None, what="factual")[0])
+        f = _dense(factual, "factual")
+        if f.shape != t.shape:
+            raise DataError(f"factual has shape {f.shape} but true has {t.shape}: pass the same cells and genes")
+        f = log_normalize(f)
         dt, dp = lt - f, lp - f
         dt = dt - dt.mean(1, keepdims=True)
         dp = dp - dp.mean(1, keepdims=True)
@@ -213,6 +231,8 @@ def nmi(latent: Any, labels: Any, n_clusters: int | None = None, seed: int = 0) 
     k = int(n_clusters or len(np.unique(lab)))
     if k < 2:
         raise DataError("nmi: need at least 2 label values (or n_clusters >= 2)")
+    if k > len(z):
+        raise DataError(f"nmi: n_clusters={k} exceeds the number of cells ({len(z)})")
     z = (z - z.mean(0)) / np.where(z.std(0) > 0, z.std(0), 1.0)
     clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z)
     return float(normalized_mutual_info_score(lab, clusters))
@@ -224,15 +244,25 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
 
     Runs ``scanpy.tl.rank_genes_groups`` on log-normalized counts within each value of
     ``context_key`` (all cells when None). Keys are ``(context, group)`` (context
-    ``"all"`` when None); groups with fewer than 2 cells are skipped.
+    ``"all"`` when None); groups with fewer than 2 cells are skipped. Genes constant
+    over a group's and the reference's cells are never returned (so fewer than
+    ``n_genes`` may come back).
     """
     import anndata as ad
     import scanpy as sc
 
+    if layer is not None and layer not in adata.layers:
+        raise DataError(f"top_degs: no layer {layer!r} (have {list(adata.layers)}); layer=None uses adata.X")
+    for arg, key in (("groupby", groupby), ("context_key", context_key)):
+        if key is not None and key not in adata.obs:
+            raise DataError(f"top_degs: {arg} {key!r} is not a column of adata.obs (have {list(adata.obs)})")
     mat = adata.X if layer is None else adata.layers[layer]
     contexts = (np.full(adata.n_obs, "all", dtype=object) if context_key is None
                 else adata.obs[context_key].astype(str).to_numpy())
     groups = adata.obs[groupby].astype(str).to_numpy()
+    if str(reference) not in set(groups):
+        raise DataError(f"top_degs: reference {reference!r} is not a value of adata.obs[{groupby!r}] "
+                        f"(have {sorted(set(groups))[:10]})")
     out: dict[tuple[str, str], np.ndarray] = {}
     names = pd.Index(np.arange(adata.n_vars).astype(str))
     for ctx in pd.unique(contexts):
@@ -242,14 +272,20 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
         keep = [g for g in pd.unique(groups[m]) if g != reference and (groups[m] == g).sum() >= 2]
         if not keep:
             continue
-        sub = ad.AnnData(X=log_normalize(mat[np.flatnonzero(m)]).astype(np.float32),
-                         obs=pd.DataFrame({"g": groups[m]}, index=np.arange(m.sum()).astype(str)),
+        x = log_normalize(mat[np.flatnonzero(m)]).astype(np.float32)
+        sub = ad.AnnData(X=x, obs=pd.DataFrame({"g": groups[m]}, index=np.arange(m.sum()).astype(str)),
                          var=pd.DataFrame(index=names))
         sc.tl.rank_genes_groups(sub, "g", groups=keep, reference=reference, method=method,
-                                n_genes=n_genes)
+                                n_genes=adata.n_vars)
         rec = sub.uns["rank_genes_groups"]["names"]
+        ref_rows = groups[m] == reference
         for g in keep:
-            out[(str(ctx), str(g))] = np.asarray(rec[g], dtype=int)
+            # a gene constant over the group and reference cells cannot be a DEG (scanpy
+            # scores it 0, which ranks it above every down-regulated gene): drop it
+            rows = x[ref_rows | (groups[m] == g)]
+            varying = rows.max(0) > rows.min(0)
+            ranked = np.asarray(rec[g], dtype=int)
+            out[(str(ctx), str(g))] = ranked[varying[ranked]][:n_genes]
     return out
 
 

@@ -408,6 +408,10 @@ class IVAE:
                  conditional_prior: bool = True, slope: float = 0.2):
         if int(latent_dim) != latent_dim or int(latent_dim) < 1:
             raise MedCausalError(f"latent_dim must be a positive integer; got {latent_dim!r}")
+        if (isinstance(hidden, (str, bytes)) or np.ndim(hidden) != 1
+                or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) for h in hidden)):
+            raise MedCausalError(f"hidden must be a sequence of integer layer widths, e.g. (64, 64); "
+                                 f"got {hidden!r}")
         hidden = tuple(int(h) for h in hidden)
         if any(h < 1 for h in hidden):
             raise MedCausalError(f"hidden widths must be positive; got {hidden}")
@@ -527,6 +531,9 @@ class IVAE:
             >>> IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, verbose=False).fit_info["epochs"]
             1
         """
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise MedCausalError(f"seed must be a non-negative integer; got {seed!r}")
+        seed = int(seed)
         arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=True)
         if arr.shape[0] < 2:
             raise DataError(f"fit() needs at least 2 rows; got {arr.shape[0]}")
@@ -770,8 +777,13 @@ def nonlinear_ica_data(n_segments: int = 40, n_per_segment: int = 1000, n_source
     """
     if source not in ("gaussian", "laplace"):
         raise MedCausalError(f"source must be 'gaussian' or 'laplace'; got {source!r}")
-    if min(n_segments, n_per_segment, n_sources, n_layers) < 1:
-        raise MedCausalError("n_segments, n_per_segment, n_sources and n_layers must all be >= 1")
+    for name, v in (("n_segments", n_segments), ("n_per_segment", n_per_segment),
+                    ("n_sources", n_sources), ("n_layers", n_layers)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise MedCausalError(f"{name} must be an integer >= 1; got {v!r}")
+    lo, hi = scale_range
+    if not 0 < lo <= hi < math.inf:
+        raise MedCausalError(f"scale_range must be (low, high) with 0 < low <= high; got {scale_range!r}")
     rng = np.random.default_rng(seed)
     scale = rng.uniform(*scale_range, size=(n_segments, n_sources))
     mu = rng.uniform(*mean_range, size=(n_segments, n_sources)) if means else np.zeros((n_segments, n_sources))

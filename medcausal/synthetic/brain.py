@@ -553,14 +553,16 @@ class BrainMRI:
     """
 
     def __init__(self, shape: tuple = (64, 64), batch_size: int = _BATCH, progress: bool | None = None):
-        try:
-            shape = tuple(int(s) for s in shape)
-        except (TypeError, ValueError):
-            raise MedCausalError(f"shape must be (H, W) or (D, H, W) integers, got {shape!r}") from None
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if isinstance(shape, (str, bytes)) or np.ndim(shape) != 1 or not all(is_int(s) for s in shape):
+            raise MedCausalError(f"shape must be (H, W) or (D, H, W) integers, got {shape!r}")
+        shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3) or min(shape) < 8 or max(shape) > 512:
             raise MedCausalError(f"shape must be (H, W) or (D, H, W) with sides in [8, 512], got {shape}")
-        if int(batch_size) < 1:
-            raise MedCausalError(f"batch_size must be >= 1, got {batch_size}")
+        if not is_int(batch_size) or batch_size < 1:
+            raise MedCausalError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.shape = shape
         self.batch_size = int(batch_size)
         self.progress = progress
@@ -1091,6 +1093,9 @@ class BrainMRI:
                                     f"outside {list(SCANNERS)}")
             elif not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
                 raise DataError(f"column {v!r} must be numeric, got dtype {col.dtype}")
+            elif v in ("sex", "disease") and not col.isin([0, 1]).all():
+                raise DataError(f"column {v!r} is binary; it has value(s) "
+                                f"{pd.unique(col[~col.isin([0, 1])])[:3].tolist()} outside 0/1")
         return table
 
     def _parse_do(self, do) -> dict[str, Intervention]:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -81,6 +82,17 @@ _TAG = "perturbseq"
 _MAX_SEED = 10**18
 _ASSIGN = 8  # counters reserved per cell before the latent noise: assignment + library
 _DO_KEYS = ("perturbation", "dose", "cell_type", "donor")
+
+
+def _number(value: Any, name: str) -> float:
+    """``float(value)`` for a finite real number, else a MedCausalError naming ``name``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if isinstance(value, (bool, str, bytes)) or not math.isfinite(out):
+        raise MedCausalError(f"PerturbSeq: {name} must be a finite number, got {value!r}")
+    return out
 
 
 def nb_cdf(k: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -296,15 +308,24 @@ class PerturbSeq:
                             ("dim_interaction", dim_interaction, 1), ("interaction_rank", interaction_rank, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise MedCausalError(f"PerturbSeq: {name} must be an integer >= {lo}, got {v!r}")
-        if not 0.0 <= float(hard_fraction) <= 1.0:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+            raise MedCausalError(f"PerturbSeq: seed must be an integer in [0, 10**18), got {seed!r}")
+        hard_fraction, control_fraction, library_size, dispersion = (
+            _number(v, name) for v, name in ((hard_fraction, "hard_fraction"),
+                                             (control_fraction, "control_fraction"),
+                                             (library_size, "library_size"), (dispersion, "dispersion")))
+        if not 0.0 <= hard_fraction <= 1.0:
             raise MedCausalError(f"PerturbSeq: hard_fraction must lie in [0, 1], got {hard_fraction}")
-        if not 0.0 <= float(control_fraction) < 1.0:
+        if not 0.0 <= control_fraction < 1.0:
             raise MedCausalError(f"PerturbSeq: control_fraction must lie in [0, 1), got {control_fraction}")
-        doses = [float(d) for d in dose_levels]
-        if not doses or any(not np.isfinite(d) or d <= 0 for d in doses):
+        if isinstance(dose_levels, (str, bytes)) or np.ndim(dose_levels) != 1:
+            raise MedCausalError(f"PerturbSeq: dose_levels must be a list of positive numbers, got {dose_levels!r}")
+        doses = [_number(d, "dose_levels") for d in dose_levels]
+        if not doses or any(d <= 0 for d in doses):
             raise MedCausalError(f"PerturbSeq: dose_levels must be positive numbers, got {dose_levels}")
-        if library_size <= 0 or dispersion <= 0:
-            raise MedCausalError("PerturbSeq: library_size and dispersion must be positive")
+        for name, v in (("library_size", library_size), ("dispersion", dispersion)):
+            if not v > 0:
+                raise MedCausalError(f"PerturbSeq: {name} must be positive, got {v}")
         self.n_genes, self.seed = int(n_genes), int(seed)
         self.dims = {"context": int(dim_context), "treatment": int(dim_treatment),
                      "interaction": int(dim_interaction)}
@@ -343,6 +364,8 @@ class PerturbSeq:
                 raise MedCausalError(f"PerturbSeq: combinations must be >= 0, got {combinations}")
             pick = np.sort(rng.choice(len(pairs), size=k, replace=False)) if k else []
             return [f"{pairs[i][0]}+{pairs[i][1]}" for i in pick]
+        if isinstance(combinations, str):  # one label, not its characters
+            combinations = [combinations]
         out = []
         for label in combinations:
             members = parse_perturbation(label, self.control)
@@ -350,7 +373,10 @@ class PerturbSeq:
             if unknown or len(members) < 2:
                 raise MedCausalError(f"PerturbSeq: combination {label!r} must join >= 2 of the "
                                      f"single perturbations {singles}; unknown: {unknown}")
-            out.append("+".join(members))
+            canon = "+".join(members)
+            if canon in out:
+                raise MedCausalError(f"PerturbSeq: combination {label!r} is listed twice (as {canon!r})")
+            out.append(canon)
         return out
 
     def _draw_parameters(self, rng: np.random.Generator) -> None:
@@ -488,11 +514,18 @@ class PerturbSeq:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
             raise MedCausalError(f"sample: seed must be an integer in [0, 10**18), got {seed!r}")
         n, seed = int(n), int(seed)
+        if isinstance(conditions, str):  # one label, not its characters
+            conditions = [conditions]
         conds = list(dict.fromkeys(self._check_label(c, "sample(conditions=...)") for c in
                                    (self.conditions if conditions is None else conditions)))
         if not conds:
             raise MedCausalError("sample: conditions is empty")
-        excluded = {(str(c), self._check_label(p, "sample(exclude=...)")) for c, p in exclude}
+        pairs = list(exclude)
+        for pair in pairs:
+            if isinstance(pair, str) or np.ndim(pair) != 1 or len(pair) != 2:
+                raise MedCausalError(f"sample: exclude must list (cell_type, perturbation) pairs, "
+                                     f"got {pair!r}")
+        excluded = {(str(c), self._check_label(p, "sample(exclude=...)")) for c, p in pairs}
         for c, _ in excluded:
             if c not in self.cell_types:
                 raise MedCausalError(f"sample: exclude names unknown cell type {c!r}; "
@@ -572,7 +605,10 @@ class PerturbSeq:
         pert = new["perturbation"].astype(str).to_numpy()
         is_ctrl = pert == self.control
         if "dose" in do:
-            d = np.asarray(self._per_cell(do["dose"], n, "dose"), dtype=float)
+            try:
+                d = np.asarray(self._per_cell(do["dose"], n, "dose"), dtype=float)
+            except (TypeError, ValueError):
+                raise InterventionError(f"do(dose=...): doses must be numbers, got {do['dose']!r}") from None
             if not np.all(np.isfinite(d)) or (d[~is_ctrl] <= 0).any():
                 raise InterventionError("do(dose=...): doses of treated cells must be positive numbers")
             dose = d
@@ -702,6 +738,14 @@ class PerturbSeq:
                 self._check_label(lab, "obs['perturbation']")
             except InterventionError as e:
                 raise DataError(str(e)) from None
+        try:
+            dose = obs["dose"].to_numpy(dtype=float)
+        except (TypeError, ValueError):
+            raise DataError(f"obs['dose'] must be numeric, got dtype {obs['dose'].dtype}") from None
+        bad = ~np.isfinite(dose) | (dose < 0)
+        if bad.any():
+            raise DataError(f"obs['dose'] must be finite and >= 0; {int(bad.sum())} cell(s) are not, "
+                            f"e.g. {obs.index[np.flatnonzero(bad)[0]]!r} with {dose[bad][0]}")
         return obs
 
     @staticmethod

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import sys
 import time
@@ -71,8 +72,20 @@ class TrainConfig:
     val_rows: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.max_epochs < 1 or self.batch_size < 1:
-            raise MedCausalError("max_epochs and batch_size must be >= 1")
+        for name in ("max_epochs", "batch_size", "patience", "max_steps", "seed"):
+            v = getattr(self, name)
+            if name == "max_steps" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise MedCausalError(f"{name} must be an integer, got {v!r}")
+            if name != "seed" and v < 1:
+                raise MedCausalError(f"{name} must be >= 1, got {v}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise MedCausalError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise MedCausalError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not 0.0 < self.grad_clip < math.inf:
+            raise MedCausalError(f"grad_clip must be a finite number > 0 (None: no clipping), got {self.grad_clip}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedCausalError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_rows is not None:
@@ -124,7 +137,36 @@ def _split(n: int, config: TrainConfig, generator: torch.Generator):
         return torch.nonzero(keep).squeeze(1), val
     perm = torch.randperm(n, generator=generator)
     n_val = int(round(n * config.val_fraction)) if n >= 20 else 0
+    if n_val >= n:
+        raise MedCausalError(f"val_fraction={config.val_fraction} of {n} rows leaves none to train on; "
+                             f"lower val_fraction")
     return perm[n_val:], perm[:n_val]
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The tensors, row-aligned and finite, floating ones in the module's ``dtype``; else an error naming one."""
+    if not tensors:
+        raise MedCausalError("no tensors to train on: give a dict of row-aligned tensors")
+    n = len(next(iter(tensors.values())))
+    out = {}
+    for k, v in tensors.items():
+        if len(v) != n:
+            raise MedCausalError(f"tensor {k!r} has {len(v)} rows, the others {n}: tensors must be row-aligned")
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if not torch.isfinite(v).all():
+                raise MedCausalError(f"tensor {k!r} holds NaN or infinite values; remove or impute them")
+            if dtype is not None:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def _nonfinite_parts(module: nn.Module, batch) -> list[str]:
+    """The parts whose loss on ``batch`` is not finite (for the divergence error)."""
+    if not hasattr(module, "part_losses"):
+        return []
+    with torch.no_grad():
+        return [k for k, v in module.part_losses(batch).items() if not torch.isfinite(v).all()]
 
 
 def _part_losses(module: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -167,6 +209,8 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
     instead: see :func:`_train_private`.
     """
     config = config or TrainConfig()
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    tensors = _check_tensors(tensors, dtype)
     n = len(next(iter(tensors.values())))
     if n == 0:
         raise MedCausalError("no rows to train on")
@@ -208,10 +252,14 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         running = 0.0
         for s in range(steps_per_epoch):
             rows = order[s * batch:(s + 1) * batch][rank::world]
-            loss = net({k: v[rows] for k, v in tensors.items()}).mean()
+            batch_rows = {k: v[rows] for k, v in tensors.items()}
+            loss = net(batch_rows).mean()
             if not torch.isfinite(loss):
+                # CausalModel keys its parts by variable name, "." written "\u00b7" (a ModuleDict key)
+                where = ", ".join(repr(k.replace("\u00b7", ".")) for k in _nonfinite_parts(module, batch_rows))
                 raise MedCausalError(f"training diverged at epoch {epoch}, step {result.steps}: loss is "
-                                     f"{loss.item()}; lower lr= or check the data's scale")
+                                     f"{loss.item()}" + (f" (of {where})" if where else "") +
+                                     "; lower lr= or check the data's scale")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

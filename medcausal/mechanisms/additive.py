@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .base import Mechanism, mlp
+from .base import Mechanism, check_count, mlp
 from .registry import register
 
 
@@ -34,6 +34,7 @@ class AdditiveMechanism(Mechanism):
                  n_quantiles: int = 512):
         super().__init__(variable, parents, hidden=list(hidden), n_quantiles=n_quantiles)
         self.dim = variable.dim
+        check_count("n_quantiles", n_quantiles)
         self.f = mlp(self.parent_dim, self.dim, tuple(hidden))
         # Before finalize(): standard normal residual quantiles, unit kernel width.
         probs = (torch.arange(n_quantiles) + 0.5) / n_quantiles
@@ -51,7 +52,7 @@ class AdditiveMechanism(Mechanism):
             probs = (torch.arange(n, dtype=r.dtype) + 0.5) / n
             self.residual_quantiles.copy_(torch.quantile(r, probs, dim=0))
             # Silverman's rule for the kernel density used by log_prob.
-            std = r.std(0).clamp_min(1e-6)
+            std = r.std(0).nan_to_num(0.0).clamp_min(1e-6)  # NaN: one row
             self.bandwidth.copy_(1.06 * std * r.shape[0] ** (-1 / 5))
 
     def log_prob(self, value, parents):

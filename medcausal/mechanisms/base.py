@@ -21,6 +21,7 @@ Three verbs, plus training:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -182,8 +183,26 @@ def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = 
     return out if like is None else out.to(like.device)
 
 
+def check_count(setting: str, value, minimum: int = 1) -> int:
+    """``value`` as an int; an error naming ``setting`` if it is not an integer (TypeError) or is
+    below ``minimum`` (MedCausalError). CausalModel adds the variable's name to either.
+
+    >>> check_count("bins", 0)
+    Traceback (most recent call last):
+    ...
+    medcausal.errors.MedCausalError: bins must be >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{setting} must be an integer, got {value!r}")
+    if value < minimum:
+        raise MedCausalError(f"{setting} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def mlp(n_in: int, n_out: int, hidden: tuple[int, ...] = (64, 64), act=nn.SiLU) -> nn.Sequential:
     """A small MLP; with ``n_in == 0`` it learns a constant (bias-only) output."""
+    for width in hidden:
+        check_count("hidden widths", width)
     layers: list[nn.Module] = []
     if n_in == 0:
         return nn.Sequential(_Constant(n_out))

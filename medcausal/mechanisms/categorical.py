@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DataError
 from .base import Mechanism, mlp
 from .registry import register
 
@@ -51,8 +52,23 @@ class CategoricalMechanism(Mechanism):
     def logits(self, parents):
         return torch.log_softmax(self.net(parents), dim=-1)
 
+    def _index(self, value):
+        """``value`` as category indices, or a DataError if one lies outside the categories."""
+        k = value.long()
+        outside = (k < 0) | (k >= self.k)
+        if outside.any():
+            raise DataError(f"{self.name}: category index {int(k[outside][0])} is outside the variable's "
+                            f"{self.k} categories (0..{self.k - 1})")
+        return k
+
     def log_prob(self, value, parents):
-        return self.logits(parents).gather(-1, value.long()).squeeze(-1)
+        # no range check up front: it is data-dependent control flow, which the per-record
+        # gradients of DP training (torch.func.vmap) cannot trace; gather's own error is rare
+        try:
+            return self.logits(parents).gather(-1, value.long()).squeeze(-1)
+        except (RuntimeError, IndexError):
+            self._index(value)  # a DataError naming the index, when that was the cause
+            raise
 
     def noise_like(self, n, generator=None):
         return _gumbel((n, self.k), generator, torch.zeros(()))
@@ -64,8 +80,8 @@ class CategoricalMechanism(Mechanism):
         return (logits + noise).argmax(-1, keepdim=True).to(logits.dtype)
 
     def abduct(self, value, parents, generator=None):
+        k = self._index(value)
         logits = self.logits(parents)
-        k = value.long()
         # The max of the perturbed logits is Gumbel(logsumexp(logits)) and sits at k;
         # every other perturbed logit is Gumbel(logit_i) truncated below that max.
         top = torch.logsumexp(logits, -1, keepdim=True) + _gumbel((*logits.shape[:-1], 1), generator, logits)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import zuko
 from zuko.transforms import ComposedTransform, MonotonicAffineTransform, MonotonicRQSTransform, Transform
 
-from .base import Mechanism, mlp, randn
+from .base import Mechanism, check_count, mlp, randn
 from .registry import register
 
 
@@ -68,7 +68,9 @@ class FlowMechanism(Mechanism):
                  hidden: tuple[int, ...] | list[int] = (64, 64), bins: int = 8):
         super().__init__(variable, parents, transforms=transforms, hidden=list(hidden), bins=bins)
         self.dim = variable.dim
-        self.transforms, self.bins = int(transforms), int(bins)
+        self.transforms, self.bins = check_count("transforms", transforms, 0), check_count("bins", bins)
+        for width in hidden:
+            check_count("hidden widths", width)
         if self.dim == 1:
             self.hyper = mlp(self.parent_dim, 2 + self.transforms * (3 * self.bins - 1), tuple(hidden))
         else:

@@ -32,7 +32,8 @@ def test_settings_that_make_no_sense_are_refused_by_name(settings, name):
 
 
 def test_valid_settings_still_accepted():
-    TrainConfig(grad_clip=None, max_steps=1, patience=1, lr=1e-5, seed=-1, weight_decay=0.0)
+    cfg = TrainConfig(grad_clip=None, max_steps=1, patience=1, lr=1e-5, seed=-1, weight_decay=0.0)
+    assert (cfg.grad_clip, cfg.max_steps, cfg.patience, cfg.lr, cfg.seed) == (None, 1, 1, 1e-5, -1)
 
 
 def test_negative_grad_clip_never_reverses_the_gradient():

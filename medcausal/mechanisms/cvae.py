@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MedCausalError
 from .base import randn
 from .hvae import GaussianHead, PixelNoiseVAE, _bounded_logscale, _conv, _levels, _per_level, _Res
 from .registry import register
@@ -39,6 +40,8 @@ class _CVAENet(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         self.levels = _levels(shape, channels, min_res, False, "cvae")
+        if z_dim < 0:
+            raise MedCausalError(f"cvae: z_dim (size of the global code) must be >= 0, got {z_dim}")
         L = len(self.levels)
         sizes = [(h, w) for h, w, _ in self.levels]
         chs = [c for _, _, c in self.levels]

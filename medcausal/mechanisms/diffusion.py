@@ -312,6 +312,9 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         # float64 copy for the DDIM coefficients (python floats), float32 for training.
         self._abar64 = abar.tolist()
         self.register_buffer("abar", abar.float(), persistent=False)
+        if int(time_freqs) < 0 or any(int(h) < 1 for h in hidden):
+            raise MedCausalError(f"diffusion: need time_freqs >= 0 and hidden widths >= 1, got "
+                                 f"time_freqs={time_freqs}, hidden={list(hidden)}")
         self.embed = _TimeEmbedding(int(time_freqs))
         dims = (self.dim + cond_dim + self.embed.dim, *[int(h) for h in hidden])
         layers: list[nn.Module] = []
@@ -519,15 +522,24 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         self.steps = int(steps)
         return self
 
+    def _dtype(self) -> torch.dtype:
+        return self.net[-1].weight.dtype
+
     def abduct(self, value, parents, generator=None):
         self._check(value, parents)
+        value, parents = value.to(self._dtype()), parents.to(self._dtype())
         mu, log_sigma = self._affine(parents)  # once: it also gives the denoiser's conditioning
         return self.encode((value - mu) * torch.exp(-log_sigma), parents,
                            cond=self._cond(parents, mu, log_sigma))
 
     def sample(self, parents, noise=None, generator=None):
+        self._check(None, parents)
+        parents = parents.to(self._dtype())
         if noise is None:
             noise = self.noise_like(parents.shape[0], generator).to(parents)
+        if noise.dim() != 2 or noise.shape != (parents.shape[0], self.dim):
+            raise MedCausalError(f"diffusion: noise must have shape [{parents.shape[0]}, {self.dim}], "
+                                 f"got {tuple(noise.shape)}")
         mu, log_sigma = self._affine(parents)
         return mu + torch.exp(log_sigma) * self.decode(noise.to(parents), parents,
                                                        cond=self._cond(parents, mu, log_sigma))

@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MedCausalError
+from ..errors import DataError, MedCausalError
 from ..synthetic.perturbseq import nb_normal_score, nb_quantile_normal
 from .base import Mechanism, grad_reverse, mlp
 from .registry import register
@@ -167,6 +167,8 @@ class _CountMechanism(Mechanism):
             hidden=list(hidden), decoder_hidden=list(decoder_hidden), beta=float(beta), **hparams)
         if variable.kind != "expression":
             raise MedCausalError(f"mechanism {self.name!r} models Expression variables, got {variable.kind!r}")
+        if not list(hidden):
+            raise MedCausalError(f"mechanism {self.name!r}: hidden must list at least one width, got {list(hidden)}")
         unknown = [p for p in treat + list(categorical or []) if p not in self.parent_dims]
         if unknown:
             raise MedCausalError(f"mechanism {self.name!r}: {unknown} named as treatment/categorical "
@@ -195,6 +197,28 @@ class _CountMechanism(Mechanism):
         self.register_buffer("lib_scale", torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
         self._decoder_hidden = tuple(decoder_hidden)
+
+    # -- checks -----------------------------------------------------------------------
+    def _check(self, value, parents, noise=None):
+        """Shape checks (and, for ``value``, non-negative integer counts); returns ``(value,
+        parents)`` in the weights' dtype (float64 or integer inputs are converted)."""
+        if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
+            raise DataError(f"{self.name}: parents must be [n, {self.parent_dim}] ({self.parent_dims}), "
+                            f"got {tuple(parents.shape)}")
+        n, dtype = parents.shape[0], self.log_theta.dtype
+        if value is not None:
+            if value.dim() != 2 or tuple(value.shape) != (n, self.n_genes):
+                raise DataError(f"{self.name}: counts must be [{n}, {self.n_genes}] (cells, genes), "
+                                f"got {tuple(value.shape)}")
+            bad = ~torch.isfinite(value) | (value < 0) | (value != torch.round(value))
+            if bad.any():
+                raise DataError(f"{self.name}: counts must be non-negative integers; {int(bad.sum())} "
+                                "value(s) are not")
+            value = value.to(dtype)
+        if noise is not None and (noise.dim() != 2 or tuple(noise.shape) != (n, self.n_latent + 1 + self.n_genes)):
+            raise DataError(f"{self.name}: noise must be [{n}, {self.n_latent + 1 + self.n_genes}] (latents, "
+                            f"library, genes), got {tuple(noise.shape)}")
+        return value, parents.to(dtype)
 
     # -- parts ------------------------------------------------------------------------
     def _split(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +319,9 @@ class _CountMechanism(Mechanism):
     def sample(self, parents, noise=None, generator=None):
         if noise is None:
             noise = self.noise_like(parents.shape[0], generator).to(parents.device)
+        _, pa = self._check(None, parents, noise)
         with torch.no_grad():
-            mean = self._mean_from_noise(parents, noise)
+            mean = self._mean_from_noise(pa, noise)
         theta = self.log_theta.detach().exp()
         counts = nb_quantile_normal(noise[:, self.n_latent + 1:].double().cpu().numpy(),
                                     mean.double().cpu().numpy(),
@@ -305,6 +330,7 @@ class _CountMechanism(Mechanism):
                                else torch.float32, device=parents.device)
 
     def abduct(self, value, parents, generator=None):
+        value, parents = self._check(value, parents)
         with torch.no_grad():
             post = self._posterior(value, parents)
             mu_p, logvar_p = self._prior(parents)

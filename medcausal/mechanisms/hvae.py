@@ -186,6 +186,8 @@ class GaussianHead(nn.Module):
         super().__init__()
         if scale not in ("map", "decoder"):
             raise MedCausalError(f"pixel scale must be 'map' or 'decoder', got {scale!r}")
+        if not sigma_min > 0:
+            raise MedCausalError(f"sigma_min (pixel scale floor) must be > 0, got {sigma_min}")
         self.log_min = math.log(sigma_min)
         self.scale = scale
         self.loc = nn.Conv2d(ch, out_ch, kernel, padding=kernel // 2)
@@ -217,6 +219,8 @@ class GaussianHead(nn.Module):
 def _levels(shape, channels, min_res: int, global_latent: bool, what: str):
     """[(h, w, ch)] from full resolution down (halving), then an optional global 1x1 level."""
     _, H, W = shape
+    if not channels or min(int(c) for c in channels) < 1:
+        raise MedCausalError(f"{what}: channels must be a non-empty list of widths >= 1, got {list(channels)}")
     levels = []
     for k, ch in enumerate(channels):
         h, w = H >> k, W >> k
@@ -249,6 +253,8 @@ class _HVAENet(nn.Module):
         self.shape = tuple(shape)
         self.levels = _levels(shape, channels, min_res, global_latent, "hvae")
         L = len(self.levels)
+        if z_dim < 1:
+            raise MedCausalError(f"hvae: z_dim (latent channels per level) must be >= 1, got {z_dim}")
         if not 1 <= latent_levels <= L:
             raise MedCausalError(f"hvae: latent_levels={latent_levels} must be in [1, {L}] for image shape "
                                  f"{tuple(shape)} with channels {list(channels)} ({L} resolution levels)")
@@ -485,7 +491,12 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
                                  f"got variable {variable!r}")
 
     # -- checks ------------------------------------------------------------------
-    def _check(self, value: torch.Tensor | None, parents: torch.Tensor) -> None:
+    def _dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def _check(self, value: torch.Tensor | None, parents: torch.Tensor):
+        """Shape checks; returns ``(value, parents)`` in the weights' dtype (float64 or integer
+        inputs are converted)."""
         if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
             raise DataError(f"{self.name}: parents must be [n, {self.parent_dim}] "
                             f"({self.parent_dims}), got {tuple(parents.shape)}")
@@ -494,6 +505,8 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
             if tuple(value.shape) != want:
                 raise DataError(f"{self.name}: image batch must have shape {want} (n, C, H, W; "
                                 f"channel-first), got {tuple(value.shape)}")
+            value = value.to(self._dtype())
+        return value, parents.to(self._dtype())
 
     @property
     def n_pixels(self) -> int:
@@ -505,13 +518,13 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
     # -- the verbs -----------------------------------------------------------------
     def loss(self, value, parents):
         """Negative ELBO per image (nats): pixel NLL + beta * KL."""
-        self._check(value, parents)
+        value, parents = self._check(value, parents)
         nll, kl = self.net("elbo", value, parents)
         return nll + self.beta * kl
 
     def elbo_terms(self, value, parents, ema: bool = False) -> dict[str, torch.Tensor]:
         """Per-row ``{"nll", "kl"}`` (nats); the ELBO is ``-(nll + kl)``."""
-        self._check(value, parents)
+        value, parents = self._check(value, parents)
         nll, kl = self._run("elbo", value, parents, ema=ema)
         return {"nll": nll, "kl": kl}
 
@@ -520,13 +533,16 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         return torch.cat([lat, randn((n, self.n_pixels), generator, like=lat)], dim=1)
 
     def abduct(self, value, parents, generator=None, ema: bool | None = None):
-        self._check(value, parents)
+        value, parents = self._check(value, parents)
+        if not torch.isfinite(value).all():
+            raise DataError(f"{self.name}: image batch has {int((~torch.isfinite(value)).sum())} "
+                            "non-finite value(s)")
         lat, loc, ls = self._run("abduct", value, parents, generator=generator, ema=ema)
         u = (value - loc) * torch.exp(-ls)
         return torch.cat([lat, u.flatten(1)], dim=1)
 
     def sample(self, parents, noise=None, generator=None, ema: bool | None = None):
-        self._check(None, parents)
+        _, parents = self._check(None, parents)
         n = parents.shape[0]
         if noise is None:
             noise = self.noise_like(n, generator).to(parents)
@@ -534,6 +550,7 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         if noise.dim() != 2 or noise.shape != (n, width):
             raise DataError(f"{self.name}: noise must be [{n}, {width}] (latents + pixels), "
                             f"got {tuple(noise.shape)}")
+        noise = noise.to(parents.dtype)
         lat, u = noise[:, :self.net.latent_noise_dim], noise[:, self.net.latent_noise_dim:]
         loc, ls = self._run("decode", parents, lat, ema=ema, **self._query_kwargs())
         return loc + torch.exp(ls) * u.reshape(loc.shape)
@@ -563,7 +580,7 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         >>> m.reconstruct(torch.rand(2, 1, 16, 16), torch.zeros(2, 0)).shape
         torch.Size([2, 1, 16, 16])
         """
-        self._check(value, parents)
+        value, parents = self._check(value, parents)
         with torch.no_grad():
             return self._run("reconstruct", value, parents)
 
@@ -722,8 +739,12 @@ class HVAEMechanism(PixelNoiseVAE):
         >>> [tuple(z.shape) for z in m.latents(torch.zeros(3, 1), m.noise_like(3))]
         [(3, 2, 1, 1), (3, 2, 8, 8)]
         """
-        self._check(None, parents)
-        lat = noise[:, :self.net.latent_noise_dim]
+        _, parents = self._check(None, parents)
+        width = self.net.latent_noise_dim + self.n_pixels
+        if noise.dim() != 2 or noise.shape != (parents.shape[0], width):
+            raise DataError(f"{self.name}: noise must be [{parents.shape[0]}, {width}] (latents + pixels), "
+                            f"got {tuple(noise.shape)}")
+        lat = noise[:, :self.net.latent_noise_dim].to(parents.dtype)
         with torch.no_grad():
             return self._run("latents", parents, lat, **self._query_kwargs())
 

@@ -278,6 +278,15 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
             raise MedCausalError(f"image-diffusion models images (C, H, W) or volumes (C, D, H, W); "
                                  f"got variable {variable!r}")
         self.shape = shape
+        if not channels or min(channels) < 1 or int(norm_num_groups) < 1 or int(num_head_channels) < 1:
+            raise MedCausalError(f"image-diffusion: need channels a non-empty list of widths >= 1, "
+                                 f"norm_num_groups >= 1 and num_head_channels >= 1; got channels {channels}, "
+                                 f"norm_num_groups={norm_num_groups}, num_head_channels={num_head_channels}")
+        if int(num_train_timesteps) < 1:
+            raise MedCausalError(f"image-diffusion: num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        if not 0.0 < beta_start <= beta_end < 1.0:
+            raise MedCausalError(f"image-diffusion: need 0 < beta_start <= beta_end < 1, got "
+                                 f"beta_start={beta_start}, beta_end={beta_end}")
         down = 2 ** (len(channels) - 1)
         if any(s % down for s in shape[1:]):
             raise MedCausalError(f"image-diffusion: image shape {shape} is not divisible by {down} "
@@ -420,6 +429,7 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     # -- DDIM ----------------------------------------------------------------------------
     def invert(self, x_scaled, parents, code=None, depth=None, guidance=None) -> torch.Tensor:
         """DDIM inversion on the [-1, 1] scale from level 0 to ``depth * T``."""
+        guidance = None if guidance is None else self._check_guidance(guidance)
         grid = self._grid(self.depth if depth is None else self._check_depth(depth))
         ab, x = self._abar64, x_scaled
         for a, b in zip(grid[:-1], grid[1:]):
@@ -429,6 +439,7 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
 
     def generate(self, latent, parents, code=None, depth=None, guidance=None) -> torch.Tensor:
         """DDIM generation on the [-1, 1] scale from level ``depth * T`` to 0."""
+        guidance = None if guidance is None else self._check_guidance(guidance)
         grid = self._grid(self.depth if depth is None else self._check_depth(depth))
         ab, x = self._abar64, latent
         for b, a in zip(grid[:0:-1], grid[-2::-1]):
@@ -442,11 +453,16 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     def _device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    def _dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
     def abduct(self, value, parents, generator=None, depth=None, guidance=None):
         """DDIM inversion; runs on the mechanism's device, returns on the device of ``value``."""
         self._check(value, parents)
+        if value.shape[0] == 0:
+            return value.new_zeros(0, self.semantic_dim + self.n_pixels, dtype=self._dtype())
         dev = self._device()
-        x0 = value.to(dev) * 2.0 - 1.0
+        x0 = value.to(dev, self._dtype()) * 2.0 - 1.0
         pa = parents.to(dev, x0.dtype)
         code = self._code(x0)
         lat = self.invert(x0, pa, code, depth, guidance).flatten(1)
@@ -462,8 +478,10 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
         if not torch.is_tensor(noise) or tuple(noise.shape) != (n, width):
             got = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
             raise DataError(f"image-diffusion: noise must be [{n}, {width}] (semantic code + pixels), got {got}")
+        if n == 0:
+            return noise.new_zeros(0, *self.shape, dtype=self._dtype())
         dev = self._device()
-        pa = parents.to(dev, torch.float32 if not parents.is_floating_point() else parents.dtype)
+        pa = parents.to(dev, self._dtype())
         noise = noise.to(pa)
         code = noise[:, :self.semantic_dim] if self.semantic_dim else None
         lat = noise[:, self.semantic_dim:].reshape(n, *self.shape)

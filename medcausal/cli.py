@@ -93,8 +93,9 @@ def cmd_fit(args) -> int:
     info = model.fit_info
     how = (f"best validation loss {info['best_val_loss']:.4f}" if info.get("best_val_loss") is not None
            else f"{info['steps']} DP-SGD steps")
-    print(f"fitted {recipe.name!r} on {info['n_rows']} rows in {info['seconds']:.1f}s "
-          f"({info['epochs']} epochs, {how}) -> {out}")
+    size = (f"{info['n_rows']} rows in {info['seconds']:.1f}s" if info.get("n_rows") is not None
+            else f"{model.privacy['n_records']} {model.privacy['privacy_unit']}s")  # unit-level DP
+    print(f"fitted {recipe.name!r} on {size} ({info['epochs']} epochs, {how}) -> {out}")
     print(_privacy_line(model))
     return 0
 

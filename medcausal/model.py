@@ -311,14 +311,16 @@ class CausalModel:
                     k = _key(name)
                     self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
         self.privacy = plan.ledger(result.steps) if plan is not None else None
-        self.fit_info = {"seed": seed, "n_rows": len(data),
+        unit_level = plan is not None and plan.privacy.unit_column is not None
+        self.fit_info = {"seed": seed, "n_rows": None if unit_level else len(data),  # see PRIVACY.md 3
                          "data_kind": ("anndata" if from_anndata else
                                        "cohort" if isinstance(data, Cohort) else "dataframe"),
                          "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
                          "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
                                          if _key(n) in result.best_epochs},
                          "epochs": len(result.history), "steps": result.steps,
-                         "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
+                         "seconds": None if unit_level else round(result.seconds, 3),
+                         "stopped_early": result.stopped_early,
                          "world_size": result.world_size,
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
                          "image_specs": image_specs}

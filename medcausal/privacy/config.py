@@ -57,7 +57,7 @@ class Privacy:
       gradient clipping), ``"hooks"`` (Opacus per-layer hooks), ``"vmap"`` (whole-model
       ``torch.func`` per-record gradients), or ``"auto"``: the fastest of these whose
       per-record gradients are exact for the model (checked on fabricated inputs).
-    - ``physical_batch_size``: rows held in memory at once (Opacus BatchMemoryManager);
+    - ``physical_batch_size``: records held in memory at once (Opacus BatchMemoryManager);
       the logical (privacy) batch is ``fit(batch_size=...)``.
     - ``unit_column``: the privacy unit. Rows sharing this column's value (a patient, a
       donor) form one record for sampling and clipping. ``row_level=True`` (with

@@ -165,7 +165,9 @@ class PrivatePlan:
                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.privacy.max_grad_norm,
                "sample_rate": self.sample_rate, "steps": steps,
                "epochs": round(steps / max(self.steps_per_epoch, 1), 4),
-               "n_records": self.n_records, "n_rows": self.n_rows, "privacy_unit": self.unit_label,
+               "n_records": self.n_records,
+               # with a unit column the row count would tell a unit's number of rows: withheld
+               "n_rows": None if self.privacy.unit_column else self.n_rows, "privacy_unit": self.unit_label,
                "unit_column": self.privacy.unit_column, "mode": self.privacy.mode,
                "target_epsilon": self.target_epsilon, "grad_sample_mode": self.grad_sample_mode,
                "batch_size": self.batch_size, "physical_batch_size": self.physical_batch_size,

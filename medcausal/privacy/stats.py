@@ -110,8 +110,12 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
     for name, vtype in graph.variables.items():
         if vtype.kind != "continuous":
             codecs[name] = tabular.Codec.fit(name, vtype, data)  # declared / data-free
-            if codecs[name].state.get("dtype") == "category":  # the declared categories, not the data's
-                codecs[name].state["dtype_categories"] = list(codecs[name].vtype.categories)
+            state = codecs[name].state
+            if vtype.kind == "binary" and ("levels" in state or state.get("dtype") == "category"):
+                # the labels a binary column holds are read from the data: not public, so 0/1
+                codecs[name] = tabular.Codec(name, vtype, {})
+            elif state.get("dtype") == "category":  # the declared categories, not the data's
+                state["dtype_categories"] = list(vtype.categories)
             desc[name] = {"categorical": "declared categories", "binary": "no constants"}.get(
                 vtype.kind, "no constants (passed through)")
             continue

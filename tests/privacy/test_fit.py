@@ -193,7 +193,9 @@ def test_unit_column_makes_a_patient_one_record():
                 public_bounds={"x": (-4, 4), "y": (-12, 12)})
     m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
     led = m.privacy
-    assert led["n_records"] == 40 and led["n_rows"] == 120 and "patient" in led["privacy_unit"]
+    assert led["n_records"] == 40 and "patient" in led["privacy_unit"]
+    # the row count (and the fit's time, which grows with it) would tell a patient's number of rows
+    assert led["n_rows"] is None and m.fit_info["n_rows"] is None and m.fit_info["seconds"] is None
     assert led["sample_rate"] == 0.25 and led["group_privacy"] is None
     with pytest.raises(DataError, match="did you mean 'patient'"):
         mc.CausalModel(g).fit(df, privacy=Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patien",
@@ -318,3 +320,14 @@ def test_a_private_model_file_holds_the_declared_categories_not_the_datas():
         df, max_epochs=1, batch_size=20, verbose=False,
         privacy=Privacy(noise_multiplier=1.0, delta=1e-3, standardize="bounds", public_bounds={"y": (-4, 4)}))
     assert m.codecs["dx"].state["dtype_categories"] == ["common", "other", "rare_disease"]
+
+
+def test_a_binary_category_column_trains_privately_and_keeps_no_labels():
+    # it used to crash (Binary has no categories); the labels a column holds are data, not public
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"smoker": pd.Categorical(rng.choice(["False", "True"], 60)), "x": rng.normal(size=60)})
+    g = mc.CausalGraph({"smoker": "binary", "x": "continuous"}, edges=[("smoker", "x")])
+    p = Privacy(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (-4, 4)})
+    m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
+    assert m.privacy["n_rows"] == 60  # one row per record: the row count is N, public
+    assert set(np.asarray(m.sample(50, seed=0)["smoker"], dtype=float)) <= {0.0, 1.0}

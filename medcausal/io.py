@@ -51,6 +51,27 @@ def atomic_write(path: str | os.PathLike):
         raise
 
 
+def weights_digest(state: Mapping) -> str:
+    """SHA-256 of a ``state_dict`` (names, dtypes, shapes and values), e.g. to tie a DP ledger
+    to the weights it describes.
+
+    >>> import torch
+    >>> a = {"w": torch.zeros(2)}
+    >>> weights_digest(a) == weights_digest({"w": torch.zeros(2)}) != weights_digest({"w": torch.ones(2)})
+    True
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def write_table(df, path: str | os.PathLike) -> None:
     """Write a DataFrame atomically as CSV or Parquet (by suffix), index included if named."""
     path = Path(path)

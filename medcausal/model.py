@@ -31,7 +31,7 @@ from .errors import (CapabilityError, DataError, GraphError, InterventionError, 
                      ModelFileError, NotFittedError)
 from .graph import CausalGraph
 from .interventions import parse_do
-from .io import load_model_file, save_model_file
+from .io import load_model_file, save_model_file, weights_digest
 from .mechanisms import Mechanism, registry
 from .train import TrainConfig, TrainResult, train
 
@@ -158,7 +158,7 @@ class CausalModel:
             like = Cohort(pd.DataFrame(index=range(n)))
         out = tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
         table = out.table if isinstance(out, Cohort) else out
-        table.attrs["privacy"] = (None if self.privacy is None else  # the epsilon of the model queried
+        table.attrs["privacy"] = (None if self.privacy is None or not self._ledger_matches() else  # its epsilon
                                   {k: self.privacy[k] for k in ("epsilon", "delta", "privacy_unit")})
         return out
 
@@ -311,6 +311,8 @@ class CausalModel:
                     k = _key(name)
                     self.mechanisms[k].finalize(tensors[k], tensors[k + "|pa"])
         self.privacy = plan.ledger(result.steps) if plan is not None else None
+        if self.privacy is not None:  # the ledger describes these weights and no others
+            self.privacy["weights_sha256"] = weights_digest(self.mechanisms.state_dict())
         unit_level = plan is not None and plan.privacy.unit_column is not None
         self.fit_info = {"seed": seed, "n_rows": None if unit_level else len(data),  # see PRIVACY.md 3
                          "data_kind": ("anndata" if from_anndata else
@@ -434,10 +436,27 @@ class CausalModel:
                 "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
                 "privacy": self.privacy}
 
+    def _ledger_matches(self, state: Mapping | None = None) -> bool:
+        """False when the weights changed after the private fit (e.g. a mechanism retrained without
+        DP), so the ledger no longer describes them; True otherwise (also for older files)."""
+        digest = (self.privacy or {}).get("weights_sha256")
+        return digest is None or digest == weights_digest(self.mechanisms.state_dict() if state is None
+                                                          else state)
+
     def save(self, path: str | Path) -> Path:
-        """Write weights + JSON spec atomically; load with :meth:`CausalModel.load`."""
+        """Write weights + JSON spec atomically; load with :meth:`CausalModel.load`.
+
+        A DP model whose weights changed after its private fit is refused: its ledger would
+        claim a guarantee for weights it does not describe."""
         self._require_fit()
-        return save_model_file(path, self.spec(), self.mechanisms.state_dict())
+        state = self.mechanisms.state_dict()
+        if not self._ledger_matches(state):
+            from .privacy.config import PrivacyError
+            raise PrivacyError("the weights changed after the private fit (a mechanism was retrained or "
+                               "fine-tuned without privacy=), so the DP ledger no longer describes them; "
+                               "refit with privacy=..., or set model.privacy = None to save it as a "
+                               "non-private model")
+        return save_model_file(path, self.spec(), state)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "CausalModel":
@@ -455,6 +474,9 @@ class CausalModel:
             raise ModelFileError(f"{str(path)!r} is a damaged medcausal model: {type(e).__name__}: {e}") from None
         model.fit_info = spec.get("fit", {})
         model.privacy = spec.get("privacy")
+        if not model._ledger_matches(state):
+            raise ModelFileError(f"{str(path)!r}: its DP ledger was written for other weights than the "
+                                 "file holds; the stated guarantee does not apply to them")
         model.mechanisms.eval()
         model.device = torch.device(device)
         model.mechanisms.to(model.device)

@@ -331,3 +331,30 @@ def test_a_binary_category_column_trains_privately_and_keeps_no_labels():
     m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
     assert m.privacy["n_rows"] == 60  # one row per record: the row count is N, public
     assert set(np.asarray(m.sample(50, seed=0)["smoker"], dtype=float)) <= {0.0, 1.0}
+
+
+def test_the_ledger_is_tied_to_the_weights_it_describes(tmp_path):
+    from medcausal.errors import ModelFileError
+    from medcausal.io import save_model_file
+    from medcausal.privacy import PrivacyError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=80)
+    df = pd.DataFrame({"x": x, "y": 2 * x + rng.normal(size=80)})
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    p = Privacy(noise_multiplier=1.0, delta=1e-3, public_bounds={"x": (-4, 4), "y": (-12, 12)})
+    m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
+    m.save(tmp_path / "dp.mcm")  # untouched weights: saved with their ledger
+    assert mc.CausalModel.load(tmp_path / "dp.mcm").privacy["epsilon"] == m.privacy["epsilon"]
+    assert m.sample(5, seed=0).attrs["privacy"]["epsilon"] == m.privacy["epsilon"]
+    with torch.no_grad():  # as a mechanism retrained without privacy= would
+        next(m.mechanisms.parameters()).add_(0.1)
+    with pytest.raises(PrivacyError, match="no longer describes"):
+        m.save(tmp_path / "changed.mcm")
+    assert not (tmp_path / "changed.mcm").exists()
+    assert m.sample(5, seed=0).attrs["privacy"] is None  # its outputs claim no guarantee
+    save_model_file(tmp_path / "forged.mcm", m.spec(), m.mechanisms.state_dict())  # ledger + other weights
+    with pytest.raises(ModelFileError, match="other weights"):
+        mc.CausalModel.load(tmp_path / "forged.mcm")
+    m.privacy = None  # saved as what it now is: a non-private model
+    assert mc.CausalModel.load(m.save(tmp_path / "plain.mcm")).privacy is None

@@ -52,7 +52,7 @@ class AdditiveMechanism(Mechanism):
             probs = (torch.arange(n, dtype=r.dtype) + 0.5) / n
             self.residual_quantiles.copy_(torch.quantile(r, probs, dim=0))
             # Silverman's rule for the kernel density used by log_prob.
-            std = r.std(0).nan_to_num(0.0).clamp_min(1e-6)  # NaN: one row
+            std = (r.std(0) if len(r) > 1 else torch.zeros_like(r[0])).clamp_min(1e-6)  # one row: no spread
             self.bandwidth.copy_(1.06 * std * r.shape[0] ** (-1 / 5))
 
     def log_prob(self, value, parents):

@@ -96,6 +96,10 @@ class Mechanism(nn.Module):
     def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
         """Called once after training with (a sample of) the training data."""
 
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the weights (inputs of another dtype are converted to it)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     def noise_like(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fresh noise for ``n`` rows from the mechanism's noise prior."""
         raise NotImplementedError

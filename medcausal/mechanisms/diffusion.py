@@ -522,9 +522,6 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         self.steps = int(steps)
         return self
 
-    def _dtype(self) -> torch.dtype:
-        return self.net[-1].weight.dtype
-
     def abduct(self, value, parents, generator=None):
         self._check(value, parents)
         value, parents = value.to(self._dtype()), parents.to(self._dtype())

@@ -205,7 +205,7 @@ class _CountMechanism(Mechanism):
         if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
             raise DataError(f"{self.name}: parents must be [n, {self.parent_dim}] ({self.parent_dims}), "
                             f"got {tuple(parents.shape)}")
-        n, dtype = parents.shape[0], self.log_theta.dtype
+        n, dtype = parents.shape[0], self._dtype()
         if value is not None:
             if value.dim() != 2 or tuple(value.shape) != (n, self.n_genes):
                 raise DataError(f"{self.name}: counts must be [{n}, {self.n_genes}] (cells, genes), "

@@ -491,9 +491,6 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
                                  f"got variable {variable!r}")
 
     # -- checks ------------------------------------------------------------------
-    def _dtype(self) -> torch.dtype:
-        return next(self.net.parameters()).dtype
-
     def _check(self, value: torch.Tensor | None, parents: torch.Tensor):
         """Shape checks; returns ``(value, parents)`` in the weights' dtype (float64 or integer
         inputs are converted)."""

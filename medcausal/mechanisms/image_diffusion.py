@@ -453,9 +453,6 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     def _device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.net.parameters()).dtype
-
     def abduct(self, value, parents, generator=None, depth=None, guidance=None):
         """DDIM inversion; runs on the mechanism's device, returns on the device of ``value``."""
         self._check(value, parents)

@@ -36,7 +36,7 @@ class Cohort:
             table.insert(0, id_column, np.arange(len(table)))
         self.table = table
         self.id_column = id_column
-        self.meta: dict = dict(meta or {})
+        self.meta: dict = copy.deepcopy(dict(meta or {}))  # its own: editing it leaves the source's alone
         self.arrays: dict[str, np.ndarray] = {}
         for name, arr in (arrays or {}).items():
             arr = np.asarray(arr)
@@ -69,11 +69,11 @@ class Cohort:
                     raise DataError(f"boolean mask has {idx.shape[0]} entries for {len(self)} rows")
                 idx = np.flatnonzero(idx)
         return Cohort(self.table.iloc[idx], {k: v[idx] for k, v in self.arrays.items()},
-                      id_column=self.id_column, meta=copy.deepcopy(self.meta))
+                      id_column=self.id_column, meta=self.meta)
 
     def copy(self) -> "Cohort":
         return Cohort(self.table.copy(), {k: v.copy() for k, v in self.arrays.items()},
-                      id_column=self.id_column, meta=copy.deepcopy(self.meta))
+                      id_column=self.id_column, meta=self.meta)
 
     def to_anndata(self, expression: str = "expression", layer: str = "counts", var_names=None):
         """This cohort as AnnData (scverse): the table as ``.obs``, the ``expression`` array as

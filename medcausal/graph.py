@@ -19,6 +19,17 @@ import networkx as nx
 from .errors import GraphError
 
 
+def _whole(value: Any, what: str) -> int:
+    """``value`` as a positive int (``2.0`` and ``"2"`` too, as JSON or TOML may give them)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or number < 1:
+        raise GraphError(f"{what} must be a whole number >= 1, got {value!r}")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class Continuous:
     """A real-valued variable; ``dim > 1`` makes it a vector (columns ``name[0]``, ...)."""
@@ -27,8 +38,7 @@ class Continuous:
     kind = "continuous"
 
     def __post_init__(self):
-        if int(self.dim) < 1:
-            raise GraphError(f"Continuous dim must be >= 1, got {self.dim}")
+        object.__setattr__(self, "dim", _whole(self.dim, "Continuous dim"))
 
     def to_dict(self) -> dict:
         return {"type": "continuous", "dim": self.dim}
@@ -53,6 +63,8 @@ class Categorical:
 
     def __post_init__(self):
         if self.categories is not None:
+            if isinstance(self.categories, (str, bytes)):  # tuple("ab") would be ('a', 'b')
+                raise GraphError(f"categories must be a list of values, got the string {self.categories!r}")
             cats = tuple(self.categories)
             if len(cats) < 2:
                 raise GraphError(f"a categorical variable needs >= 2 categories, got {cats}")
@@ -76,10 +88,10 @@ class Image:
 
     def __post_init__(self):
         try:
-            shape = tuple(int(s) for s in self.shape)
-        except (TypeError, ValueError):
+            shape = tuple(_whole(s, "an image size") for s in self.shape)
+        except (TypeError, GraphError):
             shape = ()
-        if len(shape) not in (3, 4) or min(shape) < 1:
+        if len(shape) not in (3, 4):
             raise GraphError(f"Image shape must be (C, H, W) or (C, D, H, W) positive integers, "
                              f"got {self.shape!r}")
         object.__setattr__(self, "shape", shape)
@@ -96,8 +108,7 @@ class Expression:
     kind = "expression"
 
     def __post_init__(self):
-        if int(self.n_genes) < 1:
-            raise GraphError(f"Expression needs n_genes >= 1, got {self.n_genes}")
+        object.__setattr__(self, "n_genes", _whole(self.n_genes, "Expression n_genes"))
 
     def to_dict(self) -> dict:
         return {"type": "expression", "n_genes": self.n_genes}
@@ -145,7 +156,11 @@ class CausalGraph:
     def __init__(self, variables: Mapping[str, Any] | Iterable[tuple[str, Any]],
                  edges: Iterable[tuple[str, str]] = ()):
         items = list(variables.items()) if isinstance(variables, Mapping) else list(variables)
-        names = [str(n) for n, _ in items]
+        if not all(isinstance(i, (tuple, list)) and len(i) == 2 for i in items):
+            raise GraphError("variables must be a dict {name: type} or (name, type) pairs, "
+                             f"got {variables!r}")
+        items = [(str(n), t) for n, t in items]  # keys as the names edges and columns are matched by
+        names = [n for n, _ in items]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise GraphError(f"duplicate variable name(s): {dupes}")
@@ -154,7 +169,7 @@ class CausalGraph:
         self.variables: dict[str, VariableType] = {n: as_type(t, n) for n, t in items}
         edge_list = []
         for e in edges:
-            if len(e) != 2:
+            if isinstance(e, (str, bytes)) or not hasattr(e, "__len__") or len(e) != 2:
                 raise GraphError(f"an edge is a (parent, child) pair, got {e!r}")
             p, c = str(e[0]), str(e[1])
             for v in (p, c):
@@ -212,6 +227,8 @@ class CausalGraph:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CausalGraph":
+        if not isinstance(d, Mapping) or "variables" not in d:
+            raise GraphError(f"a graph dict needs a 'variables' key, got {d!r}")
         return cls(d["variables"], edges=[tuple(e) for e in d.get("edges", [])])
 
     def _check(self, name: str) -> None:

@@ -56,8 +56,8 @@ class Intervention:
             return out
         if current is None:
             raise InterventionError(f"do[{self.name!r}] is a callable but no current value is known")
-        try:
-            out = np.asarray(self.spec(np.asarray(current)))
+        try:  # a copy: a function that edits its argument in place must not edit the user's data
+            out = np.asarray(self.spec(np.array(current)))
         except Exception as e:  # the user's function failed: say which variable it was for
             raise InterventionError(f"do[{self.name!r}]: the callable raised {type(e).__name__}: {e}") from e
         if out.ndim == 0:
@@ -104,6 +104,10 @@ def parse_cli_do(items: Iterable[str]) -> dict[str, Any]:
             raise InterventionError(f"--do expects var=value, got {item!r}")
         k, v = item.split("=", 1)
         k = k.strip()
+        if not k:
+            raise InterventionError(f"--do expects var=value, got {item!r}")
+        if k in out:
+            raise InterventionError(f"--do gives variable {k!r} more than once")
         try:
             out[k] = float(v)
         except ValueError:

@@ -14,6 +14,7 @@ of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=
 
 from __future__ import annotations
 
+import numbers
 import os
 
 from pathlib import Path
@@ -105,6 +106,9 @@ class CausalModel:
             if spec is None and everywhere and vtype.kind in registry.get(everywhere).supports:
                 spec = everywhere
             spec = spec or registry.default_for(vtype.kind)
+            if not isinstance(spec, (str, Mapping)):
+                raise MedCausalError(f"mechanism for {name!r} must be a name or {{'name': ..., **settings}}, "
+                                     f"got {spec!r}")
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
             if "name" not in spec:
                 raise MedCausalError(f"mechanism for {name!r} needs a 'name', got {spec}")
@@ -261,6 +265,11 @@ class CausalModel:
                             f"got {type(data).__name__}")
         if len(data) < 2:
             raise DataError(f"fit() needs at least 2 rows, got {len(data)}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise MedCausalError(f"fit(seed=...) must be an integer or None, got {seed!r}")
+        seed = int(seed)  # a numpy integer too: torch and the model file's JSON take plain ints
         classes = [registry.get(c["name"]) for c in self.choices.values()]
         if max_epochs is None:
             max_epochs = max(c.fit_defaults.get("max_epochs", 200) for c in classes)
@@ -277,8 +286,6 @@ class CausalModel:
                            {_key(n): registry.get(c["name"]) for n, c in self.choices.items()},
                            batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps)
             self.codecs, data = plan.codecs, plan.data  # plan.seed (the DP noise's) is never stored
-            if seed is None:
-                seed = int.from_bytes(os.urandom(4), "little")
         else:
             self.codecs = tabular.fit_codecs(data, self._declared)
         self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)
@@ -346,7 +353,8 @@ class CausalModel:
         Returns the container kind the model was fitted on (DataFrame, Cohort or AnnData).
         """
         self._require_fit()
-        if isinstance(n, bool) or not float(n).is_integer() or int(n) < 1:
+        if (isinstance(n, (bool, str)) or not isinstance(n, numbers.Real) or not float(n).is_integer()
+                or int(n) < 1):
             raise DataError(f"sample() needs a whole number n >= 1, got {n!r}")
         n = int(n)
         ivs = parse_do(self._one_vector_value(do, n), self.graph.variables)
@@ -374,6 +382,9 @@ class CausalModel:
         self._require_fit()
         given = data
         data = self._from_anndata(data)
+        if not isinstance(data, (pd.DataFrame, Cohort)):
+            raise DataError(f"counterfactual() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "
+                            f"got {type(data).__name__}")
         if isinstance(do, Mapping):
             index = (data.table if isinstance(data, Cohort) else data).index
             do = {k: _by_row_label(k, v, index) for k, v in do.items()}
@@ -431,10 +442,13 @@ class CausalModel:
     def spec(self) -> dict:
         """The JSON-serializable description saved beside the weights."""
         self._require_fit()
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
+        spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
                 "graph": self.graph.to_dict(), "mechanisms": self.choices,
                 "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
                 "privacy": self.privacy}
+        if self._declared != self.graph:  # the graph before fit learned categories: a refit learns them afresh
+            spec["declared_graph"] = self._declared.to_dict()
+        return _jsonable(spec)
 
     def _ledger_matches(self, state: Mapping | None = None) -> bool:
         """False when the weights changed after the private fit (e.g. a mechanism retrained without
@@ -465,6 +479,8 @@ class CausalModel:
         spec, state = load_model_file(path, FORMAT, FORMAT_VERSION)
         try:
             model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=spec["mechanisms"])
+            if "declared_graph" in spec:
+                model._declared = CausalGraph.from_dict(spec["declared_graph"])
             model.codecs = {n: tabular.Codec.from_dict(n, d) for n, d in spec["codecs"].items()}
             model._build()
             model.mechanisms.load_state_dict(state, strict=True)
@@ -502,6 +518,20 @@ def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
         gen.seed()
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not float(seed).is_integer():
+        raise MedCausalError(f"seed= must be an integer or None, got {seed!r}")
     else:
         gen.manual_seed(int(seed))
     return gen
+
+
+def _jsonable(obj):
+    """``obj`` with numpy scalars and arrays (e.g. ``batch_size=np.int64(64)``) as plain Python, so
+    the spec can be written as JSON."""
+    if isinstance(obj, Mapping):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    return obj

@@ -1,0 +1,141 @@
+"""Review of the core (graph, model, interventions, cohort): each test failed before its fix."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.errors import DataError, GraphError, InterventionError, MedCausalError
+from medcausal.interventions import parse_cli_do
+
+
+def _data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    s = (rng.random(n) < 0.4).astype(int)
+    y = 2 * x + s + 0.5 * rng.normal(size=n)
+    return pd.DataFrame({"x": x, "s": s, "y": y, "stage": np.where(y > 0.5, "high", "low")})
+
+
+GRAPH = mc.CausalGraph({"x": "continuous", "s": "binary", "y": "continuous", "stage": "categorical"},
+                       edges=[("x", "y"), ("s", "y"), ("y", "stage")])
+
+
+@pytest.fixture(scope="module")
+def small():
+    return mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False)
+
+
+@pytest.mark.parametrize("spec, dim", [({"type": "continuous", "dim": 2.0}, 2), ({"type": "continuous", "dim": "2"}, 2)])
+def test_a_vector_dim_read_from_json_or_toml_is_a_plain_int(spec, dim):
+    graph = mc.CausalGraph({"v": spec, "y": "continuous"}, edges=[("v", "y")])
+    assert graph.variables["v"].dim == dim and type(graph.variables["v"].dim) is int
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(40, 3)), columns=["v[0]", "v[1]", "y"])
+    model = mc.CausalModel(graph, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    assert list(model.sample(2, seed=0).columns) == ["v[0]", "v[1]", "y"]
+
+
+@pytest.mark.parametrize("make", [lambda: mc.Continuous(dim=2.5), lambda: mc.Continuous(dim=True),
+                                  lambda: mc.Expression(2.5), lambda: mc.Image((1, 8.7, 8))])
+def test_fractional_sizes_are_refused_not_truncated(make):
+    with pytest.raises(GraphError, match="whole number|positive integers"):
+        make()
+
+
+def test_categories_given_as_one_string_are_refused():
+    with pytest.raises(GraphError, match="variable 'a'.*string 'low'"):
+        mc.CausalGraph({"a": {"type": "categorical", "categories": "low"}})
+
+
+@pytest.mark.parametrize("edges, culprit", [(["ab"], "'ab'"), ([1], "1")])
+def test_an_edge_that_is_not_a_pair_is_refused(edges, culprit):
+    with pytest.raises(GraphError, match=f"pair, got {culprit}"):
+        mc.CausalGraph({"a": "continuous", "b": "continuous"}, edges=edges)
+
+
+def test_variables_that_are_not_name_type_pairs_or_lack_a_key_are_graph_errors():
+    with pytest.raises(GraphError, match="variables must be"):
+        mc.CausalGraph(["a", "b"])
+    with pytest.raises(GraphError, match="'variables' key"):
+        mc.CausalGraph.from_dict({"edges": []})
+
+
+def test_non_string_variable_names_are_stored_as_the_names_edges_use():
+    graph = mc.CausalGraph({1: "continuous", 2: "continuous"}, edges=[(1, 2)])
+    assert list(graph.variables) == ["1", "2"] and graph.parents("2") == ("1",)
+
+
+def test_a_callable_that_edits_its_argument_leaves_the_observed_data_alone(small):
+    obs = _data(5, seed=1)
+    before = obs.copy()
+
+    def flip(a):
+        a[:] = 1 - a
+        return a
+
+    small.counterfactual(obs, do={"s": flip}, seed=0)
+    pd.testing.assert_frame_equal(obs, before)
+
+
+def test_cli_do_refuses_a_variable_given_twice():
+    with pytest.raises(InterventionError, match="'age' more than once"):
+        parse_cli_do(["age=80", "age=90"])
+    with pytest.raises(InterventionError, match="var=value"):
+        parse_cli_do(["=80"])
+
+
+@pytest.mark.parametrize("seed", [None, np.int64(3)])
+def test_fit_takes_a_numpy_or_no_seed(seed):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), seed=seed, max_epochs=1, verbose=False)
+    assert type(model.fit_info["seed"]) is int
+
+
+def test_fit_and_sample_refuse_a_seed_that_is_not_an_integer(small):
+    with pytest.raises(MedCausalError, match="seed"):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), seed="abc", max_epochs=1, verbose=False)
+    with pytest.raises(MedCausalError, match="seed"):
+        small.sample(3, seed="abc")
+
+
+def test_a_model_fitted_with_numpy_settings_saves_and_loads(tmp_path):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(
+        _data(), batch_size=np.int64(64), max_epochs=np.int64(1), verbose=False)
+    path = model.save(tmp_path / "m.mcm")
+    torch.load(path, weights_only=True)
+    loaded = mc.CausalModel.load(path)
+    assert loaded.fit_info["config"]["batch_size"] == 64
+
+
+def test_a_loaded_model_refit_learns_new_categories_like_the_original(small, tmp_path):
+    loaded = mc.CausalModel.load(small.save(tmp_path / "m.mcm"))
+    df = _data()
+    df2 = df.assign(stage=np.where(df["stage"] == "low", "low", "very high"))
+    loaded.fit(df2, max_epochs=1, verbose=False)
+    assert set(loaded.sample(50, seed=0)["stage"]) <= {"low", "very high"}
+
+
+@pytest.mark.parametrize("data", [{"x": [1.0]}, np.zeros((3, 4))])
+def test_counterfactual_of_something_that_is_not_a_table_is_a_data_error(small, data):
+    with pytest.raises(DataError, match="counterfactual\\(\\) takes a pandas DataFrame"):
+        small.counterfactual(data, do={"x": 1.0})
+
+
+@pytest.mark.parametrize("n", [None, "abc", "5"])
+def test_sample_refuses_an_n_that_is_not_a_number(small, n):
+    with pytest.raises(DataError, match="whole number"):
+        small.sample(n)
+
+
+@pytest.mark.parametrize("spec", [5, ["flow"]])
+def test_a_mechanism_spec_of_the_wrong_type_names_the_variable(spec):
+    with pytest.raises(MedCausalError, match="mechanism for 'y' must be a name"):
+        mc.CausalModel(GRAPH, mechanisms={"y": spec})
+
+
+def test_a_cohort_owns_its_meta():
+    meta = {"image_specs": {"mri": {"spacing": [1, 1]}}}
+    cohort = mc.Cohort(pd.DataFrame({"a": [1.0, 2.0]}), meta=meta)
+    cohort.meta["image_specs"]["mri"]["spacing"].append(9)
+    assert meta["image_specs"]["mri"]["spacing"] == [1, 1]

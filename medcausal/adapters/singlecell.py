@@ -145,6 +145,9 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
     medcausal.errors.DataError: control value 'DMSO' does not occur in obs['drug']; values: ['A', 'A+B', 'ctrl']
     """
     _require_anndata(adata)
+    covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys)
+    if not isinstance(sep, str) or not sep:
+        raise DataError(f"sep= must be a non-empty string (the separator of combinations 'A+B'), got {sep!r}")
     if copy:
         adata = _copy(adata)
     obs = adata.obs
@@ -155,6 +158,9 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
             raise _missing_key(key, list(obs.columns), f"{what}: obs column")
     if perturbation_key in covariate_keys:
         raise DataError(f"{perturbation_key!r} is both the perturbation key and a covariate key")
+    repeated = sorted({str(k) for k in covariate_keys if covariate_keys.count(k) > 1})
+    if repeated:
+        raise DataError(f"covariate_keys names {repeated} more than once")
     labels = obs[perturbation_key]
     if labels.isna().any():
         raise DataError(f"obs[{perturbation_key!r}] has {int(labels.isna().sum())} missing value(s)")
@@ -245,6 +251,17 @@ def _encode_obs(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None,
             bad = sorted(set(vals[idx < 0]))[:5]
             raise DataError(f"covariate {key!r} has value(s) {bad} not seen at fit; known: {cats}")
         blocks.append(np.eye(len(cats), dtype=np.float32)[idx])
+    treat, d = _treatment(obs, setup, perturbation, dose)
+    if d is not None:
+        treat *= (d / float(setup.get("dose_scale", 1.0)))[:, None].astype(np.float32)
+    blocks.append(treat)
+    return np.concatenate(blocks, axis=1)
+
+
+def _treatment(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None):
+    """``(multi-hot [n, n_perturbations], dose per cell in the data's units or None)``; the dose
+    of a control (factual or counterfactual) is 0."""
+    n = len(obs)
     pkey, control, sep = setup["perturbation_key"], setup["control"], setup.get("sep", "+")
     if perturbation is None:
         if pkey not in obs.columns:
@@ -263,20 +280,26 @@ def _encode_obs(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None,
                             f"at fit; known single perturbations: {singles}")
         treat[np.ix_(labels == lab, [col[m] for m in members])] = 1.0
     dkey = setup.get("dose_key")
-    if dkey is not None:
+    if dkey is None:
         if dose is not None:
-            d = np.asarray(_per_cell(dose, n, "dose"), dtype=float)
-        elif perturbation is not None:  # treated cells keep their dose; controls get the largest seen
-            d = obs[dkey].to_numpy(dtype=float).copy()
+            raise InterventionError("dose= given, but this model has no dose: declare one with "
+                                    "setup_anndata(..., dose_key=...) before fitting")
+        return treat, None
+    if dose is not None:
+        d = np.asarray(_per_cell(dose, n, "dose"), dtype=float)
+    else:
+        if dkey not in obs.columns:
+            raise _missing_key(dkey, list(obs.columns), "dose obs column")
+        d = obs[dkey].to_numpy(dtype=float).copy()
+        if perturbation is None:
+            d[~treat.any(axis=1)] = 0.0  # a control's dose is ignored (may be NaN)
+        else:  # treated cells keep their dose; controls (whatever dose they record) get the largest seen
             d[~(d > 0)] = float(setup.get("max_dose", 1.0))
-        else:
-            d = obs[dkey].to_numpy(dtype=float)
-            d = np.where(treat.any(axis=1), d, 0.0)  # a control's dose is ignored (may be NaN)
-        if not np.all(np.isfinite(d)) or (d < 0).any():
-            raise DataError(f"dose must be finite and non-negative (obs[{dkey!r}] or dose=)")
-        treat *= (d / float(setup.get("dose_scale", 1.0)))[:, None].astype(np.float32)
-    blocks.append(treat)
-    return np.concatenate(blocks, axis=1)
+            if pkey in obs.columns:
+                d[obs[pkey].astype(str).str.strip().to_numpy() == control] = float(setup.get("max_dose", 1.0))
+    if not np.all(np.isfinite(d)) or (d < 0).any():
+        raise DataError(f"dose must be finite and non-negative (obs[{dkey!r}] or dose=)")
+    return treat, np.where(treat.any(axis=1), d, 0.0)
 
 
 def _per_cell(value, n: int, key: str) -> list:
@@ -449,10 +472,13 @@ class FCRModel:
     def _batches(self, adata, batch_size: int):
         self._require_fit()
         self._check_genes(adata)
-        source = _CountRows(adata, self.setup.get("layer"))
+        layer = self.setup.get("layer")
+        source = _CountRows(adata, layer)
         for start in range(0, adata.n_obs, batch_size):
             idx = np.arange(start, min(adata.n_obs, start + batch_size))
-            yield idx, torch.from_numpy(source.rows(idx))
+            counts = source.rows(idx)
+            check_counts(counts, where="X" if layer is None else f"layers[{layer!r}]")
+            yield idx, torch.from_numpy(counts)
 
     def get_latent_representation(self, adata, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """Posterior means of each latent block: ``{"context", "treatment", "interaction"}`` for
@@ -477,9 +503,10 @@ class FCRModel:
                                seed: int = 0, batch_size: int = 1024, mean: bool = False):
         """The counterfactual counts of the given cells under a new treatment (and/or context).
 
-        ``perturbation``: a label (``"A+B"`` for a combination, the control label) or
-        per-cell labels; ``dose``: new dose(s) (default: treated cells keep theirs,
-        controls get the largest dose seen at fit); ``covariates``: context values to
+        ``perturbation``: a label (``"A+B"`` for a combination, the control label),
+        per-cell labels, or None to keep each cell's own; ``dose``: new dose(s) (default:
+        treated cells keep theirs, controls get the largest dose seen at fit; only for a
+        model with a dose); ``covariates``: context values to
         set (``{"cell_type": "T"}``). Abduction -> action -> prediction per minibatch;
         ``seed`` fixes the randomized PIT of the counts. Returns a new AnnData: counts
         in ``X`` and ``layers["counts"]`` (and the NB means in ``layers["mean"]`` with
@@ -508,13 +535,12 @@ class FCRModel:
         obs = adata.obs.copy()
         pkey = setup["perturbation_key"]
         obs[f"factual_{pkey}"] = obs[pkey].astype(str).to_numpy()
-        obs[pkey] = np.asarray(_per_cell(perturbation, n, "perturbation"), dtype=object).astype(str)
+        if perturbation is not None:
+            obs[pkey] = np.asarray(_per_cell(perturbation, n, "perturbation"), dtype=object).astype(str)
         if setup.get("dose_key"):
             dkey = setup["dose_key"]
-            d = cf_parents[:, -len(setup["perturbations"]):].max(dim=1).values.numpy() * float(
-                setup.get("dose_scale", 1.0))
             obs[f"factual_{dkey}"] = obs[dkey].to_numpy()
-            obs[dkey] = d.astype(float)
+            obs[dkey] = _treatment(adata.obs, setup, perturbation, dose)[1]  # in the data's units
         for key, val in (covariates or {}).items():
             obs[f"factual_{key}"] = obs[key].astype(str).to_numpy()
             obs[key] = np.asarray(_per_cell(val, n, key), dtype=object).astype(str)
@@ -522,7 +548,8 @@ class FCRModel:
         out.layers["counts"] = X.copy()
         if mean:
             out.layers["mean"] = np.concatenate(means).astype(np.float32)
-        do = {pkey: perturbation if np.ndim(perturbation) == 0 else f"<{n} per-cell values>"}
+        do = {} if perturbation is None else {
+            pkey: perturbation if np.ndim(perturbation) == 0 else f"<{n} per-cell values>"}
         if dose is not None:
             do["dose"] = dose if np.ndim(dose) == 0 else f"<{n} per-cell values>"
         for key, val in (covariates or {}).items():
@@ -610,7 +637,8 @@ def anndata_to_cohort(adata, expression: str = "expression", layer: str | None =
                       obs_keys: Sequence[str] | None = None, obsm_keys: Sequence[str] = ()) -> Cohort:
     """AnnData -> Cohort: ``.obs`` columns as the table, counts as a dense array ``expression``.
 
-    Ids come from the id column when present, else from ``obs_names``. Categorical
+    Ids come from the id column when present (also when ``obs_keys`` leaves it out of an
+    AnnData made by :func:`cohort_to_anndata`), else from ``obs_names``. Categorical
     columns become plain object columns.
 
     >>> import anndata as ad
@@ -630,11 +658,19 @@ def anndata_to_cohort(adata, expression: str = "expression", layer: str | None =
     for k in keys:
         if isinstance(table[k].dtype, pd.CategoricalDtype):
             table[k] = table[k].astype(object)
-    if id_column not in table.columns:
-        table.insert(0, id_column, np.asarray(adata.obs_names, dtype=object))
+    if id_column not in table.columns:  # the ids cohort_to_anndata kept, else obs_names
+        if meta and id_column in adata.obs.columns:
+            ids = adata.obs[id_column]
+            ids = (ids.astype(object) if isinstance(ids.dtype, pd.CategoricalDtype) else ids).to_numpy()
+        else:
+            ids = np.asarray(adata.obs_names, dtype=object)
+        table.insert(0, id_column, ids)
     mat = _matrix(adata, layer)
-    counts = mat.toarray() if hasattr(mat, "toarray") else np.asarray(mat)
-    arrays = {expression: counts.astype(np.float32)}
+    counts = np.empty(adata.shape, dtype=np.float32)
+    for start in range(0, adata.n_obs, _CHUNK):  # row blocks: backed X is read from disk a block at a time
+        block = mat[start:start + _CHUNK]
+        counts[start:start + _CHUNK] = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+    arrays = {expression: counts}
     for k in obsm_keys:
         if k not in adata.obsm:
             raise _missing_key(k, list(adata.obsm), "obsm key")

@@ -1,0 +1,126 @@
+"""Review of the AnnData adapter: setup validation, dose handling, query validation, Cohort conversion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import medcausal as mc
+from medcausal.adapters import singlecell as scad
+from medcausal.errors import DataError, InterventionError
+from medcausal.synthetic.perturbseq import PerturbSeq
+
+SMALL = {"hidden": [16], "decoder_hidden": [16]}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return PerturbSeq(n_genes=30, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dosed(sim):
+    """Cells whose controls record a vehicle dose (0.1), and a model fitted on them with a dose."""
+    a = sim.sample(200, seed=0)
+    control = (a.obs["perturbation"].astype(str) == "control").to_numpy()
+    a.obs["dose"] = np.where(control, 0.1, a.obs["dose"].to_numpy())
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"],
+                       dose_key="dose")
+    return a, scad.FCRModel(**SMALL).fit(a, max_epochs=1, seed=0, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def plain(sim):
+    """Cells and a model without a dose."""
+    a = sim.sample(150, seed=1)
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    return a, scad.FCRModel(**SMALL).fit(a, max_epochs=1, seed=0, verbose=False)
+
+
+# --------------------------------------------------------------------------- setup_anndata
+def test_setup_takes_a_single_covariate_key_as_a_string(sim):
+    a = sim.sample(40, seed=2)
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", covariate_keys="cell_type")
+    assert scad.get_setup(a)["covariate_keys"] == ["cell_type"]
+
+
+def test_setup_rejects_repeated_covariate_keys_and_an_empty_separator(sim):
+    a = sim.sample(40, seed=2)
+    with pytest.raises(DataError, match=r"covariate_keys names \['cell_type'\] more than once"):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control",
+                           covariate_keys=["cell_type", "cell_type"])
+    with pytest.raises(DataError, match="sep="):
+        scad.setup_anndata(a, perturbation_key="perturbation", control="control", sep="")
+    assert "medcausal_setup" not in a.uns
+
+
+# --------------------------------------------------------------------------- doses
+def test_controls_get_the_largest_dose_whatever_vehicle_dose_they_record(dosed):
+    a, model = dosed
+    control = (a.obs["perturbation"].astype(str) == "control").to_numpy()
+    assert model.setup["max_dose"] == 1.0
+    cf = model.predict_counterfactual(a[control][:5], perturbation="P1")
+    np.testing.assert_array_equal(cf.obs["dose"].to_numpy(float), 1.0)
+    np.testing.assert_array_equal(cf.obs["factual_dose"].to_numpy(float), 0.1)
+
+
+def test_counterfactual_obs_records_the_dose_exactly(dosed):
+    a, model = dosed
+    cf = model.predict_counterfactual(a[:5], perturbation="P1", dose=0.123)
+    assert cf.obs["dose"].tolist() == [0.123] * 5
+    treated = (a.obs["perturbation"].astype(str) != "control").to_numpy()
+    labels = a.obs["perturbation"].astype(str)[treated][:8]
+    same = model.predict_counterfactual(a[treated][:8], perturbation=labels)
+    np.testing.assert_array_equal(same.obs["dose"].to_numpy(float), same.obs["factual_dose"].to_numpy(float))
+
+
+def test_a_dose_for_a_model_without_one_is_refused(plain):
+    a, model = plain
+    with pytest.raises(InterventionError, match="no dose.*dose_key"):
+        model.predict_counterfactual(a[:5], perturbation="P0", dose=5.0)
+
+
+# --------------------------------------------------------------------------- queries
+def test_perturbation_none_keeps_each_cells_own_treatment(plain):
+    a, model = plain
+    factual = a.obs["perturbation"].astype(str).to_numpy()[:6]
+    cf = model.predict_counterfactual(a[:6], perturbation=None, covariates={"cell_type": "CT0"}, seed=2)
+    np.testing.assert_array_equal(cf.obs["perturbation"].astype(str), factual)
+    assert "perturbation" not in json.loads(cf.uns["medcausal"]["do"])
+    explicit = model.predict_counterfactual(a[:6], perturbation=factual, covariates={"cell_type": "CT0"}, seed=2)
+    assert (cf.X != explicit.X).nnz == 0
+
+
+def test_queries_reject_non_integer_counts_by_layer(plain):
+    a, model = plain
+    b = a[:20].copy()
+    b.layers["counts"] = b.layers["counts"].copy()
+    b.layers["counts"].data = np.log1p(b.layers["counts"].data)
+    with pytest.raises(DataError, match=r"layers\['counts'\] holds non-integer"):
+        model.get_latent_representation(b)
+    with pytest.raises(DataError, match=r"layers\['counts'\] holds non-integer"):
+        model.predict_counterfactual(b, perturbation="P0")
+
+
+# --------------------------------------------------------------------------- Cohort <-> AnnData
+@pytest.mark.parametrize("dense", [False, True])
+def test_anndata_to_cohort_reads_a_backed_x(sim, tmp_path, dense):
+    a = sim.sample(30, seed=3)
+    a.X = a.layers["counts"].toarray() if dense else a.layers["counts"].copy()
+    backed = scad.read_h5ad(scad.write_h5ad(a, tmp_path / "x.h5ad"), backed=True)
+    try:
+        got = scad.anndata_to_cohort(backed, layer=None, obs_keys=["perturbation"])
+        np.testing.assert_array_equal(got.arrays["expression"], a.layers["counts"].toarray())
+        np.testing.assert_array_equal(got.table["id"], a.obs_names)
+    finally:
+        backed.file.close()
+
+
+def test_anndata_to_cohort_keeps_the_cohort_ids_when_obs_keys_leave_them_out():
+    table = pd.DataFrame({"id": [10, 11, 12], "ct": ["A", "B", "A"]})
+    cohort = mc.Cohort(table, {"expression": np.arange(6, dtype=np.float32).reshape(3, 2)})
+    back = scad.anndata_to_cohort(scad.cohort_to_anndata(cohort), obs_keys=["ct"])
+    pd.testing.assert_frame_equal(back.table, cohort.table)

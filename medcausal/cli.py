@@ -81,6 +81,11 @@ def cmd_fit(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        # mkdtemp makes the folder its owner's only; give the run the mode a plain mkdir would
+        # (0777 less the umask), as atomic_write does for files, so collaborators can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         model.save(tmp / MODEL_FILE)
         shutil.copyfile(args.recipe, tmp / "recipe.toml")
         (tmp / "fit.json").write_text(json.dumps({"fit": model.fit_info, "history": model.history}, indent=1))
@@ -127,10 +132,24 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _passthrough_columns(path: str, model) -> list[str]:
+    """Columns of a CSV ``--input`` that are not model variables (ids, notes): read as text, so
+    they reach ``--out`` as written (patient id ``"007"`` stays ``"007"``, not ``7``)."""
+    import pandas as pd
+
+    if Path(path).suffix.lower() in (".parquet", ".pq") or not Path(path).is_file():
+        return []  # Parquet keeps its types; a missing file is reported by read_table
+    try:
+        columns = pd.read_csv(path, nrows=0).columns
+    except Exception:  # noqa: BLE001 - read_table reports an unreadable file, naming it
+        return []
+    return [c for c in columns if c not in model.graph.variables]
+
+
 def cmd_counterfactual(args) -> int:
     _check_table_out(args)
     model = load_run(args.run_dir)
-    data = read_table(args.input)
+    data = read_table(args.input, str_columns=_passthrough_columns(args.input, model))
     do = parse_cli_do(args.do)
     if not do:
         raise MedCausalError("counterfactual needs at least one --do var=value")

@@ -174,7 +174,7 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, verbose: bool
 
     s = DEMO_SETTINGS["quick" if quick else "full"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _start_output(out)
     t_all = time.perf_counter()
     sim = BrainMRI(shape=(s["size"], s["size"]), progress=False)
     _log(verbose, f"rendering {s['n_train']} training and {s['n_test']} held-out brains "
@@ -247,6 +247,14 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, verbose: bool
         Path(tmp).write_text(render_report(summary))
     _log(verbose, f"done in {summary['total_seconds'] / 60:.1f} min: {report}")
     return report
+
+
+def _start_output(out: Path) -> None:
+    """Create ``out``; drop the report of an earlier run there, so that a run that fails or is
+    interrupted leaves no report beside its new models (the report, written last, marks a finished run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "report.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _json_default(v):
@@ -343,7 +351,7 @@ def run_tabular_demo(out: str | Path = "demo_output", quick: bool = False, verbo
     from .model import CausalModel
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _start_output(out)
     sim = synthetic.scm("triangle", additive=False)
     n_train, n_test, epochs = (1000, 100, 20) if quick else (5000, 500, 200)
     train = sim.sample(n_train, seed=0)

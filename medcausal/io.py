@@ -72,15 +72,22 @@ def weights_digest(state: Mapping) -> str:
     return h.hexdigest()
 
 
+_CSV_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zip": "zip", ".xz": "xz", ".zst": "zstd"}
+
+
 def write_table(df, path: str | os.PathLike) -> None:
-    """Write a DataFrame atomically as CSV or Parquet (by suffix), index included if named."""
+    """Write a DataFrame atomically as CSV or Parquet (by suffix), index included if named.
+
+    A CSV named ``.csv.gz`` (``.bz2``, ``.zip``, ``.xz``, ``.zst``) is compressed, as
+    :func:`read_table` (pandas) expects from the name.
+    """
     path = Path(path)
-    keep_index = df.index.name is not None
+    keep_index = any(name is not None for name in df.index.names)  # a MultiIndex has names, no name
     with atomic_write(path) as tmp:
         if path.suffix.lower() in (".parquet", ".pq"):
             df.to_parquet(tmp, index=keep_index)
-        else:
-            df.to_csv(tmp, index=keep_index)
+        else:  # the temporary file's name does not say how to compress: the final name does
+            df.to_csv(tmp, index=keep_index, compression=_CSV_COMPRESSION.get(path.suffix.lower()))
 
 
 def read_table(path: str | os.PathLike, str_columns=()):

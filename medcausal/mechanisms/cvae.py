@@ -135,6 +135,8 @@ class CVAEMechanism(PixelNoiseVAE):
                          beta=beta, sigma_min=sigma_min, ema_decay=ema_decay, use_ema=use_ema,
                          abduct_sample=abduct_sample, min_res=min_res, pixel_scale=pixel_scale)
         self._check_variable(variable)
+        if not beta >= 0:  # also refuses NaN
+            raise MedCausalError(f"cvae: beta (KL weight) must be >= 0, got {beta}")
         self.beta, self.abduct_sample = float(beta), bool(abduct_sample)
         self.net = _CVAENet(variable.shape, self.parent_dim, list(channels), blocks, int(z_dim), int(hidden),
                             float(sigma_min), min_res=int(min_res), pixel_scale=pixel_scale)

@@ -363,6 +363,9 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
             got = tuple(parents.shape) if torch.is_tensor(parents) else type(parents).__name__
             raise DataError(f"image-diffusion: parents must be [n, {self.parent_dim}] "
                             f"({list(self.parent_dims)}), got {got}")
+        if not torch.isfinite(parents).all():
+            raise DataError(f"image-diffusion: parents have {int((~torch.isfinite(parents)).sum())} non-finite "
+                            f"value(s) ({list(self.parent_dims)}); a NaN parent would give a NaN image")
         if value is not None:
             want = (parents.shape[0], *self.shape)
             if not torch.is_tensor(value) or tuple(value.shape) != want:

@@ -227,3 +227,19 @@ def test_counterfactual_finetuning_runs_and_keeps_the_predictor_frozen():
     for k, v in pred.state_dict().items():
         assert torch.equal(v, frozen[k]), f"predictor weight {k} changed"
     assert all(p.requires_grad for p in pred.parameters())
+
+
+def test_weights_and_parents_are_checked():
+    for name, kw in (("hvae", TINY), ("cvae", VARIANTS["cvae"][1])):
+        for beta in (-1.0, float("nan")):
+            with pytest.raises(MedCausalError, match="beta"):
+                registry.get(name)(Image((1, 16, 16)), 1, **kw, beta=beta)
+    for variant in ("hvae", "cvae"):
+        m = make(variant)
+        pa = torch.zeros(3, 2)
+        pa[1, 0] = float("nan")
+        with pytest.raises(DataError, match="1 non-finite"):
+            m.sample(pa)
+        with pytest.raises(DataError, match="1 non-finite"):
+            m.abduct(torch.rand(3, 1, SIZE, SIZE), pa)
+

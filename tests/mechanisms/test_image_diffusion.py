@@ -131,6 +131,11 @@ def test_errors_name_the_culprit():
         m.sample(torch.zeros(2, 2), noise=torch.zeros(2, 7))
     with pytest.raises(DataError, match="non-finite"):
         m.abduct(torch.full((2, 1, 16, 16), float("nan")), torch.zeros(2, 2))
+    nan_parents = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
+    with pytest.raises(DataError, match="parents have 1 non-finite"):
+        m.sample(nan_parents)
+    with pytest.raises(DataError, match="parents have 1 non-finite"):
+        m.abduct(torch.rand(2, 1, 16, 16), nan_parents)
     with pytest.raises(MedCausalError, match="depth"):
         m.counterfactual(torch.rand(2, 1, 16, 16), torch.zeros(2, 2), torch.zeros(2, 2), depth=0.0)
     with pytest.raises(MedCausalError, match="depth"):

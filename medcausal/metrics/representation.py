@@ -243,10 +243,15 @@ def _as_2d(x: Any, name: str, what: str) -> tuple[np.ndarray, list[str]]:
     """Return a float ``[n, p]`` array and column names, or raise DataError."""
     if isinstance(x, pd.DataFrame):
         names = [str(c) for c in x.columns]
-        values: Any = x.to_numpy()
+        try:  # pandas' missing values (pd.NA of nullable dtypes) become NaN, reported below
+            values: Any = x.to_numpy(dtype=float, na_value=np.nan)
+        except (TypeError, ValueError):
+            values = x.to_numpy()
     else:
         names = []
         values = x
+    if np.iscomplexobj(values):
+        raise DataError(f"{name} must be real; it holds complex numbers")
     try:
         arr = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -297,7 +302,10 @@ def _resolve_discrete(f: np.ndarray, discrete: Sequence[bool] | None) -> tuple[b
                 bool(np.all(np.mod(col, 1.0) == 0.0)) and np.unique(col).size <= MAX_DISCRETE_LEVELS
             )
         return tuple(out)
-    flags = tuple(bool(b) for b in discrete)
+    try:
+        flags = tuple(bool(b) for b in discrete)
+    except TypeError:
+        raise DataError(f"discrete must hold one True/False per factor column ({k}); got {discrete!r}") from None
     if len(flags) != k:
         raise DataError(f"discrete has {len(flags)} entries but factors has {k} columns")
     return flags
@@ -359,6 +367,11 @@ def _abs_corr(
         b = rankdata(b, axis=0)
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
+    # correlation is scale free: rescale by the largest deviation so the sums of
+    # squares below neither overflow (huge values) nor underflow (tiny ones)
+    a_max, b_max = np.abs(a).max(axis=0), np.abs(b).max(axis=0)
+    a = a / np.where(a_max > 0, a_max, 1.0)
+    b = b / np.where(b_max > 0, b_max, 1.0)
     na = np.sqrt((a * a).sum(axis=0))
     nb = np.sqrt((b * b).sum(axis=0))
     na_safe = np.where(const_a | (na == 0), np.inf, na)
@@ -385,7 +398,12 @@ def _cca_variates(f: np.ndarray, c: np.ndarray, train: np.ndarray) -> tuple[np.n
     on the train rows. ``min(k, d)`` variates (fewer if a side is rank deficient).
     """
     mf, mc = f[train].mean(axis=0), c[train].mean(axis=0)
-    fc, cc = f[train] - mf, c[train] - mc
+    # unit train variance first: canonical variates do not depend on the columns' units,
+    # but the relative eigenvalue cut of _inv_sqrt_psd would drop a small-scale column
+    sf, sc = f[train].std(axis=0), c[train].std(axis=0)
+    sf, sc = np.where(sf > 0, sf, 1.0), np.where(sc > 0, sc, 1.0)
+    f, c = (f - mf) / sf, (c - mc) / sc
+    fc, cc = f[train], c[train]
     m = train.size
     wf = _inv_sqrt_psd(fc.T @ fc / m)
     wc = _inv_sqrt_psd(cc.T @ cc / m)
@@ -394,7 +412,7 @@ def _cca_variates(f: np.ndarray, c: np.ndarray, train: np.ndarray) -> tuple[np.n
     r = max(r, 1)
     a = wf @ u[:, :r]
     b = wc @ vt.T[:, :r]
-    return (f - mf) @ a, (c - mc) @ b
+    return f @ a, c @ b
 
 
 def mcc(
@@ -447,6 +465,11 @@ def mcc(
         train = test = np.arange(n)
     else:
         train, test = _split_indices(n, split, seed)
+        if min(train.size, test.size) < 3:  # |corr| of two points is always 1
+            raise DataError(
+                f"split={split} of {n} samples leaves {train.size} train and {test.size} test rows; "
+                "out-of-sample MCC needs at least 3 of each"
+            )
 
     y, ynames, ykind = f, fnames, "factors"
     z, znames, zkind = c, cnames, "codes"
@@ -506,7 +529,11 @@ def within_group_r2(factors: Any, codes: Any, groups: Any, *, folds: int = 3, se
     Both arrays are centred on their group means (``groups``: one label per row, e.g.
     the experimental condition), then each factor's deviation is predicted from the
     code's deviations by a ridge regression (scikit-learn's ``RidgeCV`` on standardized
-    codes), out of fold (``folds``-fold, shuffled with ``seed``), and scored by R². A
+    codes), out of fold (``folds``-fold, shuffled with ``seed``), and scored by R². The
+    group means are estimated on the training folds only, so a held-out row's value
+    never enters the training targets (centring on all rows would let a probe that
+    memorises its training rows score above 0 on a code of pure noise); a held-out
+    row whose group has no member in the training folds is not scored. A
     code that only labels the groups scores 0, whatever its MCC: the diagnostic tells
     a representation of the units apart from a representation of their conditions.
     Not a published metric; a linear probe, so a nonlinear encoding scores lower.
@@ -521,7 +548,7 @@ def within_group_r2(factors: Any, codes: Any, groups: Any, *, folds: int = 3, se
     True
     """
     from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.model_selection import KFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -531,27 +558,51 @@ def within_group_r2(factors: Any, codes: Any, groups: Any, *, folds: int = 3, se
         raise DataError(f"groups must hold one label per row ({len(f)}); got shape {labels.shape}")
     if int(folds) < 2:
         raise DataError(f"folds must be >= 2; got {folds}")
-    _, group = np.unique(labels, return_inverse=True)
-    count = np.bincount(group)[:, None]
+    missing = np.asarray(pd.isna(labels), dtype=bool)
+    if missing.any():
+        raise DataError(
+            f"groups contains {int(missing.sum())} missing label(s) (first at row "
+            f"{int(np.argmax(missing))}); drop those rows or give them a label"
+        )
+    try:
+        _, group = np.unique(labels, return_inverse=True)
+    except TypeError as exc:
+        raise DataError(f"groups must hold labels of one comparable type; got mixed labels ({exc})") from None
+    group = group.reshape(-1)
+    n_groups = int(group.max()) + 1
 
-    def centred(a):
-        sums = np.zeros((count.shape[0], a.shape[1]))
-        np.add.at(sums, group, a)
-        return a - (sums / count)[group]
+    def group_means(a, rows):
+        """Per-group means of ``a`` over ``rows`` and the number of rows of each group."""
+        sums = np.zeros((n_groups, a.shape[1]))
+        np.add.at(sums, group[rows], a[rows])
+        count = np.bincount(group[rows], minlength=n_groups)
+        return sums / np.maximum(count, 1)[:, None], count
 
-    fw, cw = centred(f), centred(c)
-    probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    pred = cross_val_predict(probe, cw, fw, cv=KFold(int(folds), shuffle=True, random_state=seed))
-    pred = pred.reshape(fw.shape)
-    sst = (fw ** 2).sum(0)
-    r2 = np.zeros(fw.shape[1])
-    for j in range(fw.shape[1]):
-        if sst[j] <= 1e-12 * max(1.0, float((f[:, j] ** 2).sum())):
+    pred, fw = np.zeros_like(f), np.zeros_like(f)
+    scored = np.zeros(len(f), dtype=bool)
+    for train, test in KFold(int(folds), shuffle=True, random_state=seed).split(c):
+        mf, count = group_means(f, train)
+        mc, _ = group_means(c, train)
+        test = test[count[group[test]] > 0]
+        probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+        probe.fit(c[train] - mc[group[train]], f[train] - mf[group[train]])
+        if test.size:
+            pred[test] = probe.predict(c[test] - mc[group[test]]).reshape(test.size, -1)
+            fw[test] = f[test] - mf[group[test]]
+            scored[test] = True
+    f_all, _ = group_means(f, np.arange(len(f)))
+    sst_all = ((f - f_all[group]) ** 2).sum(0)
+    sst = (fw[scored] ** 2).sum(0)
+    r2 = np.zeros(f.shape[1])
+    for j in range(f.shape[1]):
+        if sst_all[j] <= 1e-12 * max(1.0, float((f[:, j] ** 2).sum())) or sst[j] <= 0:
             _warn_constant("factor", fnames[j], "it does not vary within groups; its within-group R² is set to 0")
         else:
-            r2[j] = 1.0 - float(((pred[:, j] - fw[:, j]) ** 2).sum()) / float(sst[j])
+            r2[j] = 1.0 - float(((pred[scored, j] - fw[scored, j]) ** 2).sum()) / float(sst[j])
     settings = {"probe": "ridge (RidgeCV, alphas 1e-3..1e3) on standardized within-group code deviations",
-                "folds": int(folds), "seed": int(seed), "n_groups": int(count.shape[0])}
+                "centring": "group means of the training folds",
+                "folds": int(folds), "seed": int(seed), "n_groups": n_groups,
+                "n_scored": int(scored.sum())}
     return WithinGroupR2Result(score=float(r2.mean()), per_factor=r2, settings=settings)
 
 
@@ -1346,7 +1397,7 @@ def report(
         >>> list(report(z, z)["metric"])[:3]
         ['mcc', 'mcc_spearman', 'mcc_weak']
     """
-    f, _, c, _ = _check_pair(factors, codes, min_n=8)
+    f, _, c, _ = _check_pair(factors, codes, min_n=10)  # the out-of-sample MCC scores >= 3 rows
     disc = _resolve_discrete(f, discrete)
     if (encoder is None) != (decoder is None):
         raise DataError("give both encoder and decoder (for the Leeb et al. assay) or neither")

@@ -166,8 +166,8 @@ def _provenance(n: int, *, model_key: str, strategy: str, do, where, seed, epsil
 def _new_seed(seed: int | None) -> int:
     if seed is None:
         return secrets.randbelow(2**62)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise MedCausalError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise MedCausalError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
     return int(seed)
 
 
@@ -367,7 +367,8 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     pilot draw shows it below ``min_acceptance``. Chunks of ``chunk_size`` rows (default
     50,000 for tabular models, 1,024 with image/expression variables; peak memory grows
     with it) are drawn with seeds derived from ``(seed, chunk)``, so a result depends on
-    ``(seed, chunk_size)``; ``seed=None`` draws a seed and records it.
+    ``(seed, chunk_size)`` (for ``rejection``, also on ``min_acceptance``, which sizes the
+    pilot draw); ``seed=None`` draws a seed and records it.
 
     With ``out`` (a folder) the chunks are written as ``part-00000.<format>`` files, each
     atomically, beside a JSON sidecar ``simulation.json``; a ``_SUCCESS`` marker is
@@ -415,7 +416,9 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
             "chunk_size": chunk_size, "n_chunks": math.ceil(n / chunk_size), "seed": run_seed,
             "model_id": model_id(model), "epsilon": _epsilon(model), "privacy": _privacy_summary(model),
             "do": _describe_do(do),
-            "where": where, "method": plan.method}
+            "where": where, "method": plan.method, "provenance": bool(provenance)}
+    if plan.method in ("root-rejection", "rejection"):
+        meta["min_acceptance"] = float(min_acceptance)
     if any(t.kind == "image" for t in model.graph.variables.values()):
         meta["image_format"] = str(image_format).lower()
     key = dict(model_key=meta["model_id"], strategy="simulate", do=do, where=where, seed=run_seed,
@@ -641,8 +644,10 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
     if out.is_dir() and any(out.iterdir()):
         old = _read_sidecar(out) if (out / SIDECAR).is_file() else None
         if resume and old is not None:
-            same = ("n", "chunk_size", "seed", "model_id", "do", "where", "part_format", "image_format")
-            diff = [k for k in same if old.get(k) != meta.get(k)]
+            same = ("n", "chunk_size", "seed", "model_id", "do", "where", "part_format", "image_format",
+                    "provenance", "min_acceptance")
+            later = ("provenance", "min_acceptance")  # not recorded by older runs: cannot be checked
+            diff = [k for k in same if old.get(k, meta.get(k) if k in later else None) != meta.get(k)]
             if diff:
                 detail = "; ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
                 raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})")
@@ -749,6 +754,9 @@ def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") 
         extra["container"] = "anndata"
         # The table part still carries the obs (provenance included) for quick reading.
     table = _table(data)
+    if isinstance(data, Cohort):
+        extra["container"] = "cohort"
+        extra["id_column"] = data.id_column
     if isinstance(data, Cohort) and data.arrays:
         table = table.copy()
         images = [k for k, v in data.arrays.items() if np.ndim(v) >= 4]
@@ -775,8 +783,6 @@ def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") 
                 adata.write_h5ad(tmp)
             extra["h5ad"] = name
             extra["h5ad_arrays"] = matrices
-        extra["container"] = "cohort"
-        extra["id_column"] = data.id_column
     _write_table_file(table, out / _part_name(i, fmt), fmt)
     return extra
 
@@ -1179,6 +1185,12 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
         have = int(w.mask(table).sum())
         tasks = [(target, n - have)]
         mode = "subgroup"
+    if strategy == "sample" and (do is not None or source is not None):
+        opt = "do=" if do is not None else "source="
+        raise (InterventionError if do is not None else DataError)(
+            f"augment: {opt} applies to transported patients, but strategy='sample' transports none; "
+            "use strategy='transport' or 'mixed' (or simulate(model, n, do=..., where=...) to sample "
+            "under an intervention)")
     report = {"target": target, "mode": mode, "strategy": strategy, "seed": run_seed, "model_id": key,
               "epsilon": eps, "privacy": _privacy_summary(model), "groups": []}
     pieces = []
@@ -1298,7 +1310,10 @@ def _id_source(cohort) -> Callable[[int], np.ndarray]:
             out = np.arange(state["next"], state["next"] + k)
             state["next"] += k
             return out
-    else:
+    else:  # after the syn-<i> ids of an earlier augmentation, so that ids stay unique
+        taken = [re.fullmatch(r"syn-(\d+)", str(i)) for i in ids]
+        state["next"] = max((int(t.group(1)) + 1 for t in taken if t), default=0)
+
         def take(k):
             out = np.array([f"syn-{state['next'] + i}" for i in range(k)], dtype=object)
             state["next"] += k
@@ -1982,8 +1997,12 @@ def _write_output(data, out: Path, image_format: str = "nifti") -> dict:
         extra["images"] = {}
         for name, arr in data.arrays.items():
             folder = out.parent / f"{out.stem}_{_safe_stem(name)}"
-            _scans_beside(table, Cohort(pd.DataFrame({"_file": unique.to_numpy()}), {name: arr}, id_column="_file"),
-                          name, folder, image_format)
+            scans = pd.DataFrame({"_file": unique.to_numpy()})
+            # the scans keep their affine (a world's "mri@w" has the factual "mri_affine")
+            aff = next((c for c in (f"{name}_affine", f"{name.split('@')[0]}_affine") if c in table.columns), None)
+            if aff is not None:
+                scans[f"{name}_affine"] = table[aff].to_numpy()
+            _scans_beside(table, Cohort(scans, {name: arr}, id_column="_file"), name, folder, image_format)
             extra["images"][name] = folder.name
         extra["image_format"] = image_format
     _write_table_file(table, out, extra["format"])

@@ -1,8 +1,8 @@
 """The ``medcausal`` command line: fit a recipe, sample, ask counterfactuals, run the demo.
 
-    medcausal fit cohorts/cardio.toml --out runs/cardio
-    medcausal sample runs/cardio -n 1000 --do bmi=25 --out synthetic.csv
-    medcausal counterfactual runs/cardio --input patients.csv --do bmi=25 --out cf.csv
+    medcausal fit cohorts/triangle.toml --out runs/triangle
+    medcausal sample runs/triangle -n 1000 --do x1=0.5 --out synthetic.csv
+    medcausal counterfactual runs/triangle --input patients.csv --do x1=0.5 --out cf.csv
     medcausal demo --out demo_output          # brain-MRI counterfactuals (--quick: toy size)
 """
 

@@ -32,6 +32,7 @@ a scan are named by id the same way.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -259,15 +260,23 @@ def _read(path: Path, kind: str):
     from monai.data import NibabelReader, PILReader, PydicomReader
     from monai.transforms import LoadImage
 
-    with warnings.catch_warnings():   # MONAI notes that an optional GPU DICOM decoder is absent
-        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-        if kind == "nifti":
-            reader = NibabelReader()
-        elif kind == "dicom":
-            reader = PydicomReader(swap_ij=False)     # pixel_array (row, column) order
-        else:
-            reader = PILReader(reverse_indexing=False)   # numpy (row, column) order
-        img = LoadImage(reader=reader, image_only=True)(str(path))
+    # MONAI notes, by a warning and a log line per scan read, that an optional GPU DICOM decoder
+    # (nvImageCodec) is absent: not news to the user, so both are silenced while reading.
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            if kind == "nifti":
+                reader = NibabelReader()
+            elif kind == "dicom":
+                reader = PydicomReader(swap_ij=False)     # pixel_array (row, column) order
+            else:
+                reader = PILReader(reverse_indexing=False)   # numpy (row, column) order
+            img = LoadImage(reader=reader, image_only=True)(str(path))
+    finally:
+        plugin_log.setLevel(level)
     if kind == "pil" and img.ndim == 3 and img.shape[-1] in (3, 4):
         img = img[..., :3].permute(2, 0, 1).float()      # RGB(A) -> channel-first RGB
         img.meta["original_channel_dim"] = 0

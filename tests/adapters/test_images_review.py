@@ -190,3 +190,17 @@ def test_empty_png_write_and_trailing_singleton_nifti_axis(tmp_path):
         warnings.simplefilter("ignore")
         c = load_images([tmp_path / "v.nii.gz"], shape=(1, 5, 6, 7), orientation=None, intensity=None)
     np.testing.assert_array_equal(c.arrays["mri"][0, 0], vol[..., 0])
+
+
+def test_reading_scans_logs_nothing_about_the_absent_gpu_dicom_decoder(tmp_path, caplog):
+    import logging
+
+    for i in range(3):
+        PILImage.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / f"s{i}.png")
+    plugin = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    before = plugin.level
+    with caplog.at_level(logging.INFO):
+        cohort = load_images(tmp_path, shape=(1, 8, 8))
+    assert len(cohort) == 3
+    assert not [r for r in caplog.records if "nvImageCodec" in r.getMessage()]  # MONAI's line per scan
+    assert plugin.level == before  # the logger's level is restored

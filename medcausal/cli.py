@@ -125,7 +125,8 @@ def _check_table_out(args) -> None:
 def cmd_sample(args) -> int:
     _check_table_out(args)
     model = load_run(args.run_dir)
-    df = model.sample(args.n, do=parse_cli_do(args.do) or None, seed=args.seed)
+    df = model.sample(args.n, do=parse_cli_do(args.do, model.graph.variables) or None,
+                      seed=args.seed)
     write_table(df, args.out)
     print(f"wrote {len(df)} samples to {args.out}")
     print(_privacy_line(model))
@@ -150,7 +151,7 @@ def cmd_counterfactual(args) -> int:
     _check_table_out(args)
     model = load_run(args.run_dir)
     data = read_table(args.input, str_columns=_passthrough_columns(args.input, model))
-    do = parse_cli_do(args.do)
+    do = parse_cli_do(args.do, model.graph.variables)
     if not do:
         raise MedCausalError("counterfactual needs at least one --do var=value")
     cf = model.counterfactual(data, do=do, seed=args.seed)

@@ -92,11 +92,17 @@ def parse_do(do: Mapping[str, Any] | None, known: Iterable[str]) -> dict[str, In
     return out
 
 
-def parse_cli_do(items: Iterable[str]) -> dict[str, Any]:
+def parse_cli_do(items: Iterable[str], variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Parse ``["age=80", "sex=F"]`` from the command line (numbers where they parse).
+
+    With the model's ``variables`` (``model.graph.variables``), a value written as one of a
+    categorical variable's categories is that category, so ``grade=01`` stays ``"01"``.
 
     >>> parse_cli_do(["age=80", "sex=F"])
     {'age': 80.0, 'sex': 'F'}
+    >>> from medcausal.graph import Categorical
+    >>> parse_cli_do(["grade=01"], {"grade": Categorical(("01", "02"))})
+    {'grade': '01'}
     """
     out: dict[str, Any] = {}
     for item in items or []:
@@ -108,6 +114,11 @@ def parse_cli_do(items: Iterable[str]) -> dict[str, Any]:
             raise InterventionError(f"--do expects var=value, got {item!r}")
         if k in out:
             raise InterventionError(f"--do gives variable {k!r} more than once")
+        vtype = (variables or {}).get(k)
+        named = {str(c): c for c in getattr(vtype, "categories", None) or ()}
+        if getattr(vtype, "kind", None) == "categorical" and v.strip() in named:
+            out[k] = named[v.strip()]
+            continue
         try:
             out[k] = float(v)
         except ValueError:

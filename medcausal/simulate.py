@@ -2019,7 +2019,7 @@ def cmd_simulate(args) -> int:
 
     model = load_run(args.run_dir)
     out = Path(args.out)
-    kw = dict(do=parse_cli_do(args.do) or None, where=args.where, seed=args.seed,
+    kw = dict(do=parse_cli_do(args.do, model.graph.variables) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
     if out.suffix.lower() in (*_TABLE_SUFFIXES, ".h5ad"):
         refuse_existing(out, args.overwrite)
@@ -2044,7 +2044,7 @@ def cmd_augment(args) -> int:
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
     aug = augment(model, data, target=args.target, n=args.n, strategy=args.strategy,
-                  do=parse_cli_do(args.do) or None, source=args.source, seed=args.seed,
+                  do=parse_cli_do(args.do, model.graph.variables) or None, source=args.source, seed=args.seed,
                   progress=not args.quiet and None)
     out = Path(args.out)
     refuse_existing(out, args.overwrite)
@@ -2057,12 +2057,12 @@ def cmd_augment(args) -> int:
     return 0
 
 
-def _parse_world(item: str) -> tuple[str, dict]:
+def _parse_world(item: str, variables=None) -> tuple[str, dict]:
     """``"treated:drug=1,dose=2"`` -> ``("treated", {"drug": 1.0, "dose": 2.0})``."""
     if ":" not in item:
         raise InterventionError(f"--world expects NAME:VAR=VALUE[,VAR=VALUE], got {item!r}")
     name, spec = item.split(":", 1)
-    return name.strip(), parse_cli_do([s for s in spec.split(",") if s.strip()])
+    return name.strip(), parse_cli_do([s for s in spec.split(",") if s.strip()], variables)
 
 
 def cmd_worlds(args) -> int:
@@ -2071,7 +2071,7 @@ def cmd_worlds(args) -> int:
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
-    parsed = [_parse_world(w) for w in args.world]
+    parsed = [_parse_world(w, model.graph.variables) for w in args.world]
     names = [n for n, _ in parsed]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -2079,7 +2079,7 @@ def cmd_worlds(args) -> int:
                                 "(several interventions of one world go after one name: NAME:A=1,B=2)")
     worlds = dict(parsed)
     if args.do:
-        worlds = {**worlds, **_worlds(parse_cli_do(args.do))}
+        worlds = {**worlds, **_worlds(parse_cli_do(args.do, model.graph.variables))}
     if not worlds:
         raise MedCausalError("worlds needs at least one --world NAME:VAR=VALUE (or --do VAR=VALUE)")
     twins = counterfactual_patients(model, data, do=worlds, seed=args.seed, id_column=args.id_column,

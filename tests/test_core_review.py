@@ -139,3 +139,19 @@ def test_a_cohort_owns_its_meta():
     cohort = mc.Cohort(pd.DataFrame({"a": [1.0, 2.0]}), meta=meta)
     cohort.meta["image_specs"]["mri"]["spacing"].append(9)
     assert meta["image_specs"]["mri"]["spacing"] == [1, 1]
+
+
+def test_cli_do_keeps_a_category_written_like_a_number():
+    """``--do grade=01`` names the category "01" (it used to become 1.0, an unseen category)."""
+    import medcausal as mc
+    from medcausal.interventions import parse_cli_do
+
+    rng = np.random.default_rng(0)
+    grade = rng.choice(["01", "02"], 200)
+    df = pd.DataFrame({"grade": grade, "y": (grade == "02") + rng.normal(0, 0.1, 200)})
+    g = mc.CausalGraph({"grade": "categorical", "y": "continuous"}, edges=[("grade", "y")])
+    model = mc.CausalModel(g).fit(df, seed=0, max_epochs=2)
+    do = parse_cli_do(["grade=01"], model.graph.variables)
+    assert do == {"grade": "01"}
+    assert (model.sample(5, do=do, seed=0)["grade"] == "01").all()
+    assert parse_cli_do(["y=01"], model.graph.variables) == {"y": 1.0}  # continuous: a number

@@ -12,22 +12,9 @@ from medcausal.cli import main
 from medcausal.errors import MedCausalError
 from medcausal.io import read_table, write_table
 
-RECIPE = """
-name = "tri"
-edges = [["x1", "x2"], ["x1", "x3"], ["x2", "x3"]]
+from test_cli import RECIPE as _RECIPE  # noqa: E402  (the CLI tests' triangle recipe)
 
-[data]
-path = "data.csv"
-
-[variables]
-x1 = "continuous"
-x2 = "continuous"
-x3 = "continuous"
-
-[fit]
-seed = 0
-max_epochs = 1
-"""
+RECIPE = _RECIPE.format(epochs=1)
 
 
 @pytest.fixture()

@@ -37,11 +37,10 @@ def contributions(sim, qs, factual, truth, preds, train) -> pd.DataFrame:
     rows = []
     for (var, value), f, t, p in zip(qs, factual, truth, preds):
         desc = [v for v in sim.graph.topological_order if v in sim.graph.descendants(var)]
-        cols = [c for v in desc for c in mc.adapters.tabular.columns_of(v, sim.graph.variables[v])]
-        sq = ((t[cols] - p.loc[t.index, cols]) ** 2).to_numpy()
+        by_var = {v: mc.adapters.tabular.columns_of(v, sim.graph.variables[v]) for v in desc}
+        cols = [c for v in desc for c in by_var[v]]
         # counterfactual_mse: mean over descendants of each one's MSE (a vector's columns together)
-        per_var = np.stack([sq[:, [cols.index(c) for c in mc.adapters.tabular.columns_of(
-            v, sim.graph.variables[v])]].mean(1) for v in desc], 1)
+        per_var = np.stack([((t[c] - p.loc[t.index, c]) ** 2).to_numpy().mean(1) for c in by_var.values()], 1)
         share = per_var.mean(1) / len(t) / len(qs) * 100
         inside = (in_training_range(f, train) & in_training_range(t, train)).to_numpy()
         for i, unit in enumerate(t.index):

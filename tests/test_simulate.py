@@ -189,22 +189,27 @@ def test_interrupted_run_leaves_complete_parts_and_resumes(fitted, tmp_path, mon
     np.testing.assert_allclose(run.read()["y"].to_numpy(), whole["y"].to_numpy(), rtol=1e-12)
 
 
+def interrupted(model, out, monkeypatch, at=1, **kw):
+    """Start a streamed run and stop it (Ctrl-C) before chunk ``at`` is written."""
+    write = S._write_part
+
+    def stop(path, i, *a, **k):
+        if i == at:
+            raise KeyboardInterrupt
+        return write(path, i, *a, **k)
+
+    monkeypatch.setattr(S, "_write_part", stop)
+    with pytest.raises(KeyboardInterrupt):
+        S.simulate(model, out=out, **kw)
+    monkeypatch.setattr(S, "_write_part", write)
+
+
 def test_a_resumed_rejection_run_equals_the_uninterrupted_one(fitted, tmp_path, monkeypatch):
     # rejection batches were sized by the acceptance rate counted over earlier chunks, which a
     # resumed process (holding only the pilot's count) did not have: its later chunks differed
     kw = dict(where="y > 1", seed=7, chunk_size=700, format="csv", progress=False)
     whole = S.simulate(fitted, 2100, out=tmp_path / "a", **kw)
-    write = S._write_part
-
-    def interrupt(out, i, *a, **k):
-        if i == 2:
-            raise KeyboardInterrupt
-        return write(out, i, *a, **k)
-
-    monkeypatch.setattr(S, "_write_part", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        S.simulate(fitted, 2100, out=tmp_path / "b", **kw)
-    monkeypatch.setattr(S, "_write_part", write)
+    interrupted(fitted, tmp_path / "b", monkeypatch, at=2, n=2100, **kw)
     resumed = S.simulate(fitted, 2100, out=tmp_path / "b", resume=True, **kw)
     assert resumed.info["method"] == whole.info["method"] == "rejection"
     pd.testing.assert_frame_equal(resumed.read(), whole.read())

@@ -9,6 +9,7 @@ import pytest
 import medcausal as mc
 from medcausal.errors import DataError, InterventionError, MedCausalError
 from conftest import linear_gaussian
+from test_simulate import interrupted  # noqa: E402  (stop a streamed run before a chunk)
 
 S = importlib.import_module("medcausal.simulate")
 
@@ -19,21 +20,6 @@ def tiny(lg_graph):
     return mc.CausalModel(lg_graph).fit(df, seed=0, max_epochs=3, verbose=False)
 
 
-def _interrupted(model, out, monkeypatch, **kw):
-    """Start a streamed run and stop it (Ctrl-C) before chunk 1 is written."""
-    write = S._write_part
-
-    def stop(path, i, *a, **k):
-        if i == 1:
-            raise KeyboardInterrupt
-        return write(path, i, *a, **k)
-
-    monkeypatch.setattr(S, "_write_part", stop)
-    with pytest.raises(KeyboardInterrupt):
-        S.simulate(model, out=out, **kw)
-    monkeypatch.setattr(S, "_write_part", write)
-
-
 def test_resume_refuses_a_different_min_acceptance(tiny, tmp_path, monkeypatch):
     # min_acceptance sizes the rejection pilot, whose rate sizes every batch: a resumed run
     # with another min_acceptance drew different patients and mixed them with the first run's
@@ -42,7 +28,7 @@ def test_resume_refuses_a_different_min_acceptance(tiny, tmp_path, monkeypatch):
     b = S.simulate(tiny, min_acceptance=1e-4, **kw)
     assert a.attrs["medcausal"]["method"] == "rejection" and not np.allclose(a["y"], b["y"])
     out = tmp_path / "run"
-    _interrupted(tiny, out, monkeypatch, min_acceptance=1e-3, **kw)
+    interrupted(tiny, out, monkeypatch, min_acceptance=1e-3, **kw)
     with pytest.raises(MedCausalError, match="min_acceptance"):
         S.simulate(tiny, out=out, resume=True, min_acceptance=1e-4, **kw)
     run = S.simulate(tiny, out=out, resume=True, min_acceptance=1e-3, **kw)
@@ -52,7 +38,7 @@ def test_resume_refuses_a_different_min_acceptance(tiny, tmp_path, monkeypatch):
 def test_resume_refuses_a_different_provenance(tiny, tmp_path, monkeypatch):
     kw = dict(n=200, seed=0, chunk_size=100, format="csv", progress=False)
     out = tmp_path / "run"
-    _interrupted(tiny, out, monkeypatch, **kw)
+    interrupted(tiny, out, monkeypatch, **kw)
     with pytest.raises(MedCausalError, match="provenance"):
         S.simulate(tiny, out=out, resume=True, provenance=False, **kw)
     assert S.simulate(tiny, out=out, resume=True, **kw).read()["synthetic"].eq(True).all()

@@ -57,6 +57,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,6 +81,11 @@ _EVAL_SEED = 20200826
 # --------------------------------------------------------------------------- #
 # input checking
 # --------------------------------------------------------------------------- #
+
+
+def _real(value: Any) -> bool:
+    """Whether ``value`` is a real number (a bool, a string or None is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_anndata(obj: Any) -> bool:
@@ -406,7 +412,8 @@ class IVAE:
     def __init__(self, latent_dim: int, *, hidden: Sequence[int] = (64, 64), prior_mean: bool = False,
                  posterior: str = "full", encoder_u: bool = False, decoder_var: float | None = 1e-3,
                  conditional_prior: bool = True, slope: float = 0.2):
-        if int(latent_dim) != latent_dim or int(latent_dim) < 1:
+        if not (_real(latent_dim) and math.isfinite(latent_dim)) or int(latent_dim) != latent_dim \
+                or int(latent_dim) < 1:
             raise MedCausalError(f"latent_dim must be a positive integer; got {latent_dim!r}")
         if (isinstance(hidden, (str, bytes)) or np.ndim(hidden) != 1
                 or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) for h in hidden)):
@@ -417,8 +424,14 @@ class IVAE:
             raise MedCausalError(f"hidden widths must be positive; got {hidden}")
         if posterior not in ("full", "diagonal"):
             raise MedCausalError(f"posterior must be 'full' or 'diagonal'; got {posterior!r}")
-        if decoder_var is not None and not float(decoder_var) > 0:
-            raise MedCausalError(f"decoder_var must be > 0 or None (learned); got {decoder_var!r}")
+        if decoder_var is not None and not (_real(decoder_var) and 0 < decoder_var < math.inf):
+            raise MedCausalError(f"decoder_var must be a finite number > 0 or None (learned); got {decoder_var!r}")
+        if not (_real(slope) and math.isfinite(slope)):
+            raise MedCausalError(f"slope (of the leaky ReLUs) must be a finite number; got {slope!r}")
+        for name, flag in (("prior_mean", prior_mean), ("encoder_u", encoder_u),
+                           ("conditional_prior", conditional_prior)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise MedCausalError(f"{name} must be True or False; got {flag!r}")
         self.latent_dim = int(latent_dim)
         self.hidden = hidden
         self.prior_mean = bool(prior_mean)

@@ -28,6 +28,7 @@ MCC of learned vs true latents is :func:`medcausal.metrics.representation.mcc`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -172,7 +173,10 @@ class CounterfactualCountError:
     ``rmse``: mean over cells of the per-cell RMSE on log-normalized expression;
     ``per_cell``: those RMSEs; ``mae_counts``: mean absolute count error;
     ``pearson``: mean per-cell Pearson correlation of the predicted and true
-    *changes* (counterfactual minus factual, log-normalized) when ``factual`` is given.
+    *changes* (counterfactual minus factual, log-normalized) when ``factual`` is given,
+    over the cells whose true change varies across genes: a cell the intervention leaves
+    unchanged has no correlation to score and is left out (NaN when no cell changes);
+    a cell predicted not to change (while it truly does) scores 0.
     ``float(err)`` gives ``rmse``.
     """
 
@@ -208,8 +212,15 @@ def counterfactual_error(true_counts: Any, pred_counts: Any, factual: Any | None
         dt, dp = lt - f, lp - f
         dt = dt - dt.mean(1, keepdims=True)
         dp = dp - dp.mean(1, keepdims=True)
+        # A cell whose true change is the same on every gene (a zero-change cell: its counterfactual
+        # is its factual, up to library size) has no correlation to score: it is left out. A
+        # predicted change that is flat where the true one is not scores 0.
+        scale = 1e-9 * (1.0 + np.abs(lt).max(1) + np.abs(f).max(1))  # float noise of log_normalize
+        changed = np.abs(dt).max(1) > scale
+        flat_pred = np.abs(dp).max(1) <= scale
         den = np.sqrt((dt ** 2).sum(1) * (dp ** 2).sum(1))
-        pearson = float(np.mean(np.where(den > 0, (dt * dp).sum(1) / np.where(den > 0, den, 1.0), 0.0)))
+        r = np.where(flat_pred, 0.0, (dt * dp).sum(1) / np.where(flat_pred | (den == 0), 1.0, den))
+        pearson = float(r[changed].mean()) if changed.any() else math.nan
     return CounterfactualCountError(rmse=float(per_cell.mean()), per_cell=per_cell,
                                     mae_counts=float(np.abs(t - p).mean()), pearson=pearson)
 

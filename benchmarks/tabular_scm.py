@@ -132,7 +132,13 @@ def in_training_range(df: pd.DataFrame, train: pd.DataFrame) -> pd.Series:
     return ((df[cols] >= train.min()) & (df[cols] <= train.max())).all(axis=1)
 
 
-def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,)):
+def model_path(folder: Path, name: str, variant: str, method: str, seed: int) -> Path:
+    """Where ``--save-models`` keeps a fitted medcausal model (read back by
+    ``diffusion_latent_bound.py``)."""
+    return Path(folder) / f"{name}_{variant}_{method}_seed{seed}.pt"
+
+
+def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,), save_models=None):
     sim = mc.synthetic.scm(name, additive=additive)
     train, qs, factual, truth = protocol_data(sim, n_train, n_units, n_values)
     true_samples = [sim.sample(n_mmd, seed=5000 + i, do={v: x}) for i, (v, x) in enumerate(qs)]
@@ -149,6 +155,8 @@ def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seed
         t0, c0 = time.perf_counter(), time.process_time()
         m.fit(train)
         fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
+        if save_models is not None and isinstance(m, MedcausalMethod):
+            m.model.save(model_path(save_models, name, "additive" if additive else "non-additive", method, seed))
         t0, c0 = time.perf_counter(), time.process_time()
         preds = [m.counterfactual(f, v, x) for f, (v, x) in zip(factual, qs)]
         cf_s, cf_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -306,7 +314,11 @@ def main(argv=None):
     p.add_argument("--n-mmd", type=int, default=1000)
     p.add_argument("--fit-seeds", type=int, nargs="+", default=[0],
                    help="fit every method once per seed; targets judged on the means")
+    p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                   help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
     args = p.parse_args(argv)
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.n_train, args.n_units, args.n_values, args.n_mmd = 1000, 50, 2, 200
     command = "python benchmarks/tabular_scm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -316,7 +328,7 @@ def main(argv=None):
     for name in args.scms:
         for variant in args.variants:
             rows += run_scm(name, variant == "additive", args.methods, args.n_train, args.n_units,
-                            args.n_values, args.n_mmd, args.fit_seeds)
+                            args.n_values, args.n_mmd, args.fit_seeds, args.save_models)
             write(rows, args, command.strip(), complete=False, started=started)
     write(rows, args, command.strip(), complete=True, started=started)
 

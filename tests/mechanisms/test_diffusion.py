@@ -153,12 +153,40 @@ def test_loss_is_the_denoising_objective(prediction):
         torch.testing.assert_close(m.eps(x_t, t, pa.repeat(3, 1)), (1 - ab).sqrt() * x_t + ab.sqrt() * v)
 
 
+def test_latent_bound_clamps_only_implausible_latents():
+    """Abducted latents beyond ``latent_bound`` (their prior is N(0, I)) are clamped to it;
+    latents inside it are the DDIM encoding itself, so sample(abduct(x)) still reproduces x.
+    With ``init_scale=0`` the network is the N(0, 1) denoiser, whose discrete DDIM encoding of
+    the standardized residual ``r`` is linear, ``c r`` (``c`` within 10% of 1, the product of
+    the steps' cosines): the value compared against."""
+    torch.manual_seed(0)
+    m = DiffusionMechanism(Continuous(), 1, hidden=[8], loc_scale_members=1, init_scale=0.0)
+    assert m.latent_bound == 5.0 and m.hparams["latent_bound"] == 5.0
+    pa = torch.randn(4, 1)
+    with torch.no_grad():
+        mu, log_sigma = m._affine(pa)
+        residual = torch.tensor([[0.5], [-2.0], [7.0], [-40.0]])
+        c = float(m.encode(torch.ones(1, 1), pa[:1]))
+        assert 0.9 < c < 1.1
+        u = m.abduct(mu + log_sigma.exp() * residual, pa)
+        torch.testing.assert_close(u, torch.tensor([[0.5 * c], [-2.0 * c], [5.0], [-5.0]]), atol=1e-4, rtol=0)
+        assert u.abs().max() <= 5.0
+        torch.testing.assert_close(m.sample(pa[:2], noise=u[:2]), (mu + log_sigma.exp() * residual)[:2],
+                                   atol=1e-3, rtol=0)
+        m.latent_bound = None  # off: the raw encoding
+        torch.testing.assert_close(m.abduct(mu + log_sigma.exp() * residual, pa), c * residual, atol=1e-3, rtol=0)
+    for bad in (0, -1.0, float("inf"), float("nan"), "5", True):
+        with pytest.raises(MedCausalError, match="latent_bound"):
+            DiffusionMechanism(Continuous(), 1, latent_bound=bad)
+
+
 def test_location_scale_preconditioner():
     """loss = Gaussian NLL of (mu, sigma) + the denoising loss of the standardized residual,
     which is held fixed, with the denoiser conditioned on (mu, log sigma) (held fixed
     too); abduction/prediction wrap the DDIM codec in the same affine map."""
     torch.manual_seed(0)
-    m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0, loc_scale_members=1)
+    m = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], draws=2, init_scale=1.0, loc_scale_members=1,
+                           latent_bound=None)  # x = 3 randn: some latents lie beyond the default bound
     # the same denoiser as a plain mechanism whose "parents" are (mu, log sigma)
     plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
     plain.net.load_state_dict(m.net.state_dict())
@@ -194,7 +222,8 @@ def test_location_scale_preconditioner():
     assert by_pa.net[0].in_features == 2 + 1 + by_pa.embed.dim
     assert m.net[0].in_features == 2 + 3 + m.embed.dim
     # condition="both": (mu, log sigma) and the parents, side by side
-    both = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="both", loc_scale_members=1)
+    both = DiffusionMechanism(Continuous(dim=2), 1, hidden=[8], condition="both", loc_scale_members=1,
+                              latent_bound=None)
     assert both.net[0].in_features == 2 + 3 + 1 + both.embed.dim
     with torch.no_grad():
         mu_b, log_sigma_b = both._affine(pa)
@@ -302,7 +331,8 @@ def test_location_window_hands_far_units_to_the_gaussian(prediction):
 @pytest.mark.parametrize("dim", [1, 2])
 def test_encode_decode_reproduces_input_untrained(dim):
     torch.manual_seed(0)
-    m = DiffusionMechanism(Continuous(dim=dim), 3, hidden=[32, 32], steps=25)
+    # latent_bound off: x = 2 randn puts a few latents beyond the default bound of 5
+    m = DiffusionMechanism(Continuous(dim=dim), 3, hidden=[32, 32], steps=25, latent_bound=None)
     g = torch.Generator().manual_seed(1)
     pa, x = torch.randn(300, 3, generator=g), 2 * torch.randn(300, dim, generator=g)
     with torch.no_grad():

@@ -134,7 +134,7 @@ def in_training_range(df: pd.DataFrame, train: pd.DataFrame) -> pd.Series:
 
 def model_path(folder: Path, name: str, variant: str, method: str, seed: int) -> Path:
     """Where ``--save-models`` keeps a fitted medcausal model (read back by
-    ``diffusion_latent_bound.py``)."""
+    ``diffusion_query_guards.py``)."""
     return Path(folder) / f"{name}_{variant}_{method}_seed{seed}.pt"
 
 
@@ -315,7 +315,7 @@ def main(argv=None):
     p.add_argument("--fit-seeds", type=int, nargs="+", default=[0],
                    help="fit every method once per seed; targets judged on the means")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
-                   help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
+                   help="also save every fitted medcausal model in DIR (for diffusion_query_guards.py)")
     args = p.parse_args(argv)
     if args.save_models is not None:
         args.save_models.mkdir(parents=True, exist_ok=True)

@@ -60,8 +60,12 @@ best-validation epoch, because the denoising loss flattens long before the count
 converge (see ``select_by_validation`` below). The conditioning measurements
 (``diffusion_preconditioner*.md``) predate that choice; the current figures are in
 ``benchmarks/results/tabular_scm*.md``. Queries hand a unit whose preconditioner location
-lies beyond ``location_window`` (8 sd) to the Gaussian, the preconditioner alone, because
-the denoiser extrapolates arbitrarily there (see ``_window``).
+lies beyond ``location_window`` (8 sd), or whose conditioning lies ``range_margin`` outside
+the box of the training rows' conditioning, to the Gaussian, the preconditioner alone, because
+the denoiser extrapolates arbitrarily there (see ``_window``); and abducted latents are
+clamped to ``±latent_bound`` (5; see :meth:`DiffusionMechanism.abduct`). These three guards
+act only on queries: ``benchmarks/diffusion_query_guards.py`` measures them on and off on the
+same fits.
 
 The preconditioner is a deep ensemble (Lakshminarayanan et al. 2017): ``loc_scale_members``
 (5) MLPs, each fitted on its own Gaussian likelihood, averaged. Why: where counterfactual

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from medcausal.mechanisms.diffusion import DiffusionMechanism
 from medcausal.metrics import counterfactual_mse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tabular_scm import RESULTS, _markdown, model_path, protocol_data  # noqa: E402
+from tabular_scm import _markdown, add_run_options, begin_run, model_path, protocol_data  # noqa: E402
 
 
 def cf_mse_x100(model, sim, qs, factual, truth) -> float:
@@ -80,14 +78,9 @@ def main(argv=None):
                     default=[(None, None), (5.0, None), (None, 0.1), (5.0, 0.1), (4.0, 0.1), (6.0, 0.1),
                              (5.0, 0.3), (5.0, 1.0)],
                     help="LATENT_BOUND/RANGE_MARGIN pairs to compare ('none': off)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--suffix", default="")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    add_run_options(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
-    command = "python benchmarks/diffusion_query_guards.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    started = time.time()
+    command, started = begin_run(args, "diffusion_query_guards.py", argv)
     rows = []
     for name in args.scms:
         for variant in args.variants:

@@ -293,6 +293,22 @@ def write(rows, args, command, complete, started):
         Path(tmp).write_text("\n".join(lines))
 
 
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the scripts that re-analyse this benchmark's protocol (``tabular_scm_units``,
+    ``diffusion_query_guards``): torch threads, results folder and file name suffix."""
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--suffix", default="", help="results file name suffix (e.g. for other fit seeds)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+
+
+def begin_run(args, script: str, argv) -> tuple[str, float]:
+    """Apply ``add_run_options``' threads, quiet the out-of-support warnings the protocol's
+    extreme units raise; returns the command line to report and the start time."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
+    return f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:]), time.time()
+
+
 def _markdown(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import medcausal as mc
 from medcausal.io import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tabular_scm import RESULTS, _markdown, in_training_range, make_method, protocol_data  # noqa: E402
+from tabular_scm import _markdown, add_run_options, begin_run, in_training_range, make_method, protocol_data  # noqa: E402,E501
 
 
 def contributions(sim, qs, factual, truth, preds, train) -> pd.DataFrame:
@@ -59,14 +57,9 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["flow", "diffusion"])
     ap.add_argument("--fit-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--top", type=int, default=3, help="largest (query, unit) contributions listed per fit")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--suffix", default="", help="results file name suffix (e.g. for other fit seeds)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    add_run_options(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
-    command = "python benchmarks/tabular_scm_units.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    started = time.time()
+    command, started = begin_run(args, "tabular_scm_units.py", argv)
     sim = mc.synthetic.scm(args.scm, additive=args.variant == "additive")
     train, qs, factual, truth = protocol_data(sim)
     summary, top = [], []

@@ -134,7 +134,7 @@ def in_training_range(df: pd.DataFrame, train: pd.DataFrame) -> pd.Series:
 
 def model_path(folder: Path, name: str, variant: str, method: str, seed: int) -> Path:
     """Where ``--save-models`` keeps a fitted medcausal model (read back by
-    ``diffusion_query_guards.py``)."""
+    ``diffusion_latent_bound.py``)."""
     return Path(folder) / f"{name}_{variant}_{method}_seed{seed}.pt"
 
 
@@ -295,7 +295,7 @@ def write(rows, args, command, complete, started):
 
 def add_run_options(ap: argparse.ArgumentParser) -> None:
     """The options of the scripts that re-analyse this benchmark's protocol (``tabular_scm_units``,
-    ``diffusion_query_guards``): torch threads, results folder and file name suffix."""
+    ``diffusion_latent_bound``): torch threads, results folder and file name suffix."""
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suffix", default="", help="results file name suffix (e.g. for other fit seeds)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
@@ -331,7 +331,7 @@ def main(argv=None):
     p.add_argument("--fit-seeds", type=int, nargs="+", default=[0],
                    help="fit every method once per seed; targets judged on the means")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
-                   help="also save every fitted medcausal model in DIR (for diffusion_query_guards.py)")
+                   help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
     args = p.parse_args(argv)
     if args.save_models is not None:
         args.save_models.mkdir(parents=True, exist_ok=True)

@@ -60,12 +60,9 @@ best-validation epoch, because the denoising loss flattens long before the count
 converge (see ``select_by_validation`` below). The conditioning measurements
 (``diffusion_preconditioner*.md``) predate that choice; the current figures are in
 ``benchmarks/results/tabular_scm*.md``. Queries hand a unit whose preconditioner location
-lies beyond ``location_window`` (8 sd), or whose conditioning lies ``range_margin`` outside
-the box of the training rows' conditioning, to the Gaussian, the preconditioner alone, because
-the denoiser extrapolates arbitrarily there (see ``_window``); and abducted latents are
-clamped to ``±latent_bound`` (5; see :meth:`DiffusionMechanism.abduct`). These three guards
-act only on queries: ``benchmarks/diffusion_query_guards.py`` measures them on and off on the
-same fits.
+lies beyond ``location_window`` (8 sd) to the Gaussian, the preconditioner alone, because
+the denoiser extrapolates arbitrarily there (see ``_window``), and clamp abducted latents to
+``±latent_bound`` (5; see :meth:`DiffusionMechanism.abduct`). Both act only on queries.
 
 The preconditioner is a deep ensemble (Lakshminarayanan et al. 2017): ``loc_scale_members``
 (5) MLPs, each fitted on its own Gaussian likelihood, averaged. Why: where counterfactual
@@ -235,9 +232,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     ``init_scale`` the factor on the initial output layer; ``location_window`` (standardized
     units; ``None``: off) where queries hand a unit whose preconditioner location lies beyond it
     over to the Gaussian (see ``_window``); ``latent_bound`` the clamp on each coordinate of an
-    abducted latent (``None``: off; see :meth:`abduct`); ``range_margin`` how far outside the box
-    of its training conditioning the denoiser fades out (``None``: never; see ``_window``);
-    ``loc_scale`` (and its MLPs'
+    abducted latent (``None``: off; see :meth:`abduct`); ``loc_scale`` (and its MLPs'
     ``loc_scale_hidden``) the location-scale preconditioner, the average of
     ``loc_scale_members`` MLPs each fitted on its own likelihood; ``condition`` what the denoiser
     sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
@@ -271,8 +266,6 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     # keeps the last weights, averaged (EMA), and trains the full max_epochs unless other
     # mechanisms' patience stops it first (fit_defaults: read by CausalModel.fit).
     select_by_validation = False
-    # Under DP, finalize() is skipped (the conditioning box it records is a record's value).
-    skip_finalize_under_dp = True
     fit_defaults: ClassVar[dict] = {"max_epochs": 300, "patience": 100}
 
     def __init__(self, variable, parents, hidden: tuple[int, ...] | list[int] = (128, 128, 128),
@@ -282,8 +275,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                  loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
                  loc_scale_members: int = 5, condition: str = "affine", ema_decay: float = 0.995,
                  use_ema: bool = True,
-                 location_window: float | None = 8.0, latent_bound: float | None = 5.0,
-                 range_margin: float | None = 0.1):
+                 location_window: float | None = 8.0, latent_bound: float | None = 5.0):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
                          inversion_iters=inversion_iters, inversion_tol=inversion_tol, draws=draws,
@@ -291,15 +283,13 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                          loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
                          loc_scale_members=int(loc_scale_members),
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
-                         location_window=location_window, latent_bound=latent_bound, range_margin=range_margin)
-        for key, bound in (("location_window", location_window), ("latent_bound", latent_bound),
-                           ("range_margin", range_margin)):
+                         location_window=location_window, latent_bound=latent_bound)
+        for key, bound in (("location_window", location_window), ("latent_bound", latent_bound)):
             if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool)
                                           and math.isfinite(bound) and bound > 0):
                 raise MedCausalError(f"diffusion: {key} must be a finite number > 0 or None, got {bound!r}")
         self.location_window = None if location_window is None else float(location_window)
         self.latent_bound = None if latent_bound is None else float(latent_bound)
-        self.range_margin = None if range_margin is None else float(range_margin)
         if condition not in ("affine", "parents", "both"):
             raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
                                  f"got {condition!r}")
@@ -352,18 +342,12 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
             for layer in last:
                 for p in layer.parameters():
                     p.mul_(init_scale)
-        # The box of the denoiser's conditioning over the training rows (finalize); +-inf: unknown.
-        self.register_buffer("cond_lo", torch.full((cond_dim,), -math.inf))
-        self.register_buffer("cond_hi", torch.full((cond_dim,), math.inf))
         self._init_ema(ema_decay, use_ema)  # of the denoiser (the preconditioner keeps its last weights)
         self._register_load_state_dict_pre_hook(self._upgrade_state)
 
     def _upgrade_state(self, state_dict, prefix, *args) -> None:
-        """Read model files written before the preconditioner became an ensemble or before the
-        conditioning box was recorded (it stays unknown): queries answer exactly as they did,
-        but for ``latent_bound``."""
-        for key, fill in (("cond_lo", -math.inf), ("cond_hi", math.inf)):
-            state_dict.setdefault(prefix + key, torch.full_like(getattr(self, key), fill))
+        """Read model files written before the preconditioner became an ensemble: queries answer
+        exactly as they did (but for ``latent_bound``)."""
         if self.loc_scale is None:
             return
         # One MLP ("loc_scale.<layer>.<param>"): it becomes member 0. Files list the members they
@@ -423,32 +407,18 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         cost the non-additive triangle up to 30% and 8% (seed 0 2.33 -> 3.04 at 3): rows inside
         the training range need the denoiser.
 
-        ``range_margin``: the departure also fades, linearly to 0 at ``range_margin`` outside the
-        box (per coordinate min and max) of the conditioning seen on the training rows
-        (recorded by ``finalize``). Why: counterfactual parents can give ``(mu, log sigma)``
-        each within its training range but ``log sigma`` beyond it (additive diamond, fit seed 4:
-        ``do(x3 = -0.03)`` on a unit with ``x2 = 5.9`` gave ``log sigma`` of x4 -0.27 where
-        training spans [-1.59, -0.62]); the denoiser then mapped a latent of 0.06 to a residual
-        of 6.4 and the query's CF MSE x100 was 62.8 (Gaussian path: 3.2). Measured in
-        ``benchmarks/results/diffusion_query_guards.md``. Not under DP: the box is a record's
-        value, so a DP fit leaves it unknown and only the location window applies."""
-        window = 1.0
-        if self.location_window is not None and self.affine_cond:
-            far = cond[:, :self.dim].abs().amax(-1, keepdim=True)
-            window = torch.sigmoid(4.0 * (self.location_window - far))
-        if self.range_margin is not None and cond.shape[1]:
-            # and 0 once the conditioning leaves the box of the training rows' by range_margin
-            outside = torch.maximum(self.cond_lo - cond, cond - self.cond_hi).clamp_min(0).amax(-1, keepdim=True)
-            window = window * (1 - outside / self.range_margin).clamp(0, 1)
-        return window
-
-    def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
-        """Record the box of the denoiser's conditioning over the training rows (``_window``)."""
-        if len(parents) and self.cond_lo.numel():
-            with torch.no_grad():
-                cond = self._cond(parents.to(self._dtype()))
-                self.cond_lo.copy_(cond.amin(0))
-                self.cond_hi.copy_(cond.amax(0))
+        Tried and not kept: fading the departure also where the conditioning leaves the box
+        (per-coordinate min and max) of the training rows' conditioning, linearly to 0 at a
+        margin beyond it. It rescued the additive diamond's fit seed 4 (CF MSE x100 15.20 ->
+        6.74 at margin 0.1: ``do(x3)`` gave x4 a ``log sigma`` of -0.27 where training spans
+        [-1.59, -0.62], and the denoiser mapped a latent of 0.06 to a residual of 6.4) but cost
+        the vector SCM its lead (additive, fit seeds 0-2: 3.99 -> 5.42 at margin 0.1, 5.04 at 1.0;
+        the additive mechanism's 5.27) and the additive chain 12% (0.136 -> 0.152);
+        ``benchmarks/results/diffusion_range_window_tried.md``."""
+        if self.location_window is None or not self.affine_cond:
+            return 1.0
+        far = cond[:, :self.dim].abs().amax(-1, keepdim=True)
+        return torch.sigmoid(4.0 * (self.location_window - far))
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:
         """Predicted noise at integer step(s) ``t`` (an int or ``[n]``) given the parents."""
@@ -575,7 +545,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         residual of -83 sd and a latent of -90, decoded under ``do(x2=0.48)`` to ``x3 = -20``
         (true 5.25): 95% of that fit's CF MSE. Inside the bound the encoding is unchanged, so
         ``sample(pa, abduct(x, pa))`` still reproduces ``x``. Measured in
-        ``benchmarks/results/diffusion_query_guards.md``.
+        ``benchmarks/results/diffusion_latent_bound.md``.
         """
         self._check(value, parents)
         value, parents = value.to(self._dtype()), parents.to(self._dtype())

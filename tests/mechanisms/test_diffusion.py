@@ -7,7 +7,6 @@ Schedule and DDIM code against closed forms; encode -> decode round trips; a fit
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -634,45 +633,3 @@ def test_a_model_file_without_averaged_weights_loads_and_answers_as_before(tmp_p
     model.mechanisms["x2"] = fresh
     pd.testing.assert_frame_equal(model.counterfactual(data.head(20), do={"x1": 0.5}, seed=0), expected)
 
-
-def test_range_margin_hands_conditioning_outside_the_training_box_to_the_gaussian():
-    """finalize() records the box (per-coordinate min/max) of the denoiser's conditioning on the
-    training rows; a query row whose conditioning lies range_margin or more outside it is answered
-    by the Gaussian denoiser (the preconditioner alone), rows inside the box as before. Old model
-    files (no box) load with the box unknown: nothing changes for them."""
-    from medcausal.privacy.stats import needs_private_finalize
-
-    torch.manual_seed(0)
-    m = DiffusionMechanism(Continuous(), 1, hidden=[16], init_scale=1.0, loc_scale_members=1,
-                           condition="both", range_margin=0.5)
-    old_state = {k: v for k, v in m.state_dict().items() if not k.startswith("cond_")}
-    pa_train = torch.rand(200, 1) * 2 - 1  # parents in [-1, 1]
-    m.finalize(torch.randn(200, 1), pa_train)
-    with torch.no_grad():
-        cond = m._cond(pa_train)
-    torch.testing.assert_close(m.cond_lo, cond.amin(0))
-    torch.testing.assert_close(m.cond_hi, cond.amax(0))
-    assert m.cond_lo[-1] < -0.9 and m.cond_hi[-1] > 0.9  # the parent's own coordinate ("both")
-    gauss = copy.deepcopy(m)  # the same preconditioner, the N(0, 1) denoiser (output layer 0)
-    last = str(len(gauss.net) - 1)
-    for name, p in [*gauss.net.named_parameters(), *gauss.ema.named_buffers()]:
-        if name.replace("__", ".").startswith(last + "."):
-            p.data.zero_()
-    free = copy.deepcopy(m)
-    free.range_margin = None
-    pa = torch.tensor([[0.0], [0.9], [3.0], [-5.0]])  # two inside the box, two far outside
-    u = torch.tensor([[1.0], [-0.5], [1.0], [-0.5]])
-    with torch.no_grad():
-        x, x_free, x_gauss = m.sample(pa, noise=u), free.sample(pa, noise=u), gauss.sample(pa, noise=u)
-    torch.testing.assert_close(x[:2], x_free[:2])
-    torch.testing.assert_close(x[2:], x_gauss[2:])
-    assert (x_free[2:] - x_gauss[2:]).abs().min() > 1e-3  # the denoiser alone would answer otherwise
-    # a model file from before the box: loads, box unknown, answers as with range_margin=None
-    fresh = DiffusionMechanism(Continuous(), 1, hidden=[16], init_scale=1.0, loc_scale_members=1,
-                               condition="both", range_margin=0.5)
-    fresh.load_state_dict(old_state)
-    assert torch.isinf(fresh.cond_lo).all() and torch.isinf(fresh.cond_hi).all()
-    # under DP finalize is skipped (the box is a record's value), so no private version is needed
-    assert not needs_private_finalize(DiffusionMechanism)
-    with pytest.raises(MedCausalError, match="range_margin"):
-        DiffusionMechanism(Continuous(), 1, range_margin=0)

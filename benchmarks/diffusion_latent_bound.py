@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,24 @@ def with_bound(model, bound: float | None):
 
 
 def _bound(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a latent bound is a finite number > 0 or 'none', got {text!r}")
+    return value
+
+
+def saved_protocol(folder: Path) -> dict:
+    """The protocol settings ``tabular_scm.py --save-models`` wrote beside its models."""
+    path = Path(folder) / "protocol.json"
+    if not path.exists():
+        raise SystemExit(f"diffusion_latent_bound: {path} not found: pass the folder of tabular_scm.py "
+                         f"--save-models (its models answer the protocol it records there)")
+    return json.loads(path.read_text())
 
 
 def main(argv=None):
@@ -64,11 +82,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     command, started = begin_run(args, "diffusion_latent_bound.py", argv)
     label = lambda b: "diffusion_no_bound" if b is None else f"diffusion_bound_{b:g}"  # noqa: E731
+    protocol = saved_protocol(args.models)
     rows = []
     for name in args.scms:
         for variant in args.variants:
             sim = mc.synthetic.scm(name, additive=variant == "additive")
-            train, qs, factual, truth = protocol_data(sim)
+            train, qs, factual, truth = protocol_data(sim, **protocol)
             for seed in args.fit_seeds:
                 paths = {m: model_path(args.models, name, variant, m, seed) for m in ("flow", "diffusion")}
                 missing = [str(p) for p in paths.values() if not p.exists()]

@@ -138,6 +138,13 @@ def model_path(folder: Path, name: str, variant: str, method: str, seed: int) ->
     return Path(folder) / f"{name}_{variant}_{method}_seed{seed}.pt"
 
 
+def save_protocol(folder: Path, n_train: int, n_units: int, n_values: int) -> None:
+    """Write the protocol settings beside ``--save-models``' models (the queries they answer)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(folder) / "protocol.json") as tmp:
+        Path(tmp).write_text(json.dumps({"n_train": n_train, "n_units": n_units, "n_values": n_values}))
+
+
 def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,), save_models=None):
     sim = mc.synthetic.scm(name, additive=additive)
     train, qs, factual, truth = protocol_data(sim, n_train, n_units, n_values)
@@ -334,7 +341,7 @@ def main(argv=None):
                    help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
     args = p.parse_args(argv)
     if args.save_models is not None:
-        args.save_models.mkdir(parents=True, exist_ok=True)
+        save_protocol(args.save_models, args.n_train, args.n_units, args.n_values)
     if args.quick:
         args.n_train, args.n_units, args.n_values, args.n_mmd = 1000, 50, 2, 200
     command = "python benchmarks/tabular_scm.py " + shlex.join(argv if argv is not None else sys.argv[1:])

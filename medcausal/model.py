@@ -34,7 +34,7 @@ from .graph import CausalGraph
 from .interventions import parse_do
 from .io import load_model_file, save_model_file, weights_digest
 from .mechanisms import Mechanism, registry
-from .train import TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
 
 FORMAT = "medcausal-model"
 FORMAT_VERSION = 2  # 2: diffusion mechanisms also store averaged weights (ema.*); 1 still loads
@@ -243,22 +243,20 @@ class CausalModel:
         """
         kept = {k: getattr(self, k, None) for k in ("codecs", "graph", "mechanisms", "privacy", "fit_info",
                                                     "history", "device")}
-        cuda = _cuda_rng_devices(device)
         try:
             # Training draws initial weights and the noise of stochastic losses from torch's global
             # RNG, seeded from ``seed``: forked, so the caller's global RNG state is left as it was.
-            with torch.random.fork_rng(devices=cuda):
+            with forked_rng(device):
                 return self._fit(data, seed=seed, max_epochs=max_epochs, max_steps=max_steps,
                                  batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience,
-                                 verbose=verbose, device=device, privacy=privacy, on_epoch=on_epoch,
-                                 cuda=cuda)
+                                 verbose=verbose, device=device, privacy=privacy, on_epoch=on_epoch)
         except BaseException:  # KeyboardInterrupt too
             for k, v in kept.items():
                 setattr(self, k, v)
             raise
 
     def _fit(self, data, *, seed, max_epochs, max_steps, batch_size, lr, val_fraction, patience, verbose,
-             device, privacy, on_epoch, cuda=()) -> "CausalModel":
+             device, privacy, on_epoch) -> "CausalModel":
         if on_epoch is not None and not callable(on_epoch):
             raise MedCausalError(f"fit(on_epoch=...) takes a function of the epoch's record, got "
                                  f"{type(on_epoch).__name__}")
@@ -294,13 +292,7 @@ class CausalModel:
         else:
             self.codecs = tabular.fit_codecs(data, self._declared)
         self.graph = CausalGraph({n: c.vtype for n, c in self.codecs.items()}, self.graph.edges)
-        if torch.device(device).type in ("cpu", "cuda"):  # the CPU's RNG and the training GPU's only
-            torch.default_generator.manual_seed(seed)
-            for index in cuda:
-                with torch.cuda.device(index):
-                    torch.cuda.manual_seed(seed)
-        else:  # another accelerator: every device, as torch.manual_seed does
-            torch.manual_seed(seed)
+        seed_rng(seed, device)  # the CPU's RNG and the training accelerator's only
         self._build()
         self.device = torch.device(device)
         values = self._encode(data)
@@ -523,17 +515,6 @@ def _by_row_label(name: str, spec, index: pd.Index):
         return spec.reindex(index)
     raise InterventionError(f"do[{name!r}] is a pandas Series whose index does not match the observed rows' "
                             f"index; pass .to_numpy() to apply its values by position")
-
-
-def _cuda_rng_devices(device: Any) -> list[int]:
-    """The CUDA devices whose global RNG a fit on ``device`` draws from: none on the CPU."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        return []  # fit() reports the bad device
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return []
-    return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
 def _generator(seed: int | None) -> torch.Generator:

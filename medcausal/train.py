@@ -37,6 +37,7 @@ averaging) have it called after every step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -187,13 +188,49 @@ def _after_step_hooks(module: nn.Module) -> list[Callable[[], None]]:
     return [m.after_optimizer_step for m in module.modules() if hasattr(m, "after_optimizer_step")]
 
 
+def _accelerator(device) -> tuple[str, int] | None:
+    """``(device type, index)`` of an accelerator ``device``; ``None`` for the CPU or a bad name."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return None  # the caller reports the bad device
+    if dev.type == "cpu":
+        return None
+    module = torch.get_device_module(dev.type)
+    return dev.type, dev.index if dev.index is not None else getattr(module, "current_device", lambda: 0)()
+
+
+@contextlib.contextmanager
+def forked_rng(device="cpu"):
+    """Torch's global RNG of the CPU and of ``device``'s accelerator, restored after the block:
+    seeding inside it (:func:`seed_rng`) leaves the caller's random state as it was."""
+    acc = _accelerator(device)
+    with torch.random.fork_rng(devices=[] if acc is None else [acc[1]],
+                               device_type="cuda" if acc is None else acc[0]):
+        yield
+
+
+def seed_rng(seed: int, device="cpu") -> None:
+    """Seed torch's global RNG of the CPU and of ``device``'s accelerator (no other device's)."""
+    torch.default_generator.manual_seed(seed)
+    acc = _accelerator(device)
+    if acc is not None:
+        module = torch.get_device_module(acc[0])
+        if hasattr(module, "device"):
+            with module.device(acc[1]):
+                module.manual_seed(seed)
+        else:  # one device (e.g. mps)
+            module.manual_seed(seed)
+
+
 def _evaluate(module: nn.Module, tensors, idx, batch_size: int, seed: int = 0) -> dict[str, float]:
     """Mean validation loss of each part (one part, ``""``, for a module without parts)."""
     # Common random numbers: stochastic losses (ELBOs, denoising) draw the same noise at every
     # epoch, so the early-stopping comparison sees the model change, not the draw.
     totals: dict[str, float] = {}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    device = next(iter(tensors.values())).device
+    with torch.no_grad(), forked_rng(device):
+        seed_rng(seed, device)
         for start in range(0, len(idx), 4 * batch_size):
             b = idx[start:start + 4 * batch_size]
             for name, loss in _part_losses(module, {k: v[b] for k, v in tensors.items()}).items():

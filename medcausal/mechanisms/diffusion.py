@@ -93,12 +93,13 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import MedCausalError
+from ..errors import MedCausalError, OutOfSupportWarning, warn
 from .base import AveragedWeights, Mechanism, mlp, randn
 from .registry import register
 
@@ -285,7 +286,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
                          location_window=location_window, latent_bound=latent_bound)
         for key, bound in (("location_window", location_window), ("latent_bound", latent_bound)):
-            if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool)
+            if bound is not None and not (isinstance(bound, numbers.Real) and not isinstance(bound, bool)
                                           and math.isfinite(bound) and bound > 0):
                 raise MedCausalError(f"diffusion: {key} must be a finite number > 0 or None, got {bound!r}")
         self.location_window = None if location_window is None else float(location_window)
@@ -544,7 +545,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         seed 4) one unit with ``x1 = -4.8, x2 = 14.4`` got ``sigma = 0.006`` (standardized), a
         residual of -83 sd and a latent of -90, decoded under ``do(x2=0.48)`` to ``x3 = -20``
         (true 5.25): 95% of that fit's CF MSE. Inside the bound the encoding is unchanged, so
-        ``sample(pa, abduct(x, pa))`` still reproduces ``x``. Measured in
+        ``sample(pa, abduct(x, pa))`` still reproduces ``x``; for a clamped unit it does not,
+        and an ``OutOfSupportWarning`` says how many units were clamped. Measured in
         ``benchmarks/results/diffusion_latent_bound.md``.
         """
         self._check(value, parents)
@@ -552,7 +554,15 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         mu, log_sigma = self._affine(parents)  # once: it also gives the denoiser's conditioning
         latent = self.encode((value - mu) * torch.exp(-log_sigma), parents,
                              cond=self._cond(parents, mu, log_sigma))
-        return latent if self.latent_bound is None else latent.clamp(-self.latent_bound, self.latent_bound)
+        if self.latent_bound is None:
+            return latent
+        clamped = int((latent.abs() > self.latent_bound).any(-1).sum())
+        if clamped:
+            warn(f"diffusion: {clamped} of {len(latent)} units abducted to a latent beyond +-{self.latent_bound:g} "
+                 f"(probability < 6e-7 under the N(0, I) prior): the model does not describe them; their "
+                 f"latents are clamped, so their counterfactuals are the model's nearest plausible answer",
+                 OutOfSupportWarning)
+        return latent.clamp(-self.latent_bound, self.latent_bound)
 
     def sample(self, parents, noise=None, generator=None):
         self._check(None, parents)

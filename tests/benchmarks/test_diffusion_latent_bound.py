@@ -1,5 +1,6 @@
 """benchmarks/diffusion_latent_bound.py: re-answers the protocol's queries with saved models."""
 
+import argparse
 import json
 
 import pytest
@@ -15,6 +16,7 @@ def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
         model = mc.CausalModel(sim.graph, mechanisms=method)
         model.fit(train.iloc[:500], seed=0, max_epochs=1, verbose=False)
         model.save(bench.model_path(tmp_path / "models", "chain", "additive", method, 0))
+    bench.save_protocol(tmp_path / "models", 5000, 200, 5)  # as tabular_scm.py --save-models does
     script.main(["--models", str(tmp_path / "models"), "--scms", "chain", "--variants", "additive",
                  "--bounds", "none", "5", "0.5", "--out", str(tmp_path)])
     row, = json.loads((tmp_path / "diffusion_latent_bound.json").read_text())["rows"]
@@ -24,13 +26,21 @@ def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
     assert row["diffusion_bound_5"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
     # a bound every unit's latent exceeds changes the answers; "none" is the unclamped encoding
     assert row["diffusion_bound_0.5"] != pytest.approx(row["diffusion_no_bound"], rel=1e-3)
-    assert script.with_bound(loaded, None).mechanism("x3").latent_bound is None
+    script.with_bound(loaded, None)
+    assert loaded.mechanism("x3").latent_bound is None
     assert row["diffusion_no_bound"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
     md = (tmp_path / "diffusion_latent_bound.md").read_text()
     assert "1.2 x flow" in md and "diffusion_bound_5" in md
 
 
-def test_a_missing_model_is_named(tmp_path, load_benchmark):
-    script = load_benchmark("diffusion_latent_bound")
+def test_a_missing_model_protocol_or_bad_bound_is_named(tmp_path, load_benchmark):
+    bench, script = load_benchmark("tabular_scm"), load_benchmark("diffusion_latent_bound")
+    args = ["--models", str(tmp_path), "--scms", "chain", "--variants", "additive", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="protocol.json"):
+        script.main(args)
+    bench.save_protocol(tmp_path, 5000, 200, 5)
     with pytest.raises(SystemExit, match="chain_additive_flow_seed0.pt"):
-        script.main(["--models", str(tmp_path), "--scms", "chain", "--variants", "additive", "--out", str(tmp_path)])
+        script.main(args)
+    for bad in ("0", "-1", "nan", "inf", "five"):
+        with pytest.raises(argparse.ArgumentTypeError, match="latent bound"):
+            script._bound(bad)

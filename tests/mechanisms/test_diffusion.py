@@ -168,13 +168,15 @@ def test_latent_bound_clamps_only_implausible_latents():
         residual = torch.tensor([[0.5], [-2.0], [7.0], [-40.0]])
         c = float(m.encode(torch.ones(1, 1), pa[:1]))
         assert 0.9 < c < 1.1
-        u = m.abduct(mu + log_sigma.exp() * residual, pa)
+        with pytest.warns(mc.errors.OutOfSupportWarning, match="2 of 4 units"):
+            u = m.abduct(mu + log_sigma.exp() * residual, pa)
         torch.testing.assert_close(u, torch.tensor([[0.5 * c], [-2.0 * c], [5.0], [-5.0]]), atol=1e-4, rtol=0)
         assert u.abs().max() <= 5.0
         torch.testing.assert_close(m.sample(pa[:2], noise=u[:2]), (mu + log_sigma.exp() * residual)[:2],
                                    atol=1e-3, rtol=0)
         m.latent_bound = None  # off: the raw encoding
         torch.testing.assert_close(m.abduct(mu + log_sigma.exp() * residual, pa), c * residual, atol=1e-3, rtol=0)
+    assert DiffusionMechanism(Continuous(), 1, latent_bound=np.float32(4)).latent_bound == 4.0
     for bad in (0, -1.0, float("inf"), float("nan"), "5", True):
         with pytest.raises(MedCausalError, match="latent_bound"):
             DiffusionMechanism(Continuous(), 1, latent_bound=bad)
@@ -632,4 +634,3 @@ def test_a_model_file_without_averaged_weights_loads_and_answers_as_before(tmp_p
         torch.testing.assert_close(v, dict(fresh.net.named_parameters())[k])
     model.mechanisms["x2"] = fresh
     pd.testing.assert_frame_equal(model.counterfactual(data.head(20), do={"x1": 0.5}, seed=0), expected)
-

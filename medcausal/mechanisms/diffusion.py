@@ -547,7 +547,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         (true 5.25): 95% of that fit's CF MSE. Inside the bound the encoding is unchanged, so
         ``sample(pa, abduct(x, pa))`` still reproduces ``x``; for a clamped unit it does not,
         and an ``OutOfSupportWarning`` says how many units were clamped. Measured in
-        ``benchmarks/results/diffusion_latent_bound.md``.
+        ``benchmarks/results/diffusion_latent_bound_*.md``.
         """
         self._check(value, parents)
         value, parents = value.to(self._dtype()), parents.to(self._dtype())

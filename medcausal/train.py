@@ -205,8 +205,9 @@ def forked_rng(device="cpu"):
     """Torch's global RNG of the CPU and of ``device``'s accelerator, restored after the block:
     seeding inside it (:func:`seed_rng`) leaves the caller's random state as it was."""
     acc = _accelerator(device)
-    with torch.random.fork_rng(devices=[] if acc is None else [acc[1]],
-                               device_type="cuda" if acc is None else acc[0]):
+    # Another accelerator's RNG (e.g. mps) is not forked: fork_rng's per-device API is CUDA's.
+    cuda = [acc[1]] if acc is not None and acc[0] == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         yield
 
 

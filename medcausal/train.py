@@ -202,8 +202,9 @@ def _accelerator(device) -> tuple[str, int] | None:
 
 @contextlib.contextmanager
 def forked_rng(device="cpu"):
-    """Torch's global RNG of the CPU and of ``device``'s accelerator, restored after the block:
-    seeding inside it (:func:`seed_rng`) leaves the caller's random state as it was."""
+    """Torch's global RNG of the CPU and of a CUDA ``device``, restored after the block: seeding
+    inside it (:func:`seed_rng`) leaves the caller's random state as it was (on other
+    accelerators, their own RNG stays seeded)."""
     acc = _accelerator(device)
     # Another accelerator's RNG (e.g. mps) is not forked: fork_rng's per-device API is CUDA's.
     cuda = [acc[1]] if acc is not None and acc[0] == "cuda" else []

@@ -20,24 +20,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 import medcausal as mc
 from medcausal.io import atomic_write
 from medcausal.mechanisms.diffusion import DiffusionMechanism
-from medcausal.metrics import counterfactual_mse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tabular_scm import _markdown, add_run_options, begin_run, model_path, protocol_data  # noqa: E402
+from tabular_scm import _markdown, add_run_options, begin_run, mean_cf_mse, model_path, protocol_data  # noqa: E402,E501
 
 
 def cf_mse_x100(model, sim, qs, factual, truth) -> float:
     """The benchmark's CF MSE x100 of a fitted model (same queries, same ``seed=0``)."""
-    return 100 * float(np.mean([float(counterfactual_mse(t, model.counterfactual(f, do={v: x}, seed=0),
-                                                         sim.graph, {v: x}))
-                                for f, t, (v, x) in zip(factual, truth, qs)]))
+    return 100 * mean_cf_mse(sim, qs, truth, [model.counterfactual(f, do={v: x}, seed=0)
+                                             for f, (v, x) in zip(factual, qs)])
 
 
 def with_bound(model, bound: float | None):
@@ -83,6 +80,12 @@ def main(argv=None):
     command, started = begin_run(args, "diffusion_latent_bound.py", argv)
     label = lambda b: "diffusion_no_bound" if b is None else f"diffusion_bound_{b:g}"  # noqa: E731
     protocol = saved_protocol(args.models)
+    wanted = [model_path(args.models, name, variant, method, seed) for name in args.scms
+              for variant in args.variants for seed in args.fit_seeds for method in ("flow", "diffusion")]
+    missing = [p for p in wanted if not p.exists()]
+    if missing:  # before any work
+        raise SystemExit(f"diffusion_latent_bound: no saved model {missing[0]} (run tabular_scm.py "
+                         f"with --save-models {args.models} first)")
     rows = []
     for name in args.scms:
         for variant in args.variants:
@@ -90,10 +93,6 @@ def main(argv=None):
             train, qs, factual, truth = protocol_data(sim, **protocol)
             for seed in args.fit_seeds:
                 paths = {m: model_path(args.models, name, variant, m, seed) for m in ("flow", "diffusion")}
-                missing = [str(p) for p in paths.values() if not p.exists()]
-                if missing:
-                    raise SystemExit(f"diffusion_latent_bound: no saved model {missing[0]} (run tabular_scm.py "
-                                     f"with --save-models {args.models} first)")
                 row = {"scm": name, "variant": variant, "fit_seed": seed,
                        "flow": cf_mse_x100(mc.CausalModel.load(paths["flow"]), sim, qs, factual, truth)}
                 diffusion = mc.CausalModel.load(paths["diffusion"])
@@ -108,8 +107,8 @@ def main(argv=None):
     means.insert(2, "n_seeds", df.groupby(["scm", "variant"], sort=False).size().to_numpy())
     # the vector SCM's target is "best of all columns", judged in tabular_scm.py
     verdicts = means.loc[means["scm"] != "vector", ["scm", "variant"]].copy()
+    scalar = means.loc[verdicts.index]
     for b in args.bounds:
-        scalar = means.loc[verdicts.index]
         verdicts[f"{label(b)} <= 1.2 x flow"] = (scalar[label(b)] <= 1.2 * scalar["flow"]).map(
             {True: "met", False: "missed"})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,12 @@ def in_training_range(df: pd.DataFrame, train: pd.DataFrame) -> pd.Series:
     return ((df[cols] >= train.min()) & (df[cols] <= train.max())).all(axis=1)
 
 
+def mean_cf_mse(sim, qs, truth, preds) -> float:
+    """The protocol's CF MSE: ``counterfactual_mse`` of each query, averaged over queries."""
+    return float(np.mean([float(counterfactual_mse(t, p, sim.graph, {v: x}))
+                          for t, p, (v, x) in zip(truth, preds, qs)]))
+
+
 def model_path(folder: Path, name: str, variant: str, method: str, seed: int) -> Path:
     """Where ``--save-models`` keeps a fitted medcausal model (read back by
     ``diffusion_latent_bound.py``)."""
@@ -167,8 +173,7 @@ def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seed
         t0, c0 = time.perf_counter(), time.process_time()
         preds = [m.counterfactual(f, v, x) for f, (v, x) in zip(factual, qs)]
         cf_s, cf_cpu = time.perf_counter() - t0, time.process_time() - c0
-        cf_mse = np.mean([float(counterfactual_mse(t, p, sim.graph, {v: x}))
-                          for t, p, (v, x) in zip(truth, preds, qs)])
+        cf_mse = mean_cf_mse(sim, qs, truth, preds)
         cf_mse_in = np.mean([float(counterfactual_mse(t[k], p.loc[t.index[k]], sim.graph, {v: x}))
                              for t, p, k, (v, x) in zip(truth, preds, covered, qs)])
         mmds = [float(mmd(true_samples[i], m.sample(n_mmd, v, x, seed=7000 + i)[list(train.columns)]))
@@ -340,10 +345,10 @@ def main(argv=None):
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
                    help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
     args = p.parse_args(argv)
-    if args.save_models is not None:
-        save_protocol(args.save_models, args.n_train, args.n_units, args.n_values)
     if args.quick:
         args.n_train, args.n_units, args.n_values, args.n_mmd = 1000, 50, 2, 200
+    if args.save_models is not None:
+        save_protocol(args.save_models, args.n_train, args.n_units, args.n_values)
     command = "python benchmarks/tabular_scm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     warnings.filterwarnings("ignore", category=mc.errors.OutOfSupportWarning)
     started = time.time()

@@ -171,6 +171,7 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, verbose: bool
     from .metrics.predictors import AntiCausalPredictor
     from .model import CausalModel
     from .synthetic.brain import BrainMRI
+    from .train import forked_rng
 
     s = DEMO_SETTINGS["quick" if quick else "full"]
     out = Path(out)
@@ -190,8 +191,8 @@ def run_demo(out: str | Path = "demo_output", quick: bool = False, verbose: bool
     t0 = time.perf_counter()
     categories = sim.graph.variables["scanner"].categories
     kinds = {"scanner": len(categories), **{v: "continuous" for v in VOLUMES}}
-    torch.manual_seed(0)
-    predictor = AntiCausalPredictor((1, s["size"], s["size"]), kinds, channels=s["predictor_channels"])
+    with forked_rng(seed=0):  # its initial weights, without reseeding the caller's RNG
+        predictor = AntiCausalPredictor((1, s["size"], s["size"]), kinds, channels=s["predictor_channels"])
     predictor.fit(train.arrays[IMAGE], _predictor_targets(train, categories), max_epochs=s["predictor_epochs"],
                   seed=0, verbose=verbose)
     p_test = predictor.predict(test.arrays[IMAGE])

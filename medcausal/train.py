@@ -201,14 +201,24 @@ def _accelerator(device) -> tuple[str, int] | None:
 
 
 @contextlib.contextmanager
-def forked_rng(device="cpu"):
+def forked_rng(device="cpu", seed: int | None = None):
     """Torch's global RNG of the CPU and of a CUDA ``device``, restored after the block: seeding
-    inside it (:func:`seed_rng`) leaves the caller's random state as it was (on other
-    accelerators, their own RNG stays seeded)."""
+    inside it (``seed``, or :func:`seed_rng`) leaves the caller's random state as it was (on
+    other accelerators, their own RNG stays seeded).
+
+    >>> import torch
+    >>> state = torch.get_rng_state()
+    >>> with forked_rng(seed=0):
+    ...     a = torch.rand(1)
+    >>> bool(torch.equal(torch.get_rng_state(), state))
+    True
+    """
     acc = _accelerator(device)
     # Another accelerator's RNG (e.g. mps) is not forked: fork_rng's per-device API is CUDA's.
     cuda = [acc[1]] if acc is not None and acc[0] == "cuda" else []
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        if seed is not None:
+            seed_rng(seed, device)
         yield
 
 
@@ -231,8 +241,7 @@ def _evaluate(module: nn.Module, tensors, idx, batch_size: int, seed: int = 0) -
     # epoch, so the early-stopping comparison sees the model change, not the draw.
     totals: dict[str, float] = {}
     device = next(iter(tensors.values())).device
-    with torch.no_grad(), forked_rng(device):
-        seed_rng(seed, device)
+    with torch.no_grad(), forked_rng(device, seed=seed):
         for start in range(0, len(idx), 4 * batch_size):
             b = idx[start:start + 4 * batch_size]
             for name, loss in _part_losses(module, {k: v[b] for k, v in tensors.items()}).items():

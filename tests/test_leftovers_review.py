@@ -64,6 +64,78 @@ def test_a_failed_fit_leaves_the_callers_global_rng_as_it_was(pair):
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
 
 
+# Standalone fits (outside CausalModel) seeded torch's global RNG with torch.manual_seed(seed):
+# the caller's next draws became the continuation of the fit's own stream. Each helper below
+# builds its model (weight initialization draws from the caller's RNG, as any torch module
+# does) and returns the fit alone.
+def _image_data(n=8, size=8):
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, size, size, generator=gen), torch.randn(n, 1, generator=gen)
+
+
+def _hvae():
+    from medcausal.graph import Image
+    from medcausal.mechanisms.hvae import HVAEMechanism
+    x, pa = _image_data()
+    m = HVAEMechanism(Image((1, 8, 8)), parents=1, channels=[4, 8], z_dim=2, latent_levels=2)
+    return m, x, pa
+
+
+def _fit_hvae():
+    m, x, pa = _hvae()
+    return lambda: m.fit(x, pa, max_steps=2, batch_size=4, verbose=False)
+
+
+def _finetune_hvae():
+    m, x, pa = _hvae()
+    nll = lambda img, p: (img.mean((1, 2, 3)) - p[:, 0]) ** 2  # noqa: E731
+    return lambda: m.finetune_counterfactual(x, pa, nll, max_steps=2, batch_size=4, verbose=False)
+
+
+def _fit_image_diffusion():
+    from medcausal.graph import Image
+    from medcausal.mechanisms.image_diffusion import ImageDiffusionMechanism
+    x, pa = _image_data(size=16)
+    m = ImageDiffusionMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], norm_num_groups=4,
+                                cond_hidden=8, steps=2)
+    return lambda: m.fit(x, pa, max_steps=2, batch_size=4, verbose=False)
+
+
+def _fit_predictor():
+    from medcausal.metrics.predictors import AntiCausalPredictor
+    x, pa = _image_data()
+    p = AntiCausalPredictor((1, 8, 8), {"a": "continuous"}, channels=[4], features=8)
+    return lambda: p.fit(x.numpy(), {"a": pa[:, 0].numpy()}, max_epochs=1, batch_size=4, verbose=False)
+
+
+def _fit_ivae():
+    from medcausal.crl.ivae import nonlinear_ica_data
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=20, n_sources=2, seed=0)
+    return lambda: IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, verbose=False)
+
+
+def _fit_fcr():
+    from medcausal.adapters import singlecell as scad
+    from medcausal.synthetic.perturbseq import PerturbSeq
+    cells = PerturbSeq(n_genes=20, n_perturbations=2, seed=0).sample(60, seed=0)
+    scad.setup_anndata(cells, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    return lambda: scad.FCRModel(hidden=[8], decoder_hidden=[8]).fit(cells, max_epochs=1, seed=0, verbose=False)
+
+
+STANDALONE_FITS = {"hvae": _fit_hvae, "hvae-finetune": _finetune_hvae, "image-diffusion": _fit_image_diffusion,
+                   "anti-causal-predictor": _fit_predictor, "ivae": _fit_ivae, "fcr": _fit_fcr}
+
+
+@pytest.mark.parametrize("make_fit", STANDALONE_FITS.values(), ids=STANDALONE_FITS.keys())
+def test_standalone_fits_leave_the_callers_global_rng_as_it_was(make_fit):
+    fit = make_fit()
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    fit()
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- 4. zero-change cells
 def test_counterfactual_pearson_leaves_out_cells_the_intervention_does_not_change():
     factual = np.array([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]])

@@ -47,7 +47,7 @@ from ..errors import DataError, InterventionError, MedCausalError, ModelFileErro
 from ..graph import Expression
 from ..io import atomic_write, load_model_file, save_model_file
 from ..synthetic.perturbseq import parse_perturbation
-from ..train import TrainConfig, train
+from ..train import TrainConfig, forked_rng, train
 
 __all__ = ["FCRModel", "anndata_to_cohort", "check_counts", "cohort_to_anndata", "fit_fcr",
            "get_setup", "read_h5ad", "setup_anndata", "write_h5ad"]
@@ -433,33 +433,33 @@ class FCRModel:
                 raise DataError(f"obs[{setup['split_key']!r}] has no 'train' rows")
         if rows.size < 2:
             raise DataError(f"fit() needs at least 2 cells, got {rows.size}")
-        torch.manual_seed(seed)
-        # What the model can answer is what its training rows show (held-out split rows may
-        # hold perturbations or categories it never sees); doses enter relative to the largest.
-        setup = {**setup, **_vocabulary(adata.obs.iloc[rows], setup)}
-        if setup.get("dose_key") is not None:
-            setup["dose_scale"] = setup["max_dose"] if setup["max_dose"] > 0 else 1.0
-        self.setup = setup
-        self.var_names = list(map(str, adata.var_names))
-        self._build(setup, adata.n_vars)
-        parents = torch.from_numpy(_encode_obs(adata.obs.iloc[rows], setup))
-        if val.size:
-            try:
-                val_parents = torch.from_numpy(_encode_obs(adata.obs.iloc[val], setup))
-            except DataError as e:
-                raise DataError(f"obs[{setup['split_key']!r}] 'val' rows: {e}; validation cells must hold "
-                                "what the 'train' rows show") from None
-            parents = torch.cat([parents, val_parents])
-        source = _CountRows(adata, setup.get("layer"))
-        gen = np.random.default_rng(seed)
-        init_rows = np.sort(gen.choice(rows.size, size=min(rows.size, 2000), replace=False))
-        self.module.initialize(torch.from_numpy(source.rows(rows[init_rows])))
-        tensors = {"parents": parents, "counts": _LazyTensor(source, np.concatenate([rows, val]))}
-        config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
-                             seed=seed, verbose=verbose, device=device,
-                             val_rows=range(rows.size, rows.size + val.size) if val.size else None)
-        result = train(_Objective(self.module), tensors, config)
+        with forked_rng(device, seed=seed):  # the caller's random state is left as it was
+            # What the model can answer is what its training rows show (held-out split rows may
+            # hold perturbations or categories it never sees); doses enter relative to the largest.
+            setup = {**setup, **_vocabulary(adata.obs.iloc[rows], setup)}
+            if setup.get("dose_key") is not None:
+                setup["dose_scale"] = setup["max_dose"] if setup["max_dose"] > 0 else 1.0
+            self.setup = setup
+            self.var_names = list(map(str, adata.var_names))
+            self._build(setup, adata.n_vars)
+            parents = torch.from_numpy(_encode_obs(adata.obs.iloc[rows], setup))
+            if val.size:
+                try:
+                    val_parents = torch.from_numpy(_encode_obs(adata.obs.iloc[val], setup))
+                except DataError as e:
+                    raise DataError(f"obs[{setup['split_key']!r}] 'val' rows: {e}; validation cells must hold "
+                                    "what the 'train' rows show") from None
+                parents = torch.cat([parents, val_parents])
+            source = _CountRows(adata, setup.get("layer"))
+            gen = np.random.default_rng(seed)
+            init_rows = np.sort(gen.choice(rows.size, size=min(rows.size, 2000), replace=False))
+            self.module.initialize(torch.from_numpy(source.rows(rows[init_rows])))
+            tensors = {"parents": parents, "counts": _LazyTensor(source, np.concatenate([rows, val]))}
+            config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                                 weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
+                                 seed=seed, verbose=verbose, device=device,
+                                 val_rows=range(rows.size, rows.size + val.size) if val.size else None)
+            result = train(_Objective(self.module), tensors, config)
         self.module.to("cpu").eval()
         self.history = result.history
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),

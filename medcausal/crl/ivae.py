@@ -68,7 +68,7 @@ from torch import nn
 
 from ..errors import DataError, MedCausalError, ModelFileError, NotFittedError, warn
 from ..io import load_model_file, save_model_file
-from ..train import TrainConfig, TrainResult, train
+from ..train import TrainConfig, TrainResult, forked_rng, train
 
 __all__ = ["IVAE", "VAE", "nonlinear_ica_data"]
 
@@ -559,53 +559,53 @@ class IVAE:
         # A fit that fails (bad data, an error in training) leaves the model as it was.
         before = {k: getattr(self, k) for k in ("net", "aux", "x_mean", "x_std", "anndata_keys",
                                                 "fit_info", "history")}
-        try:
-            arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=True)
-            if arr.shape[0] < 2:
-                raise DataError(f"fit() needs at least 2 rows; got {arr.shape[0]}")
-            if self.conditional_prior:
-                self.aux = _AuxCodec.fit(u_raw, uname, arr.shape[0], aux_type)
-            else:
-                self.aux = _AuxCodec("none", 0)
-            self.x_mean = arr.mean(axis=0)
-            sd = arr.std(axis=0)
-            self.x_std = np.where(sd > 0, sd, 1.0)
-            tensors = self._tensors(arr, u_raw, uname)
-            torch.manual_seed(seed)
-            self.net = _IVAENet(arr.shape[1], self.aux.width, self.latent_dim, self.hidden, self.conditional_prior,
-                                self.prior_mean, self.decoder_var, self.slope, self.posterior, self.encoder_u)
-            n_rounds = int(rounds)
-            history: list[dict] = []
-            refines: list[dict] = []
-            steps, seconds, stopped, best_epoch, best_val = 0, 0.0, False, 0, math.inf
-            for r in range(n_rounds):
-                epochs = max_epochs // n_rounds + (1 if r < max_epochs % n_rounds else 0)
-                left = None if max_steps is None else max_steps - steps
-                if left is not None and left <= 0:
-                    break
-                result: TrainResult = train(self.net, tensors, dataclasses.replace(config, max_epochs=epochs,
-                                                                                   max_steps=left))
-                history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
-                if result.best_val_loss < best_val:
-                    best_val, best_epoch = result.best_val_loss, len(history) - len(result.history) + result.best_epoch
-                steps, seconds, stopped = steps + result.steps, seconds + result.seconds, result.stopped_early
+        with forked_rng(device, seed=seed):  # the caller's random state is left as it was
+            try:
+                arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=True)
+                if arr.shape[0] < 2:
+                    raise DataError(f"fit() needs at least 2 rows; got {arr.shape[0]}")
+                if self.conditional_prior:
+                    self.aux = _AuxCodec.fit(u_raw, uname, arr.shape[0], aux_type)
+                else:
+                    self.aux = _AuxCodec("none", 0)
+                self.x_mean = arr.mean(axis=0)
+                sd = arr.std(axis=0)
+                self.x_std = np.where(sd > 0, sd, 1.0)
+                tensors = self._tensors(arr, u_raw, uname)
+                self.net = _IVAENet(arr.shape[1], self.aux.width, self.latent_dim, self.hidden, self.conditional_prior,
+                                    self.prior_mean, self.decoder_var, self.slope, self.posterior, self.encoder_u)
+                n_rounds = int(rounds)
+                history: list[dict] = []
+                refines: list[dict] = []
+                steps, seconds, stopped, best_epoch, best_val = 0, 0.0, False, 0, math.inf
+                for r in range(n_rounds):
+                    epochs = max_epochs // n_rounds + (1 if r < max_epochs % n_rounds else 0)
+                    left = None if max_steps is None else max_steps - steps
+                    if left is not None and left <= 0:
+                        break
+                    result: TrainResult = train(self.net, tensors, dataclasses.replace(config, max_epochs=epochs,
+                                                                                       max_steps=left))
+                    history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
+                    if result.best_val_loss < best_val:
+                        best_val, best_epoch = result.best_val_loss, len(history) - len(result.history) + result.best_epoch
+                    steps, seconds, stopped = steps + result.steps, seconds + result.seconds, result.stopped_early
+                    self.net.cpu().eval()
+                    if int(refine_steps) > 0:
+                        refines.append(self._refine(tensors, int(refine_steps), seed))
+                    self.net.to(device)
                 self.net.cpu().eval()
-                if int(refine_steps) > 0:
-                    refines.append(self._refine(tensors, int(refine_steps), seed))
-                self.net.to(device)
-            self.net.cpu().eval()
-            self.history = history
-            self.fit_info = {"seed": seed, "n_rows": int(arr.shape[0]), "x_dim": int(arr.shape[1]),
-                             "aux": {"kind": self.aux.kind, "width": self.aux.width, "name": uname},
-                             "best_epoch": best_epoch, "best_val_loss": best_val,
-                             "epochs": len(history), "steps": steps, "rounds": n_rounds,
-                             "seconds": round(seconds, 3), "stopped_early": stopped,
-                             "refine": refines,
-                             "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
-        except BaseException:
-            for k, v in before.items():
-                setattr(self, k, v)
-            raise
+                self.history = history
+                self.fit_info = {"seed": seed, "n_rows": int(arr.shape[0]), "x_dim": int(arr.shape[1]),
+                                 "aux": {"kind": self.aux.kind, "width": self.aux.width, "name": uname},
+                                 "best_epoch": best_epoch, "best_val_loss": best_val,
+                                 "epochs": len(history), "steps": steps, "rounds": n_rounds,
+                                 "seconds": round(seconds, 3), "stopped_early": stopped,
+                                 "refine": refines,
+                                 "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
+            except BaseException:
+                for k, v in before.items():
+                    setattr(self, k, v)
+                raise
         return self
 
     def _refine(self, tensors: dict[str, torch.Tensor], steps: int, seed: int) -> dict:

@@ -607,7 +607,7 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         >>> m.fit(torch.rand(40, 1, 16, 16), torch.randn(40, 1), max_steps=3, verbose=False).steps
         3
         """
-        from ..train import TrainConfig, train
+        from ..train import TrainConfig, forked_rng, train
 
         self._check(value, parents)
         s = self.train_settings
@@ -615,8 +615,8 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
                              batch_size=batch_size or s["batch_size"], lr=lr or s["lr"],
                              patience=patience or s["patience"], val_fraction=val_fraction, seed=seed,
                              verbose=verbose)
-        torch.manual_seed(seed)
-        return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
+        with forked_rng(config.device, seed=seed):  # the caller's random state is left as it was
+            return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
 
     # -- counterfactual fine-tuning -------------------------------------------------
     def finetune_counterfactual(self, value: torch.Tensor, parents: torch.Tensor,
@@ -642,30 +642,30 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         >>> m.finetune_counterfactual(x, pa, nll, max_steps=2, batch_size=4, verbose=False).steps
         2
         """
-        from ..train import TrainConfig, train
+        from ..train import TrainConfig, forked_rng, train
 
         self._check(value, parents)
-        with torch.no_grad():
-            torch.manual_seed(seed)
-            was = self.training
-            self.eval()
-            base = float(self.loss(value, parents).mean())
-            self.train(was)
-        target = base + elbo_slack * abs(base)
-        objective = _CounterfactualObjective(self, predictor_nll, target, intervene or _shuffle_parents)
-        frozen = [p for p in getattr(predictor_nll, "__self__", nn.Module()).parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            steps_per_epoch = max(1, len(value) // batch_size)
-            config = TrainConfig(max_epochs=max(1, math.ceil(max_steps / steps_per_epoch)), max_steps=max_steps,
-                                 batch_size=batch_size, lr=lr, val_fraction=0.0, patience=10 ** 9,
-                                 seed=seed, verbose=verbose)
-            result = train(objective, {"x": value, "pa": parents}, config)
-            result.lagrange_multiplier, result.elbo_target = objective.multiplier(), target
-        finally:
+        with forked_rng(seed=seed):  # the caller's random state is left as it was
+            with torch.no_grad():
+                was = self.training
+                self.eval()
+                base = float(self.loss(value, parents).mean())
+                self.train(was)
+            target = base + elbo_slack * abs(base)
+            objective = _CounterfactualObjective(self, predictor_nll, target, intervene or _shuffle_parents)
+            frozen = [p for p in getattr(predictor_nll, "__self__", nn.Module()).parameters() if p.requires_grad]
             for p in frozen:
-                p.requires_grad_(True)
+                p.requires_grad_(False)
+            try:
+                steps_per_epoch = max(1, len(value) // batch_size)
+                config = TrainConfig(max_epochs=max(1, math.ceil(max_steps / steps_per_epoch)), max_steps=max_steps,
+                                     batch_size=batch_size, lr=lr, val_fraction=0.0, patience=10 ** 9,
+                                     seed=seed, verbose=verbose)
+                result = train(objective, {"x": value, "pa": parents}, config)
+                result.lagrange_multiplier, result.elbo_target = objective.multiplier(), target
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
         self.eval()
         return result
 

@@ -517,15 +517,15 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
         >>> m.fit(torch.rand(40, 1, 16, 16), torch.randn(40, 1), max_steps=2, verbose=False).steps
         2
         """
-        from ..train import TrainConfig, train
+        from ..train import TrainConfig, forked_rng, train
 
         self._check(value, parents)
         s = self.train_settings
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size or s["batch_size"],
                              lr=lr or s["lr"], patience=patience or s["patience"], val_fraction=val_fraction,
                              seed=seed, verbose=verbose, device=str(device or self._device()))
-        torch.manual_seed(seed)
-        return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
+        with forked_rng(config.device, seed=seed):  # the caller's random state is left as it was
+            return train(StandaloneLoss(self), {"x": value, "pa": parents}, config)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, parent_dim={self.parent_dim}, T={self.T}, steps={self.steps}, "

@@ -151,7 +151,7 @@ class AntiCausalPredictor(nn.Module):
             verbose: bool | None = None) -> "AntiCausalPredictor":
         """Fit on real images and their targets' values with :func:`medcausal.train.train`;
         returns ``self`` (in eval mode, the best-validation weights kept)."""
-        from ..train import TrainConfig, train
+        from ..train import TrainConfig, forked_rng, train
 
         x = self._tensor_images(images)
         vals = self._tensor_values(values, len(x))
@@ -160,10 +160,10 @@ class AntiCausalPredictor(nn.Module):
                 if kind == "continuous":
                     self.loc[i] = vals[k].mean()
                     self.scale[i] = vals[k].std().clamp_min(1e-8)
-        torch.manual_seed(seed)
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              patience=patience, seed=seed, verbose=verbose)
-        self.fit_result = train(self, {"x": x, **vals}, config)
+        with forked_rng(seed=seed):  # the caller's random state is left as it was
+            self.fit_result = train(self, {"x": x, **vals}, config)
         self.eval()
         return self
 

@@ -509,8 +509,8 @@ class PerturbSeq:
         ...     ["perturbation"] == "control").all())
         (['P1', 'control'], True)
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise MedCausalError(f"sample: n must be a positive integer, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise MedCausalError(f"sample: n must be an integer >= 0, got {n!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
             raise MedCausalError(f"sample: seed must be an integer in [0, 10**18), got {seed!r}")
         n, seed = int(n), int(seed)

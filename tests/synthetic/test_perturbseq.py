@@ -107,8 +107,13 @@ def test_conditions_and_exclude(sim):
         sim.sample(10, conditions=["P9"])
     with pytest.raises(MedCausalError, match="CT7"):
         sim.sample(10, exclude=[("CT7", "P0")])
-    with pytest.raises(MedCausalError, match="positive integer"):
-        sim.sample(0)
+    with pytest.raises(MedCausalError, match="integer >= 0"):
+        sim.sample(-1)
+    # as the tabular and brain simulators: n = 0 is an empty sample, with every field in place
+    empty = sim.sample(0)
+    assert empty.shape == (0, sim.n_genes) and empty.layers["counts"].shape == (0, sim.n_genes)
+    assert empty.obsm["z_interaction"].shape[0] == 0 and list(empty.obs.columns) == list(a.obs.columns)
+    assert sim.counterfactual(empty, do={"perturbation": "P0"}).n_obs == 0
 
 
 # --------------------------------------------------------------------------- counterfactuals

@@ -54,6 +54,9 @@ def trace(scm: str, variant: str, every: int, n_train: int = 5000, n_units: int 
             mechanisms = model.mechanisms
             mechanisms.eval()
             with torch.no_grad():
+                values = model._encode(train_df)  # the box fit's finalize would record if it stopped here
+                for name in sim.graph.variables:
+                    model.mechanism(name).finalize(values[name], model._parents(name, values, len(train_df)))
                 err = cf_mse()
             mechanisms.train()
             points.append({"epoch": record["epoch"], "lr": record["lr"], "cf_mse_x100": err,

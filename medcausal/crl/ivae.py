@@ -587,7 +587,8 @@ class IVAE:
                                                                                        max_steps=left))
                     history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
                     if result.best_val_loss < best_val:
-                        best_val, best_epoch = result.best_val_loss, len(history) - len(result.history) + result.best_epoch
+                        best_val = result.best_val_loss
+                        best_epoch = len(history) - len(result.history) + result.best_epoch
                     steps, seconds, stopped = steps + result.steps, seconds + result.seconds, result.stopped_early
                     self.net.cpu().eval()
                     if int(refine_steps) > 0:

@@ -61,8 +61,10 @@ converge (see ``select_by_validation`` below). The conditioning measurements
 (``diffusion_preconditioner*.md``) predate that choice; the current figures are in
 ``benchmarks/results/tabular_scm*.md``. Queries hand a unit whose preconditioner location
 lies beyond ``location_window`` (8 sd) to the Gaussian, the preconditioner alone, because
-the denoiser extrapolates arbitrarily there (see ``_window``), and clamp abducted latents to
-``±latent_bound`` (5; see :meth:`DiffusionMechanism.abduct`). Both act only on queries.
+the denoiser extrapolates arbitrarily there (see ``_window``), show the denoiser the nearest
+conditioning inside the training rows' box and clamp ``log sigma`` to it (``training_box``;
+see :meth:`DiffusionMechanism._query`), and clamp abducted latents to ``±latent_bound`` (5;
+see :meth:`DiffusionMechanism.abduct`). All act only on queries.
 
 The preconditioner is a deep ensemble (Lakshminarayanan et al. 2017): ``loc_scale_members``
 (5) MLPs, each fitted on its own Gaussian likelihood, averaged. Why: where counterfactual
@@ -77,7 +79,9 @@ spurious dependence on its conditioning: 6.31). Wider or narrower members extrap
 vector SCM, seed 0: additive 4.56 -> 2.92, non-additive 6.38 -> 6.29. The ensemble costs
 25-35% more fitting time (diamond: 90-98 -> 121-124 CPU s). Tried and not kept (each
 helped one SCM and hurt others): keeping each member at its best validation epoch, and
-clamping the denoiser's conditioning to its training range at query time.
+clamping the denoiser's conditioning alone to its training range at query time. Queries now
+clamp both the conditioning and the preconditioner's scale (``training_box``, see
+:meth:`DiffusionMechanism._query`).
 
 >>> import torch
 >>> from medcausal.graph import Continuous
@@ -233,7 +237,9 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     ``init_scale`` the factor on the initial output layer; ``location_window`` (standardized
     units; ``None``: off) where queries hand a unit whose preconditioner location lies beyond it
     over to the Gaussian (see ``_window``); ``latent_bound`` the clamp on each coordinate of an
-    abducted latent (``None``: off; see :meth:`abduct`); ``loc_scale`` (and its MLPs'
+    abducted latent (``None``: off; see :meth:`abduct`); ``training_box`` whether queries clamp
+    the denoiser's conditioning and ``log sigma`` to the training rows' range (see :meth:`_query`);
+    ``loc_scale`` (and its MLPs'
     ``loc_scale_hidden``) the location-scale preconditioner, the average of
     ``loc_scale_members`` MLPs each fitted on its own likelihood; ``condition`` what the denoiser
     sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
@@ -252,6 +258,9 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     """
 
     name = "diffusion"
+    # finalize() records the training box, made of records' values: under DP it is not run (no
+    # private version is needed; queries then go without the box).
+    skip_finalize_under_dp = True
     abduction = "deterministic-approximate"
     supports = ("continuous",)
     has_log_prob = False
@@ -276,7 +285,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                  loc_scale: bool = True, loc_scale_hidden: tuple[int, ...] | list[int] = (64, 64),
                  loc_scale_members: int = 5, condition: str = "affine", ema_decay: float = 0.995,
                  use_ema: bool = True,
-                 location_window: float | None = 8.0, latent_bound: float | None = 5.0):
+                 location_window: float | None = 8.0, latent_bound: float | None = 5.0,
+                 training_box: bool = True):
         super().__init__(variable, parents, hidden=list(hidden), num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, steps=steps,
                          inversion_iters=inversion_iters, inversion_tol=inversion_tol, draws=draws,
@@ -284,13 +294,15 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                          loc_scale=bool(loc_scale), loc_scale_hidden=list(loc_scale_hidden),
                          loc_scale_members=int(loc_scale_members),
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
-                         location_window=location_window, latent_bound=latent_bound)
+                         location_window=location_window, latent_bound=latent_bound,
+                         training_box=bool(training_box))
         for key, bound in (("location_window", location_window), ("latent_bound", latent_bound)):
             if bound is not None and not (isinstance(bound, numbers.Real) and not isinstance(bound, bool)
                                           and math.isfinite(bound) and bound > 0):
                 raise MedCausalError(f"diffusion: {key} must be a finite number > 0 or None, got {bound!r}")
         self.location_window = None if location_window is None else float(location_window)
         self.latent_bound = None if latent_bound is None else float(latent_bound)
+        self.training_box = bool(training_box)
         if condition not in ("affine", "parents", "both"):
             raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
                                  f"got {condition!r}")
@@ -343,12 +355,20 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
             for layer in last:
                 for p in layer.parameters():
                     p.mul_(init_scale)
+        # The box (per-coordinate min and max) of (mu, log sigma, parents) over the training rows,
+        # recorded by finalize(); +-inf: unknown (under DP, and in model files from before it).
+        box_dim = self.dim + 1 + self.parent_dim
+        self.register_buffer("box_lo", torch.full((box_dim,), -math.inf))
+        self.register_buffer("box_hi", torch.full((box_dim,), math.inf))
         self._init_ema(ema_decay, use_ema)  # of the denoiser (the preconditioner keeps its last weights)
         self._register_load_state_dict_pre_hook(self._upgrade_state)
 
     def _upgrade_state(self, state_dict, prefix, *args) -> None:
-        """Read model files written before the preconditioner became an ensemble: queries answer
-        exactly as they did (but for ``latent_bound``)."""
+        """Read model files written before the preconditioner became an ensemble or before the
+        training box was recorded (it stays unknown): queries answer exactly as they did (but for
+        ``latent_bound``)."""
+        for key, fill in (("box_lo", -math.inf), ("box_hi", math.inf)):
+            state_dict.setdefault(prefix + key, torch.full_like(getattr(self, key), fill))
         if self.loc_scale is None:
             return
         # One MLP ("loc_scale.<layer>.<param>"): it becomes member 0. Files list the members they
@@ -421,9 +441,46 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         far = cond[:, :self.dim].abs().amax(-1, keepdim=True)
         return torch.sigmoid(4.0 * (self.location_window - far))
 
+    def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
+        """Record the training box: the per-coordinate min and max of ``(mu, log sigma, parents)``
+        over the training rows (see :meth:`_query`). Under DP it is skipped (the box is made of
+        records' values: ``skip_finalize_under_dp``) and queries go without it."""
+        if len(parents):
+            with torch.no_grad():
+                parents = parents.to(self._dtype())
+                box = torch.cat([*self._affine(parents), parents], dim=-1)
+                self.box_lo.copy_(box.amin(0))
+                self.box_hi.copy_(box.amax(0))
+
+    def _query(self, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``mu``, ``log sigma`` and the denoiser's conditioning that queries use.
+
+        With ``training_box`` (and a box recorded by :meth:`finalize`) the denoiser sees the
+        nearest conditioning inside the training rows' box, and ``log sigma`` is clamped to its
+        training range; ``mu`` is not (a location outside the training range is what an
+        intervention may ask for). Why: off the training manifold the preconditioner's
+        ``log sigma`` and the denoiser extrapolate arbitrarily. On the additive diamond (fit
+        seed 4) ``do(x3)`` gave x4 a ``log sigma`` of -0.27 where training spans [-1.59, -0.62],
+        and the denoiser mapped a latent of 0.06 to a residual of 6.4. Measured on the same
+        fitted models, fit seeds 0-5 (CF MSE x100 without -> with the box;
+        ``benchmarks/results/diffusion_training_box*.md``): non-additive triangle 2.197 -> 1.950,
+        additive diamond 5.205 -> 3.97 (seed 4 15.2 -> 8.9, seed 5 7.2 -> 5.1, but seeds 0-3 5-19%
+        worse), vector additive (seeds 0-2) 3.99 -> 4.38, every other SCM within 1-3%. Clamping the
+        conditioning alone, without the scale, helped less (triangle 2.13, diamond 4.15) and cost
+        the vector as much. With the box the location window rarely acts (it reads the clamped
+        location); it still guards fits without a box."""
+        mu, log_sigma = self._affine(parents)
+        if not self.training_box:
+            return mu, log_sigma, self._cond(parents, mu, log_sigma)
+        d, lo, hi = self.dim, self.box_lo.to(parents), self.box_hi.to(parents)
+        log_sigma = torch.minimum(torch.maximum(log_sigma, lo[d:d + 1]), hi[d:d + 1])
+        inside = self._cond(torch.minimum(torch.maximum(parents, lo[d + 1:]), hi[d + 1:]),
+                            torch.minimum(torch.maximum(mu, lo[:d]), hi[:d]), log_sigma)
+        return mu, log_sigma, inside
+
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:
         """Predicted noise at integer step(s) ``t`` (an int or ``[n]``) given the parents."""
-        return self._eps(x_t, t, self._cond(parents))
+        return self._eps(x_t, t, self._query(parents)[2])
 
     def _check(self, value: torch.Tensor | None, parents: torch.Tensor) -> None:
         if parents.dim() != 2 or parents.shape[1] != self.parent_dim:
@@ -505,7 +562,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         denoiser's conditioning when already computed, else ``_cond(parents)``)."""
         self._check(value, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab, cond = self._abar64, self._cond(parents) if cond is None else cond
+        ab, cond = self._abar64, self._query(parents)[2] if cond is None else cond
         x = value
         for a, b in zip(grid[:-1], grid[1:]):
             x = ddim_invert_move(x, lambda y: self._eps(y, b, cond), ab[a], ab[b],  # noqa: B023
@@ -518,7 +575,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         :meth:`encode`)."""
         self._check(latent, parents)
         grid = self.grid if steps is None else ddim_timesteps(self.T, steps)
-        ab, cond = self._abar64, self._cond(parents) if cond is None else cond
+        ab, cond = self._abar64, self._query(parents)[2] if cond is None else cond
         x = latent
         for b, a in zip(grid[:0:-1], grid[-2::-1]):
             x = ddim_move(x, self._eps(x, b, cond), ab[b], ab[a])
@@ -551,9 +608,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         """
         self._check(value, parents)
         value, parents = value.to(self._dtype()), parents.to(self._dtype())
-        mu, log_sigma = self._affine(parents)  # once: it also gives the denoiser's conditioning
-        latent = self.encode((value - mu) * torch.exp(-log_sigma), parents,
-                             cond=self._cond(parents, mu, log_sigma))
+        mu, log_sigma, cond = self._query(parents)
+        latent = self.encode((value - mu) * torch.exp(-log_sigma), parents, cond=cond)
         if self.latent_bound is None:
             return latent
         clamped = int((latent.abs() > self.latent_bound).any(-1).sum())
@@ -572,9 +628,8 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         if noise.dim() != 2 or noise.shape != (parents.shape[0], self.dim):
             raise MedCausalError(f"diffusion: noise must have shape [{parents.shape[0]}, {self.dim}], "
                                  f"got {tuple(noise.shape)}")
-        mu, log_sigma = self._affine(parents)
-        return mu + torch.exp(log_sigma) * self.decode(noise.to(parents), parents,
-                                                       cond=self._cond(parents, mu, log_sigma))
+        mu, log_sigma, cond = self._query(parents)
+        return mu + torch.exp(log_sigma) * self.decode(noise.to(parents), parents, cond=cond)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, parent_dim={self.parent_dim}, T={self.T}, steps={self.steps}, "

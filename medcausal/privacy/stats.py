@@ -9,7 +9,8 @@ Constants computed from private data leak it (a maximum *is* a record). Under DP
 - categorical variables: the categories must be declared in the graph;
 - binary variables, images and expression arrays: no constant is read from the data;
 - mechanisms whose ``finalize`` reads the data: a private version is required
-  (``additive``: DP mean/std of the residuals; the released noise model is Gaussian).
+  (``additive``: DP mean/std of the residuals; the released noise model is Gaussian), or the
+  mechanism declares ``skip_finalize_under_dp`` and works without it (``diffusion``).
 
 >>> import numpy as np
 >>> q = GaussianQuery(noise_multiplier=1e-9, record_of_row=np.arange(4), n_records=4)
@@ -197,6 +198,8 @@ def needs_private_finalize(cls) -> bool:
     """
     from ..mechanisms.base import Mechanism
 
+    if getattr(cls, "skip_finalize_under_dp", False):  # works without it: not run under DP
+        return False
     return getattr(cls, "finalize", None) is not Mechanism.finalize
 
 

@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import math
 
 import pytest
+import torch
 
 import medcausal as mc
 
@@ -18,7 +20,7 @@ def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
         model.save(bench.model_path(tmp_path / "models", "chain", "additive", method, 0))
     bench.save_protocol(tmp_path / "models", 5000, 200, 5)  # as tabular_scm.py --save-models does
     script.main(["--models", str(tmp_path / "models"), "--scms", "chain", "--variants", "additive",
-                 "--bounds", "none", "5", "0.5", "--out", str(tmp_path)])
+                 "--bounds", "none", "5", "0.5", "--boxes", "on", "off", "--out", str(tmp_path)])
     row, = json.loads((tmp_path / "diffusion_latent_bound.json").read_text())["rows"]
     loaded = mc.CausalModel.load(bench.model_path(tmp_path / "models", "chain", "additive", "diffusion", 0))
     # the default bound's column is what tabular_scm.py reports for that model
@@ -29,6 +31,21 @@ def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
     script.with_bound(loaded, None)
     assert loaded.mechanism("x3").latent_bound is None
     assert row["diffusion_no_bound"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
+    script.with_bound(loaded, 5.0, box=False)
+    assert not loaded.mechanism("x3").training_box
+    assert row["diffusion_bound_5_no_box"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth),
+                                                            rel=1e-6)
+    # a model saved without the box gets the one fit records: finalize on every training row
+    box = {n: (loaded.mechanism(n).box_lo.clone(), loaded.mechanism(n).box_hi.clone()) for n in ("x2", "x3")}
+    assert all(torch.isfinite(lo).all() for lo, _ in box.values())
+    for n in box:
+        loaded.mechanism(n).box_lo.fill_(-math.inf)
+        loaded.mechanism(n).box_hi.fill_(math.inf)
+    refit_rows = train.iloc[:500]  # the rows the model was fitted on
+    script.record_box(loaded, refit_rows)
+    for n, (lo, hi) in box.items():
+        torch.testing.assert_close(loaded.mechanism(n).box_lo, lo)
+        torch.testing.assert_close(loaded.mechanism(n).box_hi, hi)
     md = (tmp_path / "diffusion_latent_bound.md").read_text()
     assert "1.2 x flow" in md and "diffusion_bound_5" in md
 

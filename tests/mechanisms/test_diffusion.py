@@ -258,7 +258,7 @@ def test_preconditioner_ensemble_averages_members_each_fitted_on_its_own_likelih
     nlls = [(0.5 * ((x - o[:, :2]) / o[:, 2:].exp()) ** 2).sum(-1) + 2 * o[:, 2] for o in outs]
     # the same denoiser without a preconditioner, conditioned on the average's (mu, log sigma)
     plain = DiffusionMechanism(Continuous(dim=2), 3, hidden=[8], draws=2, loc_scale=False)
-    plain.load_state_dict(m.state_dict(), strict=False)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("box_")}, strict=False)
     z = ((x - mu) / log_sigma.exp()).detach()
     torch.manual_seed(1)
     total = m.loss(x, pa)
@@ -328,6 +328,72 @@ def test_location_window_hands_far_units_to_the_gaussian(prediction):
     for bad in (0.0, -1.0, "8"):
         with pytest.raises(MedCausalError, match="location_window"):
             DiffusionMechanism(Continuous(), 1, location_window=bad)
+
+
+def test_training_box_clamps_what_queries_show_the_denoiser_and_the_scale():
+    """finalize() records the per-coordinate min and max of (mu, log sigma, parents) over the
+    training rows. Queries show the denoiser the nearest conditioning inside that box and clamp
+    log sigma to it; mu is not clamped. Rows inside the box answer as without it; old model files
+    (no box) load with the box unknown and answer as before."""
+    from medcausal.privacy.stats import needs_private_finalize
+
+    torch.manual_seed(0)
+    settings = dict(hidden=[16], steps=10, init_scale=1.0, loc_scale_members=1, condition="both")
+    m, free = DiffusionMechanism(Continuous(), 1, **settings), DiffusionMechanism(Continuous(), 1, **settings,
+                                                                                  training_box=False)
+    linear = torch.nn.Sequential(torch.nn.Linear(1, 2))  # mu = 2 pa, log sigma = pa / 2: both leave the box
+    with torch.no_grad():
+        linear[0].weight.copy_(torch.tensor([[2.0], [0.5]]))
+        linear[0].bias.zero_()
+    m.loc_scale, free.loc_scale = torch.nn.ModuleList([linear]), torch.nn.ModuleList([linear])
+    free.load_state_dict(m.state_dict())
+    old_state = {k: v for k, v in m.state_dict().items() if not k.startswith("box_")}
+    pa_train = torch.linspace(-1, 1, 201).unsqueeze(-1)
+    m.finalize(torch.randn(201, 1), pa_train)
+    torch.testing.assert_close(m.box_lo, torch.tensor([-2.0, -0.5, -1.0]))
+    torch.testing.assert_close(m.box_hi, torch.tensor([2.0, 0.5, 1.0]))
+    pa = torch.tensor([[0.0], [0.9], [1.0], [3.0], [-6.0]])
+    with torch.no_grad():
+        mu, log_sigma, cond = m._query(pa)
+        torch.testing.assert_close(mu, 2 * pa)  # the location extrapolates
+        torch.testing.assert_close(log_sigma, (pa / 2).clamp(-0.5, 0.5))
+        torch.testing.assert_close(cond, torch.cat([(2 * pa).clamp(-2, 2), (pa / 2).clamp(-0.5, 0.5),
+                                                    pa.clamp(-1, 1)], -1))
+        u = torch.full((5, 1), 0.7)
+        x, x_free = m.sample(pa, noise=u), free.sample(pa, noise=u)
+        torch.testing.assert_close(x[:3], x_free[:3])  # inside the box: unchanged
+        residual = (x - mu) / log_sigma.exp()
+        torch.testing.assert_close(residual[3], residual[2])  # beyond the box: the edge's residual
+        assert (x[3:] - x_free[3:]).abs().min() > 1e-3  # without the box the denoiser extrapolates
+        back = m.abduct(x, pa)
+    torch.testing.assert_close(back, u, atol=1e-3, rtol=0)  # abduction uses the same box
+    fresh = DiffusionMechanism(Continuous(), 1, **settings)
+    fresh.loc_scale = torch.nn.ModuleList([linear])
+    fresh.load_state_dict(old_state)  # a model file from before the box
+    assert torch.isinf(fresh.box_lo).all() and torch.isinf(fresh.box_hi).all()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.sample(pa, noise=u), x_free)
+    # under DP finalize is skipped (the box is made of records' values): no private version needed
+    assert not needs_private_finalize(DiffusionMechanism)
+
+
+def test_fit_records_the_training_box_except_under_dp():
+    from medcausal.privacy import Privacy
+
+    graph = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    df, _ = _toy(400, seed=0)
+    spec = {"y": {"name": "diffusion", "hidden": [8], "steps": 5, "loc_scale_hidden": [8]}}
+    model = mc.CausalModel(graph, mechanisms=spec).fit(df, seed=0, max_epochs=1, verbose=False)
+    y = model.mechanism("y")
+    assert torch.isfinite(y.box_lo).all() and (y.box_lo <= y.box_hi).all()
+    # the parent's coordinate spans the (standardized) training rows: within all rows' range, wide
+    x_std = model._parents("y", model._encode(df), len(df))
+    assert x_std.min() - 1e-5 <= y.box_lo[-1] < -2 and 2 < y.box_hi[-1] <= x_std.max() + 1e-5
+    private = mc.CausalModel(graph, mechanisms=spec).fit(
+        df, seed=0, max_epochs=1, verbose=False,
+        privacy=Privacy(epsilon=50.0, delta=1e-4, public_bounds={"x": (-5, 5), "y": (-8, 8)}))
+    assert private.privacy["epsilon"] <= 50.0
+    assert torch.isinf(private.mechanism("y").box_lo).all() and torch.isinf(private.mechanism("y").box_hi).all()
 
 
 @pytest.mark.parametrize("dim", [1, 2])

@@ -179,14 +179,22 @@ class CausalModel:
 
     def _one_vector_value(self, do, n: int):
         """``do={"v": [a, b]}`` on a 2-vector ``v`` is one value for every row (a per-row spec of
-        a vector is [n, dim]), not two per-row values."""
+        a vector is [n, dim]), not two per-row values. A DataFrame for a vector is read by its
+        columns' names (``v[0]``, ``v[1]``, as in the data), not by their order."""
         if not isinstance(do, Mapping):
             return do
         out = dict(do)
         for name, spec in do.items():
             vtype = self.graph.variables.get(name)
-            if (getattr(vtype, "kind", None) == "continuous" and vtype.dim > 1 and not callable(spec)
-                    and np.ndim(spec) == 1 and len(spec) == vtype.dim):
+            if getattr(vtype, "kind", None) != "continuous" or vtype.dim == 1 or callable(spec):
+                continue
+            if isinstance(spec, pd.DataFrame):
+                columns = tabular.columns_of(name, vtype)
+                if sorted(map(str, spec.columns)) != sorted(columns):
+                    raise InterventionError(f"do[{name!r}]: a DataFrame for the {vtype.dim}-vector {name!r} "
+                                            f"needs the columns {columns}, got {list(spec.columns)}")
+                out[name] = spec.rename(columns=str)[columns].to_numpy(dtype=float)
+            elif np.ndim(spec) == 1 and len(spec) == vtype.dim:
                 out[name] = np.tile(np.asarray(spec, dtype=float)[None], (n, 1))
         return out
 

@@ -424,6 +424,17 @@ def test_a_vector_takes_one_value_for_every_row_and_cohorts_keep_their_meta():
     fitted = mc.CausalModel(graph).fit(cohort, max_epochs=1, verbose=False)
     assert fitted.counterfactual(cohort[:4], do={"a": 0.0}).meta["source"] == "trial 7"
 
+    # a per-row DataFrame for a vector is read by its columns' names, whatever their order
+    # (old code: by position, so [v[1], v[0]] silently swapped the coordinates)
+    swapped = pd.DataFrame({"v[1]": [-1.0, -2.0, -3.0], "v[0]": [1.0, 2.0, 3.0]})
+    by_name = model.counterfactual(df[:3], do={"v": swapped})
+    np.testing.assert_array_equal(by_name["v[0]"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(by_name["v[1]"], [-1.0, -2.0, -3.0])
+    out = model.sample(3, do={"v": swapped}, seed=0)
+    np.testing.assert_array_equal(out[["v[0]", "v[1]"]].to_numpy(), [[1, -1], [2, -2], [3, -3]])
+    with pytest.raises(InterventionError, match=r"needs the columns \['v\[0\]', 'v\[1\]'\]"):
+        model.counterfactual(df[:3], do={"v": pd.DataFrame({"a": [1.0] * 3, "b": [2.0] * 3})})
+
 
 def test_warnings_point_at_the_callers_line(fitted):
     # OutOfSupportWarning is raised deep inside medcausal; it must name this file, so a user's

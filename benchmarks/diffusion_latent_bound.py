@@ -53,7 +53,10 @@ def with_bound(model, bound: float | None, box: bool = True):
 
 def record_box(model, train) -> None:
     """Record the training box of each diffusion mechanism that has none (a model saved before
-    ``fit`` recorded it): ``finalize`` on the training rows, as ``fit`` calls it."""
+    ``fit`` recorded it): ``finalize`` on the training rows, as ``fit`` calls it. A DP model's
+    box stays unknown, as its fit left it."""
+    if model.privacy is not None:
+        return
     values = model._encode(train)
     for name, mech in _diffusions(model).items():
         if torch.isinf(mech.box_lo).all():

@@ -180,7 +180,8 @@ class CausalModel:
     def _one_vector_value(self, do, n: int):
         """``do={"v": [a, b]}`` on a 2-vector ``v`` is one value for every row (a per-row spec of
         a vector is [n, dim]), not two per-row values. A DataFrame for a vector is read by its
-        columns' names (``v[0]``, ``v[1]``, as in the data), not by their order."""
+        columns' names (``v[0]``, ``v[1]``, as in the data), not by their order; its rows by
+        position (unlike a per-row ``pd.Series``, aligned by its index)."""
         if not isinstance(do, Mapping):
             return do
         out = dict(do)
@@ -188,12 +189,12 @@ class CausalModel:
             vtype = self.graph.variables.get(name)
             if getattr(vtype, "kind", None) != "continuous" or vtype.dim == 1 or callable(spec):
                 continue
-            if isinstance(spec, pd.DataFrame):
+            if isinstance(spec, pd.DataFrame):  # rows by position, as any per-row array
                 columns = tabular.columns_of(name, vtype)
                 if sorted(map(str, spec.columns)) != sorted(columns):
                     raise InterventionError(f"do[{name!r}]: a DataFrame for the {vtype.dim}-vector {name!r} "
                                             f"needs the columns {columns}, got {list(spec.columns)}")
-                out[name] = spec.rename(columns=str)[columns].to_numpy(dtype=float)
+                out[name] = spec.rename(columns=str)[columns]
             elif np.ndim(spec) == 1 and len(spec) == vtype.dim:
                 out[name] = np.tile(np.asarray(spec, dtype=float)[None], (n, 1))
         return out
@@ -504,6 +505,10 @@ class CausalModel:
         if not model._ledger_matches(state):
             raise ModelFileError(f"{str(path)!r}: its DP ledger was written for other weights than the "
                                  "file holds; the stated guarantee does not apply to them")
+        if model.privacy is not None and model.privacy.get("weights_sha256") is not None:
+            # The load hooks may upgrade an older file's state (e.g. add a mechanism's buffers), a
+            # fixed function of the weights just checked: the ledger now describes the upgraded state.
+            model.privacy["weights_sha256"] = weights_digest(model.mechanisms.state_dict())
         model.mechanisms.eval()
         model.device = torch.device(device)
         model.mechanisms.to(model.device)

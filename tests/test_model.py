@@ -434,6 +434,8 @@ def test_a_vector_takes_one_value_for_every_row_and_cohorts_keep_their_meta():
     np.testing.assert_array_equal(out[["v[0]", "v[1]"]].to_numpy(), [[1, -1], [2, -2], [3, -3]])
     with pytest.raises(InterventionError, match=r"needs the columns \['v\[0\]', 'v\[1\]'\]"):
         model.counterfactual(df[:3], do={"v": pd.DataFrame({"a": [1.0] * 3, "b": [2.0] * 3})})
+    with pytest.raises(InterventionError, match="non-numeric"):
+        model.counterfactual(df[:3], do={"v": pd.DataFrame({"v[0]": ["a"] * 3, "v[1]": ["b"] * 3})})
 
 
 def test_warnings_point_at_the_callers_line(fitted):

@@ -190,17 +190,19 @@ PRIVATE_FINALIZERS = {"additive": _additive_finalize}
 
 
 def needs_private_finalize(cls) -> bool:
-    """Whether a mechanism class reads the data in ``finalize`` (overrides the base no-op).
+    """Whether a mechanism class reads the data in ``finalize`` (overrides the base no-op) and
+    needs it under DP: not when the class that defines that ``finalize`` also declares
+    ``skip_finalize_under_dp = True`` (it works without it; under DP it is not run). A subclass
+    that overrides ``finalize`` again does not inherit the skip.
 
     >>> from medcausal.mechanisms import registry
-    >>> needs_private_finalize(registry.get("flow")), needs_private_finalize(registry.get("additive"))
-    (False, True)
+    >>> [needs_private_finalize(registry.get(m)) for m in ("flow", "additive", "diffusion")]
+    [False, True, False]
     """
     from ..mechanisms.base import Mechanism
 
-    if getattr(cls, "skip_finalize_under_dp", False):  # works without it: not run under DP
-        return False
-    return getattr(cls, "finalize", None) is not Mechanism.finalize
+    owner = next((k for k in cls.__mro__ if "finalize" in vars(k)), Mechanism)
+    return owner is not Mechanism and not vars(owner).get("skip_finalize_under_dp", False)
 
 
 def private_finalizer(cls):
@@ -208,8 +210,9 @@ def private_finalizer(cls):
 
     ``finalize_private(value, parents, query)`` may call ``query.mean(per_row_vectors)``
     once (entries in [-1, 1]; one full-batch Gaussian query, accounted); returns a string
-    saying what it released. ``None``: the class reads no data in ``finalize``.
-    Raises :class:`PrivacyError` when the class reads data and has no private version.
+    saying what it released. ``None``: no finalize runs under DP (the class reads no data in
+    ``finalize``, or declares ``skip_finalize_under_dp``). Raises :class:`PrivacyError` when
+    the class reads data and has no private version.
 
     >>> from medcausal.mechanisms import registry
     >>> private_finalizer(registry.get("flow")) is None, private_finalizer(registry.get("additive")).__name__

@@ -376,24 +376,59 @@ def test_training_box_clamps_what_queries_show_the_denoiser_and_the_scale():
     # under DP finalize is skipped (the box is made of records' values): no private version needed
     assert not needs_private_finalize(DiffusionMechanism)
 
+    class Reads(DiffusionMechanism):  # a subclass with its own finalize does not inherit the skip
+        def finalize(self, value, parents):
+            pass
 
-def test_fit_records_the_training_box_except_under_dp():
+    assert needs_private_finalize(Reads)
+
+
+_TINY_TOY = {"y": {"name": "diffusion", "hidden": [8], "steps": 5, "loc_scale_hidden": [8]}}
+
+
+def _private_tiny_toy():
     from medcausal.privacy import Privacy
 
     graph = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    return mc.CausalModel(graph, mechanisms=_TINY_TOY).fit(
+        _toy(400, seed=0)[0], seed=0, max_epochs=1, verbose=False,
+        privacy=Privacy(epsilon=50.0, delta=1e-4, public_bounds={"x": (-5, 5), "y": (-8, 8)}))
+
+
+def test_fit_records_the_training_box_except_under_dp():
+    graph = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
     df, _ = _toy(400, seed=0)
-    spec = {"y": {"name": "diffusion", "hidden": [8], "steps": 5, "loc_scale_hidden": [8]}}
-    model = mc.CausalModel(graph, mechanisms=spec).fit(df, seed=0, max_epochs=1, verbose=False)
+    model = mc.CausalModel(graph, mechanisms=_TINY_TOY).fit(df, seed=0, max_epochs=1, verbose=False)
     y = model.mechanism("y")
     assert torch.isfinite(y.box_lo).all() and (y.box_lo <= y.box_hi).all()
     # the parent's coordinate spans the (standardized) training rows: within all rows' range, wide
     x_std = model._parents("y", model._encode(df), len(df))
     assert x_std.min() - 1e-5 <= y.box_lo[-1] < -2 and 2 < y.box_hi[-1] <= x_std.max() + 1e-5
-    private = mc.CausalModel(graph, mechanisms=spec).fit(
-        df, seed=0, max_epochs=1, verbose=False,
-        privacy=Privacy(epsilon=50.0, delta=1e-4, public_bounds={"x": (-5, 5), "y": (-8, 8)}))
+    private = _private_tiny_toy()
     assert private.privacy["epsilon"] <= 50.0
     assert torch.isinf(private.mechanism("y").box_lo).all() and torch.isinf(private.mechanism("y").box_hi).all()
+
+
+def test_a_dp_model_file_from_before_the_box_loads_saves_and_keeps_its_ledger(tmp_path):
+    """A DP file written before the box buffers existed: its ledger's weight digest covers the
+    file's state; loading adds the (unknown) box, and the model still states its guarantee,
+    saves and reloads (old code: outputs lost the ledger and save() raised PrivacyError)."""
+    from medcausal.io import load_model_file, save_model_file, weights_digest
+
+    private = _private_tiny_toy()
+    private.save(tmp_path / "new.mcm")
+    spec, state = load_model_file(tmp_path / "new.mcm", "medcausal-model", 10**6)
+    old_state = {k: v for k, v in state.items() if not k.endswith(("box_lo", "box_hi"))}
+    assert len(old_state) == len(state) - 2
+    spec["privacy"]["weights_sha256"] = weights_digest(old_state)  # as the old fit computed it
+    save_model_file(tmp_path / "old.mcm", spec, old_state)
+    old = mc.CausalModel.load(tmp_path / "old.mcm")
+    assert torch.isinf(old.mechanism("y").box_lo).all()
+    assert old.sample(3, seed=0).attrs["privacy"]["epsilon"] == private.privacy["epsilon"]
+    old.save(tmp_path / "again.mcm")
+    again = mc.CausalModel.load(tmp_path / "again.mcm")
+    assert again.sample(3, seed=0).attrs["privacy"] is not None
+    pd.testing.assert_frame_equal(again.sample(5, seed=1), private.sample(5, seed=1))
 
 
 @pytest.mark.parametrize("dim", [1, 2])

@@ -466,7 +466,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         ``benchmarks/results/diffusion_latent_bound_training_box_*.md``): non-additive triangle
         2.197 -> 1.951, additive diamond 5.205 -> 3.97 (seed 4 15.2 -> 8.9, seed 5 7.2 -> 5.1, but
         seeds 0-3 5-19% worse), vector additive (seeds 0-2) 3.99 -> 4.38, every other SCM within
-        2%. Clamping the conditioning alone, without the scale, helped less (triangle 2.13,
+        2%. Clamping the conditioning alone, without the scale, helped less (triangle 2.14,
         diamond 4.15) and cost the vector as much. With the box the location window rarely acts (it reads the clamped
         location); it still guards fits without a box."""
         mu, log_sigma = self._affine(parents)

@@ -295,14 +295,16 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
                          loc_scale_members=int(loc_scale_members),
                          condition=condition, ema_decay=float(ema_decay), use_ema=bool(use_ema),
                          location_window=location_window, latent_bound=latent_bound,
-                         training_box=bool(training_box))
+                         training_box=training_box)
         for key, bound in (("location_window", location_window), ("latent_bound", latent_bound)):
             if bound is not None and not (isinstance(bound, numbers.Real) and not isinstance(bound, bool)
                                           and math.isfinite(bound) and bound > 0):
                 raise MedCausalError(f"diffusion: {key} must be a finite number > 0 or None, got {bound!r}")
         self.location_window = None if location_window is None else float(location_window)
         self.latent_bound = None if latent_bound is None else float(latent_bound)
-        self.training_box = bool(training_box)
+        if not isinstance(training_box, bool):
+            raise MedCausalError(f"diffusion: training_box must be True or False, got {training_box!r}")
+        self.training_box = training_box
         if condition not in ("affine", "parents", "both"):
             raise MedCausalError(f"diffusion: condition must be 'affine', 'parents' or 'both', "
                                  f"got {condition!r}")

@@ -381,6 +381,9 @@ def test_training_box_clamps_what_queries_show_the_denoiser_and_the_scale():
             pass
 
     assert needs_private_finalize(Reads)
+    for bad in ("no", 0, None):
+        with pytest.raises(MedCausalError, match="training_box"):
+            DiffusionMechanism(Continuous(), 1, training_box=bad)
 
 
 _TINY_TOY = {"y": {"name": "diffusion", "hidden": [8], "steps": 5, "loc_scale_hidden": [8]}}

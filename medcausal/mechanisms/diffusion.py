@@ -238,11 +238,10 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     units; ``None``: off) where queries hand a unit whose preconditioner location lies beyond it
     over to the Gaussian (see ``_window``); ``latent_bound`` the clamp on each coordinate of an
     abducted latent (``None``: off; see :meth:`abduct`); ``training_box`` whether queries clamp
-    the denoiser's conditioning and ``log sigma`` to the training rows' range (see :meth:`_query`);
-    ``loc_scale`` (and its MLPs'
-    ``loc_scale_hidden``) the location-scale preconditioner, the average of
-    ``loc_scale_members`` MLPs each fitted on its own likelihood; ``condition`` what the denoiser
-    sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
+    the denoiser's conditioning and ``log sigma`` to the training rows' range (see
+    :meth:`_query`); ``loc_scale`` (and its MLPs' ``loc_scale_hidden``) the location-scale
+    preconditioner, the average of ``loc_scale_members`` MLPs each fitted on its own likelihood;
+    ``condition`` what the denoiser sees of the parents: ``"affine"`` the preconditioner's ``(mu, log sigma)`` (with
     ``loc_scale``), ``"parents"`` the parents, ``"both"`` the two side by side
     (without ``loc_scale`` every setting means ``"parents"``); ``ema_decay``/``use_ema`` the
     averaged denoiser weights that queries use (training keeps the last weights, not the
@@ -469,15 +468,14 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         2.197 -> 1.951, additive diamond 5.205 -> 3.97 (seed 4 15.2 -> 8.9, seed 5 7.2 -> 5.1, but
         seeds 0-3 5-19% worse), vector additive (seeds 0-2) 3.99 -> 4.38, every other SCM within
         2%. Clamping the conditioning alone, without the scale, helped less (triangle 2.14,
-        diamond 4.15) and cost the vector as much. With the box the location window rarely acts (it reads the clamped
-        location); it still guards fits without a box."""
+        diamond 4.15) and cost the vector as much. With the box the location window rarely acts
+        (it reads the clamped location); it still guards fits without a box."""
         mu, log_sigma = self._affine(parents)
         if not self.training_box:
             return mu, log_sigma, self._cond(parents, mu, log_sigma)
         d, lo, hi = self.dim, self.box_lo.to(parents), self.box_hi.to(parents)
-        log_sigma = torch.minimum(torch.maximum(log_sigma, lo[d:d + 1]), hi[d:d + 1])
-        inside = self._cond(torch.minimum(torch.maximum(parents, lo[d + 1:]), hi[d + 1:]),
-                            torch.minimum(torch.maximum(mu, lo[:d]), hi[:d]), log_sigma)
+        log_sigma = log_sigma.clamp(lo[d:d + 1], hi[d:d + 1])
+        inside = self._cond(parents.clamp(lo[d + 1:], hi[d + 1:]), mu.clamp(lo[:d], hi[:d]), log_sigma)
         return mu, log_sigma, inside
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, parents: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _diffusions(model) -> dict[str, DiffusionMechanism]:
     return {n: m for n in model.graph.variables if isinstance(m := model.mechanism(n), DiffusionMechanism)}
 
 
-def with_bound(model, bound: float | None, box: bool = True):
+def with_guards(model, bound: float | None, box: bool = True):
     """Set ``latent_bound`` and ``training_box`` on every diffusion mechanism of ``model`` (in place)."""
     for mech in _diffusions(model).values():
         mech.latent_bound, mech.training_box = bound, box
@@ -119,7 +119,7 @@ def main(argv=None):
                 diffusion = mc.CausalModel.load(paths["diffusion"])
                 record_box(diffusion, train)
                 for b, box in settings:
-                    row[label(b, box)] = cf_mse_x100(with_bound(diffusion, b, box), sim, qs, factual, truth)
+                    row[label(b, box)] = cf_mse_x100(with_guards(diffusion, b, box), sim, qs, factual, truth)
                 rows.append(row)
                 print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)

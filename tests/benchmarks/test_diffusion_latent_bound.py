@@ -28,10 +28,10 @@ def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
     assert row["diffusion_bound_5"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
     # a bound every unit's latent exceeds changes the answers; "none" is the unclamped encoding
     assert row["diffusion_bound_0.5"] != pytest.approx(row["diffusion_no_bound"], rel=1e-3)
-    script.with_bound(loaded, None)
+    script.with_guards(loaded, None)
     assert loaded.mechanism("x3").latent_bound is None
     assert row["diffusion_no_bound"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
-    script.with_bound(loaded, 5.0, box=False)
+    script.with_guards(loaded, 5.0, box=False)
     assert not loaded.mechanism("x3").training_box
     assert row["diffusion_bound_5_no_box"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth),
                                                             rel=1e-6)

@@ -65,6 +65,7 @@ from .errors import (CapabilityError, DataError, InterventionError, MedCausalErr
                      OutOfSupportWarning, warn)
 from .interventions import Intervention, parse_cli_do, parse_do
 from .io import atomic_write
+from .train import forked_rng
 
 __all__ = ["simulate", "counterfactual_patients", "augment", "evaluate_augmentation", "read_run", "ImageClassifier",
            "SimulationRun", "model_id", "add_commands", "PROVENANCE_COLUMNS"]
@@ -1495,8 +1496,7 @@ class ImageClassifier:
         self.sd_ = torch.from_numpy(X.std(axis=axes, keepdims=True)[0:1] + 1e-6)
         Xt, yt = self._prep(X), torch.from_numpy(codes.astype(np.int64))
         rng = np.random.default_rng(self.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with forked_rng(seed=self.seed):  # its initial weights; the caller's random state is kept
             self.net_ = self._net(X.shape[1], X.ndim - 2, len(self.classes_))
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         bs = max(2, min(int(self.batch_size), len(X)))

@@ -30,6 +30,7 @@ import torch
 
 from ..adapters import tabular
 from ..errors import DataError
+from ..train import forked_rng
 
 FPR_LEVELS = (0.01, 0.1)
 
@@ -145,16 +146,11 @@ def record_losses(model, data, repeats: int = 1, seed: int = 0) -> np.ndarray:
     values = model._encode(data)
     n = len(data)
     total = torch.zeros(n, dtype=torch.float64)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        with torch.no_grad():
-            for _ in range(repeats):
-                for name in model.graph.topological_order:
-                    mech = model.mechanism(name)
-                    total += mech.loss(values[name], model._parents(name, values, n)).double().cpu()
-    finally:
-        torch.random.set_rng_state(state)
+    with torch.no_grad(), forked_rng(model.device, seed=seed):  # the caller's random state is kept
+        for _ in range(repeats):
+            for name in model.graph.topological_order:
+                mech = model.mechanism(name)
+                total += mech.loss(values[name], model._parents(name, values, n)).double().cpu()
     return (total / repeats).numpy()
 
 

@@ -469,7 +469,19 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         seeds 0-3 5-19% worse), vector additive (seeds 0-2) 3.99 -> 4.38, every other SCM within
         2%. Clamping the conditioning alone, without the scale, helped less (triangle 2.14,
         diamond 4.15) and cost the vector as much. With the box the location window rarely acts
-        (it reads the clamped location); it still guards fits without a box."""
+        (it reads the clamped location); it still guards fits without a box.
+
+        Tried and not kept (``benchmarks/results/diffusion_query_variants_tried_*.md``, same fits):
+        the *nearest training row's* conditioning instead of the box's nearest point (additive
+        diamond 3.97 -> 3.18, but non-additive vector 6.95 -> 7.46, and the model would have to
+        keep one conditioning per training record); clamping ``mu`` as well, a bounded location
+        like a flow's spline (additive diamond 2.36, meeting 1.2x flow, but additive triangle
+        0.40 -> 1.81 and additive vector 4.38 -> 10.6, losing its lead: a counterfactual location
+        beyond the training range is right there). Which extrapolation is right off the training
+        manifold is not in the data. Outside queries, reading the preconditioner's parents
+        robustly scaled (median, IQR) made the additive diamond worse on fit seeds 0-2 (2.60, 2.52,
+        2.43 -> 2.89, 3.40, 4.35), though an ensemble of x4's location alone fitted that way
+        extrapolated better to the ``do(x3)`` parents (MSE x100 12-34 -> 2.3-5.5, init seeds 0-3)."""
         mu, log_sigma = self._affine(parents)
         if not self.training_box:
             return mu, log_sigma, self._cond(parents, mu, log_sigma)

@@ -22,3 +22,21 @@ def _load(stem: str):
 def load_benchmark():
     """``load_benchmark("tabular_scm")`` -> the module of ``benchmarks/tabular_scm.py``."""
     return _load
+
+
+@pytest.fixture
+def saved_chain_fits(tmp_path, load_benchmark):
+    """Barely trained ``flow`` and ``diffusion`` fits of the additive chain, saved as
+    ``tabular_scm.py --save-models`` saves them (the re-answering scripts only need saved models).
+    Returns the models folder, the SCM and the protocol's ``(train, qs, factual, truth)``."""
+    import medcausal as mc
+
+    bench = load_benchmark("tabular_scm")
+    sim = mc.synthetic.scm("chain", additive=True)
+    data = bench.protocol_data(sim)
+    for method in ("flow", "diffusion"):
+        model = mc.CausalModel(sim.graph, mechanisms=method)
+        model.fit(data[0].iloc[:500], seed=0, max_epochs=1, verbose=False)
+        model.save(bench.model_path(tmp_path / "models", "chain", "additive", method, 0))
+    bench.save_protocol(tmp_path / "models", 5000, 200, 5)
+    return tmp_path / "models", sim, data

@@ -10,19 +10,13 @@ import torch
 import medcausal as mc
 
 
-def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark):
+def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark, saved_chain_fits):
     bench, script = load_benchmark("tabular_scm"), load_benchmark("diffusion_latent_bound")
-    sim = mc.synthetic.scm("chain", additive=True)
-    train, qs, factual, truth = bench.protocol_data(sim)
-    for method in ("flow", "diffusion"):  # barely trained: the script only needs saved models
-        model = mc.CausalModel(sim.graph, mechanisms=method)
-        model.fit(train.iloc[:500], seed=0, max_epochs=1, verbose=False)
-        model.save(bench.model_path(tmp_path / "models", "chain", "additive", method, 0))
-    bench.save_protocol(tmp_path / "models", 5000, 200, 5)  # as tabular_scm.py --save-models does
-    script.main(["--models", str(tmp_path / "models"), "--scms", "chain", "--variants", "additive",
+    models, sim, (train, qs, factual, truth) = saved_chain_fits
+    script.main(["--models", str(models), "--scms", "chain", "--variants", "additive",
                  "--bounds", "none", "5", "0.5", "--boxes", "on", "off", "--out", str(tmp_path)])
     row, = json.loads((tmp_path / "diffusion_latent_bound.json").read_text())["rows"]
-    loaded = mc.CausalModel.load(bench.model_path(tmp_path / "models", "chain", "additive", "diffusion", 0))
+    loaded = mc.CausalModel.load(bench.model_path(models, "chain", "additive", "diffusion", 0))
     # the default bound's column is what tabular_scm.py reports for that model
     assert loaded.mechanism("x2").latent_bound == 5.0
     assert row["diffusion_bound_5"] == pytest.approx(script.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)

@@ -9,22 +9,16 @@ import medcausal as mc
 from medcausal.mechanisms.diffusion import DiffusionMechanism
 
 
-def test_variants_answer_with_the_same_saved_models_and_the_default_is_restored(tmp_path, load_benchmark):
+def test_variants_answer_with_the_same_saved_models_and_the_default_is_restored(tmp_path, load_benchmark,
+                                                                               saved_chain_fits):
     bench, script = load_benchmark("tabular_scm"), load_benchmark("diffusion_query_variants_tried")
     guards = load_benchmark("diffusion_latent_bound")
-    sim = mc.synthetic.scm("chain", additive=True)
-    train, qs, factual, truth = bench.protocol_data(sim)
-    for method in ("flow", "diffusion"):  # barely trained: the script only needs saved models
-        model = mc.CausalModel(sim.graph, mechanisms=method)
-        model.fit(train.iloc[:500], seed=0, max_epochs=1, verbose=False)
-        model.save(bench.model_path(tmp_path / "models", "chain", "additive", method, 0))
-    bench.save_protocol(tmp_path / "models", 5000, 200, 5)
+    models, sim, (train, qs, factual, truth) = saved_chain_fits
     default_query = DiffusionMechanism._query
-    script.main(["--models", str(tmp_path / "models"), "--scms", "chain", "--variants", "additive",
-                 "--out", str(tmp_path)])
+    script.main(["--models", str(models), "--scms", "chain", "--variants", "additive", "--out", str(tmp_path)])
     assert DiffusionMechanism._query is default_query
     row, = json.loads((tmp_path / "diffusion_query_variants_tried.json").read_text())["rows"]
-    loaded = mc.CausalModel.load(bench.model_path(tmp_path / "models", "chain", "additive", "diffusion", 0))
+    loaded = mc.CausalModel.load(bench.model_path(models, "chain", "additive", "diffusion", 0))
     assert row["box"] == pytest.approx(guards.cf_mse_x100(loaded, sim, qs, factual, truth), rel=1e-6)
     assert "nearest+clamp_mu" in (tmp_path / "diffusion_query_variants_tried.md").read_text()
 

@@ -121,7 +121,7 @@ def composition(null_counterfactual: Callable[[Any], Any], images: Any, steps: i
     """
     if steps < 1:
         raise DataError(f"composition needs steps >= 1, got {steps}")
-    x0 = _images(images, image, "images")
+    x0 = _images(images, image, "images").copy()  # a model that edits its input in place moves no baseline
     state, l1 = images, []
     for _ in range(steps):
         state = null_counterfactual(state)
@@ -143,7 +143,7 @@ def reversibility(do: Callable[[Any], Any], undo: Callable[[Any], Any], images: 
     """
     if cycles < 1:
         raise DataError(f"reversibility needs cycles >= 1, got {cycles}")
-    x0 = _images(images, image, "images")
+    x0 = _images(images, image, "images").copy()
     state, l1 = images, []
     for _ in range(cycles):
         state = undo(do(state))
@@ -172,7 +172,7 @@ def effectiveness(predicted: Any, target: Any, kind: str = "continuous") -> dict
 
     def array(a, what):
         try:
-            arr = np.asarray(a, dtype=np.float64) if (kind != "categorical" or what == "predicted") else np.asarray(a)
+            arr = np.asarray(a, dtype=np.float64) if kind != "categorical" else np.asarray(a)
         except (TypeError, ValueError):
             raise DataError(f"effectiveness: {what} must be numeric") from None
         if arr.ndim == 0:
@@ -205,11 +205,28 @@ def effectiveness(predicted: Any, target: Any, kind: str = "continuous") -> dict
             from sklearn.metrics import roc_auc_score
             out["auc"] = float(roc_auc_score(t, p))
         return out
-    labels = p.argmax(1) if p.ndim == 2 else p.reshape(-1)
-    t = t.argmax(1) if t.ndim == 2 else t.reshape(-1)  # a one-hot target -> labels
+    # [n, k] with k > 1: class probabilities (predicted) or one-hot (target) -> class indices;
+    # [n] or [n, 1]: labels as given
+    probabilities = p.ndim == 2 and p.shape[1] > 1
+    if probabilities and p.dtype.kind not in "iuf":
+        raise DataError(f"effectiveness: categorical predicted of shape {p.shape} reads as class probabilities "
+                        f"and must be numeric")
+    labels = p.argmax(1) if probabilities else p.reshape(-1)
+    t = t.argmax(1) if t.ndim == 2 and t.shape[1] > 1 else t.reshape(-1)
     if labels.shape != t.shape:
         raise DataError(f"effectiveness: categorical predicted has shape {p.shape} but target has "
                         f"{np.shape(target)}")
+    if probabilities:  # labels are argmax positions: the target must be positions too
+        k = p.shape[1]
+        try:
+            index = t.astype(np.float64)
+        except (TypeError, ValueError):
+            index = np.full(len(t), np.nan)
+        if not (np.isfinite(index) & (index == np.round(index)) & (index >= 0) & (index < k)).all():
+            raise DataError(f"effectiveness: predicted holds probabilities over {k} classes, so target must be "
+                            f"class indices 0..{k - 1} (or one-hot [n, {k}]); got values "
+                            f"{list(dict.fromkeys(t.tolist()))[:5]}")
+        t = index.astype(np.int64)
     return {"accuracy": float((labels == t).mean())}
 
 

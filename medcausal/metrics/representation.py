@@ -594,9 +594,14 @@ def within_group_r2(factors: Any, codes: Any, groups: Any, *, folds: int = 3, se
     sst_all = ((f - f_all[group]) ** 2).sum(0)
     sst = (fw[scored] ** 2).sum(0)
     r2 = np.zeros(f.shape[1])
-    for j in range(f.shape[1]):
+    if not scored.any():
+        warn(f"within_group_r2: no held-out row has a member of its group in the training folds ({len(f)} "
+             f"rows in {n_groups} groups: too few rows per group for {int(folds)} folds); the score is set to 0",
+             DegenerateColumnWarning)
+    for j in range(f.shape[1] if scored.any() else 0):
         if sst_all[j] <= 1e-12 * max(1.0, float((f[:, j] ** 2).sum())) or sst[j] <= 0:
-            _warn_constant("factor", fnames[j], "it does not vary within groups; its within-group R² is set to 0")
+            warn(f"factor column {fnames[j]!r} does not vary within groups (on the held-out rows); its "
+                 f"within-group R² is set to 0", DegenerateColumnWarning)
         else:
             r2[j] = 1.0 - float(((pred[scored, j] - fw[scored, j]) ** 2).sum()) / float(sst[j])
     settings = {"probe": "ridge (RidgeCV, alphas 1e-3..1e3) on standardized within-group code deviations",
@@ -1082,7 +1087,11 @@ def sap(
     accuracy on a test split of a threshold classifier on code ``i`` alone (a
     decision tree with ``K`` leaves, i.e. ``K - 1`` thresholds, fitted on the
     train split). SAP is the mean over factors of the gap between the two
-    largest entries of the factor's column.
+    largest entries of the factor's column. As in the paper, the two kinds sit on
+    different scales: an uninformative code scores 0 for a continuous factor but
+    ``1/K`` (chance) for a discrete one, so a perfect code's gap is near 1 for a
+    continuous factor and near ``1 - 1/K`` for a ``K``-class one; compare SAP
+    scores across codes of the same factors, not across factor sets.
 
     Example:
         >>> import numpy as np

@@ -62,6 +62,28 @@ def test_effectiveness_known_values():
         im.effectiveness([1.0], [1.0, 2.0])
 
 
+def test_effectiveness_reads_a_label_column_as_labels_and_checks_targets_against_probabilities():
+    # [n, 1] is a column of labels (it was argmax'ed to all zeros: accuracy 1/3 for a perfect match)
+    assert im.effectiveness(np.array([[2], [1], [0]]), [2, 1, 0], kind="categorical") == {"accuracy": 1.0}
+    assert im.effectiveness(np.eye(3)[[2, 1, 0]], np.array([[2], [1], [0]]), kind="categorical") == {"accuracy": 1.0}
+    assert im.effectiveness(np.eye(3)[[2, 1, 0]], np.eye(3)[[2, 1, 1]], kind="categorical")["accuracy"] == \
+        pytest.approx(2 / 3)
+    assert im.effectiveness(["a", "b", "c"], ["a", "c", "c"], kind="categorical")["accuracy"] == pytest.approx(2 / 3)
+    # probabilities give class positions: targets that are not positions 0..k-1 cannot be scored (were: 0)
+    for target in (["a", "b"], [1, 2], [0, 0.5]):
+        with pytest.raises(DataError, match="class indices 0..1"):
+            im.effectiveness(np.eye(2), target, kind="categorical")
+    with pytest.raises(DataError, match="must be numeric"):
+        im.effectiveness([["x", "y"], ["z", "w"]], [0, 1], kind="categorical")
+
+
+def test_soundness_curves_keep_their_baseline_when_the_model_edits_its_input_in_place():
+    shift = lambda a: np.add(a, 0.25, out=a)  # noqa: E731
+    assert im.composition(shift, np.zeros((2, 1, 4, 4)), steps=3).l1 == pytest.approx([0.25, 0.5, 0.75])
+    up, down = (lambda a: np.add(a, 1.0, out=a)), (lambda a: np.add(a, 0.5, out=a))
+    assert im.reversibility(up, down, np.zeros((2, 1, 4, 4)), cycles=2).l1 == pytest.approx([1.5, 3.0])
+
+
 def test_true_counterfactual_error_mae_and_ssim():
     from skimage.metrics import structural_similarity
 

@@ -544,6 +544,13 @@ def test_within_group_r2_bad_input_names_the_argument(rng):
         within_group_r2(f, f, np.zeros(40), folds=1)
     with pytest.raises(DataError, match="but codes has 39"):
         within_group_r2(f, f[:39], np.zeros(40))
-    with pytest.warns(DegenerateColumnWarning, match="does not vary within groups"):
+    # one row per group: nothing is held out with a group member to centre on (not "constant")
+    with pytest.warns(DegenerateColumnWarning, match="no held-out row has a member of its group") as record:
         res = within_group_r2(np.arange(40.0)[:, None], f, np.arange(40))
-    assert res.score == 0.0
+    assert res.score == 0.0 and res.settings["n_scored"] == 0
+    assert not any("constant" in str(w.message) for w in record)
+    # a factor fixed by the group: it does not vary within groups
+    groups = np.repeat(np.arange(8), 5)
+    with pytest.warns(DegenerateColumnWarning, match="'factor 0' does not vary within groups"):
+        res = within_group_r2(groups[:, None].astype(float), f, groups)
+    assert res.score == 0.0 and res.settings["n_scored"] == 40

@@ -249,18 +249,46 @@ def nmi(latent: Any, labels: Any, n_clusters: int | None = None, seed: int = 0) 
     return float(normalized_mutual_info_score(lab, clusters))
 
 
+def _log_normalized_rows(mat: Any, rows: np.ndarray, target_sum: float = 1e4, chunk: int = 10_000):
+    """``log_normalize`` of ``mat[rows]`` as a float32 CSR matrix, read ``chunk`` rows at a time
+    (a backed or sparse matrix is never densified whole)."""
+    blocks = []
+    for start in range(0, len(rows), chunk):
+        block = mat[rows[start:start + chunk]]
+        block = sparse.csr_matrix(block.toarray() if not sparse.issparse(block) and hasattr(block, "toarray")
+                                  else block, dtype=np.float64)
+        if block.nnz and (not np.isfinite(block.data).all() or (block.data < 0).any()):
+            raise DataError("counts must be finite and non-negative (top_degs takes raw counts)")
+        total = np.asarray(block.sum(1)).ravel()
+        block = sparse.diags(target_sum / np.where(total > 0, total, 1.0)) @ block
+        block.data = np.log1p(block.data)
+        blocks.append(block.astype(np.float32))
+    return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, mat.shape[1]), dtype=np.float32)
+
+
 def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key: str | None = None,
              layer: str | None = "counts", method: str = "t-test") -> dict[tuple[str, str], np.ndarray]:
     """Top ``n_genes`` DEGs (gene indices) of every group against ``reference``, per context.
 
     Runs ``scanpy.tl.rank_genes_groups`` on log-normalized counts within each value of
-    ``context_key`` (all cells when None). Keys are ``(context, group)`` (context
-    ``"all"`` when None); groups with fewer than 2 cells are skipped. Genes constant
-    over a group's and the reference's cells are never returned (so fewer than
-    ``n_genes`` may come back).
+    ``context_key`` (all cells when None), ranking genes by the absolute score
+    (``rankby_abs``, as CPA and GEARS do), so a knocked-down gene counts as much as an
+    induced one. Keys are ``(context, group)`` (context ``"all"`` when None); groups with
+    fewer than 2 cells are skipped. Genes constant over a group's and the reference's cells
+    are never returned (so fewer than ``n_genes`` may come back). The counts are read in
+    row chunks of the cells compared, kept sparse (backed data is streamed, not densified).
+
+    >>> import anndata as ad, pandas as pd
+    >>> counts = np.tile([[5.0, 5.0, 5.0]], (8, 1)); counts[4:, 1] = 0.0; counts[4:, 2] = 9.0
+    >>> counts[::2, 0] += 1.0
+    >>> a = ad.AnnData(counts, obs=pd.DataFrame({"p": ["c"] * 4 + ["k"] * 4}, index=list("abcdefgh")))
+    >>> top_degs(a, "p", "c", n_genes=2, layer=None)[("all", "k")].tolist()  # gene 1 knocked down
+    [1, 2]
     """
     import anndata as ad
     import scanpy as sc
+
+    from ..adapters.singlecell import check_counts
 
     if layer is not None and layer not in adata.layers:
         raise DataError(f"top_degs: no layer {layer!r} (have {list(adata.layers)}); layer=None uses adata.X")
@@ -268,10 +296,12 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
         if key is not None and key not in adata.obs:
             raise DataError(f"top_degs: {arg} {key!r} is not a column of adata.obs (have {list(adata.obs)})")
     mat = adata.X if layer is None else adata.layers[layer]
+    check_counts(mat, where="X" if layer is None else f"layers[{layer!r}]")
     contexts = (np.full(adata.n_obs, "all", dtype=object) if context_key is None
                 else adata.obs[context_key].astype(str).to_numpy())
     groups = adata.obs[groupby].astype(str).to_numpy()
-    if str(reference) not in set(groups):
+    reference = str(reference)  # the labels are compared as strings
+    if reference not in set(groups):
         raise DataError(f"top_degs: reference {reference!r} is not a value of adata.obs[{groupby!r}] "
                         f"(have {sorted(set(groups))[:10]})")
     out: dict[tuple[str, str], np.ndarray] = {}
@@ -283,18 +313,18 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
         keep = [g for g in pd.unique(groups[m]) if g != reference and (groups[m] == g).sum() >= 2]
         if not keep:
             continue
-        x = log_normalize(mat[np.flatnonzero(m)]).astype(np.float32)
-        sub = ad.AnnData(X=x, obs=pd.DataFrame({"g": groups[m]}, index=np.arange(m.sum()).astype(str)),
+        rows = np.flatnonzero(m & np.isin(groups, [reference, *keep]))
+        x, labels = _log_normalized_rows(mat, rows), groups[rows]
+        sub = ad.AnnData(X=x, obs=pd.DataFrame({"g": labels}, index=np.arange(len(rows)).astype(str)),
                          var=pd.DataFrame(index=names))
         sc.tl.rank_genes_groups(sub, "g", groups=keep, reference=reference, method=method,
-                                n_genes=adata.n_vars)
+                                n_genes=adata.n_vars, rankby_abs=True)
         rec = sub.uns["rank_genes_groups"]["names"]
-        ref_rows = groups[m] == reference
         for g in keep:
             # a gene constant over the group and reference cells cannot be a DEG (scanpy
-            # scores it 0, which ranks it above every down-regulated gene): drop it
-            rows = x[ref_rows | (groups[m] == g)]
-            varying = rows.max(0) > rows.min(0)
+            # scores it 0): drop it
+            both = x[(labels == reference) | (labels == g)]
+            varying = (both.max(0).toarray() > both.min(0).toarray()).ravel()
             ranked = np.asarray(rec[g], dtype=int)
             out[(str(ctx), str(g))] = ranked[varying[ranked]][:n_genes]
     return out

@@ -82,6 +82,55 @@ def test_top_degs_never_picks_a_constant_gene():
     assert degs[0] == 5 and 3 not in degs and len(degs) == 3
 
 
+def test_top_degs_rank_a_knocked_down_gene_with_the_induced_ones():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(40, 8)).astype(float)
+    counts[20:, 1] = rng.poisson(0.05, size=20)   # knocked down: the strongest DEG
+    counts[20:, 6] += 4.0                         # induced, less strongly
+    degs = sc.top_degs(_adata(counts, ["ctrl"] * 20 + ["trt"] * 20), "grp", "ctrl", n_genes=2)[("all", "trt")]
+    assert degs.tolist() == [1, 6]  # ranked by the signed score, gene 1 came last of all 8
+
+
+def test_top_degs_take_a_non_string_reference_and_refuse_log_normalized_data():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(40, 50)).astype(float)  # many genes: the planted one barely moves the totals
+    counts[20:, 2] += 30.0
+    a = _adata(counts, [0] * 20 + [1] * 20)  # an integer group column
+    assert sc.top_degs(a, "grp", 0, n_genes=1)[("all", "1")].tolist() == [2]  # was {}: 0 never matched "0"
+    a.layers["counts"] = np.log1p(counts)
+    with pytest.raises(DataError, match="counts"):
+        sc.top_degs(a, "grp", 0, n_genes=1)
+
+
+def test_top_degs_read_counts_in_row_chunks_of_the_compared_cells_and_stay_sparse(monkeypatch):
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(30, 6)).astype(float)
+    counts[10:20, 4] += 30.0
+    reads = []
+
+    class Recording:  # a matrix that records each row read (as a backed matrix would serve it)
+        shape, dtype = counts.shape, counts.dtype
+
+        def __getitem__(self, rows):
+            reads.append(np.atleast_1d(rows).tolist())
+            return sparse.csr_matrix(counts[rows])
+
+    out = sc._log_normalized_rows(Recording(), np.arange(10, 30), chunk=8)
+    assert sparse.issparse(out) and out.dtype == np.float32
+    assert [len(r) for r in reads] == [8, 8, 4] and sum(reads, []) == list(range(10, 30))
+    np.testing.assert_allclose(out.toarray(), sc.log_normalize(counts[10:30]), rtol=1e-6)
+    # top_degs reads only the reference's and the groups' cells ("other" is never read)
+    a = _adata(counts, ["ctrl"] * 10 + ["trt"] * 10 + ["other"] * 10)
+    a.obs.loc[a.obs_names[20:], "grp"] = "x"  # a group of its own
+    seen = []
+    real = sc._log_normalized_rows
+    monkeypatch.setattr(sc, "_log_normalized_rows", lambda mat, rows, **k: seen.append(rows.tolist()) or real(mat, rows))
+    assert sc.top_degs(a, "grp", "ctrl", n_genes=1)[("all", "trt")].tolist() == [4]
+    assert seen == [list(range(30))]  # ctrl, trt and x are all compared here
+
+
 # -- images ---------------------------------------------------------------------------------
 def test_effectiveness_rejects_nan_empty_and_mismatched_input():
     with pytest.raises(DataError, match="predicted"):

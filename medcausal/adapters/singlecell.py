@@ -73,6 +73,13 @@ def _copy(adata):
     return adata.copy()
 
 
+def _check_writable(adata, what: str) -> None:
+    """anndata cannot annotate a view of backed data in place; say so before any work."""
+    if adata.is_view and adata.isbacked:
+        raise DataError(f"{what} writes into the AnnData, and this one is a view of data backed by "
+                        f"{str(adata.filename)!r}, which anndata cannot annotate in place: pass view.to_memory()")
+
+
 def _missing_key(key: str, available: Sequence[str], what: str) -> DataError:
     close = difflib.get_close_matches(str(key), [str(a) for a in available], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -150,6 +157,8 @@ def setup_anndata(adata, perturbation_key: str, control: str, covariate_keys: Se
         raise DataError(f"sep= must be a non-empty string (the separator of combinations 'A+B'), got {sep!r}")
     if copy:
         adata = _copy(adata)
+    else:
+        _check_writable(adata, "setup_anndata")
     obs = adata.obs
     keys = [("perturbation_key", perturbation_key)] + [("covariate_keys", k) for k in covariate_keys]
     keys += [(n, k) for n, k in (("dose_key", dose_key), ("split_key", split_key)) if k is not None]
@@ -419,7 +428,20 @@ class FCRModel:
         A declared split's ``"val"`` (or ``"validation"``) rows are the validation set of early
         stopping; without any, a random ``val_fraction`` of the training cells is. Counts stream
         from the declared layer in minibatches; returns ``self``.
+        A fit that fails (bad input, a diverged loss, an interrupt) leaves the model as it was.
         """
+        kept = {k: getattr(self, k) for k in ("setup", "var_names", "module", "history", "fit_info")}
+        try:  # a refit builds a new module: the kept one is untouched
+            return self._fit(adata, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, val_fraction=val_fraction, patience=patience, seed=seed,
+                             verbose=verbose, device=device)
+        except BaseException:  # KeyboardInterrupt too
+            for k, v in kept.items():
+                setattr(self, k, v)
+            raise
+
+    def _fit(self, adata, *, max_epochs, max_steps, batch_size, lr, weight_decay, val_fraction, patience,
+             seed, verbose, device) -> "FCRModel":
         setup = get_setup(adata)
         if setup["n_vars"] != adata.n_vars:
             raise DataError(f"setup_anndata saw {setup['n_vars']} genes, the AnnData has {adata.n_vars}: "
@@ -495,6 +517,8 @@ class FCRModel:
         """Write ``.obsm["X_fcr_<block>"]``; returns None, or the annotated copy with ``copy=True``."""
         if copy:
             adata = _copy(adata)
+        else:
+            _check_writable(adata, "write_latents")
         for k, v in self.get_latent_representation(adata, batch_size).items():
             adata.obsm[f"{self.prefix}_{k}"] = v.astype(np.float32)
         return adata if copy else None

@@ -124,3 +124,44 @@ def test_anndata_to_cohort_keeps_the_cohort_ids_when_obs_keys_leave_them_out():
     cohort = mc.Cohort(table, {"expression": np.arange(6, dtype=np.float32).reshape(3, 2)})
     back = scad.anndata_to_cohort(scad.cohort_to_anndata(cohort), obs_keys=["ct"])
     pd.testing.assert_frame_equal(back.table, cohort.table)
+
+
+# --------------------------------------------------------------------------- session-14 review
+def test_a_failed_fit_leaves_the_model_as_it_was(sim):
+    a = sim.sample(120, seed=5)
+    cell_type = a.obs["cell_type"].astype(str)
+    # the 'val' rows hold a cell type the 'train' rows never show: the fit must fail
+    a.obs["split"] = np.where(cell_type == cell_type.iloc[0], "val", "train")
+    scad.setup_anndata(a, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"],
+                       split_key="split")
+    fresh = scad.FCRModel(**SMALL)
+    with pytest.raises(DataError, match="'val' rows"):
+        fresh.fit(a, max_epochs=1, seed=0, verbose=False)
+    with pytest.raises(mc.errors.NotFittedError):  # it used to answer with random weights
+        fresh.get_latent_representation(a)
+    assert fresh.setup is None and fresh.fit_info == {}
+    # a fitted model that fails a refit keeps its fit
+    good = sim.sample(120, seed=6)
+    scad.setup_anndata(good, perturbation_key="perturbation", control="control")
+    model = scad.FCRModel(**SMALL).fit(good, max_epochs=1, seed=0, verbose=False)
+    before = model.get_latent_representation(good)
+    module, info = model.module, dict(model.fit_info)
+    with pytest.raises(DataError, match="'val' rows"):
+        model.fit(a, max_epochs=1, seed=0, verbose=False)
+    assert model.module is module and model.fit_info == info
+    after = model.get_latent_representation(good)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_annotating_a_view_of_backed_data_is_refused_before_any_work(plain, tmp_path):
+    a, model = plain
+    backed = scad.read_h5ad(scad.write_h5ad(a, tmp_path / "p.h5ad"), backed=True)
+    try:
+        view = backed[:20]
+        with pytest.raises(DataError, match="to_memory"):
+            model.write_latents(view)
+        with pytest.raises(DataError, match="to_memory"):
+            scad.setup_anndata(view, perturbation_key="perturbation", control="control")
+        model.write_latents(view.to_memory())  # the fix the message names works
+    finally:
+        backed.file.close()

@@ -98,8 +98,10 @@ def cmd_fit(args) -> int:
     info = model.fit_info
     how = (f"best validation loss {info['best_val_loss']:.4f}" if info.get("best_val_loss") is not None
            else f"{info['steps']} DP-SGD steps")
-    size = (f"{info['n_rows']} rows in {info['seconds']:.1f}s" if info.get("n_rows") is not None
-            else f"{model.privacy['n_records']} {model.privacy['privacy_unit']}s")  # unit-level DP
+    size = (f"{model.privacy['n_records']} {model.privacy['privacy_unit']}s" if info.get("n_rows") is None
+            else f"{info['n_rows']} rows")  # unit-level DP: the row count is not kept
+    if info.get("seconds") is not None:  # not kept for a DP fit
+        size += f" in {info['seconds']:.1f}s"
     print(f"fitted {recipe.name!r} on {size} ({info['epochs']} epochs, {how}) -> {out}")
     print(_privacy_line(model))
     return 0

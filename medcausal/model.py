@@ -162,8 +162,8 @@ class CausalModel:
             like = Cohort(pd.DataFrame(index=range(n)))
         out = tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
         table = out.table if isinstance(out, Cohort) else out
-        table.attrs["privacy"] = (None if self.privacy is None or not self._ledger_matches() else  # its epsilon
-                                  {k: self.privacy[k] for k in ("epsilon", "delta", "privacy_unit")})
+        ledger = self.dp_ledger()
+        table.attrs["privacy"] = None if ledger is None else {k: ledger[k] for k in ("epsilon", "delta", "privacy_unit")}
         return out
 
     def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict,
@@ -291,6 +291,10 @@ class CausalModel:
         # scans given to later queries can be preprocessed identically.
         image_specs = {k: v for k, v in (data.meta.get("image_specs") or {}).items()
                        if k in self.graph.variables} if isinstance(data, Cohort) else {}
+        # checks the settings before any work (the private plan reads batch_size and the epochs)
+        config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                             val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
+                             device=device)
         plan = None
         if privacy is not None:
             from .privacy.engine import prepare
@@ -309,9 +313,6 @@ class CausalModel:
         for name in self.graph.topological_order:
             tensors[_key(name)] = values[name]
             tensors[_key(name) + "|pa"] = self._parents(name, values, len(data))
-        config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                             val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
-                             device=device)
         names = {_key(n): n for n in self.graph.variables}
 
         def epoch_done(record: dict) -> None:  # per-mechanism validation losses by variable name
@@ -340,7 +341,8 @@ class CausalModel:
                          "best_epochs": {n: result.best_epochs[_key(n)] for n in self.graph.topological_order
                                          if _key(n) in result.best_epochs},
                          "epochs": len(result.history), "steps": result.steps,
-                         "seconds": None if unit_level else round(result.seconds, 3),
+                         # timing is a side channel DP does not cover (PRIVACY.md 3): not kept
+                         "seconds": None if plan is not None else round(result.seconds, 3),
                          "stopped_early": result.stopped_early,
                          "world_size": result.world_size,
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
@@ -461,6 +463,11 @@ class CausalModel:
         if self._declared != self.graph:  # the graph before fit learned categories: a refit learns them afresh
             spec["declared_graph"] = self._declared.to_dict()
         return _jsonable(spec)
+
+    def dp_ledger(self) -> dict | None:
+        """The DP ledger while it describes the current weights; None when the model is not
+        private or its weights changed after the private fit. The guarantee outputs may state."""
+        return self.privacy if self.privacy is not None and self._ledger_matches() else None
 
     def _ledger_matches(self, state: Mapping | None = None) -> bool:
         """False when the weights changed after the private fit (e.g. a mechanism retrained without

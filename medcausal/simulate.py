@@ -30,8 +30,8 @@ Provenance columns (``PROVENANCE_COLUMNS``) on every synthetic row:
 ``synthetic`` (True), ``synth_model`` (a hash of the model's spec and weights,
 :func:`model_id`), ``synth_strategy`` (``simulate``/``sample``/``transport``),
 ``synth_do`` (the intervention, JSON), ``synth_where`` (the subgroup condition),
-``synth_seed``, ``synth_epsilon`` (the model's privacy budget when it has a
-``model.privacy`` ledger, else None) and ``synth_source`` (the real patient a
+``synth_seed``, ``synth_epsilon`` (the model's privacy budget while its
+``model.privacy`` ledger describes its weights, else None) and ``synth_source`` (the real patient a
 transported row came from).
 """
 
@@ -106,21 +106,14 @@ def model_id(model) -> str:
 
 
 def _epsilon(model) -> float | None:
-    """The model's spent privacy budget, read from ``model.privacy`` where there is one."""
-    ledger = getattr(model, "privacy", None)
-    if ledger is None:
-        return None
-    eps = ledger.get("epsilon") if isinstance(ledger, Mapping) else getattr(ledger, "epsilon", None)
-    if callable(eps):
-        eps = eps()
-    return None if eps is None else float(eps)
+    """The model's spent privacy budget while its ledger describes its weights (else None)."""
+    ledger = model.dp_ledger()
+    return None if ledger is None else float(ledger["epsilon"])
 
 
 def _privacy_summary(model) -> dict | None:
-    ledger = getattr(model, "privacy", None)
-    if not isinstance(ledger, Mapping):
-        return None
-    return {k: ledger.get(k) for k in ("epsilon", "delta", "privacy_unit", "accountant")}
+    ledger = model.dp_ledger()
+    return None if ledger is None else {k: ledger.get(k) for k in ("epsilon", "delta", "privacy_unit", "accountant")}
 
 
 def _plain(v: Any) -> Any:

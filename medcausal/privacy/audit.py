@@ -186,7 +186,7 @@ def loss_attack(model, members, non_members, repeats: int = 1) -> AttackResult:
     """
     sm = -record_losses(model, members, repeats)
     sn = -record_losses(model, non_members, repeats)
-    return _result("loss", sm, sn, model.privacy)
+    return _result("loss", sm, sn, model.dp_ledger())
 
 
 def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed: int = 0) -> AttackResult:
@@ -206,7 +206,7 @@ def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed
     nn_ = NearestNeighbors(n_neighbors=1).fit(features(model, synthetic))
     dm = nn_.kneighbors(features(model, members))[0][:, 0]
     dn = nn_.kneighbors(features(model, non_members))[0][:, 0]
-    return _result("dcr", -dm, -dn, model.privacy, note=f"{n_syn} synthetic records")
+    return _result("dcr", -dm, -dn, model.dp_ledger(), note=f"{n_syn} synthetic records")
 
 
 def audit(model, members, non_members, *, attacks: Sequence[str] = ("loss", "dcr"),
@@ -227,7 +227,8 @@ def audit(model, members, non_members, *, attacks: Sequence[str] = ("loss", "dcr
     unknown = sorted(set(attacks) - {"loss", "dcr"})
     if unknown:
         raise DataError(f"unknown attack(s) {unknown}; available: ['loss', 'dcr']")
-    out = AuditResult(epsilon=(model.privacy or {}).get("epsilon"), delta=(model.privacy or {}).get("delta"))
+    ledger = model.dp_ledger() or {}
+    out = AuditResult(epsilon=ledger.get("epsilon"), delta=ledger.get("delta"))
     if "loss" in attacks:
         out.attacks["loss"] = loss_attack(model, members, non_members, repeats)
     if "dcr" in attacks:

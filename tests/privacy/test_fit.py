@@ -11,7 +11,7 @@ import torch
 
 import medcausal as mc
 from medcausal.cohort import Cohort
-from medcausal.errors import DataError
+from medcausal.errors import DataError, MedCausalError
 from medcausal.mechanisms.flow import FlowMechanism
 from medcausal.privacy import Privacy, PrivacyError, PrivacyWarning, format_ledger
 from medcausal.privacy import engine, ledger, stats
@@ -354,8 +354,28 @@ def test_the_ledger_is_tied_to_the_weights_it_describes(tmp_path):
         m.save(tmp_path / "changed.mcm")
     assert not (tmp_path / "changed.mcm").exists()
     assert m.sample(5, seed=0).attrs["privacy"] is None  # its outputs claim no guarantee
+    assert m.dp_ledger() is None and m.privacy is not None
+    # nor do simulate's and augment's provenance, nor the audit's DP bound (they read the stale ledger)
+    sim = mc.simulate(m, 4, seed=0)
+    assert sim["synth_epsilon"].isna().all() and sim.attrs["medcausal"]["epsilon"] is None
+    assert sim.attrs["medcausal"]["privacy"] is None
+    from medcausal.privacy.audit import audit
+    assert audit(m, df.iloc[:40], df.iloc[40:], attacks=["loss"]).epsilon is None
     save_model_file(tmp_path / "forged.mcm", m.spec(), m.mechanisms.state_dict())  # ledger + other weights
     with pytest.raises(ModelFileError, match="other weights"):
         mc.CausalModel.load(tmp_path / "forged.mcm")
     m.privacy = None  # saved as what it now is: a non-private model
     assert mc.CausalModel.load(m.save(tmp_path / "plain.mcm")).privacy is None
+
+
+def test_a_private_fit_checks_its_settings_before_planning(chain):
+    sim, df = chain
+    with pytest.raises(MedCausalError, match="batch_size must be >= 1"):  # was a bare ZeroDivisionError
+        mc.CausalModel(sim.graph).fit(df, seed=0, privacy=Privacy(epsilon=2.0, public_bounds=BOUNDS),
+                                      max_epochs=1, batch_size=0, verbose=False)
+
+
+def test_a_private_model_keeps_no_fit_time(dp_model):
+    # timing is a side channel DP does not cover: a row-level DP model file used to keep it
+    assert dp_model.privacy["privacy_unit"] == "row" and dp_model.fit_info["seconds"] is None
+    assert dp_model.fit_info["n_rows"] == N

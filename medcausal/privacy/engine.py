@@ -656,6 +656,19 @@ class PrivateSession:
                 self.hooks, self.optimizer, self.loader = self.engine.make_private(
                     grad_sample_mode="no_op", wrap_model=True, **kwargs)
                 self.vmap = VmapGrads(module)
+        # Opacus derives the epoch's step count as int(1 / (1 / steps)) and, from it, the rate it
+        # accounts and (truncated by int()) the expected batch size it averages by. Float rounding
+        # loses a step for some step counts (93 -> 92: 1/92 accounted where 1/93 was planned, and
+        # the ledger overshot its target epsilon), and the truncation gave 49 records in batches of
+        # 1 an expected batch of 0 (a non-finite update) or 98 in batches of 2 one of 1 (a doubled
+        # step). The plan's own values replace them.
+        sampler = self.loader.batch_sampler
+        if not hasattr(sampler, "steps") or not math.isclose(sampler.sample_rate, plan.sample_rate):
+            raise MedCausalError(f"unexpected Opacus data loader {type(sampler).__name__}: cannot set the "
+                                 "planned sampling (is the installed Opacus version supported?)")
+        sampler.steps = plan.steps_per_epoch
+        self.optimizer.expected_batch_size = plan.sample_rate * plan.n_records
+        self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         self.grouped = plan._grouped
         self.device = self.params[0].device if self.params else torch.device("cpu")
 

@@ -379,3 +379,49 @@ def test_a_private_model_keeps_no_fit_time(dp_model):
     # timing is a side channel DP does not cover: a row-level DP model file used to keep it
     assert dp_model.privacy["privacy_unit"] == "row" and dp_model.fit_info["seconds"] is None
     assert dp_model.fit_info["n_rows"] == N
+
+
+@pytest.mark.parametrize("n, batch", [(930, 10), (49, 1)])
+def test_training_samples_and_accounts_exactly_the_planned_rate_and_steps(n, batch):
+    """Opacus rounds int(1 / (1 / 93)) down to 92 steps an epoch and accounted 1/92 (the ledger
+    overshot its target: 1.0108 for a target of 1.0), and truncated the expected batch of 49 records
+    in batches of 1 to 0 (training diverged) and of 98 in batches of 2 to 1."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=n)
+    df = pd.DataFrame({"x": x, "y": 2 * x + rng.normal(size=n)})
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    p = Privacy(epsilon=1.0, delta=1e-3, public_bounds={"x": (-4, 4), "y": (-12, 12)}, force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrivacyWarning)
+        m = mc.CausalModel(g, mechanisms="additive").fit(df, max_epochs=2, batch_size=batch, verbose=False,
+                                                         privacy=p)
+    led, per_epoch = m.privacy, math.ceil(n / batch)
+    assert led["steps"] == m.fit_info["steps"] == 2 * per_epoch
+    assert led["sample_rate"] == 1 / per_epoch
+    sgd = [h for h in led["history"] if h[1] != 1.0]  # the DP statistics are the rate-1 entries
+    assert sum(h[2] for h in sgd) == 2 * per_epoch and all(h[1] == 1 / per_epoch for h in sgd)
+    assert led["epsilon"] <= 1.0 + 1e-9
+    assert all(torch.isfinite(q).all() for q in m.mechanisms.parameters())
+
+
+def test_the_dp_optimizer_averages_by_the_planned_expected_batch():
+    # Opacus's int(98 * (1 / 49)) = 1: the update of 98 records in batches of 2 was doubled
+    class Sq(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, batch):
+            return (self.w * batch["x"]).pow(2).sum(-1)
+
+    m = Sq()
+    plan = engine.PrivatePlan(privacy=Privacy(noise_multiplier=1.0, grad_sample_mode="vmap"), codecs={}, data=None,
+                              seed=0, delta=1e-5, n_rows=98, n_records=98, record_of_row=np.arange(98),
+                              unit_label="row", batch_size=2, sample_rate=1 / 49, steps_per_epoch=49, steps=49,
+                              noise_multiplier=0.0, stats_noise_multiplier=None)
+    session = plan.attach(m, torch.optim.SGD(m.parameters(), lr=1.0), {"x": torch.ones(98, 1)})
+    try:
+        assert session.optimizer.expected_batch_size == pytest.approx(2.0)
+        assert len(session.loader) == 49
+    finally:
+        session.close()

@@ -62,7 +62,8 @@ class Privacy:
     - ``unit_column``: the privacy unit. Rows sharing this column's value (a patient, a
       donor) form one record for sampling and clipping. ``row_level=True`` (with
       ``force=True``) trains on rows instead and the ledger shows the group-privacy
-      conversion to units.
+      conversion to units, for ``max_rows_per_unit``: a public bound on a unit's rows (from
+      the study design; the data's own maximum is not released).
     - ``public_bounds``: ``{variable: (low, high)}`` for every continuous variable: public
       knowledge, not read from the data. Values are clipped to them.
     - ``standardize``: ``"dp"`` estimates each continuous variable's mean/std under DP
@@ -88,6 +89,7 @@ class Privacy:
     physical_batch_size: int | None = None
     unit_column: str | None = None
     row_level: bool = False
+    max_rows_per_unit: int | None = None
     public_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     standardize: str = "dp"
     stats_share: float = 0.1
@@ -142,6 +144,13 @@ class Privacy:
         if self.row_level and self.unit_column is None:
             bad("row_level=True): row-level DP is the default without a unit_column; "
                 "row_level=True only makes sense with unit_column= declared")
+        if self.max_rows_per_unit is not None:
+            if isinstance(self.max_rows_per_unit, bool) or not isinstance(self.max_rows_per_unit, int) \
+                    or self.max_rows_per_unit < 1:
+                bad(f"max_rows_per_unit={self.max_rows_per_unit!r}): a whole number >= 1")
+            if not self.row_level:
+                bad(f"max_rows_per_unit={self.max_rows_per_unit}): it bounds the group-privacy conversion of "
+                    "row_level=True; unit-level DP (the default with a unit_column) needs no bound")
         bounds = {}
         for var, b in dict(self.public_bounds or {}).items():
             try:

@@ -319,17 +319,26 @@ def _records(privacy: Privacy, data, graph: CausalGraph, table: pd.DataFrame):
                         "its unit (patient/donor) id")
     codes, uniques = pd.factorize(ids, sort=False)
     codes = codes.astype(np.int64)
-    k = int(np.bincount(codes).max())
     if not privacy.row_level:
         return codes, f"unit ({col!r}: all rows of one {col} form one record)", None
-    if k > 1 and not privacy.force:
-        raise PrivacyError(f"row_level=True but unit column {col!r} has up to {k} rows per unit: row-level DP "
-                           f"protects a unit only at {k}x epsilon (group privacy); pass force=True to accept "
+    # The group-privacy conversion is for a public bound on a unit's rows: the data's own maximum
+    # is a record-dependent number and would be released exactly in the ledger.
+    bound = privacy.max_rows_per_unit
+    if bound is None:
+        raise PrivacyError(f"row_level=True with unit column {col!r}: declare max_rows_per_unit=K, a public "
+                           "bound on a unit's rows (from the study design, not the data); the ledger's "
+                           "group-privacy conversion to units is for it. Or drop row_level to train per unit")
+    if int(np.bincount(codes).max()) > bound:
+        raise PrivacyError(f"unit column {col!r} has a unit with more than max_rows_per_unit={bound} rows: "
+                           "declare a bound that holds for every unit, or drop row_level to train per unit")
+    if bound > 1 and not privacy.force:
+        raise PrivacyError(f"row_level=True with up to {bound} rows per unit (max_rows_per_unit): row-level DP "
+                           f"protects a unit only at {bound}x epsilon (group privacy); pass force=True to accept "
                            "it (the ledger shows the conversion), or drop row_level to train per unit")
-    if k > 1:
-        warn(f"row-level DP with up to {k} rows per {col!r}: the ledger's group_privacy gives the "
+    if bound > 1:
+        warn(f"row-level DP with up to {bound} rows per {col!r}: the ledger's group_privacy gives the "
              "guarantee per unit", PrivacyWarning)
-    return np.arange(n, dtype=np.int64), "row", {"group_size": k, "unit": str(col)}
+    return np.arange(n, dtype=np.int64), "row", {"group_size": bound, "unit": str(col)}
 
 
 # -- module checks --------------------------------------------------------------------

@@ -36,7 +36,11 @@ def test_exactly_one_mode():
     ({"max_grad_norm": 0}, "clipping norm"), ({"accountant": "gdp"}, "accountant"),
     ({"grad_sample_mode": "magic"}, "grad_sample_mode"), ({"standardize": "data"}, "standardize"),
     ({"public_bounds": {"age": (5, 1)}}, "low < high"), ({"public_bounds": {"age": 3}}, "pair"),
-    ({"row_level": True}, "unit_column"), ({"stats_share": 1.0}, "stats_share"),
+    ({"row_level": True}, "unit_column"),
+    ({"unit_column": "p", "max_rows_per_unit": 3}, "row_level=True"),
+    ({"unit_column": "p", "row_level": True, "max_rows_per_unit": 0}, "max_rows_per_unit"),
+    ({"unit_column": "p", "row_level": True, "max_rows_per_unit": 2.5}, "max_rows_per_unit"),
+    ({"stats_share": 1.0}, "stats_share"),
     ({"epsilon": "abc"}, "must be a number"),
 ])
 def test_bad_settings_name_the_culprit(kw, match):

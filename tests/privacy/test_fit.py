@@ -208,17 +208,22 @@ def test_row_level_dp_on_multi_row_units_needs_force_and_reports_group_privacy()
     df = _patients()
     kw = dict(noise_multiplier=1.0, delta=1e-4, unit_column="patient", row_level=True, standardize="bounds",
               public_bounds={"x": (-4, 4), "y": (-12, 12)})
-    with pytest.raises(PrivacyError, match="up to 3 rows per unit"):
-        mc.CausalModel(g).fit(df, max_epochs=1, verbose=False, privacy=Privacy(**kw))
+    # the conversion is for a declared public bound, never the data's own maximum
+    with pytest.raises(PrivacyError, match="declare max_rows_per_unit"):
+        mc.CausalModel(g).fit(df, max_epochs=1, verbose=False, privacy=Privacy(force=True, **kw))
+    with pytest.raises(PrivacyError, match="more than max_rows_per_unit=2"):
+        mc.CausalModel(g).fit(df, max_epochs=1, verbose=False, privacy=Privacy(force=True, max_rows_per_unit=2, **kw))
+    with pytest.raises(PrivacyError, match="up to 4 rows per unit"):
+        mc.CausalModel(g).fit(df, max_epochs=1, verbose=False, privacy=Privacy(max_rows_per_unit=4, **kw))
     with pytest.warns(PrivacyWarning, match="group_privacy"):
         m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=30, verbose=False,
-                                  privacy=Privacy(force=True, **kw))
+                                  privacy=Privacy(force=True, max_rows_per_unit=4, **kw))
     led = m.privacy
     assert led["privacy_unit"] == "row" and led["n_records"] == 120
     gp = led["group_privacy"]
-    assert gp["unit"] == "patient" and gp["group_size"] == 3
-    assert gp["epsilon"] == pytest.approx(3 * led["epsilon"])
-    assert gp["delta"] == pytest.approx(min(1.0, 3 * math.exp(2 * led["epsilon"]) * led["delta"]))
+    assert gp["unit"] == "patient" and gp["group_size"] == 4  # the declared bound; the data have 3
+    assert gp["epsilon"] == pytest.approx(4 * led["epsilon"])
+    assert gp["delta"] == pytest.approx(min(1.0, 4 * math.exp(3 * led["epsilon"]) * led["delta"]))
 
 
 def test_repeated_cohort_ids_and_single_cells_need_a_unit():

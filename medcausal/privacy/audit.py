@@ -12,6 +12,10 @@ should score higher if the model leaks them:
 
 Each attack reports the ROC AUC with a DeLong 95% confidence interval and the TPR at low
 FPRs; for a DP model, the TPR bound every attack obeys: ``TPR <= e^eps FPR + delta``.
+Candidates are the model's privacy units: with a ``unit_column`` (by default the ledger's,
+for a model trained per unit) a unit's rows are scored together (the sum of their scores
+for ``loss``, the closest row for ``dcr``), so the DeLong interval sees independent
+candidates and the DP bound applies to what is scored.
 
 >>> import numpy as np
 >>> auc, lo, hi = delong_ci(np.array([3.0, 2.0, 4.0]), np.array([1.0, 0.0, 2.5]))
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..adapters import tabular
@@ -173,7 +178,32 @@ def features(model, data) -> np.ndarray:
     return torch.cat(cols, 1).numpy()
 
 
-def loss_attack(model, members, non_members, repeats: int = 1) -> AttackResult:
+def _by_unit(scores: np.ndarray, data, unit_column: str | None, reduce) -> np.ndarray:
+    """Per-row scores combined per unit (``reduce``: ``np.add`` or ``np.maximum``); as they are
+    without a unit column (checked by :func:`_check_units`)."""
+    if unit_column is None:
+        return scores
+    codes, _ = pd.factorize(getattr(data, "table", data)[unit_column], sort=False)
+    out = np.full(codes.max() + 1, -np.inf if reduce is np.maximum else 0.0)
+    reduce.at(out, codes, scores)
+    return out
+
+
+def _check_units(members, non_members, unit_column: str | None) -> None:
+    if unit_column is None:
+        return
+    for what, data in (("members", members), ("non-members", non_members)):
+        if unit_column not in getattr(getattr(data, "table", data), "columns", ()):
+            raise DataError(f"the audit's {what} have no unit column {unit_column!r} (the privacy unit: a "
+                            "unit's rows are scored together)")
+    shared = set(getattr(members, "table", members)[unit_column]) & set(
+        getattr(non_members, "table", non_members)[unit_column])
+    if shared:
+        raise DataError(f"{len(shared)} unit(s) of {unit_column!r} are both members and non-members: a unit "
+                        "is a member when any of its rows trained the model")
+
+
+def loss_attack(model, members, non_members, repeats: int = 1, unit_column: str | None = None) -> AttackResult:
     """Loss-threshold membership inference: score ``-loss``; members should have lower loss.
 
     >>> import medcausal as mc
@@ -184,12 +214,14 @@ def loss_attack(model, members, non_members, repeats: int = 1) -> AttackResult:
     >>> r.attack, r.auc_ci[0] <= r.auc <= r.auc_ci[1]
     ('loss', True)
     """
-    sm = -record_losses(model, members, repeats)
-    sn = -record_losses(model, non_members, repeats)
+    _check_units(members, non_members, unit_column)
+    sm = _by_unit(-record_losses(model, members, repeats), members, unit_column, np.add)
+    sn = _by_unit(-record_losses(model, non_members, repeats), non_members, unit_column, np.add)
     return _result("loss", sm, sn, model.dp_ledger())
 
 
-def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed: int = 0) -> AttackResult:
+def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed: int = 0,
+               unit_column: str | None = None) -> AttackResult:
     """Distance to the closest synthetic record: score ``-distance``; members should be closer.
 
     >>> import medcausal as mc
@@ -201,20 +233,26 @@ def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed
     """
     from sklearn.neighbors import NearestNeighbors
 
+    _check_units(members, non_members, unit_column)
     n_syn = int(n_synthetic or max(1000, 2 * (len(members) + len(non_members))))
     synthetic = model.sample(n_syn, seed=seed)
     nn_ = NearestNeighbors(n_neighbors=1).fit(features(model, synthetic))
     dm = nn_.kneighbors(features(model, members))[0][:, 0]
     dn = nn_.kneighbors(features(model, non_members))[0][:, 0]
-    return _result("dcr", -dm, -dn, model.dp_ledger(), note=f"{n_syn} synthetic records")
+    return _result("dcr", _by_unit(-dm, members, unit_column, np.maximum),
+                   _by_unit(-dn, non_members, unit_column, np.maximum), model.dp_ledger(),
+                   note=f"{n_syn} synthetic records")
 
 
 def audit(model, members, non_members, *, attacks: Sequence[str] = ("loss", "dcr"),
-          n_synthetic: int | None = None, repeats: int = 1, seed: int = 0) -> AuditResult:
+          n_synthetic: int | None = None, repeats: int = 1, seed: int = 0,
+          unit_column: str | None = "ledger") -> AuditResult:
     """Run the membership-inference attacks; members = training records, non-members = held out.
 
     Non-members must come from the same population as the members (e.g. a random held-out
     split made *before* training): otherwise the attack measures the distribution shift.
+    ``unit_column``: the column whose rows form one candidate; ``"ledger"`` (default) takes the
+    ledger's unit column of a model trained per unit (rows otherwise), None scores rows.
 
     >>> import medcausal as mc
     >>> sim = mc.synthetic.scm("chain")
@@ -228,9 +266,11 @@ def audit(model, members, non_members, *, attacks: Sequence[str] = ("loss", "dcr
     if unknown:
         raise DataError(f"unknown attack(s) {unknown}; available: ['loss', 'dcr']")
     ledger = model.dp_ledger() or {}
+    if unit_column == "ledger":
+        unit_column = ledger.get("unit_column") if ledger.get("privacy_unit") != "row" else None
     out = AuditResult(epsilon=ledger.get("epsilon"), delta=ledger.get("delta"))
     if "loss" in attacks:
-        out.attacks["loss"] = loss_attack(model, members, non_members, repeats)
+        out.attacks["loss"] = loss_attack(model, members, non_members, repeats, unit_column)
     if "dcr" in attacks:
-        out.attacks["dcr"] = dcr_attack(model, members, non_members, n_synthetic, seed)
+        out.attacks["dcr"] = dcr_attack(model, members, non_members, n_synthetic, seed, unit_column)
     return out

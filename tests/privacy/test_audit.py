@@ -4,10 +4,12 @@ deliberately overfit model (detected) and its DP counterpart (not detected)."""
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 import medcausal as mc
+from medcausal.errors import DataError
 from medcausal.privacy import Privacy, PrivacyWarning, audit
 from medcausal.privacy.audit import delong_ci, tpr_at_fpr
 
@@ -72,3 +74,33 @@ def test_dp_model_is_not_detected(cohort):
         # and never above what (eps, delta)-DP allows for any attack
         assert all(a.tpr_at_fpr[k] <= a.dp_tpr_bound[k] + 2 / a.n_members for k in a.tpr_at_fpr), str(r)
     assert "DP bound on TPR" in str(r)
+
+
+def _visits(patients, first=0, visits=3, seed=0):
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(first, first + patients), visits)
+    x = rng.normal(size=len(pid))
+    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
+
+
+def test_a_model_trained_per_patient_is_audited_per_patient():
+    from medcausal.privacy.audit import loss_attack, record_losses
+
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    members, others = _visits(30), _visits(30, first=100, seed=1)
+    p = Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patient", standardize="bounds",
+                public_bounds={"x": (-4, 4), "y": (-12, 12)})
+    m = mc.CausalModel(g).fit(members, max_epochs=1, batch_size=10, verbose=False, privacy=p)
+    r = audit(m, members, others, attacks=["loss"])  # the ledger's unit: 30 candidates a side, not 90
+    assert (r.attacks["loss"].n_members, r.attacks["loss"].n_non_members) == (30, 30)
+    assert audit(m, members, others, attacks=["loss"], unit_column=None).attacks["loss"].n_members == 90
+    # a unit's loss score is the sum of its rows' (its rows' joint likelihood)
+    rows = -record_losses(m, members)
+    per_unit = loss_attack(m, members.iloc[:6], others.iloc[:6], unit_column="patient")
+    want = np.array([rows[:3].sum(), rows[3:6].sum()])
+    got_auc = float((want[:, None] > -record_losses(m, others.iloc[:6]).reshape(2, 3).sum(1)[None]).mean())
+    assert per_unit.n_members == 2 and per_unit.auc == pytest.approx(got_auc)
+    with pytest.raises(DataError, match="both members and non-members"):
+        audit(m, members, members.iloc[:9], attacks=["loss"])
+    with pytest.raises(DataError, match="no unit column 'patient'"):
+        audit(m, members.drop(columns="patient"), others, attacks=["loss"])

@@ -68,8 +68,9 @@ def _require_anndata(adata) -> None:
 def _copy(adata):
     if adata.isbacked:
         raise DataError(f"copy=True needs the data in memory, and this AnnData is backed by "
-                        f"{str(adata.filename)!r}: use copy=False (annotations are written in place) "
-                        "or adata.to_memory()")
+                        f"{str(adata.filename)!r}: " + ("pass view.to_memory()" if adata.is_view else
+                                                         "use copy=False (annotations are written in place) "
+                                                         "or adata.to_memory()"))
     return adata.copy()
 
 

@@ -36,6 +36,7 @@ import torch
 from ..adapters import tabular
 from ..errors import DataError
 from ..train import forked_rng
+from .stats import table_of
 
 FPR_LEVELS = (0.01, 0.1)
 
@@ -183,7 +184,7 @@ def _by_unit(scores: np.ndarray, data, unit_column: str | None, reduce) -> np.nd
     without a unit column (checked by :func:`_check_units`)."""
     if unit_column is None:
         return scores
-    codes, _ = pd.factorize(getattr(data, "table", data)[unit_column], sort=False)
+    codes, _ = pd.factorize(table_of(data)[unit_column], sort=False)
     out = np.full(codes.max() + 1, -np.inf if reduce is np.maximum else 0.0)
     reduce.at(out, codes, scores)
     return out
@@ -192,12 +193,17 @@ def _by_unit(scores: np.ndarray, data, unit_column: str | None, reduce) -> np.nd
 def _check_units(members, non_members, unit_column: str | None) -> None:
     if unit_column is None:
         return
+    ids = {}
     for what, data in (("members", members), ("non-members", non_members)):
-        if unit_column not in getattr(getattr(data, "table", data), "columns", ()):
+        table = table_of(data)
+        if unit_column not in table.columns:
             raise DataError(f"the audit's {what} have no unit column {unit_column!r} (the privacy unit: a "
                             "unit's rows are scored together)")
-    shared = set(getattr(members, "table", members)[unit_column]) & set(
-        getattr(non_members, "table", non_members)[unit_column])
+        if table[unit_column].isna().any():
+            raise DataError(f"the audit's {what} have {int(table[unit_column].isna().sum())} row(s) without a "
+                            f"unit id in {unit_column!r}: every row needs its unit")
+        ids[what] = set(table[unit_column])
+    shared = ids["members"] & ids["non-members"]
     if shared:
         raise DataError(f"{len(shared)} unit(s) of {unit_column!r} are both members and non-members: a unit "
                         "is a member when any of its rows trained the model")

@@ -673,6 +673,8 @@ class PrivateSession:
         # step). The plan's own values replace them.
         sampler = self.loader.batch_sampler
         if not hasattr(sampler, "steps") or not math.isclose(sampler.sample_rate, plan.sample_rate):
+            if self.hooks is not None:
+                self.hooks.cleanup()
             raise MedCausalError(f"unexpected Opacus data loader {type(sampler).__name__}: cannot set the "
                                  "planned sampling (is the installed Opacus version supported?)")
         sampler.steps = plan.steps_per_epoch

@@ -121,14 +121,15 @@ def test_top_degs_read_counts_in_row_chunks_of_the_compared_cells_and_stay_spars
     assert sparse.issparse(out) and out.dtype == np.float32
     assert [len(r) for r in reads] == [8, 8, 4] and sum(reads, []) == list(range(10, 30))
     np.testing.assert_allclose(out.toarray(), sc.log_normalize(counts[10:30]), rtol=1e-6)
-    # top_degs reads only the reference's and the groups' cells ("other" is never read)
-    a = _adata(counts, ["ctrl"] * 10 + ["trt"] * 10 + ["other"] * 10)
-    a.obs.loc[a.obs_names[20:], "grp"] = "x"  # a group of its own
+    # top_degs reads only the reference's and the compared groups' cells: "single" (one cell: no
+    # group to compare) is never read
+    a = _adata(counts, ["ctrl"] * 10 + ["trt"] * 10 + ["x"] * 9 + ["single"])
     seen = []
     real = sc._log_normalized_rows
     monkeypatch.setattr(sc, "_log_normalized_rows", lambda mat, rows, **k: seen.append(rows.tolist()) or real(mat, rows))
-    assert sc.top_degs(a, "grp", "ctrl", n_genes=1)[("all", "trt")].tolist() == [4]
-    assert seen == [list(range(30))]  # ctrl, trt and x are all compared here
+    degs = sc.top_degs(a, "grp", "ctrl", n_genes=1)
+    assert degs[("all", "trt")].tolist() == [4] and ("all", "single") not in degs
+    assert seen == [list(range(29))]
 
 
 # -- images ---------------------------------------------------------------------------------

@@ -104,3 +104,7 @@ def test_a_model_trained_per_patient_is_audited_per_patient():
         audit(m, members, members.iloc[:9], attacks=["loss"])
     with pytest.raises(DataError, match="no unit column 'patient'"):
         audit(m, members.drop(columns="patient"), others, attacks=["loss"])
+    missing = others.astype({"patient": float})
+    missing.loc[missing.index[-1], "patient"] = np.nan  # was merged into another unit's score
+    with pytest.raises(DataError, match="without a unit id"):
+        audit(m, members, missing, attacks=["loss"])

@@ -157,13 +157,19 @@ class CausalModel:
     def _encode(self, data, names=None) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in tabular.encode(data, self.graph, self.codecs, names).items()}
 
-    def _decode(self, values, like=None, n=None, exact=None):
+    def _decode(self, values, like=None, n=None, exact=None, from_inputs: bool = False):
+        """Decoded outputs; ``attrs["privacy"]`` states the DP model's guarantee and what it covers
+        (``from_inputs``: counterfactuals, whose rows reveal the input rows they derive from)."""
         if like is None and self.fit_info.get("data_kind") in ("cohort", "anndata"):
             like = Cohort(pd.DataFrame(index=range(n)))
         out = tabular.decode(values, self.graph, self.codecs, like=like, n=n, exact=exact)
         table = out.table if isinstance(out, Cohort) else out
         ledger = self.dp_ledger()
-        table.attrs["privacy"] = None if ledger is None else {k: ledger[k] for k in ("epsilon", "delta", "privacy_unit")}
+        table.attrs["privacy"] = None if ledger is None else {
+            **{k: ledger[k] for k in ("epsilon", "delta", "privacy_unit")},
+            "covers": ("the model's training data only: each row reveals the input row it derives from "
+                       "(PRIVACY.md, counterfactuals of training patients)" if from_inputs else
+                       "every row (post-processing of the private model)")}
         return out
 
     def _intervene(self, iv, current: torch.Tensor | None, n: int, exact: dict,
@@ -431,7 +437,7 @@ class CausalModel:
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)
-        out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact)
+        out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact, from_inputs=True)
         return self._to_anndata(out, like=given) if given is not data else out
 
     def log_prob(self, data) -> pd.Series:

@@ -65,6 +65,8 @@ def test_ledger_is_saved_in_the_model_file(dp_model, chain, tmp_path):
     assert out.attrs["privacy"]["epsilon"] == dp_model.privacy["epsilon"]
     cf = loaded.counterfactual(chain[1].iloc[:3], do={"x1": 0.0})
     assert cf.attrs["privacy"]["epsilon"] == dp_model.privacy["epsilon"]
+    # a counterfactual's rows reveal their input rows: its attrs say the guarantee does not cover them
+    assert "input row" in cf.attrs["privacy"]["covers"] and "every row" in out.attrs["privacy"]["covers"]
     assert "differentially private" in format_ledger(loaded.privacy)
 
 

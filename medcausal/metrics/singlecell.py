@@ -250,15 +250,11 @@ def nmi(latent: Any, labels: Any, n_clusters: int | None = None, seed: int = 0) 
 
 
 def _log_normalized_rows(mat: Any, rows: np.ndarray, target_sum: float = 1e4, chunk: int = 10_000):
-    """``log_normalize`` of ``mat[rows]`` as a float32 CSR matrix, read ``chunk`` rows at a time
-    (a backed or sparse matrix is never densified whole)."""
+    """``log_normalize`` of ``mat[rows]`` (counts, checked by the caller) as a float32 CSR matrix,
+    read ``chunk`` rows at a time (a backed or sparse matrix is never densified whole)."""
     blocks = []
     for start in range(0, len(rows), chunk):
-        block = mat[rows[start:start + chunk]]
-        block = sparse.csr_matrix(block.toarray() if not sparse.issparse(block) and hasattr(block, "toarray")
-                                  else block, dtype=np.float64)
-        if block.nnz and (not np.isfinite(block.data).all() or (block.data < 0).any()):
-            raise DataError("counts must be finite and non-negative (top_degs takes raw counts)")
+        block = sparse.csr_matrix(mat[rows[start:start + chunk]], dtype=np.float64)
         total = np.asarray(block.sum(1)).ravel()
         block = sparse.diags(target_sum / np.where(total > 0, total, 1.0)) @ block
         block.data = np.log1p(block.data)

@@ -171,3 +171,22 @@ def test_predictor_rejects_bad_targets():
         p.fit(np.zeros((4, 1, 8, 8)), {"b": [0, 1, 2, 1]}, max_epochs=1, verbose=False)
     with pytest.raises(DataError, match="missing"):
         p.fit(np.zeros((4, 1, 8, 8)), {}, max_epochs=1, verbose=False)
+
+
+def test_change_decomposition_splits_the_true_counterfactual_error():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 1, 8, 8))
+    t = x + np.where(rng.random(x.shape) < 0.3, 0.4, 0.01)   # 30% of the pixels change a lot
+    p = x + 0.5 * (t - x) + 0.02 * rng.standard_normal(x.shape)
+    d = im.change_decomposition(x, p, t)
+    mae = im.true_counterfactual_error(p, t)["mae"]
+    assert mae == pytest.approx(d["changed_fraction"] * d["missed"] + (1 - d["changed_fraction"]) * d["error_elsewhere"])
+    unchanged = im.change_decomposition(x, x, t)    # the factual scan: misses all, invents nothing
+    assert unchanged["captured"] == pytest.approx(0.0) and unchanged["spurious"] == 0.0
+    perfect = im.change_decomposition(x, t, t)
+    assert perfect["captured"] == 1.0 and perfect["error_elsewhere"] == 0.0
+    assert perfect["spurious"] == pytest.approx(0.01) and perfect["true_elsewhere"] == pytest.approx(0.01)
+    with pytest.raises(DataError, match="threshold"):
+        im.change_decomposition(x, p, t, threshold=-1.0)
+    with pytest.raises(DataError, match="shape"):
+        im.change_decomposition(x, p[:, :, :4], t)

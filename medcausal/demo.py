@@ -14,7 +14,8 @@ The brain-MRI demo (:func:`run_demo`, what ``medcausal demo`` runs):
    prediction through the whole graph) and measures them
    (:mod:`medcausal.metrics.images`): true-counterfactual MAE/SSIM next to the
    null-abduction baseline (a fresh sample of the scan under the same counterfactual
-   parents) and the unchanged scan; oracle effectiveness (the simulator's own
+   parents) and the unchanged scan, and where its error lies (the share of the true change
+   captured, the change invented elsewhere); oracle effectiveness (the simulator's own
    segmentation, ``BrainMRI.measure``, on the counterfactual scans against the true
    counterfactual volumes); effectiveness read by an anti-causal CNN medcausal trains on
    the training scans; composition (1 and 10 null interventions) and reversibility
@@ -120,6 +121,8 @@ def evaluate_model(model, sim, test, truths: dict, predictor, *, seed: int = 0) 
             "cf": im.true_counterfactual_error(x_cf, x_true, data_range=1.0),
             "null_abduction": im.true_counterfactual_error(fresh, x_true, data_range=1.0),
             "unchanged": im.true_counterfactual_error(x_test, x_true, data_range=1.0),
+            # the change the counterfactual misses where the truth moves pixels, and invents elsewhere
+            "change": im.change_decomposition(x_test, x_cf, x_true),
         }
         # The model's counterfactual attributes against the true ones (its flows' share of the error).
         row["attributes_mae"] = {v: float(np.abs(cf.table[v].to_numpy(float) - true.table[v].to_numpy(float)).mean())
@@ -297,6 +300,17 @@ def render_report(s: dict) -> str:
         L.append(f"| {q} | " + " | ".join(f"{res[n]['queries'][q]['cf']['mae']:.4f} "
                                            f"({res[n]['queries'][q]['null_abduction']['mae']:.4f})" for n in names)
                  + f" | {row['unchanged']['mae']:.4f} |")
+    L += ["", "## Where the error comes from: the change missed and the change invented", "",
+          "On the pixels the true counterfactual moves by more than 0.05 (`changed`): the share of that change "
+          "the model's counterfactual captures (the unchanged scan captures 0, the truth 1). On the other "
+          "pixels: the change the model invents, beside the truth's own (`metrics.images.change_decomposition`).",
+          "", "| query | changed | " + " | ".join(f"{n} captured | {n} invented" for n in names)
+          + " | true change elsewhere |", "|---|---|" + "---|---|" * len(names) + "---|"]
+    for q, row in first.items():
+        ch = {n: res[n]["queries"][q]["change"] for n in names}
+        L.append(f"| {q} | {row['change']['changed_fraction']:.1%} | "
+                 + " | ".join(f"{ch[n]['captured']:.0%} | {ch[n]['spurious']:.4f}" for n in names)
+                 + f" | {row['change']['true_elsewhere']:.4f} |")
     L += ["", "## Oracle effectiveness (mL): BrainMRI.measure() on the CF scans vs the true CF volumes", "",
           "Also: the model's counterfactual attribute itself vs the truth (its attribute mechanisms' error), "
           "measure() on the true CF scans (the oracle's own error) and the mean true change.", "",

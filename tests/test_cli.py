@@ -140,12 +140,17 @@ def test_demo_quick(tmp_path):
             # under the same counterfactual parents (the null-abduction baseline) by far.
             assert q["cf"]["mae"] < 0.5 * q["null_abduction"]["mae"], (name, q)
             assert q["oracle"] and q["effectiveness"]["scanner"]["accuracy"] >= 0.0
+            # the MAE splits into the pixels the truth changes and the rest (the scans are float32)
+            c = q["change"]
+            assert q["cf"]["mae"] == pytest.approx(c["changed_fraction"] * c["missed"]
+                                                   + (1 - c["changed_fraction"]) * c["error_elsewhere"], rel=1e-4)
         # The abducted pixel noise makes the null counterfactual exact up to float32 rounding.
         assert res["null_max_abs_error"] < 1e-4 and max(res["composition"]) < 1e-5
         assert len(res["composition"]) == 10 and len(res["reversibility"]) == 3
         assert res["cf_ms_per_patient"] > 0 and np.isfinite(res["fid_samples_vs_real"])
     assert (out / "counterfactuals.png").stat().st_size > 10000
     assert "hvae" in (out / "report.md").read_text() and "cvae" in (out / "report.md").read_text()
+    assert "hvae captured" in (out / "report.md").read_text()
     model = mc.CausalModel.load(out / "model.mcm")
     assert model.mechanism("mri").name == "hvae"
     assert mc.CausalModel.load(out / "model_cvae.mcm").mechanism("mri").name == "cvae"

@@ -68,8 +68,18 @@ def log_normalize(counts: Any, target_sum: float = 1e4) -> np.ndarray:
     x = _dense(counts, "counts")
     if (x < 0).any():
         raise DataError("counts must be non-negative (log_normalize takes raw counts)")
-    total = x.sum(1, keepdims=True)
-    return np.log1p(x / np.where(total > 0, total, 1.0) * target_sum)
+    return _normalize_log1p(x, target_sum)
+
+
+def _normalize_log1p(x, target_sum: float):
+    """Each row scaled to ``target_sum`` in total, then ``log1p``: dense or sparse (kept sparse)."""
+    total = np.asarray(x.sum(1), dtype=np.float64).ravel()
+    scale = target_sum / np.where(total > 0, total, 1.0)
+    if not sparse.issparse(x):
+        return np.log1p(x * scale[:, None])
+    x = sparse.csr_matrix(sparse.diags(scale) @ x)
+    x.data = np.log1p(x.data)
+    return x
 
 
 def _pair(true, pred, genes, what="pred", true_what="true"):
@@ -255,10 +265,7 @@ def _log_normalized_rows(mat: Any, rows: np.ndarray, target_sum: float = 1e4, ch
     blocks = []
     for start in range(0, len(rows), chunk):
         block = sparse.csr_matrix(mat[rows[start:start + chunk]], dtype=np.float64)
-        total = np.asarray(block.sum(1)).ravel()
-        block = sparse.diags(target_sum / np.where(total > 0, total, 1.0)) @ block
-        block.data = np.log1p(block.data)
-        blocks.append(block.astype(np.float32))
+        blocks.append(_normalize_log1p(block, target_sum).astype(np.float32))
     return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, mat.shape[1]), dtype=np.float32)
 
 

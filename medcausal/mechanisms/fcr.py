@@ -381,6 +381,8 @@ class FCRMechanism(_CountMechanism):
     ``beta = 0.5`` (measured against that earlier run) moved the MCC to 0.349 / 0.501 / 0.404
     and cost NMI(z_x, context) on simulator 0 (0.848) and the held-out DEG R² on simulator 2
     (0.712 -> 0.655); beta stays 1 (``benchmarks/results/perturbseq*_beta_0.5.md``).
+    With the four discriminators off (``lambda_adv = 0``, simulator 0) the MCC fell to 0.333
+    against the default's 0.428 in the same code (``perturbseq_lambda_adv_0.md``).
 
     >>> from medcausal.graph import Expression
     >>> m = FCRMechanism(Expression(10), {"cell_type": 3, "perturbation": 4}, n_context=2)

@@ -87,7 +87,8 @@ _SCALAR = ("continuous", "binary", "categorical")
 def model_id(model) -> str:
     """A stable id of a fitted model: a hash of its JSON spec and its weights.
 
-    The same fitted model gives the same id before and after ``save``/``load``.
+    The same fitted model gives the same id before and after ``save``/``load``, and so
+    does a refit that reproduces its weights (the fit's wall time is left out).
 
     >>> import medcausal as mc
     >>> sim = mc.synthetic.scm("chain")
@@ -97,6 +98,8 @@ def model_id(model) -> str:
     """
     spec = dict(model.spec())
     spec.pop("medcausal_version", None)
+    # the fit's wall time differs between two runs that give the same weights
+    spec["fit"] = {k: v for k, v in spec.get("fit", {}).items() if k != "seconds"}
     h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     for key, value in sorted(model.mechanisms.state_dict().items()):
         h.update(key.encode())
@@ -120,15 +123,25 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _describe_do(do: Mapping[str, Any] | None) -> dict | None:
-    """A JSON-able description of a do= mapping: values as they are, per-row arrays by length
-    and content hash (so that a resumed run can check it), callables by name."""
+def _vector_value(name: str, spec, variables: Mapping | None) -> bool:
+    """``[a, b]`` on a 2-vector variable: one value for every row (``CausalModel.sample``'s reading)."""
+    vtype = (variables or {}).get(name)
+    return (getattr(vtype, "kind", None) == "continuous" and vtype.dim > 1 and not callable(spec)
+            and not isinstance(spec, pd.DataFrame) and np.ndim(spec) == 1 and len(spec) == vtype.dim)
+
+
+def _describe_do(do: Mapping[str, Any] | None, variables: Mapping | None = None) -> dict | None:
+    """A JSON-able description of a do= mapping: values as they are (a vector's as a list),
+    per-row arrays by length and content hash (so that a resumed run can check it),
+    callables by name. ``variables``: the graph's, to tell a vector's value from an array."""
     if not do:
         return None
     out = {}
     for name, spec in do.items():
         kind = Intervention(name, spec).kind
-        if kind == "value":
+        if _vector_value(name, spec, variables):
+            out[name] = [_plain(v) for v in np.asarray(spec, dtype=float)]
+        elif kind == "value":
             out[name] = _plain(np.asarray(spec).item())
         elif kind == "array":
             arr = np.asarray(spec)
@@ -140,16 +153,17 @@ def _describe_do(do: Mapping[str, Any] | None) -> dict | None:
     return out
 
 
-def _do_text(do: Mapping[str, Any] | None) -> str | None:
-    d = _describe_do(do)
+def _do_text(do: Mapping[str, Any] | None, variables: Mapping | None = None) -> str | None:
+    d = _describe_do(do, variables)
     return None if d is None else json.dumps(d, sort_keys=True, default=str)
 
 
-def _provenance(n: int, *, model_key: str, strategy: str, do, where, seed, epsilon, source=None) -> dict:
+def _provenance(n: int, *, model_key: str, strategy: str, do, where, seed, epsilon, source=None,
+                variables: Mapping | None = None) -> dict:
     return {"synthetic": np.ones(n, dtype=bool),
             "synth_model": np.full(n, model_key, dtype=object),
             "synth_strategy": np.full(n, strategy, dtype=object),
-            "synth_do": np.full(n, _do_text(do), dtype=object),
+            "synth_do": np.full(n, _do_text(do, variables), dtype=object),
             "synth_where": np.full(n, where, dtype=object),
             "synth_seed": np.full(n, seed, dtype=np.int64),
             "synth_epsilon": np.full(n, np.nan if epsilon is None else epsilon, dtype=float),
@@ -213,7 +227,7 @@ def _variable_columns(graph) -> dict[str, str]:
 def _support(model, name: str) -> list | None:
     vtype = model.graph.variables[name]
     if vtype.kind == "binary":
-        return [0, 1]
+        return list(_decoded_support(model, name))
     if vtype.kind == "categorical":
         return list(model.codecs[name].vtype.categories)
     return None
@@ -388,7 +402,8 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     if str(image_format).lower() not in ("nifti", "png"):
         raise MedCausalError(f"image_format must be 'nifti' or 'png', got {image_format!r}")
     chunk_size = _default_chunk(model) if chunk_size is None else _check_n(chunk_size, "chunk_size")
-    ivs = parse_do(do, model.graph.variables)
+    # as model.sample reads it: [a, b] on a 2-vector is one value; a DataFrame's columns by name
+    ivs = parse_do(model._one_vector_value(do, n), model.graph.variables)
     if not 0.0 < float(min_acceptance) <= 1.0:
         raise MedCausalError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
     for name, iv in ivs.items():
@@ -409,14 +424,14 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     meta = {"format": RUN_FORMAT, "version": 1, "medcausal_version": __version__, "n": n,
             "chunk_size": chunk_size, "n_chunks": math.ceil(n / chunk_size), "seed": run_seed,
             "model_id": model_id(model), "epsilon": _epsilon(model), "privacy": _privacy_summary(model),
-            "do": _describe_do(do),
+            "do": _describe_do(do, model.graph.variables),
             "where": where, "method": plan.method, "provenance": bool(provenance)}
     if plan.method in ("root-rejection", "rejection"):
         meta["min_acceptance"] = float(min_acceptance)
     if any(t.kind == "image" for t in model.graph.variables.values()):
         meta["image_format"] = str(image_format).lower()
     key = dict(model_key=meta["model_id"], strategy="simulate", do=do, where=where, seed=run_seed,
-               epsilon=meta["epsilon"])
+               epsilon=meta["epsilon"], variables=model.graph.variables)
     chunks = [(i, i * chunk_size, min(chunk_size, n - i * chunk_size)) for i in range(meta["n_chunks"])]
 
     def make(i, start, m):
@@ -482,8 +497,8 @@ def _exact_root_plan(model, w: _Where, roots) -> _Plan:
 
 
 def _decoded_support(model, name) -> np.ndarray:
-    if model.graph.variables[name].kind == "binary":
-        return np.array([0, 1], dtype=np.int64)
+    if model.graph.variables[name].kind == "binary":  # 0/1 as the training column wrote them ("no"/"yes", True...)
+        return np.asarray(model.codecs[name].restore(np.array([0, 1], dtype=np.int64)))
     return np.asarray(model.codecs[name].vtype.categories, dtype=object)
 
 
@@ -723,12 +738,26 @@ def _write_table_file(table: pd.DataFrame, path: Path, fmt: str) -> None:
 
 
 def _h5ad_safe(adata):
-    """h5py cannot store object columns mixing None and strings: None -> "" in the obs."""
+    """h5py cannot store object columns mixing None and strings: None -> "" in the obs; nor
+    None or lists of mappings in ``.uns["medcausal"]`` (a report): those become JSON text."""
     obs = adata.obs
     for c in obs.columns:
         if obs[c].dtype == object:
             obs[c] = obs[c].map(lambda v: "" if v is None or v is pd.NA else str(v))
+    if isinstance(adata.uns.get("medcausal"), Mapping):
+        adata.uns["medcausal"] = _h5_storable(adata.uns["medcausal"])
     return adata
+
+
+def _h5_storable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _h5_storable(v) for k, v in value.items()}
+    if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+        return np.asarray(value)
+    return json.dumps(value, default=str)
 
 
 def _write_part(out: Path, i: int, fmt: str, data, image_format: str = "nifti") -> dict:
@@ -895,7 +924,7 @@ def read_run(path: str | os.PathLike, allow_incomplete: bool = False):
 # =========================================================================== #
 # counterfactual twins
 # =========================================================================== #
-def _worlds(do) -> dict[str, dict]:
+def _worlds(do, variables: Mapping | None = None) -> dict[str, dict]:
     """Normalize ``do`` into named worlds: a do mapping, a list of them, or {name: mapping}."""
     if do is None or isinstance(do, (Mapping, list, tuple)) and len(do) == 0:
         raise InterventionError("counterfactual_patients() needs at least one world (a non-empty do=)")
@@ -905,13 +934,13 @@ def _worlds(do) -> dict[str, dict]:
         if any(isinstance(v, Mapping) for v in do.values()):
             raise InterventionError("do= mixes worlds ({name: {var: value}}) and interventions "
                                     "({var: value}); use one form")
-        worlds = {_world_name(do): dict(do)}
+        worlds = {_world_name(do, variables): dict(do)}
     elif isinstance(do, (list, tuple)):
         worlds = {}
         for spec in do:
             if not isinstance(spec, Mapping):
                 raise InterventionError(f"each world in a do= list must be a mapping, got {spec!r}")
-            name = base = _world_name(spec)
+            name = base = _world_name(spec, variables)
             k = 2
             while name in worlds:
                 name, k = f"{base}#{k}", k + 1
@@ -929,10 +958,13 @@ def _worlds(do) -> dict[str, dict]:
     return worlds
 
 
-def _world_name(do: Mapping) -> str:
+def _world_name(do: Mapping, variables: Mapping | None = None) -> str:
     parts = []
     for k, v in do.items():
         kind = Intervention(k, v).kind
+        if _vector_value(k, v, variables):
+            parts.append(f"{k}={[_plain(x) for x in np.asarray(v, dtype=float)]}")
+            continue
         parts.append(f"{k}={_plain(np.asarray(v).item())}" if kind == "value"
                      else f"{k}=<array>" if kind == "array" else f"{k}={getattr(v, '__name__', 'f')}({k})")
     return ",".join(parts)
@@ -956,7 +988,9 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
     variables, and ``effect:<column>`` (empty on factual rows).
 
     Patient ids come from ``id_column`` (a column of ``patients``), else the Cohort's id
-    column, else the index (named ``patient_id`` when it has no name).
+    column, else the index (named ``patient_id`` when it has no name). Cells (AnnData) come
+    back as AnnData: the factual counts in ``layers["counts"]``, each world's counterfactual
+    counts in ``layers["<expression>@<world>"]`` (long layout: one cell per row and world).
 
     >>> import medcausal as mc
     >>> sim = mc.synthetic.scm("chain")
@@ -969,8 +1003,10 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
     model._require_fit()
     if layout not in ("wide", "long"):
         raise MedCausalError(f"layout must be 'wide' or 'long', got {layout!r}")
-    worlds = _worlds(do)
+    worlds = _worlds(do, model.graph.variables)
     graph = model.graph
+    like = patients if _is_anndata(patients) else None  # cells: worked on as a Cohort, returned as AnnData
+    patients = model._from_anndata(patients)
     for spec in worlds.values():
         parse_do(spec, graph.variables)
     table = _table(patients)
@@ -1014,7 +1050,7 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
                 for name, arr in getattr(cf, "arrays", {}).items():
                     if name in changed[w]:
                         arrays[f"{name}@{w}"] = arr
-            return Cohort(out, arrays, id_column=id_name)
+            return _as_anndata_like(model, Cohort(out, arrays, id_column=id_name), like)
         return out
     # long layout
     all_effects = list(dict.fromkeys(c for w in worlds for v in effects[w]
@@ -1043,8 +1079,38 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
         for name in patients.arrays:
             arrays[name] = np.concatenate([patients.arrays[name]]
                                           + [cf.arrays.get(name, patients.arrays[name]) for cf in cfs.values()])
-        return Cohort(out, arrays, id_column=id_name)
+        return _as_anndata_like(model, Cohort(out, arrays, id_column=id_name), like)
     return out
+
+
+def _as_anndata_like(model, result, like):
+    """A Cohort result as AnnData when the input was one (``like``), scverse-style: the factual
+    counts in ``X``/``layers["counts"]``, a world's counterfactual counts in ``layers["<gene>@<world>"]``,
+    the table as ``.obs`` (the long layout's rows named ``<id>@<world>``), the report in ``.uns["medcausal"]``."""
+    if like is None or not isinstance(result, Cohort):
+        return result
+    from scipy import sparse as scipy_sparse
+
+    from .adapters.singlecell import cohort_to_anndata
+
+    gene = next(v for v, t in model.graph.variables.items() if t.kind == "expression")
+    table = result.table.copy()
+    names = table[result.id_column].astype(str)
+    if "world" in table.columns and names.duplicated().any():  # the long layout: one row per patient and world
+        names = names + "@" + table["world"].astype(str)
+    key = "_medcausal_obs_name"
+    table[key] = names.to_numpy()
+    adata = cohort_to_anndata(Cohort(table, result.arrays, id_column=key), expression=gene,
+                              var_names=like.var_names)
+    del adata.obs[key]
+    adata.uns["medcausal_cohort"]["id_column"] = result.id_column
+    for name in list(adata.obsm):
+        if name.startswith(f"{gene}@"):
+            adata.layers[name] = scipy_sparse.csr_matrix(np.asarray(adata.obsm[name], dtype=np.float32))
+            del adata.obsm[name]
+    if result.table.attrs.get("medcausal"):
+        adata.uns["medcausal"] = result.table.attrs["medcausal"]
+    return adata
 
 
 def _has_arrays(cfs) -> bool:
@@ -1138,7 +1204,8 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
     Returns the cohort with the synthetic rows appended: real rows get ``synthetic=False``,
     synthetic rows ``synthetic=True`` and the provenance columns (``PROVENANCE_COLUMNS``);
     columns that are not model variables are left empty on synthetic rows. A report is in
-    ``attrs["medcausal"]`` of the returned table.
+    ``attrs["medcausal"]`` of the returned table. Cells (AnnData) come back as AnnData,
+    synthetic cells' counts in ``layers["counts"]`` and the report in ``.uns["medcausal"]``.
 
     >>> import medcausal as mc, numpy as np, pandas as pd
     >>> rng = np.random.default_rng(0)
@@ -1157,6 +1224,10 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
         raise MedCausalError(f"strategy must be 'sample', 'transport' or 'mixed', got {strategy!r}")
     if n is not None:
         n = _check_n(n)
+    if not 0.0 < float(min_acceptance) <= 1.0:
+        raise MedCausalError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
+    like = cohort if _is_anndata(cohort) else None  # cells: worked on as a Cohort, returned as AnnData
+    cohort = model._from_anndata(cohort)
     table = _table(cohort)
     check_columns(cohort, model.graph)
     run_seed = _new_seed(seed)
@@ -1200,8 +1271,8 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
         k_move = k - k_sample
         tseed = _child_seed(run_seed, t)
         if k_sample:
-            s = simulate(model, k_sample, where=cond, seed=_child_seed(tseed, 0), provenance=False,
-                         min_acceptance=min_acceptance, progress=progress)
+            s = model._from_anndata(simulate(model, k_sample, where=cond, seed=_child_seed(tseed, 0),
+                                             provenance=False, min_acceptance=min_acceptance, progress=progress))
             entry["sample"] = {kk: v for kk, v in _attrs(s).items() if kk in (
                 "method", "acceptance_rate", "subgroup_probability")}
             _assign(s, _provenance(k_sample, model_key=key, strategy="sample", do=None, where=cond,
@@ -1214,7 +1285,7 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
             pieces.append(moved)
         entry["added"] = k
     report["added"] = int(sum(g["added"] for g in report["groups"]))
-    return _append_synthetic(cohort, pieces, next_id, report)
+    return _as_anndata_like(model, _append_synthetic(cohort, pieces, next_id, report), like)
 
 
 def _attrs(data) -> dict:
@@ -1237,19 +1308,23 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         raise MedCausalError(f"cannot derive an intervention from target={w.text!r} (it has no "
                              "'variable == value' part); pass do= explicitly")
     for name, iv in parse_do(spec, model.graph.variables).items():
-        if iv.kind == "array":
+        if iv.kind == "array" and not _vector_value(name, iv.spec, model.graph.variables):
             raise InterventionError(f"do[{name!r}] is a per-row array; transport picks patients at random, "
                                     "so give a value or a callable")
     pool_mask = ~w.mask(table)
-    if "synthetic" in table.columns:  # transport real patients only, never earlier synthetic ones
-        pool_mask &= ~table["synthetic"].fillna(False).astype(bool).to_numpy()
+    pool_mask &= ~_synthetic_flag(table)  # transport real patients only, never earlier synthetic ones
     if src is not None:
         pool_mask &= src.mask(table)
     pool = np.flatnonzero(pool_mask)
     if len(pool) == 0:
         raise DataError(f"no real patient outside target={w.text!r}"
                         + (f" and matching source={src.text!r}" if src else "") + " to transport")
-    ids, _ = _patient_ids(cohort, cohort.id_column if isinstance(cohort, Cohort) else None)
+    ids = cohort.ids if isinstance(cohort, Cohort) else table.index.to_numpy()  # what synth_source names
+    if pd.Series(ids).duplicated().any():
+        dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique()[:3].tolist()
+        raise DataError(f"augment(strategy={'transport'!r}) names each row's source patient (synth_source) by "
+                        f"{'the Cohort ids' if isinstance(cohort, Cohort) else 'the index'}, which repeats, "
+                        f"e.g. {dup}; give the rows unique ids (e.g. df.reset_index(drop=True))")
     rng = np.random.default_rng(seed)
     order = rng.permutation(pool)
     kept, got, drawn, accepted, rounds, pos = [], 0, 0, 0, 0, 0
@@ -1270,15 +1345,15 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         accepted += int(mask.sum())
         if drawn >= min(len(pool), 1000) and accepted / drawn < min_acceptance:
             raise MedCausalError(
-                f"transport into target={w.text!r} with do={_do_text(spec)}: only {accepted} of {drawn} "
+                f"transport into target={w.text!r} with do={_do_text(spec, model.graph.variables)}: only {accepted} of {drawn} "
                 "transported patients satisfy the target; pass a do= that moves patients into it "
                 "(or a source= closer to it)" if accepted else
-                f"transport into target={w.text!r} with do={_do_text(spec)}: none of {drawn} transported "
+                f"transport into target={w.text!r} with do={_do_text(spec, model.graph.variables)}: none of {drawn} transported "
                 "patients satisfies the target; pass a do= that moves patients into it")
         sel = np.flatnonzero(mask)[: k - got]
         part = _only_variables(model, _take(cf, sel))
         _assign(part, _provenance(len(sel), model_key=key, strategy="transport", do=spec, where=w.text,
-                                  seed=seed, epsilon=eps, source=ids[idx[sel]]))
+                                  seed=seed, epsilon=eps, source=ids[idx[sel]], variables=model.graph.variables))
         kept.append(part)
         got += len(sel)
         rounds += 1
@@ -1286,7 +1361,7 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         warn(f"augment: only {len(pool)} real patients could be transported into {w.text!r} for "
              f"{k} synthetic rows; some were transported more than once (see synth_source)",
              UserWarning)
-    return _concat(kept), {"do": _describe_do(spec), "acceptance_rate": accepted / drawn, "drawn": drawn,
+    return _concat(kept), {"do": _describe_do(spec, model.graph.variables), "acceptance_rate": accepted / drawn, "drawn": drawn,
                            "pool": int(len(pool)), "reused_patients": reused}
 
 
@@ -1323,6 +1398,15 @@ def _nullable_int(col: pd.Series) -> pd.Series:
     return col
 
 
+def _synthetic_flag(table: pd.DataFrame) -> np.ndarray:
+    """The ``synthetic`` column as booleans; a missing flag is a real row (real data
+    concatenated with earlier synthetic output has NaN there), no column: all real."""
+    if "synthetic" not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    col = table["synthetic"]
+    return col.astype(object).where(col.notna(), False).astype(bool).to_numpy()
+
+
 def _append_synthetic(cohort, pieces, next_id, report):
     table = _table(cohort)
     real = table.copy()
@@ -1338,6 +1422,8 @@ def _append_synthetic(cohort, pieces, next_id, report):
     syn_t = _table(syn).copy()
     new_ids = next_id(len(syn_t))
     if isinstance(cohort, Cohort):
+        if isinstance(syn, Cohort) and syn.id_column != cohort.id_column:
+            syn_t = syn_t.drop(columns=[syn.id_column])  # the pieces' own ids give way to the cohort's
         syn_t[cohort.id_column] = new_ids
     else:
         syn_t.index = pd.Index(new_ids, name=table.index.name)
@@ -1346,7 +1432,7 @@ def _append_synthetic(cohort, pieces, next_id, report):
             syn_t[c] = _like_dtype(syn_t[c], real[c])
     combined = pd.concat([real, syn_t])
     combined = combined[list(real.columns) + [c for c in combined.columns if c not in real.columns]]
-    combined["synthetic"] = combined["synthetic"].astype(bool)
+    combined["synthetic"] = _synthetic_flag(combined)
     for c in ("synth_seed", "synth_source"):  # None on real rows: keep integers exact (not float64)
         combined[c] = _nullable_int(combined[c])
     combined.attrs["medcausal"] = report
@@ -1389,7 +1475,7 @@ def _metric_fn(name: str, pos_label=None):
 
     return {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score,
             "accuracy": skm.accuracy_score, "balanced_accuracy": skm.balanced_accuracy_score,
-            "f1": lambda y, p: skm.f1_score(y, p, pos_label=pos_label), "r2": skm.r2_score,
+            "f1": lambda y, p: skm.f1_score(y, p, pos_label=pos_label, zero_division=0.0), "r2": skm.r2_score,
             "mae": skm.mean_absolute_error,
             "rmse": lambda y, p: float(np.sqrt(skm.mean_squared_error(y, p)))}[name]
 
@@ -1590,17 +1676,21 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     """
     from sklearn.base import clone
 
+    if not 0.0 < float(ci) < 1.0:
+        raise MedCausalError(f"ci is a level in (0, 1), e.g. 0.95; got {ci}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise MedCausalError(f"n_boot must be a positive integer, got {n_boot!r}")
     train_t, test_t = _table(train), _table(test)
     for name, t in (("train", train_t), ("test", test_t)):
         if label not in t.columns:
             raise DataError(f"label {label!r} is not a column of {name}; columns: {list(t.columns)}")
-    if "synthetic" in test_t.columns and test_t["synthetic"].astype(bool).any():
+    if _synthetic_flag(test_t).any():
         raise DataError("test= holds synthetic rows (synthetic=True); evaluate on held-out real data only")
     img = _image_feature(train, test, features)  # an image array: the torch classifier path
     arr: dict[str, np.ndarray] = {}  # image arrays of the real set and of each synthetic set
     # -- split real / synthetic sets -----------------------------------------
     if "synthetic" in train_t.columns:
-        flag = train_t["synthetic"].astype(bool).to_numpy()
+        flag = _synthetic_flag(train_t)
         real = train_t.loc[~flag]
         if img is not None:
             arr["real"] = train.arrays[img][~flag]
@@ -1617,7 +1707,7 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     syn_sets = {}
     for name, s in synthetic.items():
         st = _table(s)
-        keep = st["synthetic"].astype(bool).to_numpy() if "synthetic" in st.columns else np.ones(len(st), bool)
+        keep = _synthetic_flag(st) if "synthetic" in st.columns else np.ones(len(st), bool)
         st = st.loc[keep]
         if label not in st.columns:
             raise DataError(f"synthetic set {name!r} has no label column {label!r}")
@@ -1637,6 +1727,13 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
         features = []  # the image array alone; checked by _image_feature
     elif features is None:
         features = [c for c in test_t.columns if c in real.columns and c not in drop]
+        # a column the model does not generate is empty on synthetic rows (augment leaves it NaN)
+        empty = [c for c in features if any(c in st.columns and len(st) and st[c].isna().all()
+                                            for st in syn_sets.values())]
+        if empty:
+            warn(f"evaluate_augmentation: feature column(s) {empty} are empty on the synthetic rows "
+                 "(not variables of the model), so they are left out; pass features= to choose", UserWarning)
+            features = [c for c in features if c not in empty]
     features = list(features)
     missing = {nm: [c for c in features if c not in t.columns]
                for nm, t in [("train", real), ("test", test_t), *syn_sets.items()]}
@@ -1661,9 +1758,10 @@ def evaluate_augmentation(train, test, label: str, *, synthetic=None, features: 
     if metric not in _METRICS:
         raise MedCausalError(f"unknown metric {metric!r}; known: {sorted(_METRICS)}")
     needs, higher = _METRICS[metric]
-    if task == "regression" and needs == "proba" or task == "classification" and metric in ("r2", "mae", "rmse"):
+    regression_metric = metric in ("r2", "mae", "rmse")
+    if (task == "regression") != regression_metric:
         raise MedCausalError(f"metric {metric!r} does not fit a {task} task")
-    if needs == "proba" and len(classes) != 2:
+    if (needs == "proba" or metric == "f1") and len(classes) != 2:
         raise MedCausalError(f"metric {metric!r} needs a binary label; {label!r} has classes {classes}")
     pos = classes[-1] if classes is not None and len(classes) == 2 else None
     score_fn = _metric_fn(metric, pos)
@@ -1804,14 +1902,15 @@ def _boot_scores(metric: str, score_fn, y: np.ndarray, p: np.ndarray, boots: np.
                     tot = ((Y - Y.mean(1, keepdims=True)) ** 2).sum(1)
                     val = np.where(tot > 0, 1 - ((Y - P) ** 2).sum(1) / tot, np.nan)
             else:
-                val = np.array([_try(score_fn, yy, pp) for yy, pp in zip(Y, P)])
+                one_class = _METRICS[metric][0] == "proba"  # undefined on one class (f1 is not)
+                val = np.array([_try(score_fn, yy, pp, one_class) for yy, pp in zip(Y, P)])
         out[s:s + len(b)] = val
     return out
 
 
-def _try(fn, y, p) -> float:
+def _try(fn, y, p, undefined_on_one_class: bool = True) -> float:
     try:
-        return float(fn(y, p)) if len(np.unique(y)) > 1 else np.nan
+        return float(fn(y, p)) if len(np.unique(y)) > 1 or not undefined_on_one_class else np.nan
     except ValueError:
         return np.nan
 
@@ -2045,7 +2144,7 @@ def cmd_augment(args) -> int:
     table = _table(aug)
     report = table.attrs.get("medcausal", {})
     _sidecar_for(out, {**report, **extra, "input": str(args.input), "rows": len(aug),
-                       "synthetic_rows": int(table["synthetic"].astype(bool).sum())})
+                       "synthetic_rows": int(_synthetic_flag(table).sum())})
     print(f"added {report.get('added', 0)} synthetic patients ({args.strategy}) -> {out} ({len(aug)} rows)")
     return 0
 
@@ -2072,7 +2171,7 @@ def cmd_worlds(args) -> int:
                                 "(several interventions of one world go after one name: NAME:A=1,B=2)")
     worlds = dict(parsed)
     if args.do:
-        worlds = {**worlds, **_worlds(parse_cli_do(args.do, model.graph.variables))}
+        worlds = {**worlds, **_worlds(parse_cli_do(args.do, model.graph.variables), model.graph.variables)}
     if not worlds:
         raise MedCausalError("worlds needs at least one --world NAME:VAR=VALUE (or --do VAR=VALUE)")
     twins = counterfactual_patients(model, data, do=worlds, seed=args.seed, id_column=args.id_column,
@@ -2081,7 +2180,7 @@ def cmd_worlds(args) -> int:
     refuse_existing(out, args.overwrite)
     extra = _write_output(twins, out, args.image_format)
     _sidecar_for(out, {**extra, "model_id": model_id(model),
-                       "worlds": {k: _describe_do(v) for k, v in worlds.items()},
+                       "worlds": {k: _describe_do(v, model.graph.variables) for k, v in worlds.items()},
                        "seed": args.seed, "layout": args.layout, "patients": len(data), "input": str(args.input)})
     print(f"wrote {len(data)} patients x {len(worlds)} world(s) to {out}")
     return 0

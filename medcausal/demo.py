@@ -341,8 +341,10 @@ def render_report(s: dict) -> str:
         L.append(f"| {n} | {c[0]:.1e} / {c[-1]:.1e} | {cm[0]:.4f} / {cm[-1]:.4f} | {rv[0]:.1e} / {rv[-1]:.1e} | "
                  f"{r['fid_samples_vs_real']:.3g} | {r['fit_seconds']:.0f} | {r['train_images_per_s']:.0f} | "
                  f"{r['cf_ms_per_patient']:.1f} |")
-    L += ["", "Composition and reversibility use the abducted pixel noise, which makes them exact up to float32 "
-          "rounding; the decoder-mean columns measure the VAE itself (the setting of Ribeiro et al. 2023). "
+    L += ["", "Composition uses the abducted pixel noise, which makes it exact up to float32 rounding; the "
+          "decoder-mean columns measure the VAE itself (the setting of Ribeiro et al. 2023). Reversibility is "
+          "not exact: undoing re-abducts the counterfactual scan, whose posterior latents differ from the "
+          "patient's, and the error grows with each cycle. "
           "Reversibility: " + str(res[names[0]]["reversibility_query"]) + " then undo. CF ms/patient: the whole "
           "model's counterfactual (attributes and scan) on the held-out batch.", "",
           "Files: `counterfactuals.png` (hvae vs the truth, with difference maps), `report.json`, "

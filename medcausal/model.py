@@ -459,11 +459,19 @@ class CausalModel:
         return pd.Series(total.cpu().numpy().astype(np.float64), index=index, name="log_prob")
 
     # -- persistence ---------------------------------------------------------
+    def _current_choices(self) -> dict:
+        """The mechanism choices with the query-time settings as they are now (``set_knobs``...)."""
+        out = {}
+        for name, choice in self.choices.items():
+            mech = self.mechanisms[_key(name)]
+            out[name] = {**choice, **{k: getattr(mech, k) for k in type(mech).query_settings}}
+        return out
+
     def spec(self) -> dict:
         """The JSON-serializable description saved beside the weights."""
         self._require_fit()
         spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
-                "graph": self.graph.to_dict(), "mechanisms": self.choices,
+                "graph": self.graph.to_dict(), "mechanisms": self._current_choices(),
                 "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
                 "privacy": self.privacy}
         if self._declared != self.graph:  # the graph before fit learned categories: a refit learns them afresh

@@ -49,7 +49,8 @@ __all__ = ["ImageLoadWarning", "build_transforms", "image_transform_spec", "load
            "write_images", "IMAGE_SUFFIXES"]
 
 SPEC_FORMAT = "medcausal-image-transforms"
-SPEC_VERSION = 2       # 2: "resize_pad" fits the whole scan inside the shape (ResizeToFitd)
+SPEC_VERSION = 3       # 2: "resize_pad" fits the whole scan inside the shape (ResizeToFitd)
+#                        3: shrinking averages areas (ShrinkAreaResized, anti_aliasing="area")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -59,7 +60,7 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + PIL_SUFFIXES + NPZ_SUFFIXES
 # MONAI dictionary transforms a spec may name (nothing else is ever instantiated)
 _ALLOWED = ("EnsureChannelFirstd", "Orientationd", "Spacingd", "ScaleIntensityd",
             "ScaleIntensityRangePercentilesd", "Resized", "ResizeWithPadOrCropd", "EnsureTyped",
-            "ResizeToFitd")
+            "ResizeToFitd", "ShrinkAreaResized")
 _KEY = "image"
 
 
@@ -86,12 +87,17 @@ def image_transform_spec(shape: Sequence[int] = (1, 64, 64), *, orientation: str
     - ``intensity``: ``"minmax"`` (``ScaleIntensityd`` to [0, 1]), ``"percentile"``
       (``ScaleIntensityRangePercentilesd`` of ``percentiles`` to [0, 1], clipped) or
       ``None`` (raw values);
-    - ``resize``: ``"resize"`` (``Resized`` to the shape, aspect not kept),
+    - ``resize``: ``"resize"`` (``ShrinkAreaResized`` to the shape, aspect not kept),
       ``"resize_pad"`` (scaled to fit inside the shape with ``ResizeToFitd``, then padded
       with ``ResizeWithPadOrCropd``: aspect kept, nothing cropped), ``"pad_crop"``
       (``ResizeWithPadOrCropd`` only) or ``"none"`` (must match);
     - ``channels``: how a scan with another channel count becomes ``shape[0]``:
       ``"mean"`` (e.g. RGB to grey) or ``"first"``.
+
+    Resizing averages the pixels an output pixel covers on axes that shrink (MONAI
+    ``Resize`` with ``mode="area"``: anti-aliased, and no dark frame, which MONAI's
+    Gaussian anti-aliasing leaves where content reaches the border) and interpolates
+    (bilinear/trilinear) on axes that grow. Specs of version 2 keep MONAI's anti-aliasing.
 
     >>> spec = image_transform_spec((1, 32, 32), intensity="percentile")
     >>> [t["name"] for t in spec["transforms"]]
@@ -123,11 +129,10 @@ def image_transform_spec(shape: Sequence[int] = (1, 64, 64), *, orientation: str
         ts.append({"name": "ScaleIntensityRangePercentilesd",
                    "kwargs": {"lower": lo, "upper": hi, "b_min": 0.0, "b_max": 1.0, "clip": True}})
     if resize == "resize":
-        ts.append({"name": "Resized", "kwargs": {"spatial_size": size, "mode": mode,
-                                                 "anti_aliasing": True}})
+        ts.append({"name": "ShrinkAreaResized", "kwargs": {"spatial_size": size, "mode": mode}})
     elif resize == "resize_pad":
         ts.append({"name": "ResizeToFitd", "kwargs": {"spatial_size": size, "mode": mode,
-                                                      "anti_aliasing": True}})
+                                                      "anti_aliasing": "area"}})
         ts.append({"name": "ResizeWithPadOrCropd", "kwargs": {"spatial_size": size}})
     elif resize == "pad_crop":
         ts.append({"name": "ResizeWithPadOrCropd", "kwargs": {"spatial_size": size}})
@@ -155,7 +160,7 @@ def build_transforms(spec: Mapping):
             raise DataError(f"image spec transform #{i} is {name!r}; allowed: {list(_ALLOWED)}")
         kwargs = dict(t.get("kwargs", {}))
         try:
-            cls = ResizeToFitd if name == "ResizeToFitd" else getattr(mt, name)
+            cls = {"ResizeToFitd": ResizeToFitd, "ShrinkAreaResized": ShrinkAreaResized}.get(name) or getattr(mt, name)
             out.append(cls(keys=[_KEY], **kwargs))
         except TypeError as e:
             raise DataError(f"image spec transform #{i} ({name}): bad arguments {kwargs}: {e}") from None
@@ -175,8 +180,6 @@ class ResizeToFitd:
         self.mode, self.anti_aliasing = mode, anti_aliasing
 
     def __call__(self, data):
-        from monai.transforms import Resize
-
         d = dict(data)
         for k in self.keys:
             size = d[k].shape[1:]
@@ -185,8 +188,38 @@ class ResizeToFitd:
                                  f"target {self.spatial_size}")
             f = min(t / s for t, s in zip(self.spatial_size, size))
             new = [min(t, max(1, round(s * f))) for t, s in zip(self.spatial_size, size)]
-            d[k] = Resize(new, mode=self.mode, anti_aliasing=self.anti_aliasing)(d[k])
+            d[k] = _resize(d[k], new, self.mode, self.anti_aliasing)
         return d
+
+
+class ShrinkAreaResized(ResizeToFitd):
+    """Resize a channel-first scan to ``spatial_size`` (aspect not kept): axes that shrink by
+    area averaging, axes that grow by ``mode`` (MONAI ``Resize`` for both)."""
+
+    def __init__(self, keys, spatial_size, mode="bilinear"):
+        super().__init__(keys, spatial_size, mode, anti_aliasing="area")
+
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.keys:
+            d[k] = _resize(d[k], self.spatial_size, self.mode, "area")
+        return d
+
+
+def _resize(img, size, mode: str, anti_aliasing):
+    """MONAI ``Resize`` to ``size``. ``anti_aliasing="area"``: the shrinking axes first, by area
+    averaging (``nearest`` modes, e.g. for label maps, never average); else MONAI's own flag."""
+    from monai.transforms import Resize
+
+    size = [int(t) for t in size]
+    if anti_aliasing != "area":
+        return Resize(size, mode=mode, anti_aliasing=bool(anti_aliasing))(img)
+    if str(mode).startswith("nearest"):
+        return Resize(size, mode=mode)(img)
+    shrunk = [min(s, t) for s, t in zip(img.shape[1:], size)]
+    if shrunk != list(img.shape[1:]):
+        img = Resize(shrunk, mode="area")(img)
+    return img if shrunk == size else Resize(size, mode=mode)(img)
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -273,7 +306,7 @@ def _read(path: Path, kind: str):
             elif kind == "dicom":
                 reader = PydicomReader(swap_ij=False)     # pixel_array (row, column) order
             else:
-                reader = PILReader(reverse_indexing=False)   # numpy (row, column) order
+                reader = PILReader(converter=_pil_pixels, reverse_indexing=False)  # numpy (row, column) order
             img = LoadImage(reader=reader, image_only=True)(str(path))
     finally:
         plugin_log.setLevel(level)
@@ -283,6 +316,16 @@ def _read(path: Path, kind: str):
     else:
         img.meta["original_channel_dim"] = "no_channel"
     return img
+
+
+def _pil_pixels(im):
+    """The intensities a viewer shows: a palette image (P, PA) and other colour models as RGB,
+    grey with alpha (LA) as grey; a palette's raw indices are not intensities."""
+    if im.mode in ("LA", "La"):
+        return im.convert("L")
+    if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    return im
 
 
 def _preprocess(img, transforms, spec: dict, where: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -297,6 +340,10 @@ def _preprocess(img, transforms, spec: dict, where: str) -> tuple[np.ndarray, np
     # a 2D image stored as a single-slice volume, a volume with a trailing axis of 1
     if not has_c and arr.ndim == nd + 1 and arr.shape[-1] == 1:
         arr = arr[..., 0]
+    # channels last, as NIfTI stores a multi-contrast volume (X, Y, Z, C): moved first
+    if not has_c and arr.ndim == nd + 1 and arr.shape[-1] == shape[0] > 1:
+        arr = arr.movedim(-1, 0)
+        has_c = True
     if arr.ndim - has_c != nd:
         hint = (" (a DICOM series is a folder of files: pass it in a list, images=[folder])"
                 if nd == 3 and str(arr.meta.get("filename_or_obj", "")).lower().endswith(DICOM_SUFFIXES)

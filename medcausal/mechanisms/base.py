@@ -56,6 +56,9 @@ class Mechanism(nn.Module):
     # not decide when training stops (for losses that stop tracking query quality, e.g.
     # denoising losses; see ``diffusion``).
     select_by_validation: ClassVar[bool] = True
+    # Hyperparameters a user may change after fit, read at query time (e.g. image-diffusion's
+    # ``depth``): the model file saves their current values, not the constructor's.
+    query_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, variable: VariableType, parents: Mapping[str, int] | int, **hparams: Any):
         super().__init__()
@@ -145,6 +148,16 @@ class AveragedWeights:
         params = list(self.net.named_parameters())
         avg = [self.ema.get_buffer(name.replace(".", "__")) for name, _ in params]
         torch._foreach_lerp_(avg, [p.detach() for _, p in params], 1.0 - d)
+
+    @torch.no_grad()
+    def restart_average(self) -> None:
+        """Continue training from the weights queries use: the live network takes the averaged
+        weights (when averaging is on) and the average restarts its warm-up, so that it
+        follows the new training rather than staying near the old weights."""
+        if self.use_ema:
+            for name, p in self.net.named_parameters():
+                p.copy_(self.ema.get_buffer(name.replace(".", "__")))
+        self.ema_steps.zero_()
 
     def ema_parameters(self) -> dict[str, torch.Tensor]:
         """The averaged weights, by the network's parameter names."""

@@ -142,6 +142,3 @@ class CVAEMechanism(PixelNoiseVAE):
                             float(sigma_min), min_res=int(min_res), pixel_scale=pixel_scale)
         self._init_ema(ema_decay, use_ema)
 
-    def abduct(self, value, parents, generator=None, ema: bool | None = None):
-        gen = generator if self.abduct_sample else None
-        return super().abduct(value, parents, generator=gen, ema=ema)

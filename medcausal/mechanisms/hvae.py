@@ -545,7 +545,9 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
             raise DataError(f"{self.name}: image batch has {int((~torch.isfinite(value)).sum())} "
                             "non-finite value(s)")
         self._check_finite_parents(parents)
-        lat, loc, ls = self._run("abduct", value, parents, generator=generator, ema=ema)
+        # the posterior means, unless abduct_sample: then drawn (by torch's global RNG without a generator)
+        gen = (generator if generator is not None else torch.default_generator) if self.abduct_sample else None
+        lat, loc, ls = self._run("abduct", value, parents, generator=gen, ema=ema)
         u = (value - loc) * torch.exp(-ls)
         return torch.cat([lat, u.flatten(1)], dim=1)
 
@@ -631,6 +633,8 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         (e.g. :meth:`medcausal.metrics.predictors.AntiCausalPredictor.parent_nll`),
         subject to the negative ELBO staying within ``elbo_slack`` (relative) of its
         value before fine-tuning, via a Lagrange multiplier ascended in the same loop.
+        It starts from the averaged (EMA) weights that queries use, and the average restarts
+        its warm-up, so queries after fine-tuning answer with the fine-tuned weights.
         ``intervene(pa) -> pa*`` draws counterfactual parents (default: another row's
         parents). Trained with :func:`medcausal.train.train`; returns its result, with the
         final ``lagrange_multiplier`` and the ``elbo_target`` (nats per image) attached.
@@ -645,6 +649,7 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
         from ..train import TrainConfig, forked_rng, train
 
         self._check(value, parents)
+        self.restart_average()  # fine-tune the weights queries use; the average then follows it
         with forked_rng(seed=seed):  # the caller's random state is left as it was
             with torch.no_grad():
                 was = self.training
@@ -701,6 +706,7 @@ class HVAEMechanism(PixelNoiseVAE):
     """
 
     name = "hvae"
+    query_settings = ("mediator_abduction", "alpha")
 
     def __init__(self, variable, parents, channels: list[int] | tuple[int, ...] = (8, 16, 32, 64, 64),
                  blocks: int | list[int] | tuple[int, ...] = (0, 1), z_dim: int = 4, latent_levels: int = 3,
@@ -731,11 +737,6 @@ class HVAEMechanism(PixelNoiseVAE):
                             int(latent_levels), latent_mode, float(sigma_min), min_res=int(min_res),
                             pixel_scale=pixel_scale)
         self._init_ema(ema_decay, use_ema)
-
-    def abduct(self, value, parents, generator=None, ema: bool | None = None):
-        # Posterior means unless abduct_sample (then the generator draws the latents).
-        gen = generator if self.abduct_sample else None
-        return super().abduct(value, parents, generator=gen, ema=ema)
 
     def _query_kwargs(self) -> dict:
         return {"alpha": self.alpha, "mediator_abduction": self.mediator_abduction, "hold": self._hold}

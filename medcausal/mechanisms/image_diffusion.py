@@ -235,6 +235,7 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     """
 
     name = "image-diffusion"
+    query_settings = ("depth", "guidance")
     select_by_validation = False  # keep the last (averaged) weights; see the module docstring
     abduction = "deterministic-approximate"
     supports = ("image",)

@@ -204,3 +204,34 @@ def test_reading_scans_logs_nothing_about_the_absent_gpu_dicom_decoder(tmp_path,
     assert len(cohort) == 3
     assert not [r for r in caplog.records if "nvImageCodec" in r.getMessage()]  # MONAI's line per scan
     assert plugin.level == before  # the logger's level is restored
+
+
+# ----------------------------------------------------------------- review, session 15
+def test_palette_and_grey_alpha_pngs_load_as_the_pixels_shown(tmp_path):
+    arr = np.zeros((16, 16), np.uint8)
+    arr[:, :8] = 255
+    grey = PILImage.fromarray(arr)
+    grey.convert("P").save(tmp_path / "a_palette.png")  # palette indices are not intensities
+    grey.convert("LA").save(tmp_path / "b_alpha.png")
+    out = load_images(tmp_path, shape=(1, 16, 16), intensity=None, resize="none").arrays["mri"]
+    for img in out:
+        assert img[0, :, :8].min() == 255.0 and img[0, :, 8:].max() == 0.0
+
+
+def test_a_multichannel_nifti_stores_channels_last(tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.random((8, 8, 8, 2)).astype(np.float32)  # (X, Y, Z, C): two contrasts
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "s.nii.gz"))
+    out = load_images(tmp_path, shape=(2, 8, 8, 8), intensity=None, resize="none", orientation=None)
+    np.testing.assert_allclose(out.arrays["mri"][0], np.moveaxis(vol, -1, 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("resize", ["resize", "resize_pad"])
+def test_shrinking_keeps_a_constant_scan_constant_to_its_border(tmp_path, resize):
+    # MONAI's Gaussian anti-aliasing pads with zeros: the border came out ~20% darker
+    PILImage.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / "c.png")
+    PILImage.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(tmp_path / "d.png")
+    out = load_images(tmp_path, shape=(1, 16, 16), intensity=None, resize=resize).arrays["mri"]
+    np.testing.assert_allclose(out[0], 100.0, rtol=1e-5)
+    # area averaging of a ramp: each output pixel is the mean of its 4 input columns
+    np.testing.assert_allclose(out[1][0, 0], np.arange(64).reshape(16, 4).mean(1) * 4, rtol=1e-5)

@@ -99,6 +99,12 @@ class TestMechanismContract:
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         torch.testing.assert_close(m.sample(parents, generator=g1), other.sample(parents, generator=g2))
 
+    def test_query_settings_are_saved_hyperparameters(self, name, var, parent_dim):
+        # a model file rebuilds the mechanism from its hyperparameters, query settings included
+        m = _make(name, var, parent_dim)
+        for setting in type(m).query_settings:
+            assert setting in m.hparams and getattr(m, setting) == m.hparams[setting]
+
     def test_same_seed_same_sample(self, name, var, parent_dim):
         m = _make(name, var, parent_dim)
         parents = torch.randn(N, parent_dim)

@@ -222,6 +222,14 @@ def test_causal_model_with_an_image_diffusion_variable_round_trips(tmp_path):
     model.save(tmp_path / "m.mcm")
     again = mc.CausalModel.load(tmp_path / "m.mcm").counterfactual(cohort[:4], do={"radius": 5.0})
     np.testing.assert_allclose(again.arrays["img"], cf.arrays["img"], atol=1e-5)
+    # knobs set after fit are saved with the model (they were lost: the file kept the constructor's)
+    model.mechanism("img").set_knobs(depth=0.5, guidance=2.0)
+    knobbed = model.counterfactual(cohort[:4], do={"radius": 5.0}).arrays["img"]
+    model.save(tmp_path / "k.mcm")
+    loaded = mc.CausalModel.load(tmp_path / "k.mcm")
+    assert (loaded.mechanism("img").depth, loaded.mechanism("img").guidance) == (0.5, 2.0)
+    np.testing.assert_allclose(loaded.counterfactual(cohort[:4], do={"radius": 5.0}).arrays["img"], knobbed,
+                               atol=1e-5)
 
 
 def test_refused_under_differential_privacy_with_the_reason():

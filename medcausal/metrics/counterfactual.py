@@ -44,13 +44,15 @@ class CounterfactualError:
     mse: float
     per_variable: dict[str, float]
     variables: tuple[str, ...]
+    skipped: tuple[str, ...] = ()  # descendants with no squared error (categorical, image, expression)
 
     def __float__(self) -> float:
         return float(self.mse)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{v}={e:.4g}" for v, e in self.per_variable.items())
-        return f"CounterfactualError(mse={self.mse:.6g}; {parts})"
+        extra = f"; not scored: {list(self.skipped)}" if self.skipped else ""
+        return f"CounterfactualError(mse={self.mse:.6g}; {parts}{extra})"
 
 
 def variable_columns(graph: CausalGraph, name: str) -> list[str]:
@@ -134,13 +136,17 @@ def counterfactual_mse(true_cf: pd.DataFrame, pred_cf: pd.DataFrame, graph: Caus
                        ) -> CounterfactualError:
     """Mean squared counterfactual error over the descendants of the intervention.
 
-    For each descendant of the intervened variables (``do_names``: a name, a
-    list of names, or the ``do=`` mapping itself; intervened variables are
-    excluded even when they descend from one another), the MSE over units and
-    its columns (a vector variable's columns together); ``mse`` is the
-    unweighted mean of these. The frames must hold the same units: the same
-    index (rows are matched by id if only the order differs) and the
-    descendants' columns; other columns are ignored.
+    For each continuous or binary descendant of the intervened variables
+    (``do_names``: a name, a list of names, or the ``do=`` mapping itself;
+    intervened variables are excluded even when they descend from one another),
+    the MSE over units and its columns (a vector variable's columns together);
+    ``mse`` is the unweighted mean of these. Categorical, image and expression
+    descendants have no squared error: they are listed in ``skipped`` (score
+    images with :mod:`medcausal.metrics.images`, cells with
+    :mod:`medcausal.metrics.singlecell`). The inputs are DataFrames or Cohorts
+    (their tables, by id) holding the same units: the same index (rows are
+    matched by id if only the order differs) and the descendants' columns;
+    other columns are ignored.
 
     >>> import pandas as pd
     >>> from medcausal.graph import CausalGraph
@@ -155,15 +161,18 @@ def counterfactual_mse(true_cf: pd.DataFrame, pred_cf: pd.DataFrame, graph: Caus
     desc: set[str] = set()
     for v in names:
         desc |= graph.descendants(v)
-    variables = tuple(v for v in graph.topological_order if v in desc and v not in names)
-    if not variables:
+    descendants = tuple(v for v in graph.topological_order if v in desc and v not in names)
+    if not descendants:
         raise InterventionError(f"the intervened variable(s) {names} have no descendants "
                                 "outside the intervention: there is no counterfactual to score")
-    for v in variables:
-        kind = graph.variables[v].kind
-        if kind not in ("continuous", "binary"):
-            raise DataError(f"counterfactual_mse scores continuous and binary variables; "
-                            f"descendant {v!r} is {kind}")
+    variables = tuple(v for v in descendants if graph.variables[v].kind in ("continuous", "binary"))
+    skipped = tuple(v for v in descendants if v not in variables)
+    if not variables:
+        kinds = {v: graph.variables[v].kind for v in skipped}
+        raise DataError(f"counterfactual_mse scores continuous and binary variables; the descendants "
+                        f"of {names} are {kinds} (images: medcausal.metrics.images; cells: "
+                        "medcausal.metrics.singlecell)")
+    true_cf, pred_cf = _table_of(true_cf, "true_cf"), _table_of(pred_cf, "pred_cf")
     cols = {v: variable_columns(graph, v) for v in variables}
     flat = [c for v in variables for c in cols[v]]
     t, p = _aligned(true_cf, pred_cf, flat)
@@ -175,4 +184,13 @@ def counterfactual_mse(true_cf: pd.DataFrame, pred_cf: pd.DataFrame, graph: Caus
         per_variable[v] = float(sq[:, start:start + k].mean())
         start += k
     mse = float(np.mean(list(per_variable.values())))
-    return CounterfactualError(mse=mse, per_variable=per_variable, variables=variables)
+    return CounterfactualError(mse=mse, per_variable=per_variable, variables=variables, skipped=skipped)
+
+
+def _table_of(data: Any, label: str):
+    """A Cohort's table indexed by its ids (a DataFrame as it is)."""
+    from ..cohort import Cohort
+
+    if isinstance(data, Cohort):
+        return data.table.set_index(data.id_column)
+    return data

@@ -86,9 +86,25 @@ def test_alignment_errors_name_the_problem():
     with pytest.raises(InterventionError, match="empty"):
         counterfactual_mse(true, pred, DIAMOND, [])
     g = CausalGraph({"a": "continuous", "c": "categorical"}, edges=[("a", "c")])
-    with pytest.raises(DataError, match="'c' is categorical"):
+    with pytest.raises(DataError, match="descendants of \\['a'\\] are \\{'c': 'categorical'\\}"):
         counterfactual_mse(pd.DataFrame({"a": [0.0], "c": ["x"]}),
                            pd.DataFrame({"a": [0.0], "c": ["x"]}), g, "a")
+
+
+def test_scores_the_scalar_descendants_of_a_graph_with_an_image():
+    # age -> volume -> mri, age -> scanner: the squared error of volume; mri and scanner listed as not scored
+    from medcausal import Cohort
+    from medcausal.graph import Image
+
+    g = CausalGraph({"age": "continuous", "volume": "continuous", "scanner": "categorical",
+                     "mri": Image((1, 4, 4))},
+                    edges=[("age", "volume"), ("volume", "mri"), ("age", "scanner")])
+    table = pd.DataFrame({"id": ["p1", "p2"], "age": [80.0, 80.0], "volume": [1.0, 2.0], "scanner": ["A", "B"]})
+    true = Cohort(table, {"mri": np.zeros((2, 1, 4, 4))})
+    pred = Cohort(table.assign(volume=[1.0, 4.0]).iloc[::-1], {"mri": np.ones((2, 1, 4, 4))})  # other order
+    err = counterfactual_mse(true, pred, g, {"age": 80.0})
+    assert err.per_variable == {"volume": 2.0} and float(err) == 2.0
+    assert err.skipped == ("scanner", "mri") and "not scored" in repr(err)
 
 
 def test_against_a_ground_truth_simulator():

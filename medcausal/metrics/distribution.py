@@ -71,6 +71,8 @@ def _as_matrix(x: Any, label: str) -> tuple[np.ndarray, list | None]:
         arr = arr[:, None]
     if arr.ndim != 2:
         raise DataError(f"mmd: {label} must be 1-D or 2-D [n, d], got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise DataError(f"mmd: {label} has no columns (shape {arr.shape})")
     if not np.all(np.isfinite(arr)):
         raise DataError(f"mmd: {label} has missing or infinite values")
     return arr, columns
@@ -154,6 +156,10 @@ def mmd(x: Any, y: Any, kernel: str = "rbf", bandwidth: float | str = "median",
     if n_x < need or n_y < need:
         raise DataError(f"mmd: need at least {need} points in each sample "
                         f"(unbiased={bool(unbiased)}), got n_x={n_x}, n_y={n_y}")
+    # the kernel depends on differences only: centring on the pooled mean keeps the squared
+    # distances |a|^2 + |b|^2 - 2ab from cancelling for data far from the origin
+    centre = np.vstack([X, Y]).mean(axis=0)
+    X, Y = X - centre, Y - centre
     if isinstance(bandwidth, str):
         if bandwidth != "median":
             raise MedCausalError(f"mmd: bandwidth must be 'median' or a positive number, "

@@ -110,8 +110,8 @@ parent value it is the unique such map, Brenier's optimal transport map, from
 counterfactual well defined. Mechanisms that abduct another map with the same
 law (e.g. a triangular, autoregressive one) answer a different counterfactual.
 The constants make the two coordinates' marginal standard deviations equal
-(1.20 both, to 0.1%), so the map stays symmetric after per-column
-standardization. Interventions on ``x3`` take ``[n, 2]`` arrays or callables.
+(non-additive: 1.20 both, to 0.1%; additive: 0.99 and 0.98, within 2%), so the
+map stays symmetric after per-column standardization. Interventions on ``x3`` take ``[n, 2]`` arrays or callables.
 
 Units and their noise
 ---------------------

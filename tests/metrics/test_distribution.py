@@ -134,3 +134,17 @@ def test_5000_by_5000_stays_within_bounded_memory():
         tracemalloc.stop()
     assert peak < 120e6, f"peak {peak / 1e6:.0f} MB"
     assert res.value == pytest.approx(analytic_mmd2(np.array([0.5]), 1.0, 1.0), abs=0.01)
+
+
+def test_mmd_is_translation_invariant_and_refuses_empty_columns():
+    # ||a||^2 + ||b||^2 - 2ab cancelled far from the origin (0.0561 instead of 0.0595 at 1e8)
+    from medcausal.errors import DataError
+    from medcausal.metrics.distribution import mmd
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 2)), rng.normal(0.3, 1.0, size=(150, 2))
+    base = float(mmd(x, y))
+    for offset in (1e6, 1e8):
+        assert float(mmd(x + offset, y + offset)) == pytest.approx(base, rel=1e-6)
+    with pytest.raises(DataError, match="no columns"):
+        mmd(np.empty((50, 0)), np.empty((40, 0)))

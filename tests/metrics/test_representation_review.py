@@ -101,3 +101,37 @@ def test_input_validation_gives_data_errors():
         mcc(df, z)  # was reported as 'must be numeric'
     with pytest.raises(DataError, match="discrete must hold"):
         mig(z, z, discrete=True)  # raw TypeError
+
+
+# ----------------------------------------------------------------- review, session 15
+def test_cca_weak_mcc_scores_a_factor_the_code_lost_as_zero():
+    z = np.random.default_rng(0).normal(size=(2000, 3))
+    lost = np.column_stack([z[:, 0], z[:, 0], z[:, 1]])  # rank 2: factor 2 is not in the code
+    r = mcc(z, lost, variant="weak", alignment="cca")
+    assert r.score == pytest.approx(2 / 3, abs=0.01)  # two canonical correlations 1, one 0
+    assert mcc(z, z @ np.random.default_rng(1).normal(size=(3, 3)), variant="weak", alignment="cca").score \
+        == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_class_absent_from_the_train_split_does_not_count_against_a_perfect_code():
+    from medcausal.metrics.representation import DegenerateColumnWarning, _split_indices, dci, dci_es, sap
+
+    f = (np.arange(200) % 2).astype(float)[:, None]
+    _, test = _split_indices(200, 0.3, 0)  # the split all three draw with seed 0
+    f[test[0], 0] = 2  # one row of a rare class, in the test split only
+    with pytest.warns(DegenerateColumnWarning, match="absent from the train split"):
+        err = dci(f, f.copy(), discrete=[True]).informativeness_error
+    assert err == pytest.approx(0.0, abs=1e-12)
+    with pytest.warns(DegenerateColumnWarning, match="absent from the train split"):
+        assert dci_es(f, f.copy(), discrete=[True]).explicitness == pytest.approx(1.0, abs=1e-9)
+    with pytest.warns(DegenerateColumnWarning, match="absent from the train split"):
+        assert sap(f, f.copy(), discrete=[True]).score == pytest.approx(1.0, abs=1e-12)
+
+
+def test_leeb_interventional_needs_two_samples():
+    from medcausal.metrics.representation import leeb_interventional
+
+    z = np.random.default_rng(0).normal(size=(50, 2))
+    for bad in (1, 0, -3, 2.5):
+        with pytest.raises(DataError, match="n_samples"):
+            leeb_interventional(lambda x: x, lambda v: v, z, n_samples=bad)

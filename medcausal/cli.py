@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .errors import MedCausalError
 from .interventions import parse_cli_do
-from .io import read_table, write_table
 
 MODEL_FILE = "model.mcm"
 
@@ -117,48 +116,38 @@ def _privacy_line(model) -> str:
 
 
 def _check_table_out(args) -> None:
-    """``--out`` of sample/counterfactual: a .csv or .parquet file, not replaced without --overwrite."""
+    """``--out`` of sample/counterfactual: a .csv, .parquet or .h5ad file, not replaced without --overwrite."""
     out = Path(args.out)
-    if out.suffix.lower() not in (".csv", ".parquet", ".pq"):
-        raise MedCausalError(f"--out {str(out)!r}: write a .csv or .parquet file")
+    if out.suffix.lower() not in (".csv", ".parquet", ".pq", ".h5ad"):
+        raise MedCausalError(f"--out {str(out)!r}: write a .csv or .parquet file (cells: .h5ad)")
     refuse_existing(out, args.overwrite)
 
 
 def cmd_sample(args) -> int:
+    from .simulate import _write_output
+
     _check_table_out(args)
     model = load_run(args.run_dir)
-    df = model.sample(args.n, do=parse_cli_do(args.do, model.graph.variables) or None,
-                      seed=args.seed)
-    write_table(df, args.out)
-    print(f"wrote {len(df)} samples to {args.out}")
+    out = model.sample(args.n, do=parse_cli_do(args.do, model.graph.variables) or None,
+                       seed=args.seed)
+    _write_output(out, Path(args.out))  # scans one file each beside the table; cells as .h5ad
+    print(f"wrote {args.n} samples to {args.out}")
     print(_privacy_line(model))
     return 0
 
 
-def _passthrough_columns(path: str, model) -> list[str]:
-    """Columns of a CSV ``--input`` that are not model variables (ids, notes): read as text, so
-    they reach ``--out`` as written (patient id ``"007"`` stays ``"007"``, not ``7``)."""
-    import pandas as pd
-
-    if Path(path).suffix.lower() in (".parquet", ".pq") or not Path(path).is_file():
-        return []  # Parquet keeps its types; a missing file is reported by read_table
-    try:
-        columns = pd.read_csv(path, nrows=0).columns
-    except Exception:  # noqa: BLE001 - read_table reports an unreadable file, naming it
-        return []
-    return [c for c in columns if c not in model.graph.variables]
-
-
 def cmd_counterfactual(args) -> int:
+    from .simulate import _read_input, _write_output
+
     _check_table_out(args)
     model = load_run(args.run_dir)
-    data = read_table(args.input, str_columns=_passthrough_columns(args.input, model))
+    data = _read_input(model, args.input)  # a table (scans by <name>_path), .h5ad or a simulation folder
     do = parse_cli_do(args.do, model.graph.variables)
     if not do:
         raise MedCausalError("counterfactual needs at least one --do var=value")
     cf = model.counterfactual(data, do=do, seed=args.seed)
-    write_table(cf, args.out)
-    print(f"wrote {len(cf)} counterfactuals to {args.out}")
+    _write_output(cf, Path(args.out))
+    print(f"wrote {cf.n_obs if hasattr(cf, 'n_obs') else len(cf)} counterfactuals to {args.out}")
     print(_privacy_line(model))
     return 0
 

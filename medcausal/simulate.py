@@ -2015,6 +2015,18 @@ def _sidecar_for(path: Path, info: dict) -> None:
 _TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
+def _passthrough_columns(path: Path, model) -> list[str]:
+    """Columns of a CSV input that are not model variables (ids, notes): read as text, so
+    they reach ``--out`` as written (patient id ``"007"`` stays ``"007"``, not ``7``)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return []  # Parquet keeps its types
+    try:
+        columns = pd.read_csv(path, nrows=0).columns
+    except Exception:  # noqa: BLE001 - read_table reports an unreadable file, naming it
+        return []
+    return [c for c in columns if c not in model.graph.variables]
+
+
 def _read_input(model, path: str | os.PathLike):
     """The CLI's ``--input``: a CSV/Parquet table (with ``<name>_path`` columns for the model's
     image variables: scans loaded as the model was fitted), an ``.h5ad`` file, or a folder
@@ -2030,7 +2042,7 @@ def _read_input(model, path: str | os.PathLike):
         from .adapters.singlecell import read_h5ad
 
         return read_h5ad(path)
-    table = read_table(path)
+    table = read_table(path, str_columns=_passthrough_columns(path, model))
     images = [v for v, t in model.graph.variables.items() if t.kind == "image"]
     if not images:
         return table

@@ -204,3 +204,37 @@ def test_sample_and_counterfactual_outputs_are_tables_and_not_replaced_silently(
     assert main(["counterfactual", str(run), "--input", str(out), "--do", "x2=1.0",
                  "--out", str(tmp_path / "cf.xlsx")]) == 2
     assert ".csv or .parquet" in capsys.readouterr().err and not (tmp_path / "cf.xlsx").exists()
+
+
+BRAIN_RECIPE = """
+name = "brain"
+edges = [["age", "brain_volume"], ["brain_volume", "mri"], ["age", "mri"]]
+[data]
+synthetic = "brain"
+n = 64
+seed = 0
+options = {{ shape = [16, 16] }}
+[variables]
+age = "continuous"
+brain_volume = "continuous"
+mri = {{ type = "image", shape = [1, 16, 16] }}
+[mechanisms]
+mri = {{ name = "cvae", channels = [4, 8], z_dim = 2, hidden = 16 }}
+[fit]
+max_epochs = 1
+batch_size = 32
+"""
+
+
+def test_sample_and_counterfactual_of_an_image_model_write_the_scans(tmp_path):
+    # a Cohort result crashed `sample` (write_table took a Cohort); `counterfactual` could not read scans back
+    recipe = tmp_path / "brain.toml"
+    recipe.write_text(BRAIN_RECIPE.format())
+    run, out, cf = tmp_path / "run", tmp_path / "s.csv", tmp_path / "cf.csv"
+    assert main(["fit", str(recipe), "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "-n", "3", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 3 and all((tmp_path / p).is_file() for p in table["mri_path"])
+    assert main(["counterfactual", str(run), "--input", str(out), "--do", "age=80", "--out", str(cf)]) == 0
+    back = pd.read_csv(cf)
+    assert (back["age"] == 80).all() and all((tmp_path / p).is_file() for p in back["mri_path"])

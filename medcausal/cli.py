@@ -88,9 +88,7 @@ def cmd_fit(args) -> int:
         model.save(tmp / MODEL_FILE)
         shutil.copyfile(args.recipe, tmp / "recipe.toml")
         (tmp / "fit.json").write_text(json.dumps({"fit": model.fit_info, "history": model.history}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,6 +102,23 @@ def cmd_fit(args) -> int:
     print(f"fitted {recipe.name!r} on {size} ({info['epochs']} epochs, {how}) -> {out}")
     print(_privacy_line(model))
     return 0
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Move the folder ``new`` to ``out``; an old ``out`` is set aside first and deleted only once
+    the new one is in place (an interruption leaves the old run or the new one, never neither)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _privacy_line(model) -> str:

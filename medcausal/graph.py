@@ -146,6 +146,18 @@ def as_type(spec: Any, name: str = "?") -> VariableType:
         raise GraphError(f"variable {name!r}: bad arguments for type {kind!r}: {e}") from None
 
 
+def table_columns(name: str, vtype: VariableType) -> list[str]:
+    """The table columns that hold variable ``name``: ``[name]``, or ``name[0]``,
+    ``name[1]``, ... for a continuous vector.
+
+    >>> table_columns("z", Continuous(dim=2))
+    ['z[0]', 'z[1]']
+    """
+    if vtype.kind == "continuous" and vtype.dim > 1:
+        return [f"{name}[{i}]" for i in range(vtype.dim)]
+    return [name]
+
+
 class CausalGraph:
     """Variables with types and the directed acyclic edges between them.
 
@@ -167,6 +179,13 @@ class CausalGraph:
         if not names:
             raise GraphError("a causal graph needs at least one variable")
         self.variables: dict[str, VariableType] = {n: as_type(t, n) for n, t in items}
+        owner: dict[str, str] = {}
+        for n, t in self.variables.items():  # a vector's "v[0]" and a variable named "v[0]"
+            for col in table_columns(n, t):
+                if col in owner:
+                    raise GraphError(f"variables {owner[col]!r} and {n!r} would both be the table column "
+                                     f"{col!r}; rename one")
+                owner[col] = n
         edge_list = []
         for e in edges:
             if isinstance(e, (str, bytes)) or not hasattr(e, "__len__") or len(e) != 2:

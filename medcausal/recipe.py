@@ -109,8 +109,9 @@ class Recipe(_Strict):
         if self.data.images or self.data.image_column:
             return self._load_images()
         if self.data.path is not None:
+            from .adapters.tabular import text_columns
             from .io import read_table
-            return read_table(self.data_path())
+            return read_table(self.data_path(), str_columns=text_columns(self.graph()))
         from . import synthetic
         name = self.data.synthetic
         try:

@@ -59,7 +59,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .adapters.tabular import check_columns, columns_of
+from .adapters.tabular import check_columns, columns_of, text_columns
 from .cohort import Cohort
 from .errors import (CapabilityError, DataError, InterventionError, MedCausalError,
                      OutOfSupportWarning, warn)
@@ -2042,7 +2042,7 @@ def _read_input(model, path: str | os.PathLike):
         from .adapters.singlecell import read_h5ad
 
         return read_h5ad(path)
-    table = read_table(path, str_columns=_passthrough_columns(path, model))
+    table = read_table(path, str_columns=_passthrough_columns(path, model) + text_columns(model.graph))
     images = [v for v, t in model.graph.variables.items() if t.kind == "image"]
     if not images:
         return table

@@ -149,3 +149,69 @@ def test_a_failed_demo_rerun_leaves_no_stale_report(tmp_path, monkeypatch):
         run_tabular_demo(out, quick=True, verbose=False)
     # was: the earlier report stayed beside whatever this run had written, looking complete
     assert not (out / "report.md").exists() and not (out / "report.json").exists()
+
+
+# ----------------------------------------------------------------- review, session 15
+def test_text_category_codes_survive_csv(tmp_path):
+    # "01" read from a CSV became the number 1 and matched no declared category
+    rng = np.random.default_rng(0)
+    grade = rng.choice(["01", "02", "03"], 120)
+    df = pd.DataFrame({"age": rng.normal(60, 10, 120), "grade": grade})
+    df["bp"] = 100 + 0.3 * df["age"] + (grade == "03") * 8 + rng.normal(0, 3, 120)
+    df.to_csv(tmp_path / "cohort.csv", index=False)
+    (tmp_path / "r.toml").write_text(
+        'name = "t"\nedges = [["age", "bp"], ["grade", "bp"]]\n[data]\npath = "cohort.csv"\n[variables]\n'
+        'age = "continuous"\ngrade = { type = "categorical", categories = ["01", "02", "03"] }\n'
+        'bp = "continuous"\n[fit]\nmax_epochs = 1\n')
+    run = tmp_path / "run"
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.csv")]) == 0
+    assert set(pd.read_csv(tmp_path / "s.csv", dtype={"grade": str})["grade"]) <= {"01", "02", "03"}
+    assert main(["counterfactual", str(run), "--input", str(tmp_path / "s.csv"), "--do", "age=70",
+                 "--out", str(tmp_path / "cf.csv")]) == 0
+    cf = pd.read_csv(tmp_path / "cf.csv", dtype={"grade": str})
+    assert cf["grade"].tolist() == pd.read_csv(tmp_path / "s.csv", dtype={"grade": str})["grade"].tolist()
+
+
+def test_fit_overwrite_keeps_the_old_run_if_interrupted(run, monkeypatch):
+    # the old run was deleted before the new one moved in: an interruption between lost both
+    import medcausal.cli as cli
+
+    before = (run / "model.mcm").read_bytes()
+    real = os.replace
+
+    def interrupted(src, dst, *a, **k):
+        if os.path.isdir(src) and os.path.basename(src).startswith(".run.") and ".old." not in str(src):
+            raise KeyboardInterrupt("at the new run's final rename")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(cli.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["fit", str(run.parent / "tri.toml"), "--out", str(run), "--quiet", "--overwrite"])
+    monkeypatch.setattr(cli.os, "replace", real)
+    assert (run / "model.mcm").read_bytes() == before
+    assert sorted(p.name for p in run.parent.iterdir() if p.name.startswith(".run")) == []  # nothing left over
+    assert cli.main(["fit", str(run.parent / "tri.toml"), "--out", str(run), "--quiet", "--overwrite"]) == 0
+
+
+def test_a_variable_named_like_a_vector_column_is_refused():
+    from medcausal.errors import GraphError
+
+    with pytest.raises(GraphError, match="'v' and 'v\\[0\\]' would both be the table column 'v\\[0\\]'"):
+        mc.CausalGraph({"v": mc.graph.Continuous(dim=2), "v[0]": "continuous"})
+
+
+def test_nullable_pandas_dtypes_come_back():
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"smoker": pd.array(rng.random(n) < 0.4, dtype="boolean"),
+                       "visits": pd.array(rng.integers(0, 2, n), dtype="Int64"),
+                       "site": pd.array(rng.choice(["a", "b"], n), dtype="string")})
+    df["bp"] = 120 + 5 * df["smoker"].astype(float) + rng.normal(size=n)
+    g = mc.CausalGraph({"smoker": "binary", "visits": "binary", "site": "categorical", "bp": "continuous"},
+                       [("smoker", "bp"), ("site", "bp")])
+    model = mc.CausalModel(g).fit(df, max_epochs=1, verbose=False)
+    cf = model.counterfactual(df.head(3), do={"smoker": True, "site": "b"})
+    for out in (model.sample(3, seed=0), cf):
+        assert dict(out.dtypes.astype(str)) == dict(df.dtypes.astype(str))
+    assert cf["smoker"].tolist() == [True] * 3 and cf["visits"].tolist() == df["visits"].head(3).tolist()

@@ -33,14 +33,22 @@ import torch
 
 from ..cohort import Cohort
 from ..errors import DataError, InterventionError, OutOfSupportWarning, warn
-from ..graph import Categorical, CausalGraph, VariableType
+from ..graph import Categorical, CausalGraph, VariableType, table_columns
 
 
-def columns_of(name: str, vtype: VariableType) -> list[str]:
-    """The table columns that hold variable ``name``."""
-    if vtype.kind == "continuous" and vtype.dim > 1:
-        return [f"{name}[{i}]" for i in range(vtype.dim)]
-    return [name]
+columns_of = table_columns  # the table columns that hold a variable (one naming rule: graph.py)
+
+
+def text_columns(graph: CausalGraph) -> list[str]:
+    """Categorical variables whose categories are all text: a CSV reader must keep them as
+    text, or codes like ``"01"`` come back as the number 1 and match no category.
+
+    >>> from medcausal.graph import CausalGraph, Categorical
+    >>> text_columns(CausalGraph({"grade": Categorical(("01", "02")), "n": Categorical((1, 2))}))
+    ['grade']
+    """
+    return [v for v, t in graph.variables.items() if t.kind == "categorical" and t.categories
+            and all(isinstance(c, str) for c in t.categories)]
 
 
 def _dtype_state(col: pd.Series, vtype: VariableType) -> dict:
@@ -197,7 +205,10 @@ class Codec:
         if dtype.startswith("datetime64"):  # ISO strings (or, in older files, integer nanoseconds)
             return pd.Series(pd.to_datetime(list(values))).astype(dtype).to_numpy()
         try:
-            return np.asarray(values).astype(np.dtype(dtype))
+            target = pd.api.types.pandas_dtype(dtype)
+            if isinstance(target, pd.api.extensions.ExtensionDtype):  # "boolean", "Int64", "string"
+                return pd.array(np.asarray(values).tolist(), dtype=target)
+            return np.asarray(values).astype(target)
         except (TypeError, ValueError):
             return values
 

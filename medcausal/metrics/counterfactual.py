@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, InterventionError
-from ..graph import CausalGraph
+from ..graph import CausalGraph, table_columns
 
 __all__ = ["CounterfactualError", "counterfactual_mse", "variable_columns"]
 
@@ -63,11 +63,7 @@ def variable_columns(graph: CausalGraph, name: str) -> list[str]:
     >>> variable_columns(CausalGraph({"z": Continuous(dim=2)}), "z")
     ['z[0]', 'z[1]']
     """
-    vtype = graph.variables[name]
-    dim = getattr(vtype, "dim", 1)
-    if vtype.kind == "continuous" and dim > 1:
-        return [f"{name}[{i}]" for i in range(dim)]
-    return [name]
+    return table_columns(name, graph.variables[name])
 
 
 def _do_names(do_names: Any, graph: CausalGraph) -> list[str]:

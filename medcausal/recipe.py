@@ -119,7 +119,7 @@ class Recipe(_Strict):
                 sim = synthetic.BrainMRI(**self.data.options)
             else:
                 sim = synthetic.scm(name, **self.data.options)
-        except TypeError as e:
+        except (TypeError, MedCausalError) as e:
             raise RecipeError(f"data.options for simulator {name!r}: {e}") from None
         return sim.sample(self.data.n, seed=self.data.seed)
 

@@ -215,3 +215,14 @@ def test_nullable_pandas_dtypes_come_back():
     for out in (model.sample(3, seed=0), cf):
         assert dict(out.dtypes.astype(str)) == dict(df.dtypes.astype(str))
     assert cf["smoker"].tolist() == [True] * 3 and cf["visits"].tolist() == df["visits"].head(3).tolist()
+
+
+def test_recipe_simulator_options_are_typed(tmp_path):
+    from medcausal.errors import RecipeError
+    from medcausal.recipe import load_recipe
+
+    (tmp_path / "r.toml").write_text('name = "t"\nedges = [["x1", "x2"]]\n[data]\nsynthetic = "chain"\nn = 50\n'
+                                     'options = { additive = "false" }\n[variables]\nx1 = "continuous"\n'
+                                     'x2 = "continuous"\nx3 = "continuous"\n')
+    with pytest.raises(RecipeError, match="data.options.*additive must be True or False, got 'false'"):
+        load_recipe(tmp_path / "r.toml").load_data()  # a string was truthy: the additive SCM, silently

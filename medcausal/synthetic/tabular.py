@@ -853,9 +853,11 @@ def scm(name: str, additive: bool = True) -> TabularSCM:
     >>> scm("vector").graph.variables["x3"]
     Continuous(dim=2)
     """
+    if not isinstance(additive, (bool, np.bool_)):  # a string "false" would be truthy
+        raise MedCausalError(f"additive must be True or False, got {additive!r}")
     key = str(name).lower() if isinstance(name, str) else name
     if key in _EXTRA:
-        return _EXTRA[key](key, additive)
+        return _EXTRA[key](key, bool(additive))
     if key not in _BUILDERS:
         raise MedCausalError(f"unknown SCM {name!r}; known: {scm_names() + list(_EXTRA)}")
-    return TabularSCM(key, additive)
+    return TabularSCM(key, bool(additive))

@@ -226,3 +226,11 @@ def test_recipe_simulator_options_are_typed(tmp_path):
                                      'x2 = "continuous"\nx3 = "continuous"\n')
     with pytest.raises(RecipeError, match="data.options.*additive must be True or False, got 'false'"):
         load_recipe(tmp_path / "r.toml").load_data()  # a string was truthy: the additive SCM, silently
+
+
+def test_text_columns_keep_na_like_words(tmp_path):
+    # "NA" (Namibia), "None", "null" in an id/note column were read as missing
+    (tmp_path / "t.csv").write_text("pid,country,note,age\n007,NA,None,61.2\n008,US,null,\n")
+    t = read_table(tmp_path / "t.csv", str_columns=["pid", "country", "note"])
+    assert t["pid"].tolist() == ["007", "008"] and t["country"].tolist() == ["NA", "US"]
+    assert t["note"].tolist() == ["None", "null"] and t["age"].isna().tolist() == [False, True]

@@ -234,3 +234,18 @@ def test_text_columns_keep_na_like_words(tmp_path):
     t = read_table(tmp_path / "t.csv", str_columns=["pid", "country", "note"])
     assert t["pid"].tolist() == ["007", "008"] and t["country"].tolist() == ["NA", "US"]
     assert t["note"].tolist() == ["None", "null"] and t["age"].isna().tolist() == [False, True]
+
+
+def test_a_date_category_takes_its_own_csv_output_back(tmp_path):
+    # categories are kept as "2022-01-15T00:00:00"; the CSV output says "2022-01-15"
+    rng = np.random.default_rng(0)
+    visit = pd.to_datetime(rng.choice(["2021-06-01", "2022-01-15"], 100))
+    df = pd.DataFrame({"visit": visit, "x": rng.normal(size=100)})
+    g = mc.CausalGraph({"visit": "categorical", "x": "continuous"}, [("visit", "x")])
+    model = mc.CausalModel(g).fit(df, max_epochs=1, verbose=False)
+    write_table(model.sample(3, seed=0), tmp_path / "s.csv")
+    back = read_table(tmp_path / "s.csv")
+    assert back["visit"].dtype == object  # text as the CSV reader sees it
+    cf = model.counterfactual(back, do={"x": 0.1})
+    assert pd.to_datetime(cf["visit"]).tolist() == pd.to_datetime(back["visit"]).tolist() and len(cf) == 3
+    assert (model.sample(2, do={"visit": "2022-01-15"}, seed=0)["visit"] == pd.Timestamp("2022-01-15")).all()

@@ -22,6 +22,7 @@ tensor into features for the variable's children, and turns tensors back into co
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 from dataclasses import dataclass, field
@@ -272,6 +273,11 @@ class Codec:
             if any(isinstance(c, int) for c in cats) and self.state.get("dtype", "").startswith("datetime64"):
                 lookup.update({_plain(pd.Timestamp(c)): i for i, c in enumerate(cats)})  # older files: ns
             idx = np.array([lookup.get(_plain(v), lookup.get(str(v), -1)) for v in values])
+            if (idx < 0).any() and self.state.get("dtype", "").startswith("datetime64"):
+                # dates read back from a CSV ("2022-01-15") or typed on the command line
+                for i in np.flatnonzero(idx < 0):
+                    with contextlib.suppress(TypeError, ValueError):
+                        idx[i] = lookup.get(_plain(pd.Timestamp(_plain(values[i]))), -1)
             if (idx < 0).any():
                 unseen = pd.unique(values[idx < 0])[:5].tolist()
                 raise DataError(f"{where} has {int((idx < 0).sum())} value(s) in categories not seen "

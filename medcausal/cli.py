@@ -66,7 +66,10 @@ def cmd_fit(args) -> int:
     refuse_existing(out, args.overwrite)
     if out.exists():
         _check_replaceable_run(out)  # before the fit, so a refusal costs nothing
-    data = recipe.load_data()
+    try:  # the mechanisms are checked before the data are read or rendered
+        model = CausalModel(recipe.graph(), mechanisms=recipe.mechanisms or None)
+    except MedCausalError as e:
+        raise type(e)(f"{args.recipe}: [mechanisms]: {e}") from None
     fit_args = recipe.fit.model_dump()
     if args.max_epochs is not None:
         fit_args["max_epochs"] = args.max_epochs
@@ -74,7 +77,7 @@ def cmd_fit(args) -> int:
     if args.privacy:
         from .privacy import load_profile
         privacy = load_profile(*args.privacy)
-    model = CausalModel(recipe.graph(), mechanisms=recipe.mechanisms or None)
+    data = recipe.load_data()
     model.fit(data, verbose=not args.quiet and None, privacy=privacy, **fit_args)
     # Build the run directory beside its final place, then move it in whole.
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -249,3 +249,10 @@ def test_a_date_category_takes_its_own_csv_output_back(tmp_path):
     cf = model.counterfactual(back, do={"x": 0.1})
     assert pd.to_datetime(cf["visit"]).tolist() == pd.to_datetime(back["visit"]).tolist() and len(cf) == 3
     assert (model.sample(2, do={"visit": "2022-01-15"}, seed=0)["visit"] == pd.Timestamp("2022-01-15")).all()
+
+
+def test_a_misspelt_mechanism_is_named_before_the_data_are_read(tmp_path, capsys):
+    (tmp_path / "r.toml").write_text(RECIPE.replace("[mechanisms]\n", '[mechanisms]\nx2 = "flwo"\n'))
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "r.toml: [mechanisms]" in err and "flwo" in err  # data.csv does not exist: never read

@@ -29,8 +29,10 @@ class Cohort:
                  id_column: str = "id", meta: Mapping | None = None):
         if not isinstance(table, pd.DataFrame):
             raise DataError(f"Cohort.table must be a pandas DataFrame, got {type(table).__name__}")
-        # an index named like the id column holds the ids: keep it as that column
-        keep_index = table.index.name == id_column and id_column not in table.columns
+        # an index named like the id column holds the ids: keep it as that column; another
+        # named index (e.g. "subject") is data too: kept as a column of its name, never dropped
+        name = table.index.name
+        keep_index = name is not None and name not in table.columns and (name == id_column or name != "index")
         table = table.reset_index(drop=not keep_index)
         if id_column not in table.columns:
             table.insert(0, id_column, np.arange(len(table)))

@@ -155,3 +155,13 @@ def test_cli_do_keeps_a_category_written_like_a_number():
     assert do == {"grade": "01"}
     assert (model.sample(5, do=do, seed=0)["grade"] == "01").all()
     assert parse_cli_do(["y=01"], model.graph.variables) == {"y": 1.0}  # continuous: a number
+
+
+def test_a_cohort_keeps_a_named_index_as_a_column():
+    # a named index that is not the id column ("subject") was dropped, its ids lost
+    import pandas as pd
+
+    t = pd.DataFrame({"age": [1.0, 2.0]}, index=pd.Index(["s1", "s2"], name="subject"))
+    c = mc.Cohort(t, {})
+    assert c.table["subject"].tolist() == ["s1", "s2"] and c.ids.tolist() == [0, 1]
+    assert mc.Cohort(t.rename_axis("id"), {}).ids.tolist() == ["s1", "s2"]  # named like the id column: the ids

@@ -45,9 +45,9 @@ Protocol (fixed; the same for every mechanism):
   shuffling the rows) against a second anti-causal predictor (seed + 5) fitted on the parents as
   the mechanism sees them, so the scores' predictor is not the one optimized; reported as
   ``NAME-cft``. Measured at 32x32, 3000 + 1000 steps (``brain_counterfactuals_32_3000_cft.md``):
-  it raised the true-counterfactual MAE of both VAEs (hvae 0.0151 -> 0.0173, cvae 0.0149 ->
-  0.0161) while the scoring predictor read the scans a little better (age+20 brain volume
-  MAE 82.8 -> 73.9 and 82.8 -> 73.1): the fine-tuning moves the scans toward what a
+  it raised the true-counterfactual MAE of both VAEs (hvae 0.0152 -> 0.0170, cvae 0.0150 ->
+  0.0164) while the scoring predictor read the scans a little better (age+20 brain volume
+  MAE 75.6 -> 68.5 and 79.1 -> 72.9): the fine-tuning moves the scans toward what a
   predictor reads, not toward the true counterfactual;
 - ``--sweep depth,guidance ...``: the image-diffusion knobs re-queried on the same trained
   model (first ``--sweep-n`` held-out patients): CF MAE, oracle effectiveness, CLD.

@@ -53,7 +53,7 @@ optimizer step; ``sample``/``abduct`` use the averaged weights (``use_ema=False`
 query the live ones). Optional counterfactual fine-tuning with frozen anti-causal
 predictors: :meth:`HVAEMechanism.finetune_counterfactual` (off unless called). On the
 synthetic brains it made true counterfactuals worse (32x32, 1000 steps after 3000: CF MAE
-0.0151 -> 0.0173; ``benchmarks/results/brain_counterfactuals_32_3000_cft.md``): it moves the
+0.0152 -> 0.0170; cvae 0.0150 -> 0.0164; ``benchmarks/results/brain_counterfactuals_32_3000_cft.md``): it moves the
 scans toward what the frozen predictors read, which is not the true counterfactual. Latents
 as mediators gave 0.0156 on the same cohort (``brain_counterfactuals_32_3000_mediator.md``),
 and a KL weight ``beta = 4`` (the latents made dearer, so the parents must carry more) 0.0149

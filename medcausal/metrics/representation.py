@@ -1056,6 +1056,10 @@ def mig(
     ``H(factor_j)``, and MIG is the mean gap. A constant factor (zero entropy)
     is skipped with a warning; with a single code the second MI is 0.
 
+    The binned (plug-in) estimate falls short of 1 for a perfect code in small
+    samples: codes equal to 3 Gaussian factors score 0.79 at 200 rows, 0.90 at
+    500 and 0.99 at 5000; compare codes at the same ``n``.
+
     Example:
         >>> import numpy as np
         >>> from medcausal.metrics.representation import mig

@@ -342,7 +342,7 @@ class _CountMechanism(Mechanism):
         y = value.detach().double().cpu().numpy()
         theta = np.broadcast_to(self.log_theta.detach().exp().double().cpu().numpy(), y.shape)
         kw = {"generator": generator} if generator is not None else {}
-        v = 0.01 + 0.98 * torch.rand(y.shape, dtype=torch.float64, **kw).numpy()
+        v = torch.rand(y.shape, dtype=torch.float64, **kw).numpy()  # uniform on the count's whole slice
         z = nb_normal_score(y, mean.double().cpu().numpy(), theta, v)
         return torch.cat([noise, torch.as_tensor(z, dtype=torch.float64, device=noise.device)], dim=1)
 

@@ -210,12 +210,21 @@ def nb_normal_score(y: np.ndarray, mean: np.ndarray, theta: np.ndarray, v: np.nd
     f_lo, f_hi = nb_cdf(y - 1.0, mean, theta), nb_cdf(y, mean, theta)
     upper = f_lo >= 0.5
     z = np.empty(y.shape)
-    z[~upper] = ndtri(f_lo[~upper] + v[~upper] * (f_hi[~upper] - f_lo[~upper]))
+    lo, hi = f_lo[~upper], f_hi[~upper]
+    z[~upper] = ndtri(lo + _inside(v[~upper], hi - lo, hi) * (hi - lo))
     if upper.any():
         s_hi = nb_sf(y[upper] - 1.0, mean[upper], theta[upper])
         s_lo = nb_sf(y[upper], mean[upper], theta[upper])
-        z[upper] = -ndtri(s_lo + (1.0 - v[upper]) * (s_hi - s_lo))
+        z[upper] = -ndtri(s_lo + (1.0 - _inside(v[upper], s_hi - s_lo, s_hi)) * (s_hi - s_lo))
     return np.clip(z, -37.0, 37.0)
+
+
+def _inside(v: np.ndarray, width: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """``v`` kept just far enough from 0 and 1 that ``edge + v * width`` stays strictly inside
+    an interval of ``width`` ending at ``top`` in float64 (so the count comes back exactly);
+    for intervals wider than ~1e-12 of ``top`` this moves ``v`` by less than 1e-3."""
+    margin = np.minimum(0.5, 64.0 * np.finfo(float).eps * top / np.maximum(width, 1e-300))
+    return np.clip(v, margin, 1.0 - margin)
 
 
 def nb_quantile_normal(z: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:

@@ -96,6 +96,36 @@ def test_abduction_is_a_pit_inside_the_count_interval(cls):
     torch.testing.assert_close(noise[:, m.n_latent].float(), (lib - loc) / scale, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cls", [FCRMechanism, LatentShiftMechanism])
+def test_abduction_draws_from_the_whole_count_interval(cls):
+    # the draw used the middle 98% of each count's slice: the edges, where a small change of the
+    # mean moves the count, were never drawn, so small effects mostly vanished from counterfactuals
+    torch.manual_seed(0)
+    m = cls(Expression(25), PARENTS, treatment="perturbation", categorical=["cell_type"], **SMALL)
+    pa = _parents(400)
+    y = m.sample(pa, generator=torch.Generator().manual_seed(1))
+    noise = m.abduct(y, pa, generator=torch.Generator().manual_seed(2))
+    z = noise[:, m.n_latent + 1:].numpy()
+    mean = m.expected(pa, noise).double().numpy()
+    theta = np.broadcast_to(m.log_theta.detach().exp().double().numpy(), z.shape)
+    yy = y.double().numpy()
+    lo, hi = nb_cdf(yy - 1, mean, theta), nb_cdf(yy, mean, theta)
+    ok = (lo < 0.5) & (hi - lo > 1e-3)  # slices float64 resolves well
+    v = (ndtr(z)[ok] - lo[ok]) / (hi - lo)[ok]  # where in its slice each draw fell: uniform
+    edge = ((v < 0.01) | (v > 0.99)).mean()
+    assert abs(edge - 0.02) < 4 * np.sqrt(0.02 * 0.98 / v.size)  # 4 sd around 2%, here ~0.3%
+    assert torch.equal(m.sample(pa, noise=noise), y)
+
+
+def test_a_score_at_the_edge_of_a_tiny_slice_still_gives_the_count_back():
+    from medcausal.synthetic.perturbseq import nb_normal_score, nb_quantile_normal
+
+    y = np.array([0.0, 1.0, 3.0, 40.0, 400.0])  # F(399) = 1 - 7e-210: the upper half resolves it
+    for v in (0.0, 1e-300, 0.5, 1.0):
+        z = nb_normal_score(y, 2.0, 5.0, np.full(y.shape, v))
+        assert nb_quantile_normal(z, 2.0, 5.0).tolist() == y.tolist()
+
+
 def test_abduction_resolves_counts_far_in_the_tails():
     """Counts a model finds absurdly large (F(y - 1) = 1 in float64) still come back exactly."""
     torch.manual_seed(0)

@@ -43,9 +43,11 @@ class AdditiveMechanism(Mechanism):
         self.register_buffer("bandwidth", torch.ones(self.dim))
 
     def loss(self, value, parents):
+        value, parents = self._cast(value, parents)
         return 0.5 * ((value - self.f(parents)) ** 2).sum(-1)
 
     def finalize(self, value, parents):
+        value, parents = self._cast(value, parents)
         with torch.no_grad():
             r = value - self.f(parents)
             n = self.residual_quantiles.shape[0]
@@ -56,6 +58,7 @@ class AdditiveMechanism(Mechanism):
             self.bandwidth.copy_(1.06 * std * r.shape[0] ** (-1 / 5))
 
     def log_prob(self, value, parents):
+        value, parents = self._cast(value, parents)
         r = value - self.f(parents)                                   # [n, d]
         z = (r[:, None, :] - self.residual_quantiles[None]) / self.bandwidth  # [n, q, d]
         log_k = -0.5 * z**2 - torch.log(self.bandwidth) - 0.5 * math.log(2 * math.pi)
@@ -72,9 +75,11 @@ class AdditiveMechanism(Mechanism):
         return q[lo, cols] * (1 - w) + q[hi, cols] * w
 
     def abduct(self, value, parents, generator=None):
+        value, parents = self._cast(value, parents)
         return value - self.f(parents)
 
     def sample(self, parents, noise=None, generator=None):
+        parents, noise = self._cast(parents, noise)
         if noise is None:
             noise = self.noise_like(parents.shape[0], generator).to(parents)
         return self.f(parents) + noise

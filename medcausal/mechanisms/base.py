@@ -103,6 +103,12 @@ class Mechanism(nn.Module):
         """The dtype of the weights (inputs of another dtype are converted to it)."""
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
+    def _cast(self, *tensors):
+        """The tensors in the weights' dtype (``None`` passes through): a float32 model takes
+        float64 values and parents."""
+        dtype = self._dtype()
+        return tuple(None if t is None else t.to(dtype) for t in tensors)
+
     def noise_like(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fresh noise for ``n`` rows from the mechanism's noise prior."""
         raise NotImplementedError

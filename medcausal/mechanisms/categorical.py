@@ -65,7 +65,7 @@ class CategoricalMechanism(Mechanism):
         # no range check up front: it is data-dependent control flow, which the per-record
         # gradients of DP training (torch.func.vmap) cannot trace; gather's own error is rare
         try:
-            return self.logits(parents).gather(-1, value.long()).squeeze(-1)
+            return self.logits(*self._cast(parents)).gather(-1, value.long()).squeeze(-1)
         except (RuntimeError, IndexError):
             self._index(value)  # a DataError naming the index, when that was the cause
             raise
@@ -74,6 +74,7 @@ class CategoricalMechanism(Mechanism):
         return _gumbel((n, self.k), generator, torch.zeros(()))
 
     def sample(self, parents, noise=None, generator=None):
+        parents, noise = self._cast(parents, noise)
         logits = self.logits(parents)
         if noise is None:
             noise = _gumbel(logits.shape, generator, logits)
@@ -81,7 +82,7 @@ class CategoricalMechanism(Mechanism):
 
     def abduct(self, value, parents, generator=None):
         k = self._index(value)
-        logits = self.logits(parents)
+        logits = self.logits(*self._cast(parents))
         # The max of the perturbed logits is Gumbel(logsumexp(logits)) and sits at k;
         # every other perturbed logit is Gumbel(logit_i) truncated below that max.
         top = torch.logsumexp(logits, -1, keepdim=True) + _gumbel((*logits.shape[:-1], 1), generator, logits)

@@ -257,6 +257,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
     """
 
     name = "diffusion"
+    query_settings = ("steps",)
     # finalize() records the training box, made of records' values: under DP it is not run (no
     # private version is needed; queries then go without the box).
     skip_finalize_under_dp = True
@@ -533,6 +534,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         under ``torch.func.vmap`` (DP-SGD).
         """
         self._check(value, parents)
+        value, parents = self._cast(value, parents)
         # Gaussian NLL (up to a constant) trains the preconditioner, each member on its own;
         # the denoiser sees the residuals of their average, held fixed (no gradient through them).
         nll, each = 0.0, None
@@ -602,7 +604,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         [0, 10, 20]
         """
         self.grid = ddim_timesteps(self.T, int(steps))
-        self.steps = int(steps)
+        self.steps = self.hparams["steps"] = int(steps)
         return self
 
     def abduct(self, value, parents, generator=None):
@@ -620,7 +622,7 @@ class DiffusionMechanism(AveragedWeights, Mechanism):
         ``benchmarks/results/diffusion_latent_bound_*.md``.
         """
         self._check(value, parents)
-        value, parents = value.to(self._dtype()), parents.to(self._dtype())
+        value, parents = self._cast(value, parents)
         mu, log_sigma, cond = self._query(parents)
         latent = self.encode((value - mu) * torch.exp(-log_sigma), parents, cond=cond)
         if self.latent_bound is None:

@@ -283,6 +283,7 @@ class _CountMechanism(Mechanism):
 
     # -- the verbs ------------------------------------------------------------------------
     def loss(self, value, parents):
+        value, parents = self._cast(value, parents)
         if self.training and not bool(self.initialized):
             self.initialize(value)
         post = self._posterior(value, parents)

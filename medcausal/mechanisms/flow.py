@@ -111,6 +111,7 @@ class FlowMechanism(Mechanism):
         return ComposedTransform(*steps)
 
     def log_prob(self, value, parents):
+        value, parents = self._cast(value, parents)
         if self.dim > 1:
             dist = self.flow(parents) if self.parent_dim else self.flow()
             lp = dist.log_prob(value)
@@ -122,9 +123,11 @@ class FlowMechanism(Mechanism):
         return randn((n, self.dim), generator)
 
     def abduct(self, value, parents, generator=None):
+        value, parents = self._cast(value, parents)
         return self._transform(parents)(value)
 
     def sample(self, parents, noise=None, generator=None):
+        parents, noise = self._cast(parents, noise)
         if noise is None:
             noise = self.noise_like(parents.shape[0], generator).to(parents)
         return self._transform(parents).inv(noise)

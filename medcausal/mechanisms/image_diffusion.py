@@ -334,9 +334,9 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
     def set_knobs(self, depth: float | None = None, guidance: float | None = None) -> "ImageDiffusionMechanism":
         """Set the query-time ``depth`` (progression ratio) and ``guidance`` scale."""
         if depth is not None:
-            self.depth = self._check_depth(depth)
+            self.depth = self.hparams["depth"] = self._check_depth(depth)
         if guidance is not None:
-            self.guidance = self._check_guidance(guidance)
+            self.guidance = self.hparams["guidance"] = self._check_guidance(guidance)
         return self
 
     def _check_depth(self, depth) -> float:
@@ -415,6 +415,7 @@ class ImageDiffusionMechanism(AveragedWeights, Mechanism):
         rows trained without parents are stratified over the batch (one uniform draw each), so
         the per-record loss also works under ``torch.func.vmap``."""
         self._check(value, parents)
+        value, parents = self._cast(value, parents)
         n, dev = value.shape[0], value.device
         x0 = value * 2.0 - 1.0
         t = (_spread(n, dev) * self.T).long().clamp_max(self.T - 1)

@@ -99,6 +99,19 @@ class TestMechanismContract:
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         torch.testing.assert_close(m.sample(parents, generator=g1), other.sample(parents, generator=g2))
 
+    def test_takes_float64_inputs(self, name, var, parent_dim):
+        # the weights' dtype is float32: float64 values and parents are converted, not refused
+        m = _make(name, var, parent_dim)
+        value, parents = _data(m, parent_dim)
+        g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+        with torch.no_grad():
+            noise = m.abduct(value, parents, generator=g(0))
+            noise64 = m.abduct(value.double(), parents.double(), generator=g(0))
+            torch.testing.assert_close(noise64.to(noise.dtype), noise, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.sample(parents.double(), generator=g(1)).to(value.dtype),
+                                       m.sample(parents, generator=g(1)), atol=1e-5, rtol=1e-5)
+            assert torch.isfinite(m.loss(value.double(), parents.double())).all()
+
     def test_query_settings_are_saved_hyperparameters(self, name, var, parent_dim):
         # a model file rebuilds the mechanism from its hyperparameters, query settings included
         m = _make(name, var, parent_dim)

@@ -738,3 +738,14 @@ def test_a_model_file_without_averaged_weights_loads_and_answers_as_before(tmp_p
         torch.testing.assert_close(v, dict(fresh.net.named_parameters())[k])
     model.mechanisms["x2"] = fresh
     pd.testing.assert_frame_equal(model.counterfactual(data.head(20), do={"x1": 0.5}, seed=0), expected)
+
+
+def test_set_steps_is_saved_with_the_model(tmp_path):
+    # a query-time setting: the model file kept the constructor's steps, so a loaded model answered with 25
+    sim = mc.synthetic.scm("chain")
+    model = mc.CausalModel(sim.graph, mechanisms={"x2": {"name": "diffusion", "hidden": [8],
+                                                         "loc_scale_members": 1}})
+    model.fit(sim.sample(200, seed=0), max_epochs=1, verbose=False)
+    model.mechanism("x2").set_steps(3)
+    model.save(tmp_path / "m.mcm")
+    assert mc.CausalModel.load(tmp_path / "m.mcm").mechanism("x2").steps == 3

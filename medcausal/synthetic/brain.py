@@ -31,7 +31,7 @@ scanner             ``"A"``, ``"B"`` or ``"C"`` with probabilities 0.40/0.35/0.2
                     (``Phi(u)`` cut at 0.40 and 0.75).
 disease             ``1[Phi(u) < s(-1.5 + 0.08 (age - 65))]``: a neurodegenerative
                     / small-vessel phenotype whose prevalence rises with age
-                    (4 % at 45, 18 % at 65, 46 % at 85).
+                    (4 % at 45, 18 % at 65, 52 % at 85).
 icv                 ``(1320 + 160 sex) exp(0.08 u)``: intracranial volume; men's
                     about 12 % larger (Ruigrok et al., Neurosci Biobehav Rev
                     2014), within-sex CV about 8 %.

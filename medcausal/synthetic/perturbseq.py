@@ -112,6 +112,13 @@ def nb_cdf(k: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_nb(where: str, mean: np.ndarray, theta: np.ndarray) -> None:
+    bad = ~(np.isfinite(mean) & np.isfinite(theta)) | (mean < 0) | (theta <= 0)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} entries have a non-finite or negative mean "
+                         "or a non-positive theta")
+
+
 def nb_quantile(u: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Negative-binomial quantile function: the smallest ``k`` with ``P(Y <= k) >= u``.
 
@@ -131,14 +138,13 @@ def nb_quantile(u: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np.ndarra
                                          np.asarray(theta, float))
     shape = u.shape
     u, mean, theta = u.ravel(), mean.ravel(), theta.ravel()
-    bad = ~(np.isfinite(u) & np.isfinite(mean) & np.isfinite(theta)) | (mean < 0) | (theta <= 0)
+    _check_nb("nb_quantile", mean, theta)
+    bad = ~np.isfinite(u) | (u < 0) | (u > 1)  # u > 1 has no quantile: the search would not end
     if bad.any():
-        raise ValueError(f"nb_quantile: {int(bad.sum())} entries have a non-finite or negative mean, "
-                         "a non-positive theta, or a non-finite u")
+        raise ValueError(f"nb_quantile: {int(bad.sum())} entries have u outside [0, 1]")
     k = np.full(u.shape, -1.0)
     q = mean / (theta + mean)  # failure probability per trial
-    with np.errstate(divide="ignore"):
-        log_f0 = theta * (np.log(theta) - np.log(theta + mean))
+    log_f0 = -theta * np.log1p(mean / theta)  # log P(Y = 0), without cancellation for huge theta
     act = np.flatnonzero(log_f0 > -600.0)
     f = np.exp(log_f0[act])
     cum = f.copy()
@@ -240,6 +246,9 @@ def nb_quantile_normal(z: np.ndarray, mean: np.ndarray, theta: np.ndarray) -> np
     """
     z, mean, theta = np.broadcast_arrays(np.asarray(z, float), np.asarray(mean, float),
                                          np.asarray(theta, float))
+    _check_nb("nb_quantile_normal", mean, theta)  # before the tail search, which would not end on them
+    if np.isnan(z).any():
+        raise ValueError(f"nb_quantile_normal: {int(np.isnan(z).sum())} normal scores are NaN")
     s = ndtr(-z)
     tail = s < 1e-8
     k = np.empty(z.shape)
@@ -572,14 +581,15 @@ class PerturbSeq:
                             "dose": dose}, index=self._make_ids(seed, n))
         return self._simulate(obs, provenance={"kind": "sample", "seed": seed})
 
-    def counterfactual(self, adata, do: Mapping[str, Any]):
+    def counterfactual(self, adata, do: Mapping[str, Any] | None):
         """The true counterfactual of the given cells under ``do``: same cells, same noise.
 
         ``do`` sets any of ``perturbation`` (a label or per-cell labels), ``dose``,
         ``cell_type`` and ``donor``. When the perturbation changes and no dose is
         given, treated cells keep their dose and control cells get the largest dose
         level; a control has dose 0. Returns a new AnnData with the counterfactual
-        counts, obs, true factors and ``.uns["medcausal"]`` provenance.
+        counts, obs, true factors and ``.uns["medcausal"]`` provenance. ``do=None`` or ``{}``
+        is the null intervention (the cells as they are), as for the other simulators.
 
         >>> sim = PerturbSeq(n_genes=20, seed=0)
         >>> a = sim.sample(50, seed=0)
@@ -588,9 +598,9 @@ class PerturbSeq:
         True
         """
         obs = self._check_adata(adata)
-        if not isinstance(do, Mapping) or not do:
-            raise InterventionError("counterfactual: do= must be a non-empty dict, e.g. "
-                                    "{'perturbation': 'P0+P1'}")
+        do = {} if do is None else do
+        if not isinstance(do, Mapping):
+            raise InterventionError("counterfactual: do= must be a dict, e.g. {'perturbation': 'P0+P1'}")
         unknown = [k for k in do if k not in _DO_KEYS]
         if unknown:
             raise InterventionError(f"counterfactual: cannot intervene on {unknown}; "
@@ -614,8 +624,9 @@ class PerturbSeq:
         pert = new["perturbation"].astype(str).to_numpy()
         is_ctrl = pert == self.control
         if "dose" in do:
+            per_cell = self._per_cell(do["dose"], n, "dose")  # its own errors name the problem
             try:
-                d = np.asarray(self._per_cell(do["dose"], n, "dose"), dtype=float)
+                d = np.asarray(per_cell, dtype=float)
             except (TypeError, ValueError):
                 raise InterventionError(f"do(dose=...): doses must be numbers, got {do['dose']!r}") from None
             if not np.all(np.isfinite(d)) or (d[~is_ctrl] <= 0).any():

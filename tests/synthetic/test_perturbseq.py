@@ -202,8 +202,10 @@ def test_counterfactual_errors_name_the_culprit(sim, cells):
         sim.counterfactual(cells, do={"cell_type": "CT9"})
     with pytest.raises(InterventionError, match="3 values for 600"):
         sim.counterfactual(cells, do={"perturbation": ["P0"] * 3})
-    with pytest.raises(InterventionError, match="non-empty"):
-        sim.counterfactual(cells, do={})
+    for null in ({}, None):  # the null intervention, as for the other simulators
+        assert (sim.counterfactual(cells[:20], do=null).layers["counts"] != cells[:20].layers["counts"]).nnz == 0
+    with pytest.raises(InterventionError, match="2 values for 600"):  # not "doses must be numbers"
+        sim.counterfactual(cells, do={"dose": [1.0, 2.0]})
     other = PerturbSeq(n_genes=60, n_perturbations=4, combinations=["P0+P1", "P2+P3"], seed=4)
     with pytest.raises(DataError, match="fingerprint"):
         other.counterfactual(cells, do={"perturbation": "P0"})
@@ -231,3 +233,22 @@ def test_graph_for_causal_models(sim):
     g = sim.graph
     assert g.parents("expression") == ("cell_type", "donor", "perturbation", "dose")
     assert g.variables["expression"].n_genes == 60
+
+
+
+def test_nb_helpers_with_huge_theta_and_bad_input():
+    # log P(Y=0) = theta (log theta - log(theta + mu)) cancelled for huge theta (wrong counts);
+    # u > 1, theta = 0 or a NaN mean looped forever instead of raising
+    from scipy import stats
+
+    from medcausal.synthetic.perturbseq import nb_quantile, nb_quantile_normal
+
+    u = np.random.default_rng(0).uniform(size=5000)
+    assert (nb_quantile(u, 5.0, 1e12) == stats.nbinom.ppf(u, 1e12, 1e12 / (1e12 + 5.0))).all()
+    assert (nb_quantile(u, 5.0, 1e15) == stats.poisson.ppf(u, 5.0)).all()  # scipy's nbinom cancels there too
+    for bad in ((np.array([0.3, 1.0 + 2 ** -52]), 3.0, 2.0), (1.5, 3.0, 2.0)):
+        with pytest.raises(ValueError, match="outside"):
+            nb_quantile(*bad)
+    for mean, theta in ((3.0, 0.0), (np.nan, 2.0), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="negative mean|non-positive theta"):
+            nb_quantile_normal(9.0, mean, theta)

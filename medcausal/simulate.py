@@ -754,6 +754,8 @@ def _h5_storable(value):
         return {str(k): _h5_storable(v) for k, v in value.items()}
     if isinstance(value, (str, bool, int, float, np.number, np.bool_)):
         return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
     if isinstance(value, (list, tuple)) and value and all(
             isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
         return np.asarray(value)
@@ -1103,13 +1105,14 @@ def _as_anndata_like(model, result, like):
     adata = cohort_to_anndata(Cohort(table, result.arrays, id_column=key), expression=gene,
                               var_names=like.var_names)
     del adata.obs[key]
+    _h5ad_safe(adata)  # storable as it is: no None in the obs, the report's lists as JSON text
     adata.uns["medcausal_cohort"]["id_column"] = result.id_column
     for name in list(adata.obsm):
         if name.startswith(f"{gene}@"):
             adata.layers[name] = scipy_sparse.csr_matrix(np.asarray(adata.obsm[name], dtype=np.float32))
             del adata.obsm[name]
     if result.table.attrs.get("medcausal"):
-        adata.uns["medcausal"] = result.table.attrs["medcausal"]
+        adata.uns["medcausal"] = _h5_storable(result.table.attrs["medcausal"])
     return adata
 
 
@@ -1403,8 +1406,10 @@ def _synthetic_flag(table: pd.DataFrame) -> np.ndarray:
     concatenated with earlier synthetic output has NaN there), no column: all real."""
     if "synthetic" not in table.columns:
         return np.zeros(len(table), dtype=bool)
-    col = table["synthetic"]
-    return col.astype(object).where(col.notna(), False).astype(bool).to_numpy()
+    col = table["synthetic"].astype(object).where(table["synthetic"].notna(), False)
+    text = {"true": True, "1": True, "false": False, "0": False, "": False}  # as a CSV may hold it
+    return np.array([text.get(v.strip().lower(), True) if isinstance(v, str) else bool(v) for v in col],
+                    dtype=bool)
 
 
 def _append_synthetic(cohort, pieces, next_id, report):
@@ -2024,7 +2029,8 @@ def _passthrough_columns(path: Path, model) -> list[str]:
         columns = pd.read_csv(path, nrows=0).columns
     except Exception:  # noqa: BLE001 - read_table reports an unreadable file, naming it
         return []
-    return [c for c in columns if c not in model.graph.variables]
+    typed = set(PROVENANCE_COLUMNS).union(*(columns_of(v, t) for v, t in model.graph.variables.items()))
+    return [c for c in columns if c not in typed]
 
 
 def _read_input(model, path: str | os.PathLike):

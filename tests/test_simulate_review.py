@@ -151,6 +151,7 @@ def test_augment_and_twins_keep_anndata(tmp_path):
                                   cf.layers["counts"].toarray())
     long = S.counterfactual_patients(model, cells[:5].copy(), do={"perturbation": "P0"}, layout="long")
     assert long.n_obs == 10 and long.obs_names[5] == f"{cells.obs_names[0]}@perturbation=P0"
+    aug.write_h5ad(tmp_path / "plain.h5ad")  # the returned AnnData is storable as it is
     for name, result in (("aug", aug), ("twins", twins)):  # as the CLI writes them (the report as JSON text)
         S._write_output(result, tmp_path / f"{name}.h5ad", "nifti")
         back = anndata.read_h5ad(tmp_path / f"{name}.h5ad")
@@ -229,3 +230,15 @@ def test_augmenting_a_cohort_keeps_only_its_own_id_column(tiny):
         assert "id" not in aug.table.columns and aug.table["pid"].is_unique
     with pytest.raises(MedCausalError, match="min_acceptance"):
         S.augment(tiny, df, target="s == 1", n=150, strategy="transport", min_acceptance=0, seed=0)
+
+
+
+def test_augmenting_an_augmented_csv_again_keeps_its_real_rows_real(tiny, tmp_path):
+    # the CLI read the provenance columns as text: "False" was truthy, every real row became synthetic
+    df, _ = linear_gaussian(200, seed=10)
+    once = S.augment(tiny, df, target="s == 1", n=150, seed=0)
+    once.to_csv(tmp_path / "once.csv")
+    back = S._read_input(tiny, tmp_path / "once.csv")
+    np.testing.assert_array_equal(S._synthetic_flag(back), once["synthetic"].to_numpy())
+    twice = S.augment(tiny, back, target="s == 1", n=170, strategy="transport", seed=1)
+    assert int(twice["synthetic"].sum()) == int(once["synthetic"].sum()) + 20

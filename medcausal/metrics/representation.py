@@ -442,8 +442,8 @@ def mcc(
     as in Khemakhem et al.'s evaluation code) and scores the canonical
     variates of the codes against those of the factors (for Pearson, in
     sample, the score is the mean canonical correlation; directions a rank-deficient
-    code cannot reach count as 0, over ``min(k', d)`` with ``k'`` the non-constant
-    factors). With ``split`` (a
+    code cannot reach count as 0, over ``min(k', d)`` with ``k'`` the factors' rank).
+    With ``split`` (a
     test fraction) the matching and the alignment are learned on a random
     train split and the score is read on the held-out split (out-of-sample
     MCC).
@@ -505,7 +505,9 @@ def mcc(
     if variant == "weak" and alignment == "cca":
         # a code of lower rank (a duplicated or constant column) has fewer canonical directions:
         # the factor directions it cannot reach count as correlation 0, not as absent
-        reachable = min(int((np.ptp(f[train], axis=0) > 0).sum()), c.shape[1])
+        fs = f[train] - f[train].mean(axis=0)
+        fs = fs / np.where(fs.std(axis=0) > 0, fs.std(axis=0), 1.0)
+        reachable = min(int(np.linalg.matrix_rank(fs)), c.shape[1])  # the factors' own directions
         matched = np.concatenate([matched, np.zeros(max(0, reachable - matched.size))])
     settings = {
         "method": method,

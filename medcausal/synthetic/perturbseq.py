@@ -226,10 +226,12 @@ def nb_normal_score(y: np.ndarray, mean: np.ndarray, theta: np.ndarray, v: np.nd
 
 
 def _inside(v: np.ndarray, width: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """``v`` kept just far enough from 0 and 1 that ``edge + v * width`` stays strictly inside
-    an interval of ``width`` ending at ``top`` in float64 (so the count comes back exactly);
-    for intervals wider than ~1e-12 of ``top`` this moves ``v`` by less than 1e-3."""
-    margin = np.minimum(0.5, 64.0 * np.finfo(float).eps * top / np.maximum(width, 1e-300))
+    """``v`` kept far enough from 0 and 1 that ``edge + v * width`` survives the round trip
+    through the normal score (``ndtri``/``ndtr``, CDF/survival) strictly inside an interval
+    of ``width`` ending at ``top``, so the count comes back exactly: a margin of 1e-8 of
+    ``top`` (measured: 1e-10 still lost 33 of 20000 random counts, 1e-8 none); for
+    intervals wider than 1e-5 of ``top`` it moves ``v`` by less than 1e-3."""
+    margin = np.minimum(0.5, 1e-8 * top / np.maximum(width, 1e-300))
     return np.clip(v, margin, 1.0 - margin)
 
 

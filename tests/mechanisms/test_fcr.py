@@ -120,10 +120,17 @@ def test_abduction_draws_from_the_whole_count_interval(cls):
 def test_a_score_at_the_edge_of_a_tiny_slice_still_gives_the_count_back():
     from medcausal.synthetic.perturbseq import nb_normal_score, nb_quantile_normal
 
+    from medcausal.synthetic.perturbseq import nb_quantile
+
     y = np.array([0.0, 1.0, 3.0, 40.0, 400.0])  # F(399) = 1 - 7e-210: the upper half resolves it
     for v in (0.0, 1e-300, 0.5, 1.0):
         z = nb_normal_score(y, 2.0, 5.0, np.full(y.shape, v))
         assert nb_quantile_normal(z, 2.0, 5.0).tolist() == y.tolist()
+    rng = np.random.default_rng(0)  # random means and dispersions, draws at the slice edges
+    mu, th = np.exp(rng.uniform(-4, 7, 20000)), np.exp(rng.uniform(-2, 14, 20000))
+    y = nb_quantile(rng.uniform(size=20000), mu, th)
+    for v in (0.0, 1e-12, 1.0 - 1e-12, 1.0):
+        assert (nb_quantile_normal(nb_normal_score(y, mu, th, np.full(y.shape, v)), mu, th) == y).all()
 
 
 def test_abduction_resolves_counts_far_in_the_tails():

@@ -111,6 +111,8 @@ def test_cca_weak_mcc_scores_a_factor_the_code_lost_as_zero():
     assert r.score == pytest.approx(2 / 3, abs=0.01)  # two canonical correlations 1, one 0
     assert mcc(z, z @ np.random.default_rng(1).normal(size=(3, 3)), variant="weak", alignment="cca").score \
         == pytest.approx(1.0, abs=1e-9)
+    a = z[:, :1]  # duplicated factors are one direction: a code holding it is perfect
+    assert mcc(np.hstack([a, a]), z[:, :2], variant="weak", alignment="cca").score == pytest.approx(1.0, abs=1e-9)
 
 
 def test_a_class_absent_from_the_train_split_does_not_count_against_a_perfect_code():

@@ -107,10 +107,10 @@ def read_table(path: str | os.PathLike, str_columns=()):
             return pd.read_parquet(path)
         table = pd.read_csv(path, dtype={c: str for c in str_columns} or None)
         text = [c for c in dict.fromkeys(str_columns) if c in table.columns]
-        if text:  # as written: "NA" (Namibia), "None", "null" are text here, not missing
+        if text:  # as written: "NA" (Namibia), "None", "null" are text here; only an empty field is missing
             raw = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False)
             for c in text:
-                table[c] = raw[c]
+                table[c] = raw[c].where(raw[c] != "", None)
         return table
     except Exception as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e}") from e

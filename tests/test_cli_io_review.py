@@ -230,10 +230,11 @@ def test_recipe_simulator_options_are_typed(tmp_path):
 
 def test_text_columns_keep_na_like_words(tmp_path):
     # "NA" (Namibia), "None", "null" in an id/note column were read as missing
-    (tmp_path / "t.csv").write_text("pid,country,note,age\n007,NA,None,61.2\n008,US,null,\n")
+    (tmp_path / "t.csv").write_text("pid,country,note,age\n007,NA,None,61.2\n008,US,null,\n009,,n/a,1\n")
     t = read_table(tmp_path / "t.csv", str_columns=["pid", "country", "note"])
-    assert t["pid"].tolist() == ["007", "008"] and t["country"].tolist() == ["NA", "US"]
-    assert t["note"].tolist() == ["None", "null"] and t["age"].isna().tolist() == [False, True]
+    assert t["pid"].tolist() == ["007", "008", "009"] and t["country"].tolist()[:2] == ["NA", "US"]
+    assert t["note"].tolist() == ["None", "null", "n/a"] and t["age"].isna().tolist() == [False, True, False]
+    assert pd.isna(t["country"][2])  # an empty field is still missing
 
 
 def test_a_date_category_takes_its_own_csv_output_back(tmp_path):

@@ -1347,11 +1347,12 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         drawn += len(idx)
         accepted += int(mask.sum())
         if drawn >= min(len(pool), 1000) and accepted / drawn < min_acceptance:
+            do_text = _do_text(spec, model.graph.variables)
             raise MedCausalError(
-                f"transport into target={w.text!r} with do={_do_text(spec, model.graph.variables)}: only {accepted} of {drawn} "
+                f"transport into target={w.text!r} with do={do_text}: only {accepted} of {drawn} "
                 "transported patients satisfy the target; pass a do= that moves patients into it "
                 "(or a source= closer to it)" if accepted else
-                f"transport into target={w.text!r} with do={_do_text(spec, model.graph.variables)}: none of {drawn} transported "
+                f"transport into target={w.text!r} with do={do_text}: none of {drawn} transported "
                 "patients satisfies the target; pass a do= that moves patients into it")
         sel = np.flatnonzero(mask)[: k - got]
         part = _only_variables(model, _take(cf, sel))
@@ -1364,7 +1365,8 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         warn(f"augment: only {len(pool)} real patients could be transported into {w.text!r} for "
              f"{k} synthetic rows; some were transported more than once (see synth_source)",
              UserWarning)
-    return _concat(kept), {"do": _describe_do(spec, model.graph.variables), "acceptance_rate": accepted / drawn, "drawn": drawn,
+    return _concat(kept), {"do": _describe_do(spec, model.graph.variables), "acceptance_rate": accepted / drawn,
+                           "drawn": drawn,
                            "pool": int(len(pool)), "reused_patients": reused}
 
 
@@ -1406,6 +1408,8 @@ def _synthetic_flag(table: pd.DataFrame) -> np.ndarray:
     concatenated with earlier synthetic output has NaN there), no column: all real."""
     if "synthetic" not in table.columns:
         return np.zeros(len(table), dtype=bool)
+    if table["synthetic"].dtype == bool:  # the common case, without a Python loop
+        return table["synthetic"].to_numpy()
     col = table["synthetic"].astype(object).where(table["synthetic"].notna(), False)
     text = {"true": True, "1": True, "false": False, "0": False, "": False}  # as a CSV may hold it
     return np.array([text.get(v.strip().lower(), True) if isinstance(v, str) else bool(v) for v in col],

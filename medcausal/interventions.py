@@ -75,6 +75,19 @@ class Intervention:
         return f"do({self.name}={getattr(self.spec, '__name__', 'callable')}({self.name}))"
 
 
+def is_vector_value(name: str, spec: Any, variables: Mapping[str, Any] | None) -> bool:
+    """``[a, b]`` for a 2-vector variable is one value for every row, not two per-row values.
+
+    >>> from medcausal.graph import Continuous
+    >>> kinds = {"v": Continuous(dim=2), "x": Continuous()}
+    >>> is_vector_value("v", [1.0, 2.0], kinds), is_vector_value("x", [1.0, 2.0], kinds)
+    (True, False)
+    """
+    vtype = (variables or {}).get(name)
+    return (getattr(vtype, "kind", None) == "continuous" and vtype.dim > 1 and not callable(spec)
+            and not hasattr(spec, "columns") and np.ndim(spec) == 1 and len(spec) == vtype.dim)
+
+
 def parse_do(do: Mapping[str, Any] | None, known: Iterable[str]) -> dict[str, Intervention]:
     """Validate a ``do=`` mapping against the known variable names."""
     if do is None:

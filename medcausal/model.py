@@ -31,7 +31,7 @@ from .cohort import Cohort
 from .errors import (CapabilityError, DataError, GraphError, InterventionError, MedCausalError,
                      ModelFileError, NotFittedError)
 from .graph import CausalGraph
-from .interventions import parse_do
+from .interventions import is_vector_value, parse_do
 from .io import load_model_file, save_model_file, weights_digest
 from .mechanisms import Mechanism, registry
 from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
@@ -201,7 +201,7 @@ class CausalModel:
                     raise InterventionError(f"do[{name!r}]: a DataFrame for the {vtype.dim}-vector {name!r} "
                                             f"needs the columns {columns}, got {list(spec.columns)}")
                 out[name] = spec.rename(columns=str)[columns]
-            elif np.ndim(spec) == 1 and len(spec) == vtype.dim:
+            elif is_vector_value(name, spec, self.graph.variables):
                 out[name] = np.tile(np.asarray(spec, dtype=float)[None], (n, 1))
         return out
 

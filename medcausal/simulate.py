@@ -63,7 +63,7 @@ from .adapters.tabular import check_columns, columns_of, text_columns
 from .cohort import Cohort
 from .errors import (CapabilityError, DataError, InterventionError, MedCausalError,
                      OutOfSupportWarning, warn)
-from .interventions import Intervention, parse_cli_do, parse_do
+from .interventions import Intervention, is_vector_value, parse_cli_do, parse_do
 from .io import atomic_write
 from .train import forked_rng
 
@@ -123,13 +123,6 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _vector_value(name: str, spec, variables: Mapping | None) -> bool:
-    """``[a, b]`` on a 2-vector variable: one value for every row (``CausalModel.sample``'s reading)."""
-    vtype = (variables or {}).get(name)
-    return (getattr(vtype, "kind", None) == "continuous" and vtype.dim > 1 and not callable(spec)
-            and not isinstance(spec, pd.DataFrame) and np.ndim(spec) == 1 and len(spec) == vtype.dim)
-
-
 def _describe_do(do: Mapping[str, Any] | None, variables: Mapping | None = None) -> dict | None:
     """A JSON-able description of a do= mapping: values as they are (a vector's as a list),
     per-row arrays by length and content hash (so that a resumed run can check it),
@@ -139,7 +132,7 @@ def _describe_do(do: Mapping[str, Any] | None, variables: Mapping | None = None)
     out = {}
     for name, spec in do.items():
         kind = Intervention(name, spec).kind
-        if _vector_value(name, spec, variables):
+        if is_vector_value(name, spec, variables):
             out[name] = [_plain(v) for v in np.asarray(spec, dtype=float)]
         elif kind == "value":
             out[name] = _plain(np.asarray(spec).item())
@@ -964,7 +957,7 @@ def _world_name(do: Mapping, variables: Mapping | None = None) -> str:
     parts = []
     for k, v in do.items():
         kind = Intervention(k, v).kind
-        if _vector_value(k, v, variables):
+        if is_vector_value(k, v, variables):
             parts.append(f"{k}={[_plain(x) for x in np.asarray(v, dtype=float)]}")
             continue
         parts.append(f"{k}={_plain(np.asarray(v).item())}" if kind == "value"
@@ -1311,7 +1304,7 @@ def _transport(model, cohort, w: _Where, src: _Where | None, k: int, do, seed: i
         raise MedCausalError(f"cannot derive an intervention from target={w.text!r} (it has no "
                              "'variable == value' part); pass do= explicitly")
     for name, iv in parse_do(spec, model.graph.variables).items():
-        if iv.kind == "array" and not _vector_value(name, iv.spec, model.graph.variables):
+        if iv.kind == "array" and not is_vector_value(name, iv.spec, model.graph.variables):
             raise InterventionError(f"do[{name!r}] is a per-row array; transport picks patients at random, "
                                     "so give a value or a callable")
     pool_mask = ~w.mask(table)

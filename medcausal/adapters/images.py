@@ -184,12 +184,14 @@ class ResizeToFitd:
         for k in self.keys:
             size = d[k].shape[1:]
             if len(size) != len(self.spatial_size):
-                raise ValueError(f"ResizeToFitd: scan has spatial shape {tuple(size)}, "
+                raise ValueError(f"{type(self).__name__}: scan has spatial shape {tuple(size)}, "
                                  f"target {self.spatial_size}")
-            f = min(t / s for t, s in zip(self.spatial_size, size))
-            new = [min(t, max(1, round(s * f))) for t, s in zip(self.spatial_size, size)]
-            d[k] = _resize(d[k], new, self.mode, self.anti_aliasing)
+            d[k] = _resize(d[k], self._target(size), self.mode, self.anti_aliasing)
         return d
+
+    def _target(self, size) -> list[int]:
+        f = min(t / s for t, s in zip(self.spatial_size, size))
+        return [min(t, max(1, round(s * f))) for t, s in zip(self.spatial_size, size)]
 
 
 class ShrinkAreaResized(ResizeToFitd):
@@ -199,11 +201,8 @@ class ShrinkAreaResized(ResizeToFitd):
     def __init__(self, keys, spatial_size, mode="bilinear"):
         super().__init__(keys, spatial_size, mode, anti_aliasing="area")
 
-    def __call__(self, data):
-        d = dict(data)
-        for k in self.keys:
-            d[k] = _resize(d[k], self.spatial_size, self.mode, "area")
-        return d
+    def _target(self, size) -> list[int]:
+        return list(self.spatial_size)
 
 
 def _resize(img, size, mode: str, anti_aliasing):

@@ -14,6 +14,9 @@ a fitted model stores so later queries preprocess identically) and what they ski
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -88,6 +91,80 @@ class Cohort:
         """A Cohort from AnnData: ``.obs`` as the table, the counts as the ``expression`` array."""
         from .adapters.singlecell import anndata_to_cohort
         return anndata_to_cohort(adata, expression=expression, layer=layer)
+
+    def write(self, path: str | os.PathLike, image_format: str = "nifti") -> Path:
+        """Write this cohort to ``path`` (every file atomically); :meth:`read` reads it back.
+
+        ``.csv``/``.parquet``: the table, with each image array written one file per row
+        (``image_format`` ``"nifti"`` or ``"png"``) into ``<stem>_<name>/`` beside it and named
+        in the table's ``<name>_path`` column. ``.h5ad``: a cohort with an expression array, as
+        AnnData. A sidecar ``<file>.json``, written last, keeps the array shapes, the column
+        types and ``meta``.
+
+        >>> import tempfile, numpy as np, pandas as pd
+        >>> c = Cohort(pd.DataFrame({"age": [60.0, 70.0]}), {"mri": np.ones((2, 1, 4, 4), np.float32)})
+        >>> back = Cohort.read(c.write(tempfile.mkdtemp() + "/cohort.csv"))
+        >>> back.table.equals(c.table), bool((back.arrays["mri"] == c.arrays["mri"]).all())
+        (True, True)
+        """
+        from .io import atomic_write
+        from .simulate import _write_output
+
+        path = Path(path)
+        _write_output(self, path, image_format)
+        sidecar = {"format": "medcausal-cohort", "version": 1, "id_column": self.id_column,
+                   "dtypes": {str(c): str(t) for c, t in self.table.dtypes.items()},
+                   "arrays": {k: list(v.shape[1:]) for k, v in self.arrays.items()}, "meta": self.meta}
+        with atomic_write(path.with_name(path.name + ".json")) as tmp:
+            Path(tmp).write_text(json.dumps(sidecar, indent=1, default=str))
+        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Cohort":
+        """Read a cohort written by :meth:`write` (scans as written: no resizing or rescaling)."""
+        from .errors import DataError
+        from .io import read_table
+
+        path = Path(path)
+        if path.suffix.lower() == ".h5ad":
+            from .adapters.singlecell import read_h5ad
+            return cls.from_anndata(read_h5ad(path))
+        sidecar_path = path.with_name(path.name + ".json")
+        if not sidecar_path.is_file():
+            raise DataError(f"{str(path)!r} has no {sidecar_path.name} beside it: not written by Cohort.write "
+                            "(read a table with pandas, scans with medcausal.adapters.load_images)")
+        try:
+            side = json.loads(sidecar_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {str(sidecar_path)!r}: {e}") from e
+        if side.get("format") != "medcausal-cohort":
+            raise DataError(f"{str(sidecar_path)!r} is not a medcausal cohort sidecar")
+        dtypes = side["dtypes"]
+        text = [c for c, t in dtypes.items() if t in ("object", "string", "str")]
+        table = read_table(path, str_columns=text)
+        arrays = {}
+        for name, shape in side["arrays"].items():
+            from .adapters.images import image_transform_spec, load_images
+
+            spec = image_transform_spec(shape, orientation=None, intensity=None, resize="none")
+            files = pd.DataFrame({"_row": range(len(table)),  # paths relative to the table's folder
+                                  f"{name}_path": [str(path.parent / f) for f in table[f"{name}_path"]]})
+            if f"{name}_scale" in table.columns:  # a PNG's intensity factor
+                files[f"{name}_scale"] = table[f"{name}_scale"].to_numpy()
+            scans = load_images(None, table=files, id_column="_row", image_column=f"{name}_path", name=name,
+                                spec=spec, progress=False)
+            arrays[name] = scans.arrays[name]
+        missing = [c for c in dtypes if c not in table.columns]
+        if missing:
+            raise DataError(f"{str(path)!r} lacks the column(s) {missing} its sidecar lists")
+        table = table[list(dtypes)]
+        for c, t in dtypes.items():
+            if t not in ("object", "str") and str(table[c].dtype) != t:
+                try:
+                    table[c] = table[c].astype(t)
+                except (TypeError, ValueError) as e:
+                    raise DataError(f"{str(path)!r}: column {c!r} does not read back as {t}: {e}") from e
+        return cls(table, arrays, id_column=side["id_column"], meta=side["meta"])
 
     def __repr__(self) -> str:
         arrays = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.arrays.items())

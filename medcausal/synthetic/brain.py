@@ -652,6 +652,11 @@ class BrainMRI:
         parents did not change in a row is copied from ``cohort``. Same rows, ids
         and columns as ``cohort``.
 
+        ``cohort`` is read as observed in the unintervened world: the descendants of
+        ``do`` follow the structural equations. For patients drawn with
+        ``sample(n, do=earlier)``, give that intervention again
+        (``do={**earlier, "age": ...}``), or a variable it fixed may change.
+
         >>> sim = BrainMRI(shape=(32, 32))
         >>> c = sim.sample(3, seed=0)
         >>> cf = sim.counterfactual(c, do={"scanner": "B"})

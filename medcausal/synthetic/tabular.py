@@ -532,7 +532,9 @@ class TabularSCM:
         structural equations, in topological order). Variables that are not
         descendants of an intervened variable are copied from ``data``; so is
         any variable whose parents did not change in a row. Same index, columns
-        and row order as ``data``.
+        and row order as ``data``. ``data`` is read as observed in the unintervened
+        world: for units drawn with ``sample(n, do=earlier)``, give that intervention
+        again (``do={**earlier, ...}``), or a variable it fixed may change.
 
         >>> sim = scm("chain", additive=True)
         >>> df = sim.sample(3, seed=0)

@@ -65,6 +65,9 @@ class Categorical:
         if self.categories is not None:
             if isinstance(self.categories, (str, bytes)):  # tuple("ab") would be ('a', 'b')
                 raise GraphError(f"categories must be a list of values, got the string {self.categories!r}")
+            if isinstance(self.categories, (set, frozenset)):  # their order differs between processes
+                raise GraphError(f"categories must be an ordered list (their order fixes the one-hot "
+                                 f"columns), got a set: {sorted(map(str, self.categories))}")
             cats = tuple(self.categories)
             if len(cats) < 2:
                 raise GraphError(f"a categorical variable needs >= 2 categories, got {cats}")

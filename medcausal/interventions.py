@@ -88,8 +88,18 @@ def is_vector_value(name: str, spec: Any, variables: Mapping[str, Any] | None) -
             and not hasattr(spec, "columns") and np.ndim(spec) == 1 and len(spec) == vtype.dim)
 
 
-def parse_do(do: Mapping[str, Any] | None, known: Iterable[str]) -> dict[str, Intervention]:
-    """Validate a ``do=`` mapping against the known variable names."""
+def parse_do(do: Mapping[str, Any] | None, known: Iterable[str], index=None) -> dict[str, Intervention]:
+    """Validate a ``do=`` mapping against the known variable names.
+
+    ``index``: the observed rows' index (counterfactuals). A per-row ``pandas.Series`` is then
+    aligned to the rows by its index, so the model and the ground-truth simulators read it alike;
+    a Series whose index is not a reordering of the rows' is refused.
+
+    >>> import pandas as pd
+    >>> iv = parse_do({"x": pd.Series([1.0, 2.0], index=["b", "a"])}, ["x"], index=pd.Index(["a", "b"]))
+    >>> iv["x"].apply(None, n=2).tolist()
+    [2.0, 1.0]
+    """
     if do is None:
         return {}
     if not isinstance(do, Mapping):
@@ -101,8 +111,20 @@ def parse_do(do: Mapping[str, Any] | None, known: Iterable[str]) -> dict[str, In
             raise InterventionError(f"do= names unknown variable {name!r}; known: {known}")
         if spec is None:
             raise InterventionError(f"do[{name!r}] is None")
+        if index is not None:
+            spec = _by_row_label(name, spec, index)
         out[name] = Intervention(name, spec)
     return out
+
+
+def _by_row_label(name: str, spec: Any, index) -> Any:
+    """A per-row ``pd.Series`` intervention, aligned to the observed rows by its index."""
+    if not hasattr(spec, "reindex") or hasattr(spec, "columns") or spec.index.equals(index):
+        return spec
+    if spec.index.is_unique and len(spec) == len(index) and spec.index.isin(index).all():
+        return spec.reindex(index)
+    raise InterventionError(f"do[{name!r}] is a pandas Series whose index does not match the observed rows' "
+                            f"index; pass .to_numpy() to apply its values by position")
 
 
 def parse_cli_do(items: Iterable[str], variables: Mapping[str, Any] | None = None) -> dict[str, Any]:

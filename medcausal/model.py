@@ -38,11 +38,25 @@ from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
 
 FORMAT = "medcausal-model"
 FORMAT_VERSION = 2  # 2: diffusion mechanisms also store averaged weights (ema.*); 1 still loads
+_QUERY_ROWS = 8192  # rows per slice in log_prob
 
 
 def _key(name: str) -> str:
-    """A variable name as a ModuleDict key (which may not contain dots)."""
-    return name.replace(".", "\u00b7")
+    """A variable name as a ModuleDict key: no dots, not empty, not a ModuleDict attribute
+    (a variable named ``type`` or ``train``); names that were already keys stay as they were."""
+    key = name.replace(".", "\u00b7")
+    return "\u00b7" + key if not key or hasattr(nn.ModuleDict, key) else key
+
+
+def _check_keys(graph: CausalGraph) -> None:
+    """Two variables must not share a key, nor one take the key of another's parents (``x|pa``)."""
+    owner: dict[str, str] = {}
+    for name in graph.variables:
+        for k in (_key(name), _key(name) + "|pa"):
+            if k in owner:
+                raise GraphError(f"variables {owner[k]!r} and {name!r} cannot both be in one model "
+                                 f"(their internal names clash: {k!r}); rename one")
+            owner[k] = name
 
 
 class _JointLoss(nn.Module):
@@ -79,6 +93,7 @@ class CausalModel:
     def __init__(self, graph: CausalGraph, mechanisms: str | Mapping[str, Any] | None = None):
         if not isinstance(graph, CausalGraph):
             raise GraphError(f"CausalModel needs a CausalGraph, got {type(graph).__name__}")
+        _check_keys(graph)
         self.graph = graph
         self._declared = graph  # as the user wrote it: each fit learns undeclared categories afresh
         self.choices = self._resolve(mechanisms)
@@ -86,6 +101,7 @@ class CausalModel:
         self.mechanisms: nn.ModuleDict | None = None
         self.fit_info: dict = {}
         self.privacy: dict | None = None  # the DP ledger (medcausal.privacy); None: not private
+        self.history: list[dict] = []  # one record per training epoch (see fit)
         self.device = torch.device("cpu")
 
     # -- construction --------------------------------------------------------
@@ -179,6 +195,8 @@ class CausalModel:
         codec = self.codecs[iv.name]
         if observed is None and current is not None:
             observed = codec.restore(codec.decode(current))
+        if observed is not None and codec.vtype.kind == "continuous" and codec.vtype.dim == 1:
+            observed = np.asarray(observed).reshape(n)  # a scalar's values as [n], as in the data's column
         raw = iv.apply(observed, n)
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
@@ -405,10 +423,8 @@ class CausalModel:
         if not isinstance(data, (pd.DataFrame, Cohort)):
             raise DataError(f"counterfactual() takes a pandas DataFrame, a medcausal Cohort or an AnnData, "
                             f"got {type(data).__name__}")
-        if isinstance(do, Mapping):
-            index = (data.table if isinstance(data, Cohort) else data).index
-            do = {k: _by_row_label(k, v, index) for k, v in do.items()}
-        ivs = parse_do(self._one_vector_value(do, len(data)), self.graph.variables)
+        index = (data.table if isinstance(data, Cohort) else data).index
+        ivs = parse_do(self._one_vector_value(do, len(data)), self.graph.variables, index=index)
         if not ivs:
             raise InterventionError("counterfactual() needs at least one intervention in do=")
         n = len(data)
@@ -452,7 +468,10 @@ class CausalModel:
         total = torch.zeros(n, device=self.device)
         with torch.no_grad():
             for name in self.graph.topological_order:
-                total += self.mechanism(name).log_prob(values[name], self._parents(name, values, n))
+                parents = self._parents(name, values, n)
+                for i in range(0, n, _QUERY_ROWS):  # in slices: a mechanism's working memory grows per row
+                    rows = slice(i, i + _QUERY_ROWS)
+                    total[rows] += self.mechanism(name).log_prob(values[name][rows], parents[rows])
                 if self.graph.variables[name].kind == "continuous":
                     total -= float(np.log(self.codecs[name].state["scale"]).sum())
         index = data.index if isinstance(data, pd.DataFrame) else None
@@ -473,7 +492,9 @@ class CausalModel:
         spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
                 "graph": self.graph.to_dict(), "mechanisms": self._current_choices(),
                 "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
-                "privacy": self.privacy}
+                "privacy": self.privacy,
+                # the losses are data-derived and not covered by a DP ledger: a private model keeps none
+                "history": self.history if self.privacy is None else []}
         if self._declared != self.graph:  # the graph before fit learned categories: a refit learns them afresh
             spec["declared_graph"] = self._declared.to_dict()
         return _jsonable(spec)
@@ -522,6 +543,7 @@ class CausalModel:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ModelFileError(f"{str(path)!r} is a damaged medcausal model: {type(e).__name__}: {e}") from None
         model.fit_info = spec.get("fit", {})
+        model.history = spec.get("history", [])  # files written before it was saved have none
         model.privacy = spec.get("privacy")
         if not model._ledger_matches(state):
             raise ModelFileError(f"{str(path)!r}: its DP ledger was written for other weights than the "
@@ -541,22 +563,14 @@ class CausalModel:
         return f"CausalModel({mechs}; {state})"
 
 
-def _by_row_label(name: str, spec, index: pd.Index):
-    """A per-row ``pd.Series`` intervention, aligned to the observed rows by its index."""
-    if not isinstance(spec, pd.Series) or spec.index.equals(index):
-        return spec
-    if spec.index.is_unique and len(spec) == len(index) and spec.index.isin(index).all():
-        return spec.reindex(index)
-    raise InterventionError(f"do[{name!r}] is a pandas Series whose index does not match the observed rows' "
-                            f"index; pass .to_numpy() to apply its values by position")
-
-
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     elif isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not float(seed).is_integer():
         raise MedCausalError(f"seed= must be an integer or None, got {seed!r}")
+    elif not -2**63 <= int(seed) < 2**64:
+        raise MedCausalError(f"seed= must be in [-2**63, 2**64) (torch's seed range), got {seed}")
     else:
         gen.manual_seed(int(seed))
     return gen

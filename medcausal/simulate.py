@@ -98,6 +98,7 @@ def model_id(model) -> str:
     """
     spec = dict(model.spec())
     spec.pop("medcausal_version", None)
+    spec.pop("history", None)  # the training trace (with timings); the weights say what was learned
     # the fit's wall time differs between two runs that give the same weights
     spec["fit"] = {k: v for k, v in spec.get("fit", {}).items() if k != "seconds"}
     h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())

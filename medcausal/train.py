@@ -81,6 +81,17 @@ class TrainConfig:
                 raise MedCausalError(f"{name} must be an integer, got {v!r}")
             if name != "seed" and v < 1:
                 raise MedCausalError(f"{name} must be >= 1, got {v}")
+        if not -2**63 <= self.seed < 2**64:
+            raise MedCausalError(f"seed must be in [-2**63, 2**64) (torch's seed range), got {self.seed}")
+        for name in ("lr", "weight_decay", "val_fraction", "grad_clip"):
+            v = getattr(self, name)
+            if (name != "grad_clip" or v is not None) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise MedCausalError(f"{name} must be a number, got {v!r}")
+        try:  # "cuda:0" or torch.device("cuda", 0): kept as its name, which the model file can hold
+            self.device = str(torch.device(self.device))
+        except (TypeError, RuntimeError) as e:
+            raise MedCausalError(f"device must name a torch device (e.g. 'cpu', 'cuda'), got {self.device!r}: "
+                                 f"{e}") from None
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise MedCausalError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.weight_decay < math.inf:

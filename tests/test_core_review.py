@@ -165,3 +165,96 @@ def test_a_cohort_keeps_a_named_index_as_a_column():
     c = mc.Cohort(t, {})
     assert c.table["subject"].tolist() == ["s1", "s2"] and c.ids.tolist() == [0, 1]
     assert mc.Cohort(t.rename_axis("id"), {}).ids.tolist() == ["s1", "s2"]  # named like the id column: the ids
+
+
+# ---- session 16 review of the core -------------------------------------------------------
+
+
+def test_a_shift_function_gets_a_scalar_as_a_flat_array_like_the_simulator_gives_it(small):
+    """A per-row shift ``a + offsets`` broadcast (n, 1) + (n,) to (n, n) and was refused."""
+    sim = mc.synthetic.scm("chain", additive=True)
+    model = mc.CausalModel(sim.graph, mechanisms="additive").fit(sim.sample(300, seed=0), max_epochs=2,
+                                                                  verbose=False)
+    obs = sim.sample(4, seed=1)
+    offsets = np.array([0.1, 0.2, 0.3, 0.4])
+    shift = lambda a: a + offsets  # noqa: E731
+    cf = model.counterfactual(obs, do={"x1": shift}, seed=0)
+    np.testing.assert_allclose(cf["x1"], sim.counterfactual(obs, do={"x1": shift})["x1"], rtol=1e-6)
+    seen = []
+    model.sample(3, do={"x1": lambda a: seen.append(a.shape) or a}, seed=0)
+    assert seen == [(3,)]
+
+
+def test_a_series_intervention_means_the_same_to_the_model_and_to_every_simulator():
+    """The model aligned a pd.Series by its index and the simulators by position."""
+    sim = mc.synthetic.scm("chain", additive=True)
+    model = mc.CausalModel(sim.graph, mechanisms="additive").fit(sim.sample(300, seed=0), max_epochs=2,
+                                                                  verbose=False)
+    obs = sim.sample(3, seed=1)
+    target = (obs["x1"] + 1.0).iloc[::-1]  # each unit's own value, listed in another order
+    expected = (obs["x1"] + 1.0).to_numpy()
+    np.testing.assert_allclose(sim.counterfactual(obs, do={"x1": target})["x1"], expected)
+    np.testing.assert_allclose(model.counterfactual(obs, do={"x1": target})["x1"], expected)
+    brain = mc.synthetic.BrainMRI(shape=(16, 16))
+    c = brain.sample(3, seed=0)
+    ages = pd.Series([50.0, 60.0, 70.0])[::-1]
+    assert brain.counterfactual(c, do={"age": ages}).table["age"].tolist() == [50.0, 60.0, 70.0]
+    cells = mc.synthetic.PerturbSeq(n_genes=10, seed=0).sample(3, seed=0)
+    labels = pd.Series(["P0", "P1", "P2"], index=cells.obs_names)[::-1]
+    cf = mc.synthetic.PerturbSeq(n_genes=10, seed=0).counterfactual(cells, do={"perturbation": labels})
+    assert cf.obs["perturbation"].astype(str).tolist() == ["P0", "P1", "P2"]
+    with pytest.raises(InterventionError, match="index"):
+        sim.counterfactual(obs, do={"x1": pd.Series([1.0, 2.0, 3.0], index=[7, 8, 9])})
+
+
+@pytest.mark.parametrize("name", ["type", "train", "float", "to"])
+def test_a_variable_may_be_named_like_a_module_attribute(name):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=60)})
+    df[name] = 2 * df["a"] + rng.normal(size=60)
+    model = mc.CausalModel(mc.CausalGraph({"a": "continuous", name: "continuous"}, edges=[("a", name)]),
+                           mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    assert list(model.sample(2, seed=0).columns) == ["a", name]
+
+
+@pytest.mark.parametrize("names", [("x", "x|pa"), ("a.b", "a\u00b7b")])
+def test_variables_whose_internal_names_clash_are_refused(names):
+    """``x|pa`` overwrote x's parents in training; ``a.b`` and ``a·b`` shared one mechanism."""
+    with pytest.raises(GraphError, match="rename one"):
+        mc.CausalModel(mc.CausalGraph({n: "continuous" for n in names}))
+
+
+def test_fit_with_a_torch_device_saves(tmp_path):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False,
+                                                              device=torch.device("cpu"))
+    assert model.fit_info["config"]["device"] == "cpu"
+    model.save(tmp_path / "m.mcm")
+
+
+def test_history_survives_save_and_load(small, tmp_path):
+    assert mc.CausalModel(GRAPH).history == []
+    loaded = mc.CausalModel.load(small.save(tmp_path / "m.mcm"))
+    assert loaded.history == small.history and len(loaded.history) == 1
+
+
+@pytest.mark.parametrize("setting", [{"lr": "0.1"}, {"val_fraction": None}, {"seed": 2**70}])
+def test_bad_fit_settings_name_the_setting(setting):
+    with pytest.raises(MedCausalError, match=next(iter(setting))):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False, **setting)
+
+
+def test_sample_refuses_a_seed_out_of_range(small):
+    with pytest.raises(MedCausalError, match="seed"):
+        small.sample(2, seed=2**70)
+
+
+def test_categories_as_a_set_are_refused():
+    with pytest.raises(GraphError, match="ordered list"):
+        mc.Categorical({"A", "B", "C"})
+
+
+def test_integer_column_labels_are_named_as_the_problem():
+    df = pd.DataFrame(np.random.default_rng(0).normal(size=(30, 2)))
+    graph = mc.CausalGraph({0: "continuous", 1: "continuous"}, edges=[(0, 1)])
+    with pytest.raises(DataError, match="astype\\(str\\)"):
+        mc.CausalModel(graph, mechanisms="additive").fit(df, max_epochs=1, verbose=False)

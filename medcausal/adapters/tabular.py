@@ -115,6 +115,10 @@ def _table(data) -> pd.DataFrame:
 
 def _missing(cols: list[str], available: list[str], what: str = "column") -> None:
     missing = [c for c in cols if c not in available]
+    labels = [a for a in available if not isinstance(a, str) and str(a) in missing]
+    if labels:  # pd.DataFrame(array) has integer column labels; variable names are text
+        raise DataError(f"the {what}(s) {labels[:5]} are labelled by {type(labels[0]).__name__}s, and variable "
+                        f"names are text ({str(labels[0])!r}): rename them, e.g. df.columns = df.columns.astype(str)")
     if missing:
         hints = []
         for c in missing:

@@ -665,7 +665,7 @@ class BrainMRI:
         """
         cohort = self._as_cohort(cohort)
         table = self._check_table(cohort.table, cohort.id_column)
-        ivs = self._parse_do(do)
+        ivs = self._parse_do(do, index=cohort.table.index)
         n = len(table)
         ids = table[cohort.id_column].to_numpy(dtype=object)
         seeds, rows = self._parse(ids)
@@ -1104,8 +1104,8 @@ class BrainMRI:
                                 f"{pd.unique(col[~col.isin([0, 1])])[:3].tolist()} outside 0/1")
         return table
 
-    def _parse_do(self, do) -> dict[str, Intervention]:
-        ivs = parse_do(do, known=list(self.graph.variables))
+    def _parse_do(self, do, index=None) -> dict[str, Intervention]:
+        ivs = parse_do(do, known=list(self.graph.variables), index=index)
         if "mri" in ivs:
             raise InterventionError("do['mri']: the scan is rendered from its parents; intervene on "
                                     f"{list(_MRI_PARENTS)} instead")

@@ -73,6 +73,7 @@ from scipy.special import betainc, ndtr, ndtri
 
 from ..errors import DataError, InterventionError, MedCausalError
 from ..graph import CausalGraph, Expression
+from ..interventions import parse_do
 from .tabular import _HAS_NP_STRINGS, _hash_uniform, _parse_ids
 
 __all__ = ["PerturbSeq", "nb_cdf", "nb_normal_score", "nb_quantile", "nb_quantile_normal", "nb_sf",
@@ -608,6 +609,7 @@ class PerturbSeq:
             raise InterventionError(f"counterfactual: cannot intervene on {unknown}; "
                                     f"intervenable: {list(_DO_KEYS)}")
         n = len(obs)
+        do = {k: iv.spec for k, iv in parse_do(do, _DO_KEYS, index=obs.index).items()}  # a Series by cell name
         new = obs.copy()
         for key in ("cell_type", "donor", "perturbation"):
             if key not in do:

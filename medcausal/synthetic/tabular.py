@@ -543,7 +543,7 @@ class TabularSCM:
         True
         """
         frame = self._check_frame(data)
-        ivs = parse_do(do, known=self._order)
+        ivs = parse_do(do, known=self._order, index=frame.index)
         n = len(frame)
         U = self._noise_of(frame.index)
         affected = set(ivs)
@@ -797,7 +797,7 @@ class VectorSCM(TabularSCM):
     def counterfactual(self, data: pd.DataFrame, do: Mapping[str, Any] | None) -> pd.DataFrame:
         """The true counterfactual of the units in ``data``; see :meth:`TabularSCM.counterfactual`."""
         frame = self._check_frame(data)
-        ivs = parse_do(do, known=self._order)
+        ivs = parse_do(do, known=self._order, index=frame.index)
         n = len(frame)
         U = self._noise_of(frame.index)
         affected = set(ivs).union(*(self.graph.descendants(v) for v in ivs))

@@ -89,6 +89,8 @@ def _missing_key(key: str, available: Sequence[str], what: str) -> DataError:
 
 def _matrix(adata, layer: str | None):
     if layer is None:
+        if adata.X is None:
+            raise DataError("adata.X is empty (None): name the counts layer with layer=...")
         return adata.X
     if layer not in adata.layers:
         err = _missing_key(layer, list(adata.layers), "layer")
@@ -217,7 +219,7 @@ def _vocabulary(obs: pd.DataFrame, setup: Mapping) -> dict:
            "covariate_categories": {k: sorted(map(str, pd.unique(obs[k].astype(str))))
                                     for k in setup["covariate_keys"]}}
     if setup.get("dose_key") is not None:
-        d = obs[setup["dose_key"]].to_numpy(dtype=float)
+        d = pd.to_numeric(obs[setup["dose_key"]], errors="coerce").to_numpy(dtype=float)  # controls' may be NaN
         treated = labels.to_numpy() != control
         out["max_dose"] = float(d[treated].max()) if treated.any() else 1.0
     return out
@@ -300,7 +302,7 @@ def _treatment(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None):
     else:
         if dkey not in obs.columns:
             raise _missing_key(dkey, list(obs.columns), "dose obs column")
-        d = obs[dkey].to_numpy(dtype=float).copy()
+        d = pd.to_numeric(obs[dkey], errors="coerce").to_numpy(dtype=float, copy=True)  # a control's may be "NA"
         if perturbation is None:
             d[~treat.any(axis=1)] = 0.0  # a control's dose is ignored (may be NaN)
         else:  # treated cells keep their dose; controls (whatever dose they record) get the largest seen
@@ -560,8 +562,10 @@ class FCRModel:
         obs = adata.obs.copy()
         pkey = setup["perturbation_key"]
         obs[f"factual_{pkey}"] = obs[pkey].astype(str).to_numpy()
-        if perturbation is not None:
-            obs[pkey] = np.asarray(_per_cell(perturbation, n, "perturbation"), dtype=object).astype(str)
+        if perturbation is not None:  # written canonically ("P1 + P0" -> "P0+P1"), as grouping by label needs
+            ctrl, sep = setup["control"], setup.get("sep", "+")
+            obs[pkey] = [sep.join(parse_perturbation(v, ctrl, sep)) or str(ctrl)
+                         for v in _per_cell(perturbation, n, "perturbation")]
         if setup.get("dose_key"):
             dkey = setup["dose_key"]
             obs[f"factual_{dkey}"] = obs[dkey].to_numpy()
@@ -662,8 +666,9 @@ def anndata_to_cohort(adata, expression: str = "expression", layer: str | None =
                       obs_keys: Sequence[str] | None = None, obsm_keys: Sequence[str] = ()) -> Cohort:
     """AnnData -> Cohort: ``.obs`` columns as the table, counts as a dense array ``expression``.
 
-    Ids come from the id column when present (also when ``obs_keys`` leaves it out of an
-    AnnData made by :func:`cohort_to_anndata`), else from ``obs_names``. Categorical
+    Ids come from the id column of an AnnData made by :func:`cohort_to_anndata` (also when
+    ``obs_keys`` leaves it out), else from ``obs_names``, in the column ``"id"`` (``"obs_names"``
+    when ``.obs`` has its own ``"id"`` column, e.g. donor ids, which stays data). Categorical
     columns become plain object columns.
 
     >>> import anndata as ad
@@ -675,6 +680,8 @@ def anndata_to_cohort(adata, expression: str = "expression", layer: str | None =
     _require_anndata(adata)
     meta = dict(adata.uns.get("medcausal_cohort", {}))
     id_column = str(meta.get("id_column", "id"))
+    if not meta and id_column in adata.obs.columns:  # someone else's "id" column: the barcodes go beside it
+        id_column = "obs_names"
     keys = list(adata.obs.columns) if obs_keys is None else list(obs_keys)
     for k in keys:
         if k not in adata.obs.columns:

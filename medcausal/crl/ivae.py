@@ -96,8 +96,13 @@ def _is_anndata(obj: Any) -> bool:
     return isinstance(obj, anndata.AnnData)
 
 
+_AS_FITTED: Any = type("AsFitted", (), {"__repr__": lambda self: "<as at fit>"})()  # layer= default of queries
+
+
 def _as_matrix(x: Any, name: str) -> np.ndarray:
     """A float ``[n, p]`` array with finite values, or a DataError naming ``name``."""
+    if hasattr(x, "to_memory") and not hasattr(x, "toarray"):  # backed AnnData's sparse matrix
+        x = x.to_memory()
     if hasattr(x, "toarray") and not isinstance(x, np.ndarray):  # scipy sparse
         x = x.toarray()
     if isinstance(x, pd.DataFrame):
@@ -461,17 +466,19 @@ class IVAE:
         return f"{kind}(latent_dim={self.latent_dim}, hidden={self.hidden}; {state})"
 
     # -- data ----------------------------------------------------------------
-    def _inputs(self, x: Any, u: Any, aux_key: Any, layer: str | None, fitting: bool):
-        """(x matrix, u raw, u name) from arrays or an AnnData."""
+    def _inputs(self, x: Any, u: Any, aux_key: Any, layer: Any, fitting: bool, need_u: bool = True):
+        """(x matrix, u raw, u name) from arrays or an AnnData. ``layer=_AS_FITTED``: the fit's
+        (``.X`` when the fit was not on AnnData); ``None`` is ``.X``. ``need_u=False``: u is not
+        read (queries of a model whose encoder does not see it)."""
+        if layer is _AS_FITTED:
+            fitted = not fitting and _is_anndata(x) and self.anndata_keys is not None
+            layer = self.anndata_keys["layer"] if fitted else None
         if _is_anndata(x):
             adata = x
             if fitting:
                 self.anndata_keys = {"aux_key": aux_key, "layer": layer}
-            else:
-                if aux_key is None and self.anndata_keys is not None:
-                    aux_key = self.anndata_keys["aux_key"]
-                if layer is None and self.anndata_keys is not None:
-                    layer = self.anndata_keys["layer"]
+            elif aux_key is None and self.anndata_keys is not None:
+                aux_key = self.anndata_keys["aux_key"]
             if u is not None:
                 raise DataError("give u through aux_key= (an .obs column) when x is an AnnData, not as u=")
             if layer is None:
@@ -484,7 +491,7 @@ class IVAE:
             if mat is None:
                 raise DataError(f"{where} is empty (None)")
             arr = _as_matrix(mat, where)
-            if not self.conditional_prior:
+            if not self.conditional_prior or not need_u:
                 return arr, None, "u"
             if aux_key is None:
                 raise DataError("an iVAE needs the auxiliary variable: pass aux_key= (the .obs column holding "
@@ -501,16 +508,18 @@ class IVAE:
         if fitting:  # fitted on arrays: no AnnData keys of an earlier fit to reuse
             self.anndata_keys = None
         arr = _as_matrix(x, "x")
+        if not need_u:
+            return arr, None, "u"
         if self.conditional_prior and u is None:
             raise DataError("an iVAE needs the auxiliary variable u (segment / environment / label), one row "
                             "per row of x; use VAE or conditional_prior=False for a plain VAE")
         return arr, u, "u"
 
-    def _tensors(self, arr: np.ndarray, u: Any, uname: str) -> dict[str, torch.Tensor]:
+    def _tensors(self, arr: np.ndarray, u: Any, uname: str, need_u: bool = True) -> dict[str, torch.Tensor]:
         if arr.shape[1] != len(self.x_mean):
             raise DataError(f"x has {arr.shape[1]} columns but the model was fitted on {len(self.x_mean)}")
         x = torch.from_numpy((arr - self.x_mean) / self.x_std).float()
-        if self.conditional_prior:
+        if self.conditional_prior and need_u:
             ut = self.aux.encode(u, uname, arr.shape[0])
         else:
             ut = torch.zeros(arr.shape[0], 0)
@@ -634,8 +643,12 @@ class IVAE:
             raise NotFittedError(f"this {type(self).__name__} is not fitted; call fit() (or load()) first")
 
     # -- queries -------------------------------------------------------------
-    def encode(self, x: Any, u: Any = None, *, aux_key: Any = None, layer: str | None = None) -> np.ndarray:
+    def encode(self, x: Any, u: Any = None, *, aux_key: Any = None, layer: Any = _AS_FITTED) -> np.ndarray:
         """Posterior mean ``E_q[z | x, u]`` as a numpy array ``[n, latent_dim]``.
+
+        ``u`` is needed only when the encoder sees it (``encoder_u=True``); otherwise new
+        environments encode too. ``layer``: by default the one the model was fitted on
+        (AnnData input); ``None`` is ``.X``.
 
         Example:
             >>> x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=20, n_sources=2, seed=0)
@@ -643,8 +656,8 @@ class IVAE:
             (5, 2)
         """
         self._require_fit()
-        arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=False)
-        t = self._tensors(arr, u_raw, uname)
+        arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=False, need_u=self.net.encoder_u)
+        t = self._tensors(arr, u_raw, uname, need_u=self.net.encoder_u)
         with torch.no_grad():
             mean = self.net.posterior(t["x"], t["u"])[0]
         return mean.numpy().astype(np.float64)
@@ -665,7 +678,7 @@ class IVAE:
             out = self.net.decode(torch.from_numpy(zz).float()).numpy().astype(np.float64)
         return out * self.x_std + self.x_mean
 
-    def elbo(self, x: Any, u: Any = None, *, aux_key: Any = None, layer: str | None = None,
+    def elbo(self, x: Any, u: Any = None, *, aux_key: Any = None, layer: Any = _AS_FITTED,
              n_samples: int = 1, seed: int = 0) -> np.ndarray:
         """Per-row ELBO (nats, in standardized data units), averaged over ``n_samples`` draws of ``q``.
 

@@ -1,7 +1,10 @@
 """Metrics for predicted single-cell responses (CPA / FCR / scPerturb conventions).
 
 All expression metrics work on log-normalized expression, ``log1p(counts / total * 1e4)``
-(:func:`log_normalize`), per gene:
+(:func:`log_normalize`), per gene. :func:`r2_mean`, :func:`r2_var`, :func:`lfc_r2` and
+:func:`e_distance` take it as given (apply :func:`log_normalize` to counts first);
+:func:`top_degs`, :func:`counterfactual_error` and :func:`evaluate_condition` take counts
+and normalize them:
 
 * :func:`r2_mean`, :func:`r2_var`: R² (``sklearn.metrics.r2_score``, true as reference)
   between the per-gene means (variances) of the true and the predicted population,
@@ -9,8 +12,8 @@ All expression metrics work on log-normalized expression, ``log1p(counts / total
 * :func:`lfc_r2`: R² of the log-fold changes against a control population;
 * :func:`top_degs`: differentially expressed genes from scanpy's
   ``rank_genes_groups`` against the control, per context;
-* :func:`e_distance`: the energy distance (Székely; scPerturb's E-distance) between
-  two populations, :func:`medcausal.metrics.distribution.mmd` for the MMD;
+* :func:`e_distance`: the energy distance (Székely, Euclidean by default; scPerturb's
+  E-distance is ``metric="sqeuclidean"``) between two populations, :func:`medcausal.metrics.distribution.mmd` for the MMD;
 * :func:`counterfactual_error`: per-cell error of predicted against true
   counterfactual counts (a simulator's ground truth);
 * :func:`nmi`: normalized mutual information between a k-means clustering of a
@@ -29,6 +32,7 @@ MCC of learned vs true latents is :func:`medcausal.metrics.representation.mcc`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -103,7 +107,8 @@ def _pair(true, pred, genes, what="pred", true_what="true"):
 
 
 def r2_mean(true: Any, pred: Any, genes: Sequence[int] | None = None) -> float:
-    """R² between per-gene means of the true and predicted populations (true as reference).
+    """R² between per-gene means of the true and predicted populations (true as reference),
+    on the values given (log-normalized expression: :func:`log_normalize` counts first).
 
     >>> t = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 4.0]]); p = t + [0.0, 0.0, 1.0]
     >>> round(r2_mean(t, p), 4)   # means (0, 1, 3) vs (0, 1, 4): 1 - 1 / 4.6667
@@ -114,7 +119,8 @@ def r2_mean(true: Any, pred: Any, genes: Sequence[int] | None = None) -> float:
 
 
 def r2_var(true: Any, pred: Any, genes: Sequence[int] | None = None) -> float:
-    """R² between per-gene variances of the true and predicted populations.
+    """R² between per-gene variances of the true and predicted populations (of the values
+    given: log-normalized expression).
 
     >>> t = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 4.0]])
     >>> r2_var(t, t)
@@ -127,8 +133,8 @@ def r2_var(true: Any, pred: Any, genes: Sequence[int] | None = None) -> float:
 
 
 def lfc_r2(true: Any, pred: Any, control: Any, genes: Sequence[int] | None = None) -> float:
-    """R² between true and predicted log-fold changes (mean difference of log-normalized
-    expression against ``control``).
+    """R² between true and predicted log-fold changes: the mean difference against ``control``
+    of the values given, which must be log-normalized (:func:`log_normalize`) to be log-fold changes.
 
     >>> c = np.zeros((2, 3)); t = np.array([[1.0, 0.0, -1.0]] * 2)
     >>> lfc_r2(t, t * 0.5, c)   # lfc (1, 0, -1) vs (.5, 0, -.5): 1 - 0.5 / 2
@@ -277,7 +283,8 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
     ``context_key`` (all cells when None), ranking genes by the absolute score
     (``rankby_abs``, as CPA and GEARS do), so a knocked-down gene counts as much as an
     induced one. Keys are ``(context, group)`` (context ``"all"`` when None); groups with
-    fewer than 2 cells are skipped. Genes constant over a group's and the reference's cells
+    fewer than 2 cells, and every group of a context with fewer than 2 reference cells, are
+    skipped with a warning naming them. Genes constant over a group's and the reference's cells
     are never returned (so fewer than ``n_genes`` may come back). The counts are read in
     row chunks of the cells compared, kept sparse (backed data is streamed, not densified).
 
@@ -309,11 +316,15 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
                         f"(have {sorted(set(groups))[:10]})")
     out: dict[tuple[str, str], np.ndarray] = {}
     names = pd.Index(np.arange(adata.n_vars).astype(str))
+    skipped = []
     for ctx in pd.unique(contexts):
         m = contexts == ctx
+        present = [g for g in pd.unique(groups[m]) if g != reference]
         if (groups[m] == reference).sum() < 2:
+            skipped += [f"{(ctx, g)} (fewer than 2 {reference!r} cells in the context)" for g in present]
             continue
-        keep = [g for g in pd.unique(groups[m]) if g != reference and (groups[m] == g).sum() >= 2]
+        keep = [g for g in present if (groups[m] == g).sum() >= 2]
+        skipped += [f"{(ctx, g)} (fewer than 2 cells)" for g in present if g not in keep]
         if not keep:
             continue
         rows = np.flatnonzero(m & np.isin(groups, [reference, *keep]))
@@ -330,6 +341,9 @@ def top_degs(adata, groupby: str, reference: str, n_genes: int = 20, context_key
             varying = (both.max(0).toarray() > both.min(0).toarray()).ravel()
             ranked = np.asarray(rec[g], dtype=int)
             out[(str(ctx), str(g))] = ranked[varying[ranked]][:n_genes]
+    if skipped:
+        warnings.warn(f"top_degs: no DEGs for {len(skipped)} (context, group) pair(s): {', '.join(skipped[:5])}"
+                      f"{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
     return out
 
 

@@ -165,3 +165,58 @@ def test_annotating_a_view_of_backed_data_is_refused_before_any_work(plain, tmp_
         model.write_latents(view.to_memory())  # the fix the message names works
     finally:
         backed.file.close()
+
+
+# ---- session 16 review -------------------------------------------------------------------
+
+
+def test_a_control_dose_written_as_text_na_is_ignored_as_documented():
+    a = PerturbSeq(n_genes=20, seed=0).sample(120, seed=0)
+    ctrl = (a.obs["perturbation"] == "control").to_numpy()
+    a.obs["dose"] = np.where(ctrl, "NA", a.obs["dose"].astype(str))
+    scad.setup_anndata(a, "perturbation", "control", dose_key="dose", covariate_keys=["cell_type"])
+    model = scad.FCRModel(**SMALL).fit(a, max_epochs=1, verbose=False)  # it raised a bare ValueError
+    assert model.setup["max_dose"] == pd.to_numeric(a.obs["dose"], errors="coerce")[~ctrl].max()
+    cf = model.predict_counterfactual(a[:5], perturbation="P0")
+    assert cf.shape == (5, 20)
+
+
+def test_anndata_to_cohort_keeps_the_barcodes_beside_an_obs_id_column():
+    import anndata as ad
+
+    a = ad.AnnData(np.ones((3, 2), np.float32), obs=pd.DataFrame({"id": ["donor1", "donor1", "donor2"]},
+                                                                  index=["AAAC-1", "AAAG-1", "AACT-1"]))
+    c = scad.anndata_to_cohort(a, layer=None)
+    assert c.ids.tolist() == ["AAAC-1", "AAAG-1", "AACT-1"]
+    assert c.table["id"].tolist() == ["donor1", "donor1", "donor2"]
+
+
+def test_setup_names_an_empty_X():
+    import anndata as ad
+
+    b = ad.AnnData(obs=pd.DataFrame({"p": ["c", "A", "A"]}, index=list("xyz")), var=pd.DataFrame(index=["g1", "g2"]))
+    b.layers["counts"] = np.ones((3, 2))
+    with pytest.raises(DataError, match="adata.X"):
+        scad.setup_anndata(b, "p", "c", layer=None)
+
+
+def test_predicted_combinations_are_labelled_canonically(sim):
+    a = sim.sample(100, seed=0)
+    scad.setup_anndata(a, "perturbation", "control", covariate_keys=["cell_type"])
+    model = scad.FCRModel(hidden=[8]).fit(a, max_epochs=1, verbose=False)
+    cf = model.predict_counterfactual(a[:4], perturbation="P1 + P0")
+    assert cf.obs["perturbation"].astype(str).unique().tolist() == ["P0+P1"]
+
+
+def test_top_degs_warns_about_a_context_without_reference_cells():
+    import anndata as ad
+
+    from medcausal.metrics.singlecell import top_degs
+
+    rng = np.random.default_rng(0)
+    c = rng.poisson(5, (80, 10)).astype(np.float32)
+    obs = pd.DataFrame({"p": ["ctrl"] * 20 + ["A"] * 60, "ct": ["T"] * 40 + ["B"] * 40},
+                       index=[f"c{i}" for i in range(80)])
+    with pytest.warns(UserWarning, match="'B', 'A'"):
+        degs = top_degs(ad.AnnData(c, obs=obs), "p", "ctrl", n_genes=3, context_key="ct", layer=None)
+    assert list(degs) == [("T", "A")]

@@ -492,9 +492,7 @@ class CausalModel:
         spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "medcausal_version": __version__,
                 "graph": self.graph.to_dict(), "mechanisms": self._current_choices(),
                 "codecs": {n: c.to_dict() for n, c in self.codecs.items()}, "fit": self.fit_info,
-                "privacy": self.privacy,
-                # the losses are data-derived and not covered by a DP ledger: a private model keeps none
-                "history": self.history if self.privacy is None else []}
+                "privacy": self.privacy, "history": self.history}  # a DP fit's history holds no losses
         if self._declared != self.graph:  # the graph before fit learned categories: a refit learns them afresh
             spec["declared_graph"] = self._declared.to_dict()
         return _jsonable(spec)

@@ -18,6 +18,7 @@ medcausal.privacy.config.PrivacyError: Privacy(epsilon=0): epsilon must be > 0 (
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -58,7 +59,9 @@ class Privacy:
       ``torch.func`` per-record gradients), or ``"auto"``: the fastest of these whose
       per-record gradients are exact for the model (checked on fabricated inputs).
     - ``physical_batch_size``: records held in memory at once (Opacus BatchMemoryManager);
-      the logical (privacy) batch is ``fit(batch_size=...)``.
+      the logical (privacy) batch is Poisson with sample rate ``1 / ceil(N / fit(batch_size=))``
+      (Opacus's ``DPDataLoader``), so its expected size ``N / ceil(N / batch_size)`` is at most
+      ``batch_size`` (the ledger's ``expected_batch_size``).
     - ``unit_column``: the privacy unit. Rows sharing this column's value (a patient, a
       donor) form one record for sampling and clipping. ``row_level=True`` (with
       ``force=True``) trains on rows instead and the ledger shows the group-privacy
@@ -132,28 +135,38 @@ class Privacy:
                               ("standardize", STANDARDIZE)):
             if getattr(self, name) not in allowed:
                 bad(f"{name}={getattr(self, name)!r}): choose one of {list(allowed)}")
-        if self.physical_batch_size is not None and int(self.physical_batch_size) < 1:
-            bad(f"physical_batch_size={self.physical_batch_size}): must be >= 1")
-        if not 0 < float(self.stats_share) < 1:
+        if self.physical_batch_size is not None:
+            if not _whole(self.physical_batch_size) or self.physical_batch_size < 1:
+                bad(f"physical_batch_size={self.physical_batch_size!r}): a whole number >= 1 (records per step)")
+            object.__setattr__(self, "physical_batch_size", int(self.physical_batch_size))
+        share = _number(self.stats_share, "stats_share")
+        if not 0 < share < 1:
             bad(f"stats_share={self.stats_share}): must be in (0, 1)")
-        if self.stats_noise_multiplier is not None and not float(self.stats_noise_multiplier) > 0:
-            bad(f"stats_noise_multiplier={self.stats_noise_multiplier}): must be > 0")
-        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)
-                                            or self.noise_seed < 0):
-            bad(f"noise_seed={self.noise_seed!r}): a whole number >= 0, or None (fresh noise; for a release)")
+        object.__setattr__(self, "stats_share", share)
+        if self.stats_noise_multiplier is not None:
+            z = _number(self.stats_noise_multiplier, "stats_noise_multiplier")
+            if not (z > 0 and math.isfinite(z)):
+                bad(f"stats_noise_multiplier={self.stats_noise_multiplier}): must be a finite number > 0")
+            object.__setattr__(self, "stats_noise_multiplier", z)
+        if self.noise_seed is not None:
+            if not _whole(self.noise_seed) or self.noise_seed < 0:
+                bad(f"noise_seed={self.noise_seed!r}): a whole number >= 0, or None (fresh noise; for a release)")
+            object.__setattr__(self, "noise_seed", int(self.noise_seed))
         if self.row_level and self.unit_column is None:
             bad("row_level=True): row-level DP is the default without a unit_column; "
                 "row_level=True only makes sense with unit_column= declared")
         if self.max_rows_per_unit is not None:
-            if isinstance(self.max_rows_per_unit, bool) or not isinstance(self.max_rows_per_unit, int) \
-                    or self.max_rows_per_unit < 1:
+            if not _whole(self.max_rows_per_unit) or self.max_rows_per_unit < 1:
                 bad(f"max_rows_per_unit={self.max_rows_per_unit!r}): a whole number >= 1")
+            object.__setattr__(self, "max_rows_per_unit", int(self.max_rows_per_unit))
             if not self.row_level:
                 bad(f"max_rows_per_unit={self.max_rows_per_unit}): it bounds the group-privacy conversion of "
                     "row_level=True; unit-level DP (the default with a unit_column) needs no bound")
         bounds = {}
         for var, b in dict(self.public_bounds or {}).items():
             try:
+                if isinstance(b, (str, bytes)) or len(b) != 2:  # "18" would unpack as (1.0, 8.0)
+                    raise TypeError
                 lo, hi = (float(v) for v in b)
             except (TypeError, ValueError):
                 bad(f"public_bounds[{var!r}]={b!r}): give a pair (low, high) of numbers")
@@ -221,6 +234,11 @@ class Privacy:
                     merged[k] = v
         merged.update(overrides)
         return cls.from_dict(merged, source=", ".join(str(p) for p in paths) or "overrides")
+
+
+def _whole(v) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _number(v, name: str) -> float:

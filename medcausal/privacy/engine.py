@@ -171,6 +171,8 @@ class PrivatePlan:
                "unit_column": self.privacy.unit_column, "mode": self.privacy.mode,
                "target_epsilon": self.target_epsilon, "grad_sample_mode": self.grad_sample_mode,
                "batch_size": self.batch_size, "physical_batch_size": self.physical_batch_size,
+               # Poisson batches: the mean size (sample_rate x records), at most batch_size
+               "expected_batch_size": self.sample_rate * self.n_records,
                "poisson_sampling": True, "secure_mode": self.privacy.secure_mode,
                "noise": ("pinned by Privacy(noise_seed=...): replayable by whoever knows it; not for release"
                          if self.privacy.noise_seed is not None else "fresh OS entropy, not stored"),

@@ -69,7 +69,17 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     def eps(sigma):
         return epsilon_of(prior + [(sigma, sample_rate, steps)], delta, accountant)
 
-    lo, hi = 0.05, 1.0
+    if accountant != "rdp":
+        # RDP's epsilon bounds the tighter accountants' from above, so its noise is enough here: search
+        # below it. (Evaluating PRV at a tiny noise multiplier, the generic bracket's low end, allocates
+        # tens of GiB.)
+        hi = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                             prior=prior, accountant="rdp", rtol=rtol)
+        while eps(hi) > target_epsilon:  # numerical slack of the other accountant
+            hi *= 1.05
+        lo = hi / 2
+    else:
+        lo, hi = 0.05, 1.0
     e_hi = eps(hi)
     while e_hi > target_epsilon:
         lo, hi = hi, hi * 2

@@ -124,3 +124,21 @@ def test_fit_command_trains_under_a_privacy_profile(tmp_path, capsys):
     assert "-DP per" in printed
     assert main(["sample", str(out), "-n", "5", "--out", str(tmp_path / "s.csv")]) == 0
     assert f"({ledger['epsilon']:.3g}," in capsys.readouterr().out
+
+
+def test_prv_calibration_searches_below_the_rdp_noise_only(monkeypatch):
+    """PRV at the generic bracket's low end (noise 0.05) allocated ~10 GiB at eps 8, q 0.02, 500 steps."""
+    real = ledger.epsilon_of
+    seen = []
+
+    def spy(history, delta, accountant="rdp"):
+        if accountant == "prv" and history:
+            seen.append(min(h[0] for h in history))
+        return real(history, delta, accountant)
+
+    monkeypatch.setattr(ledger, "epsilon_of", spy)
+    rdp = ledger.calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.02, steps=500)
+    prv = ledger.calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.02, steps=500, accountant="prv")
+    assert min(seen) >= rdp / 2 - 1e-12
+    assert prv <= rdp and real([(prv, 0.02, 500)], 1e-5, "prv") <= 8.0
+    assert real([(prv * 0.99, 0.02, 500)], 1e-5, "prv") > 8.0  # the smallest that meets the target, to 1%

@@ -81,3 +81,24 @@ def test_profiles_merge_tables_and_reject_unknown_keys(tmp_path):
 def test_to_dict_round_trip():
     p = Privacy(epsilon=2.0, public_bounds={"x": (0, 1)}, unit_column="pid")
     assert Privacy.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"epsilon": 1.0, "public_bounds": {"age": "18"}}, "public_bounds"),  # unpacked as (1.0, 8.0)
+    ({"epsilon": 1.0, "physical_batch_size": 2.5}, "physical_batch_size"),
+    ({"epsilon": 1.0, "physical_batch_size": "abc"}, "physical_batch_size"),
+    ({"epsilon": 1.0, "stats_share": "abc"}, "stats_share"),
+    ({"noise_multiplier": 1.0, "stats_noise_multiplier": math.inf}, "stats_noise_multiplier"),
+])
+def test_bad_settings_are_privacy_errors_naming_the_setting(settings, match):
+    with pytest.raises(PrivacyError, match=match):
+        Privacy(**settings)
+
+
+def test_numpy_integers_are_whole_numbers_everywhere():
+    import numpy as np
+
+    p = Privacy(epsilon=1.0, physical_batch_size=np.int64(256), unit_column="p", row_level=True, force=True,
+                max_rows_per_unit=np.int64(3))
+    assert (p.physical_batch_size, p.max_rows_per_unit) == (256, 3)
+    assert type(p.physical_batch_size) is int and type(p.max_rows_per_unit) is int

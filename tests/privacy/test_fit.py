@@ -41,6 +41,7 @@ def test_ledger_meets_the_target_and_covers_every_access(dp_model):
     assert 2.0 * 0.97 <= led["epsilon"] <= 2.0  # calibrated to the target, never above it
     assert led["delta"] == 1e-5 and led["n_records"] == N and led["privacy_unit"] == "row"
     assert led["steps"] == 2 * math.ceil(N / 512) and led["sample_rate"] == 1 / math.ceil(N / 512)
+    assert led["expected_batch_size"] == pytest.approx(N / math.ceil(N / 512))  # Poisson: 500, not 512
     # the history is the DP statistics (standardization) + the DP-SGD steps, one accountant
     stats_entry, sgd = led["history"]
     assert stats_entry[1] == 1.0 and stats_entry[2] == 1
@@ -68,6 +69,7 @@ def test_ledger_is_saved_in_the_model_file(dp_model, chain, tmp_path):
     # a counterfactual's rows reveal their input rows: its attrs say the guarantee does not cover them
     assert "input row" in cf.attrs["privacy"]["covers"] and "every row" in out.attrs["privacy"]["covers"]
     assert "differentially private" in format_ledger(loaded.privacy)
+    assert loaded.history == dp_model.history  # epochs, steps and learning rate only: no losses
 
 
 def test_non_private_model_says_so(chain, tmp_path):

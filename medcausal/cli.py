@@ -35,6 +35,10 @@ def load_run(run_dir: str):
 
 
 RUN_FILES = (MODEL_FILE, "recipe.toml", "fit.json")
+RUN_HELP = "run directory made by `medcausal fit` (or a model file)"
+INPUT_HELP = ("CSV/Parquet (with <name>_path columns naming the scans of image variables), .h5ad for cells, "
+              "or a `medcausal simulate` folder")
+OUT_HELP = "CSV or Parquet (scans written as files beside it), or .h5ad for cells"
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -198,20 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("sample", help="sample units from a fitted model, optionally under interventions")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help=RUN_HELP)
     s.add_argument("-n", type=int, required=True, help="number of units")
     s.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="output CSV or Parquet file")
+    s.add_argument("--out", required=True, help=OUT_HELP)
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("counterfactual", help="counterfactuals of given units under interventions")
-    c.add_argument("run_dir")
-    c.add_argument("--input", required=True, help="CSV or Parquet with the observed units")
+    c.add_argument("run_dir", help=RUN_HELP)
+    c.add_argument("--input", required=True, help=f"the observed units: {INPUT_HELP}")
     c.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed for the noise of discrete variables")
-    c.add_argument("--out", required=True, help="output CSV or Parquet file")
+    c.add_argument("--out", required=True, help=OUT_HELP)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_counterfactual)
 

@@ -2211,8 +2211,10 @@ def add_commands(subparsers) -> None:
     >>> p.parse_args(["simulate", "runs/x", "-n", "10", "--where", "sex == 1", "--out", "s.csv"]).where
     'sex == 1'
     """
+    from .cli import INPUT_HELP, RUN_HELP
+
     s = subparsers.add_parser("simulate", help="simulate patients, optionally under interventions and in a subgroup")
-    s.add_argument("run_dir", help="run directory made by `medcausal fit`")
+    s.add_argument("run_dir", help=RUN_HELP)
     s.add_argument("-n", type=int, required=True, help="number of patients")
     s.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     s.add_argument("--where", default=None, metavar="COND",
@@ -2232,9 +2234,8 @@ def add_commands(subparsers) -> None:
     s.set_defaults(func=cmd_simulate)
 
     a = subparsers.add_parser("augment", help="grow a scarce subgroup or rebalance a label with synthetic patients")
-    a.add_argument("run_dir")
-    a.add_argument("--input", required=True, help="the real cohort: CSV/Parquet (with <name>_path columns for "
-                                                  "scans), .h5ad, or a `medcausal simulate` folder")
+    a.add_argument("run_dir", help=RUN_HELP)
+    a.add_argument("--input", required=True, help=f"the real cohort: {INPUT_HELP}")
     a.add_argument("--target", required=True,
                    help="subgroup condition (\"sex == 1 and disease == 1\") or a label variable to rebalance")
     a.add_argument("-n", type=int, default=None, help="subgroup size after augmentation (per class for a label)")
@@ -2251,9 +2252,8 @@ def add_commands(subparsers) -> None:
     a.set_defaults(func=cmd_augment)
 
     w = subparsers.add_parser("worlds", help="twin cohort: patients' counterfactuals in several named worlds")
-    w.add_argument("run_dir")
-    w.add_argument("--input", required=True, help="the observed patients: CSV/Parquet (with <name>_path columns "
-                                                  "for scans), .h5ad, or a `medcausal simulate` folder")
+    w.add_argument("run_dir", help=RUN_HELP)
+    w.add_argument("--input", required=True, help=f"the observed patients: {INPUT_HELP}")
     w.add_argument("--world", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                    help="a named world (repeatable)")
     w.add_argument("--do", action="append", default=[], metavar="VAR=VALUE",

@@ -92,14 +92,16 @@ def cmd_audit(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``info`` and ``audit`` to the ``medcausal`` sub-command parsers."""
+    from ..cli import RUN_HELP
+
     i = subparsers.add_parser("info", help="describe a fitted model: its privacy ledger (or that it is not "
                                            "differentially private) and library versions")
-    i.add_argument("run_dir", help="run directory made by `medcausal fit` (or a model file)")
+    i.add_argument("run_dir", help=RUN_HELP)
     i.set_defaults(func=cmd_info)
 
     a = subparsers.add_parser("audit", help="membership-inference audit of a fitted model (loss and "
                                             "distance-to-closest-record attacks)")
-    a.add_argument("run_dir", help="run directory made by `medcausal fit` (or a model file)")
+    a.add_argument("run_dir", help=RUN_HELP)
     a.add_argument("--members", required=True, help="CSV/Parquet with (some of) the training records")
     a.add_argument("--non-members", required=True,
                    help="CSV/Parquet with records from the same population NOT used for training")

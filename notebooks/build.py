@@ -147,7 +147,7 @@ on[["age", "sex", "treated", "sbp", "synthetic", "synth_do", "synth_where"]].hea
             "on the MNI152 template, so the *true* counterfactual scan of a patient is known. We fit a causal "
             "model whose scan mechanism is a conditional VAE (`cvae`), then ask for each test patient's twin "
             "under `do(age = age + 20)`: age changes the volumes (brain shrinks, ventricles and lesions grow), "
-            "and the scan is regenerated from the patient's abducted noise. Small sizes here (32x32 slices, a "
+            "and the scan is regenerated from the patient's abducted noise. Small sizes here (32x32 slices, "
             "800 patients, 20 epochs of CPU training): the point is the workflow, not the image quality."),
         new_code_cell(
             '''import warnings
@@ -266,30 +266,20 @@ def nb_private() -> nbformat.NotebookNode:
             "When the generator is trained under differential privacy (DP-SGD), every synthetic patient it "
             "produces inherits its (ε, δ) guarantee, and the provenance column `synth_epsilon` carries ε so "
             "the budget travels with the data. This notebook trains the same clinical model with and without "
-            "DP and compares the downstream gain of the synthetic women.\n\n"
-            "If `medcausal.privacy` is not available in your installation, the notebook runs without it "
-            "(`synth_epsilon` stays empty)."),
+            "DP and compares the downstream gain of the synthetic women."),
         new_code_cell(SETUP),
         new_code_cell(CLINICAL),
         new_code_cell(CUT),
         new_code_cell(
-            '''try:
-    from medcausal.privacy import Privacy
-except ImportError:          # privacy not installed: run without it
-    Privacy = None
-
-epochs = 2 if TOY else 60
+            '''epochs = 2 if TOY else 60
 plain = mc.CausalModel(graph).fit(scarce, seed=0, max_epochs=epochs, verbose=False)
-if Privacy is not None:
-    bounds = {"age": (20, 100), "marker_a": (-3, 4), "marker_b": (-4, 4), "crp": (-3, 4)}
-    private = mc.CausalModel(graph).fit(scarce, seed=0, max_epochs=epochs, verbose=False,
-                                        privacy=Privacy(epsilon=8.0, public_bounds=bounds))
-    print(f"private model: epsilon = {private.privacy['epsilon']:.2f}, delta = {private.privacy['delta']:.1e}")
-else:
-    private = None
-    print("medcausal.privacy is not available: skipping the private model")'''),
+# public bounds: ranges known without looking at the records (here, the simulator's), never the data's
+bounds = {"age": (20, 100), "marker_a": (-3, 4), "marker_b": (-4, 4), "crp": (-3, 4)}
+private = mc.CausalModel(graph).fit(scarce, seed=0, max_epochs=epochs, verbose=False,
+                                    privacy=mc.Privacy(epsilon=8.0, public_bounds=bounds))
+print(f"private model: epsilon = {private.privacy['epsilon']:.2f}, delta = {private.privacy['delta']:.1e}")'''),
         new_code_cell(
-            '''models = {"non-private": plain} if private is None else {"non-private": plain, "DP (eps=8)": private}
+            '''models = {"non-private": plain, "DP (eps=8)": private}
 synthetic = {}
 for name, m in models.items():
     aug = augment(m, scarce, target="sex == 1", n=len(women), strategy="sample", seed=0)

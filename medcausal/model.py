@@ -34,6 +34,7 @@ from .graph import CausalGraph
 from .interventions import is_vector_value, parse_do
 from .io import load_model_file, save_model_file, weights_digest
 from .mechanisms import Mechanism, registry
+from .mechanisms.base import RowNoise
 from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
 
 FORMAT = "medcausal-model"
@@ -416,6 +417,9 @@ class CausalModel:
         Abduction -> action -> prediction, in topological order. Variables that are not
         descendants of an intervened variable keep their observed values. Discrete
         variables' noise is sampled from its posterior (``seed`` makes that reproducible).
+        Those draws are keyed by each unit's label (a DataFrame's index, a cohort's ids, the
+        cells' names) and the seed, so a unit's counterfactual is the same asked alone or
+        in any batch (:class:`~medcausal.mechanisms.base.RowNoise`).
         """
         self._require_fit()
         given = data
@@ -435,6 +439,7 @@ class CausalModel:
         order = [v for v in self.graph.topological_order if v in needed]
         factual = self._encode(data, order)
         gen = _generator(seed)
+        labels = data.ids if isinstance(data, Cohort) else data.index
         world = dict(factual)
         exact: dict[str, np.ndarray] = {}
         with torch.no_grad():
@@ -450,7 +455,8 @@ class CausalModel:
                     world[name] = self._intervene(iv, None, n, exact, observed=self.codecs[name].observed(data))
                     continue
                 mech = self.mechanism(name)
-                noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=gen)
+                keyed = RowNoise.for_rows(labels, gen.initial_seed(), stream=name, device=self.device)
+                noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=keyed)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)
         out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact, from_inputs=True)

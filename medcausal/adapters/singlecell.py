@@ -535,7 +535,8 @@ class FCRModel:
         treated cells keep theirs, controls get the largest dose seen at fit; only for a
         model with a dose); ``covariates``: context values to
         set (``{"cell_type": "T"}``). Abduction -> action -> prediction per minibatch;
-        ``seed`` fixes the randomized PIT of the counts. Returns a new AnnData: counts
+        ``seed`` fixes the randomized PIT of the counts, drawn per cell from its name and the
+        seed (the same cell gets the same counterfactual in any batch or subset). Returns a new AnnData: counts
         in ``X`` and ``layers["counts"]`` (and the NB means in ``layers["mean"]`` with
         ``mean=True``), ``.obs`` with the new treatment and the factual one in
         ``obs["factual_<key>"]``, provenance in ``.uns["medcausal"]``.
@@ -551,10 +552,12 @@ class FCRModel:
         factual = torch.from_numpy(_encode_obs(adata.obs, setup))
         cf_parents = torch.from_numpy(_encode_obs(adata.obs, setup, perturbation=perturbation, dose=dose,
                                                   covariates=covariates))
-        gen = torch.Generator().manual_seed(int(seed))
+        from ..mechanisms.base import RowNoise
+
+        keyed = RowNoise.for_rows(adata.obs_names, int(seed), stream="counts")  # a cell's draws: its name's
         blocks, means = [], []
         for idx, counts in self._batches(adata, batch_size):
-            noise = self.module.abduct(counts, factual[idx], generator=gen)
+            noise = self.module.abduct(counts, factual[idx], generator=RowNoise(keyed.keys[idx]))
             blocks.append(sparse.csr_matrix(self.module.sample(cf_parents[idx], noise=noise).numpy()))
             if mean:
                 means.append(self.module.expected(cf_parents[idx], noise).numpy())

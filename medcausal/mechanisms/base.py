@@ -17,6 +17,10 @@ Three verbs, plus training:
 
 ``sample(parents, noise=abduct(value, parents))`` returns ``value``: exactly for
 ``abduction = "exact"``, within a stated tolerance otherwise.
+
+A mechanism draws random numbers through :func:`rand` and :func:`randn`: the ``generator``
+of ``abduct`` may be a :class:`RowNoise` (each row's draws keyed by the unit), so that a
+unit's abducted noise never depends on the other rows of a query.
 """
 
 from __future__ import annotations
@@ -197,8 +201,87 @@ def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return _GradReverse.apply(x, float(scale))
 
 
-def randn(shape, generator: torch.Generator | None, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.randn`` on the device/dtype of ``like`` with an optional generator."""
+class RowNoise:
+    """Random draws keyed by row: row ``i``'s values depend on ``keys[i]`` and on the order of
+    the draws only, never on the other rows. ``CausalModel.counterfactual`` passes one as the
+    ``generator`` of abduction, so a unit's counterfactual is the same asked alone or with others.
+
+    ``keys``: one uint64 per row (:meth:`for_rows` makes them from row labels and a seed).
+
+    >>> import numpy as np
+    >>> whole = RowNoise(np.array([7, 8, 9], dtype=np.uint64)).uniform((3, 2))
+    >>> alone = RowNoise(np.array([8], dtype=np.uint64)).uniform((1, 2))
+    >>> torch.equal(whole[1:2], alone)
+    True
+    """
+
+    def __init__(self, keys, device: torch.device | str = "cpu"):
+        import numpy as np
+
+        self.keys = np.asarray(keys, dtype=np.uint64)
+        self.device = torch.device(device)
+        self.draws = 0
+
+    @classmethod
+    def for_rows(cls, labels, seed: int, stream: str = "", device: torch.device | str = "cpu") -> "RowNoise":
+        """Keys from row labels (a DataFrame's index, a cohort's ids), a seed and a stream name
+        (e.g. the variable). A label seen again gets its own draws (its occurrence counts)."""
+        import hashlib
+
+        import numpy as np
+        import pandas as pd
+
+        from ..synthetic.tabular import _mix64
+
+        labels = pd.Index(labels)
+
+        def h(text: str) -> np.uint64:
+            return np.uint64(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little"))
+
+        if labels.dtype.kind in "iu":
+            base = labels.to_numpy().astype(np.uint64)
+        else:
+            base = np.array([h(repr(v)) for v in labels], dtype=np.uint64)
+        occurrence = pd.Series(np.arange(len(labels))).groupby(labels.to_numpy()).cumcount().to_numpy()
+        with np.errstate(over="ignore"):
+            keys = _mix64(_mix64(base ^ h(f"{int(seed)}/{stream}")) + occurrence.astype(np.uint64))
+        return cls(keys, device)
+
+    def uniform(self, shape) -> torch.Tensor:
+        """Float64 uniforms in (0, 1), ``shape[0]`` = the number of rows."""
+        import numpy as np
+
+        from ..synthetic.tabular import _hash_uniform
+
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != len(self.keys):
+            raise MedCausalError(f"RowNoise has {len(self.keys)} rows; asked for shape {shape}")
+        width = int(np.prod(shape[1:], dtype=np.int64))
+        counters = (np.uint64(self.draws) << np.uint64(40)) + np.arange(width, dtype=np.uint64)
+        self.draws += 1
+        u = _hash_uniform(self.keys[:, None], counters[None, :]).reshape(shape)
+        return torch.from_numpy(u).to(self.device)
+
+    def normal(self, shape) -> torch.Tensor:
+        """Float64 standard normals (the normal quantiles of :meth:`uniform`)."""
+        from scipy.special import ndtri
+
+        return torch.from_numpy(ndtri(self.uniform(shape).cpu().numpy())).to(self.device)
+
+
+def rand(shape, generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.rand`` with an optional generator, or a :class:`RowNoise`'s uniforms."""
+    if isinstance(generator, RowNoise):
+        return generator.uniform(shape).to(dtype)
+    return torch.rand(shape, generator=generator, dtype=dtype)
+
+
+def randn(shape, generator: torch.Generator | RowNoise | None, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.randn`` on the device/dtype of ``like`` with an optional generator (or a
+    :class:`RowNoise`'s normals)."""
+    if isinstance(generator, RowNoise):
+        out = generator.normal(shape)
+        return out.float() if like is None else out.to(device=like.device, dtype=like.dtype)
     kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
     if generator is not None:
         kw["device"] = generator.device

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError
-from .base import Mechanism, mlp
+from .base import Mechanism, mlp, rand
 from .registry import register
 
 
@@ -34,7 +34,7 @@ def n_categories(variable) -> int:
 
 
 def _gumbel(shape, generator, like):
-    u = torch.rand(shape, generator=generator).to(like)
+    u = rand(shape, generator).to(like)
     return -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7)))
 
 

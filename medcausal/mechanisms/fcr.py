@@ -85,7 +85,7 @@ from torch import nn
 
 from ..errors import DataError, MedCausalError
 from ..synthetic.perturbseq import nb_normal_score, nb_quantile_normal
-from .base import Mechanism, grad_reverse, mlp
+from .base import Mechanism, grad_reverse, mlp, rand
 from .registry import register
 
 __all__ = ["FCRMechanism", "LatentShiftMechanism", "nb_log_prob"]
@@ -342,8 +342,7 @@ class _CountMechanism(Mechanism):
             mean = self._mean_from_noise(parents, noise)  # the path ``sample`` takes
         y = value.detach().double().cpu().numpy()
         theta = np.broadcast_to(self.log_theta.detach().exp().double().cpu().numpy(), y.shape)
-        kw = {"generator": generator} if generator is not None else {}
-        v = torch.rand(y.shape, dtype=torch.float64, **kw).numpy()  # uniform on the count's whole slice
+        v = rand(y.shape, generator, dtype=torch.float64).numpy()  # uniform on the count's whole slice
         z = nb_normal_score(y, mean.double().cpu().numpy(), theta, v)
         return torch.cat([noise, torch.as_tensor(z, dtype=torch.float64, device=noise.device)], dim=1)
 

@@ -220,3 +220,12 @@ def test_top_degs_warns_about_a_context_without_reference_cells():
     with pytest.warns(UserWarning, match="'B', 'A'"):
         degs = top_degs(ad.AnnData(c, obs=obs), "p", "ctrl", n_genes=3, context_key="ct", layer=None)
     assert list(degs) == [("T", "A")]
+
+
+def test_a_cells_counterfactual_counts_do_not_depend_on_the_batch_or_subset(sim):
+    a = sim.sample(150, seed=0)
+    scad.setup_anndata(a, "perturbation", "control", covariate_keys=["cell_type"])
+    model = scad.FCRModel(**SMALL).fit(a, max_epochs=1, verbose=False)
+    full = model.predict_counterfactual(a, perturbation="P1", seed=0, batch_size=64)
+    part = model.predict_counterfactual(a[40:70], perturbation="P1", seed=0, batch_size=7)
+    assert (full.X[40:70] != part.X).nnz == 0

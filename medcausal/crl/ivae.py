@@ -208,7 +208,8 @@ class _AuxCodec:
                 key = v.item() if hasattr(v, "item") else v
                 if key not in index:
                     raise DataError(f"{name} has category {key!r} (row {r}) not seen at fit; known: "
-                                    f"{self.categories[:10]}{' ...' if len(self.categories) > 10 else ''}")
+                                    f"{self.categories[:10]}{' ...' if len(self.categories) > 10 else ''} "
+                                    "(a model whose encoder does not read u encodes without it: leave u out)")
                 codes[r] = index[key]
             return torch.nn.functional.one_hot(torch.from_numpy(codes), self.width).float()
         arr = _as_matrix(np.asarray(u, dtype=object).reshape(len(u), -1) if isinstance(u, pd.Series)
@@ -646,8 +647,9 @@ class IVAE:
     def encode(self, x: Any, u: Any = None, *, aux_key: Any = None, layer: Any = _AS_FITTED) -> np.ndarray:
         """Posterior mean ``E_q[z | x, u]`` as a numpy array ``[n, latent_dim]``.
 
-        ``u`` is needed only when the encoder sees it (``encoder_u=True``); otherwise new
-        environments encode too. ``layer``: by default the one the model was fitted on
+        ``u`` is needed only when the encoder sees it (``encoder_u=True``); otherwise it may be
+        left out, and cells of environments never seen at fit encode too (a ``u`` given is
+        checked as at fit). ``layer``: by default the one the model was fitted on
         (AnnData input); ``None`` is ``.X``.
 
         Example:
@@ -656,8 +658,10 @@ class IVAE:
             (5, 2)
         """
         self._require_fit()
-        arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=False, need_u=self.net.encoder_u)
-        t = self._tensors(arr, u_raw, uname, need_u=self.net.encoder_u)
+        # u is read when the encoder needs it or it is given (then checked as at fit)
+        need_u = self.net.encoder_u or u is not None or aux_key is not None
+        arr, u_raw, uname = self._inputs(x, u, aux_key, layer, fitting=False, need_u=need_u)
+        t = self._tensors(arr, u_raw, uname, need_u=need_u)
         with torch.no_grad():
             mean = self.net.posterior(t["x"], t["u"])[0]
         return mean.numpy().astype(np.float64)

@@ -77,7 +77,8 @@ def test_encode_needs_u_only_when_the_encoder_reads_it():
     x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=30, n_sources=2, seed=0)
     model = IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, verbose=False, refine_steps=2)
     np.testing.assert_array_equal(model.encode(x[:4]), model.encode(x[:4], u[:4]))
-    np.testing.assert_array_equal(model.encode(x[:4], np.array([7, 7, 7, 7])), model.encode(x[:4]))  # new env
+    with pytest.raises(MedCausalError, match="leave u out"):  # a u given is checked; a new environment
+        model.encode(x[:4], np.array([7, 7, 7, 7]))            # encodes without it
     reads_u = IVAE(2, hidden=(8,), encoder_u=True).fit(x, u, max_epochs=1, verbose=False, refine_steps=2)
     with pytest.raises(MedCausalError, match="auxiliary"):
         reads_u.encode(x[:4])
@@ -89,4 +90,4 @@ def test_encode_layer_none_is_X_not_the_fits_layer():
     model = IVAE(2, hidden=(8,)).fit(a, aux_key="seg", layer="scaled", max_epochs=1, verbose=False,
                                      refine_steps=2)
     np.testing.assert_array_equal(model.encode(a), model.encode(a, layer="scaled"))  # default: as at fit
-    np.testing.assert_array_equal(model.encode(a, layer=None), model.encode(a.X, u))
+    np.testing.assert_array_equal(model.encode(a, layer=None), model.encode(a.X))

@@ -275,7 +275,8 @@ def _write(summary, out, stem, final=True):
     return md
 
 
-def main(argv=None):
+def main(argv=None, command: str | None = None):
+    """``command``: what to record as the command of the run (a wrapper script's own)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     ap.add_argument("--size", type=int, default=64)
@@ -330,8 +331,8 @@ def main(argv=None):
         MODELS["image-diffusion"] = ("image-diffusion", dict(args.diffusion_hparams))
     torch.set_num_threads(args.threads)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
-    command = (f"{env} " if env else "") + "python benchmarks/brain_counterfactuals.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:])
+    command = (f"{env} " if env else "") + (command or "python benchmarks/brain_counterfactuals.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]))
     stem = args.stem or ("brain_counterfactuals" + ("_quick" if args.quick else ""))
     load_start = os.getloadavg()
     t_all, cpu_all = time.perf_counter(), time.process_time()

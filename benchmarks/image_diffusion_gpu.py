@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +52,8 @@ def main(argv=None):
     bc.registry = SimpleNamespace(get=get)  # only where brain_counterfactuals builds the mechanisms
     if "--models" not in rest:
         rest += ["--models", "hvae", "image-diffusion"]
-    return bc.main(rest + ["--out", str(args.out)])
+    command = "python benchmarks/image_diffusion_gpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return bc.main(rest + ["--out", str(args.out)], command=command)
 
 
 if __name__ == "__main__":

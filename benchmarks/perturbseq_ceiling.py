@@ -9,7 +9,7 @@ the regressors' own shortfall, so it bounds the MCC a block can reach; the condi
 shows how much of each factor is the condition's mean.
 
 Same simulator and representation cells as the perturb-seq benchmark
-(``PerturbSeq(n_genes=1000, seed=0).sample(3000, seed=3)``).
+(``perturbseq.representation_cells(PerturbSeq(n_genes=1000, seed=0), 3000)``).
 
     python benchmarks/perturbseq_ceiling.py
 """
@@ -33,6 +33,9 @@ from sklearn.neural_network import MLPRegressor
 from medcausal.io import atomic_write
 from medcausal.synthetic import PerturbSeq
 
+sys.path.insert(0, str(Path(__file__).parent))
+from perturbseq import representation_cells  # noqa: E402  (the benchmark's own cells)
+
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("z_context", "z_treatment", "z_interaction")
 
@@ -48,7 +51,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     t0 = time.time()
-    adata = PerturbSeq(n_genes=1000, seed=0).sample(args.n_cells, seed=3)
+    adata = representation_cells(PerturbSeq(n_genes=1000, seed=0), args.n_cells)
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts, dtype=float)
     logn = np.log1p(counts / counts.sum(1, keepdims=True).clip(min=1) * 1e4)

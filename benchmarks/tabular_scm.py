@@ -116,12 +116,14 @@ def queries(sim, train, n_values):
     return out
 
 
-def protocol_data(sim, n_train: int = 5000, n_units: int = 200, n_values: int = 5):
+def protocol_data(sim, n_train: int = 5000, n_units: int = 200, n_values: int = 5, unit_seed: int = 1000):
     """The protocol's data for one SCM: training rows (seed 0), the queries, the factual units
-    of each query (seed 1000 + i) and their true counterfactuals."""
+    of each query (seed ``unit_seed`` + i) and their true counterfactuals. The diffusion
+    mechanism's query-time guards were chosen on the units of seed 1000 + i; another
+    ``unit_seed`` (e.g. 3000) draws units no setting was chosen on."""
     train = sim.sample(n_train, seed=0)
     qs = queries(sim, train, n_values)
-    factual = [sim.sample(n_units, seed=1000 + i) for i in range(len(qs))]
+    factual = [sim.sample(n_units, seed=unit_seed + i) for i in range(len(qs))]
     truth = [sim.counterfactual(f, do={v: x}) for f, (v, x) in zip(factual, qs)]
     return train, qs, factual, truth
 
@@ -151,9 +153,10 @@ def save_protocol(folder: Path, n_train: int, n_units: int, n_values: int) -> No
         Path(tmp).write_text(json.dumps({"n_train": n_train, "n_units": n_units, "n_values": n_values}))
 
 
-def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,), save_models=None):
+def run_scm(name, additive, methods, n_train, n_units, n_values, n_mmd, fit_seeds=(0,), save_models=None,
+            unit_seed=1000):
     sim = mc.synthetic.scm(name, additive=additive)
-    train, qs, factual, truth = protocol_data(sim, n_train, n_units, n_values)
+    train, qs, factual, truth = protocol_data(sim, n_train, n_units, n_values, unit_seed)
     true_samples = [sim.sample(n_mmd, seed=5000 + i, do={v: x}) for i, (v, x) in enumerate(qs)]
     floor = np.mean([float(mmd(t, sim.sample(n_mmd, seed=9000 + i, do={v: x})))
                      for i, (t, (v, x)) in enumerate(zip(true_samples, qs))])
@@ -342,6 +345,9 @@ def main(argv=None):
     p.add_argument("--n-mmd", type=int, default=1000)
     p.add_argument("--fit-seeds", type=int, nargs="+", default=[0],
                    help="fit every method once per seed; targets judged on the means")
+    p.add_argument("--unit-seed", type=int, default=1000,
+                   help="the query units are drawn with seeds UNIT_SEED + i (1000: the protocol's, on which "
+                        "diffusion's query-time guards were chosen; e.g. 3000 for units no setting saw)")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
                    help="also save every fitted medcausal model in DIR (for diffusion_latent_bound.py)")
     args = p.parse_args(argv)
@@ -356,7 +362,7 @@ def main(argv=None):
     for name in args.scms:
         for variant in args.variants:
             rows += run_scm(name, variant == "additive", args.methods, args.n_train, args.n_units,
-                            args.n_values, args.n_mmd, args.fit_seeds, args.save_models)
+                            args.n_values, args.n_mmd, args.fit_seeds, args.save_models, args.unit_seed)
             write(rows, args, command.strip(), complete=False, started=started)
     write(rows, args, command.strip(), complete=True, started=started)
 

@@ -107,7 +107,7 @@ def cmd_fit(args) -> int:
     if info.get("seconds") is not None:  # not kept for a DP fit
         size += f" in {info['seconds']:.1f}s"
     print(f"fitted {recipe.name!r} on {size} ({info['epochs']} epochs, {how}) -> {out}")
-    print(_privacy_line(model))
+    print(privacy_line(model))
     return 0
 
 
@@ -128,13 +128,18 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _privacy_line(model) -> str:
-    """What a user must know about outputs of this model: the DP guarantee, or that there is none."""
-    p = model.privacy
+def privacy_line(model, of_inputs: bool = False) -> str:
+    """What a user must know about outputs of this model: the DP guarantee, or that there is none.
+    ``of_inputs``: the outputs are counterfactuals of given patients, which the guarantee does not cover."""
+    p = model.dp_ledger()
     if p is None:
         return "privacy: NOT differentially private (outputs carry no DP guarantee)"
-    return (f"privacy: ({p['epsilon']:.3g}, {p['delta']:.2g})-DP per {p['privacy_unit']} "
+    line = (f"privacy: model ({p['epsilon']:.3g}, {p['delta']:.2g})-DP per {p['privacy_unit']} "
             f"({p['accountant']} accountant); see `medcausal info`")
+    if of_inputs:
+        line += ("\n  these rows are counterfactuals of the input patients: each reveals its input row, and the "
+                 "DP guarantee does NOT cover them (privacy/PRIVACY.md, section 3)")
+    return line
 
 
 def _check_table_out(args) -> None:
@@ -154,7 +159,7 @@ def cmd_sample(args) -> int:
                        seed=args.seed)
     _write_output(out, Path(args.out))  # scans one file each beside the table; cells as .h5ad
     print(f"wrote {args.n} samples to {args.out}")
-    print(_privacy_line(model))
+    print(privacy_line(model))
     return 0
 
 
@@ -170,7 +175,7 @@ def cmd_counterfactual(args) -> int:
     cf = model.counterfactual(data, do=do, seed=args.seed)
     _write_output(cf, Path(args.out))
     print(f"wrote {cf.n_obs if hasattr(cf, 'n_obs') else len(cf)} counterfactuals to {args.out}")
-    print(_privacy_line(model))
+    print(privacy_line(model, of_inputs=True))
     return 0
 
 

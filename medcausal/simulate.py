@@ -31,8 +31,9 @@ Provenance columns (``PROVENANCE_COLUMNS``) on every synthetic row:
 :func:`model_id`), ``synth_strategy`` (``simulate``/``sample``/``transport``),
 ``synth_do`` (the intervention, JSON), ``synth_where`` (the subgroup condition),
 ``synth_seed``, ``synth_epsilon`` (the model's privacy budget while its
-``model.privacy`` ledger describes its weights, else None) and ``synth_source`` (the real patient a
-transported row came from).
+``model.privacy`` ledger describes its weights, else None; always None on a transported row, a
+counterfactual of a real patient that reveals that patient, which the DP guarantee does not cover:
+``privacy/PRIVACY.md`` section 3) and ``synth_source`` (the real patient a transported row came from).
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def _provenance(n: int, *, model_key: str, strategy: str, do, where, seed, epsil
             "synth_do": np.full(n, _do_text(do, variables), dtype=object),
             "synth_where": np.full(n, where, dtype=object),
             "synth_seed": np.full(n, seed, dtype=np.int64),
-            "synth_epsilon": np.full(n, np.nan if epsilon is None else epsilon, dtype=float),
+            # a transported row is a counterfactual of a real patient: no DP guarantee covers it
+            "synth_epsilon": np.full(n, np.nan if epsilon is None or strategy == "transport" else epsilon,
+                                     dtype=float),
             "synth_source": (np.full(n, None, dtype=object) if source is None
                              else np.asarray(source, dtype=object))}
 
@@ -1253,8 +1256,13 @@ def augment(model, cohort, target: str, n: int | None = None, *, strategy: str =
             f"augment: {opt} applies to transported patients, but strategy='sample' transports none; "
             "use strategy='transport' or 'mixed' (or simulate(model, n, do=..., where=...) to sample "
             "under an intervention)")
+    privacy = _privacy_summary(model)
+    if privacy is not None:
+        privacy["covers"] = ("every synthetic row (sampled from the private model)" if strategy == "sample" else
+                             "the sampled rows only: transported rows are counterfactuals of real patients and "
+                             "reveal them (privacy/PRIVACY.md section 3; their synth_epsilon is empty)")
     report = {"target": target, "mode": mode, "strategy": strategy, "seed": run_seed, "model_id": key,
-              "epsilon": eps, "privacy": _privacy_summary(model), "groups": []}
+              "epsilon": eps, "privacy": privacy, "groups": []}
     pieces = []
     next_id = _id_source(cohort)
     for t, (cond, k) in enumerate(tasks):
@@ -2123,7 +2131,7 @@ def _safe_stem(name: str) -> str:
 
 def cmd_simulate(args) -> int:
     """``medcausal simulate RUN -n N [--do v=x] [--where COND] --out FOLDER|FILE``."""
-    from .cli import load_run, refuse_existing
+    from .cli import load_run, privacy_line, refuse_existing
 
     model = load_run(args.run_dir)
     out = Path(args.out)
@@ -2138,19 +2146,28 @@ def cmd_simulate(args) -> int:
         extra = _write_output(df, out, args.image_format)
         _sidecar_for(out, {**info, **extra, "file": out.name, "rows": len(df), "status": "complete"})
         print(f"wrote {len(df)} simulated patients to {out} ({info.get('method')})")
+        print(privacy_line(model))
         return 0
     run = simulate(model, args.n, out=out, format=args.format, overwrite=args.overwrite, resume=args.resume,
                    image_format=args.image_format, **kw)
     print(f"wrote {run.n} simulated patients in {len(run.parts)} part(s) to {out} ({run.info.get('method')})")
+    print(privacy_line(model))
     return 0
 
 
 def cmd_augment(args) -> int:
     """``medcausal augment RUN --input COHORT --target COND|LABEL [-n N] --out FILE``."""
-    from .cli import load_run, refuse_existing
+    from .cli import load_run, privacy_line, refuse_existing
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
+    if args.id_column is not None:  # the patients' ids: what synth_source names, and the synthetic rows get
+        table = _table(data)
+        if args.id_column not in table.columns:
+            raise DataError(f"--id-column {args.id_column!r} is not a column of {str(args.input)!r}; columns: "
+                            f"{list(table.columns)}")
+        data = (Cohort(table, data.arrays, id_column=args.id_column, meta=data.meta) if isinstance(data, Cohort)
+                else data.set_index(args.id_column))
     aug = augment(model, data, target=args.target, n=args.n, strategy=args.strategy,
                   do=parse_cli_do(args.do, model.graph.variables) or None, source=args.source, seed=args.seed,
                   progress=not args.quiet and None)
@@ -2162,6 +2179,10 @@ def cmd_augment(args) -> int:
     _sidecar_for(out, {**report, **extra, "input": str(args.input), "rows": len(aug),
                        "synthetic_rows": int(_synthetic_flag(table).sum())})
     print(f"added {report.get('added', 0)} synthetic patients ({args.strategy}) -> {out} ({len(aug)} rows)")
+    print(privacy_line(model))
+    if model.dp_ledger() is not None and args.strategy != "sample":
+        print("  transported rows are counterfactuals of real patients: each reveals its source patient, and the "
+              "DP guarantee does NOT cover them (their synth_epsilon is empty; privacy/PRIVACY.md, section 3)")
     return 0
 
 
@@ -2175,7 +2196,7 @@ def _parse_world(item: str, variables=None) -> tuple[str, dict]:
 
 def cmd_worlds(args) -> int:
     """``medcausal worlds RUN --input PATIENTS --world NAME:VAR=VAL ... --out FILE``."""
-    from .cli import load_run, refuse_existing
+    from .cli import load_run, privacy_line, refuse_existing
 
     model = load_run(args.run_dir)
     data = _read_input(model, args.input)
@@ -2197,8 +2218,12 @@ def cmd_worlds(args) -> int:
     extra = _write_output(twins, out, args.image_format)
     _sidecar_for(out, {**extra, "model_id": model_id(model),
                        "worlds": {k: _describe_do(v, model.graph.variables) for k, v in worlds.items()},
-                       "seed": args.seed, "layout": args.layout, "patients": len(data), "input": str(args.input)})
+                       "seed": args.seed, "layout": args.layout, "patients": len(data), "input": str(args.input),
+                       "privacy": None if model.dp_ledger() is None else {
+                           **_privacy_summary(model), "covers": "nothing in this file: every row is a "
+                           "counterfactual of an input patient and reveals it (privacy/PRIVACY.md section 3)"}})
     print(f"wrote {len(data)} patients x {len(worlds)} world(s) to {out}")
+    print(privacy_line(model, of_inputs=True))
     return 0
 
 
@@ -2243,6 +2268,9 @@ def add_commands(subparsers) -> None:
     a.add_argument("--do", action="append", default=[], metavar="VAR=VALUE",
                    help="transport intervention (default: the VAR == VALUE parts of --target)")
     a.add_argument("--source", default=None, metavar="COND", help="transport only real patients matching this")
+    a.add_argument("--id-column", default=None,
+                   help="column holding patient ids: synth_source names the source patient by it, and synthetic "
+                        "rows get new ids there (default: the row number)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True, help="output CSV or Parquet (real + synthetic rows, provenance columns; "
                                                 "scans as files beside it), or .h5ad for cells")

@@ -242,3 +242,67 @@ def test_augmenting_an_augmented_csv_again_keeps_its_real_rows_real(tiny, tmp_pa
     np.testing.assert_array_equal(S._synthetic_flag(back), once["synthetic"].to_numpy())
     twice = S.augment(tiny, back, target="s == 1", n=170, strategy="transport", seed=1)
     assert int(twice["synthetic"].sum()) == int(once["synthetic"].sum()) + 20
+
+
+# ---- session 16 review -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private():
+    import warnings
+
+    df, _ = linear_gaussian(300, seed=0)
+    graph = mc.CausalGraph({"x": "continuous", "s": "binary", "y": "continuous",
+                            "stage": {"type": "categorical", "categories": ["high", "low"]}},
+                           edges=[("x", "y"), ("s", "y"), ("y", "stage")])
+    bounds = {"x": (-10.0, 10.0), "y": (-10.0, 10.0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mc.CausalModel(graph).fit(df, seed=0, max_epochs=1, verbose=False,
+                                            privacy=mc.Privacy(noise_multiplier=1.0, public_bounds=bounds))
+
+
+def test_transported_rows_carry_no_dp_epsilon(private):
+    """A transported row is a counterfactual of a real patient: it was stamped with the model's epsilon."""
+    df, _ = linear_gaussian(200, seed=7)
+    aug = S.augment(private, df, target="s == 1", n=150, strategy="mixed", seed=0)
+    synth = aug[aug["synthetic"]]
+    transported = synth["synth_strategy"] == "transport"
+    assert transported.any() and (~transported).any()
+    assert synth.loc[transported, "synth_epsilon"].isna().all()
+    assert (synth.loc[~transported, "synth_epsilon"] == private.privacy["epsilon"]).all()
+    assert "transported rows are counterfactuals" in aug.attrs["medcausal"]["privacy"]["covers"]
+
+
+def test_cli_counterfactuals_of_a_dp_model_say_the_guarantee_does_not_cover_them(private, tmp_path, capsys):
+    from medcausal.cli import main
+
+    private.save(tmp_path / "m.mcm")
+    df, _ = linear_gaussian(20, seed=3)
+    df.to_csv(tmp_path / "in.csv", index=False)
+    assert main(["counterfactual", str(tmp_path / "m.mcm"), "--input", str(tmp_path / "in.csv"), "--do", "x=1",
+                 "--out", str(tmp_path / "cf.csv")]) == 0
+    assert "does NOT cover them" in capsys.readouterr().out
+    assert main(["sample", str(tmp_path / "m.mcm"), "-n", "5", "--out", str(tmp_path / "s.csv")]) == 0
+    assert "does NOT cover" not in capsys.readouterr().out
+
+
+def test_cli_augment_names_sources_by_the_id_column(tiny, tmp_path):
+    """Without --id-column, synth_source held the row number, which named another patient once the
+    CSV's rows were not in id order."""
+    from medcausal.cli import main
+
+    tiny.save(tmp_path / "m.mcm")
+    df, _ = linear_gaussian(200, seed=7)
+    df.insert(0, "patient_id", [f"P{i:03d}" for i in range(200)])
+    df = df.iloc[::-1]
+    df.to_csv(tmp_path / "in.csv", index=False)
+    assert main(["augment", str(tmp_path / "m.mcm"), "--input", str(tmp_path / "in.csv"), "--target", "s == 1",
+                 "-n", "120", "--strategy", "transport", "--id-column", "patient_id",
+                 "--out", str(tmp_path / "aug.csv"), "--quiet"]) == 0
+    aug = pd.read_csv(tmp_path / "aug.csv")
+    synth = aug[aug["synthetic"]]
+    assert len(synth) and set(synth["synth_source"]) <= set(df["patient_id"])
+    assert synth["patient_id"].str.startswith("syn-").all() and aug["patient_id"].is_unique
+    assert main(["augment", str(tmp_path / "m.mcm"), "--input", str(tmp_path / "in.csv"), "--target", "s == 1",
+                 "--id-column", "pid", "--out", str(tmp_path / "x.csv"), "--quiet"]) == 2  # named in the error

@@ -78,6 +78,10 @@ class _JointLoss(nn.Module):
     def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items()}
 
+    def start_from_data(self, batch: Mapping[str, torch.Tensor]) -> None:
+        for k, m in self.mechanisms.items():
+            m.start_from_data(batch[k], batch[k + "|pa"])
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.part_losses(batch).values())
 
@@ -341,8 +345,9 @@ class CausalModel:
         names = {_key(n): n for n in self.graph.variables}
 
         def epoch_done(record: dict) -> None:  # per-mechanism validation losses by variable name
-            if "val_parts" in record:
-                record["val_parts"] = {names.get(k, k): v for k, v in record["val_parts"].items()}
+            for key in ("val_parts", "lr_parts"):
+                if key in record:
+                    record[key] = {names.get(k, k): v for k, v in record[key].items()}
             if on_epoch is not None:
                 on_epoch(record)
 

@@ -185,6 +185,40 @@ def _part_losses(module: nn.Module, batch) -> dict[str, torch.Tensor]:
     return module.part_losses(batch) if hasattr(module, "part_losses") else {"": module(batch)}
 
 
+class _Plateau:
+    """``ReduceLROnPlateau`` (halve after ``patience`` epochs without a relative improvement of
+    1e-4) for one parameter group of an optimizer."""
+
+    def __init__(self, group: dict, patience: int, factor: float = 0.5):
+        self.group, self.patience, self.factor = group, patience, factor
+        self.best, self.bad = math.inf, 0
+
+    def step(self, value: float) -> None:
+        if value < self.best * (1.0 - 1e-4):
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad > self.patience:
+            new = self.group["lr"] * self.factor
+            if self.group["lr"] - new > 1e-8:
+                self.group["lr"] = new
+            self.bad = 0
+
+
+def _param_groups(parts: Mapping[str, nn.Module], params: list) -> dict[str, list]:
+    """The trainable parameters by part (each selected part its own group), the rest together."""
+    groups, seen = {}, set()
+    for name, part in parts.items():
+        ps = [p for p in part.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        if ps:
+            groups[name] = ps
+    rest = [p for p in params if id(p) not in seen]
+    if rest:
+        groups["\0rest"] = rest  # a key no part has
+    return groups
+
+
 def _selected_parts(module: nn.Module) -> dict[str, nn.Module]:
     """The parts whose best validation epoch the loop keeps (see the module docstring)."""
     if hasattr(module, "parts") != hasattr(module, "part_losses"):
@@ -288,9 +322,17 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
     net = module
     if world > 1:
         net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
-    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5,
-                                                       patience=max(1, config.patience // 3))
+    if hasattr(module, "start_from_data"):  # a data-dependent start (never under DP: see _train_private)
+        with torch.no_grad():
+            module.start_from_data({k: v[train_idx] for k, v in tensors.items()})
+    parts = _selected_parts(module)
+    groups = _param_groups(parts, params)
+    opt = torch.optim.Adam([{"params": ps} for ps in groups.values()], lr=config.lr,
+                           weight_decay=config.weight_decay)
+    # each part's learning rate falls when *its* validation loss stalls: one schedule on the sum let
+    # the parts that had converged cut the rate of one still learning (a rare category's base rate)
+    plateaus = {name: _Plateau(group, patience=max(1, config.patience // 3))
+                for name, group in zip(groups, opt.param_groups)}
     batch = min(config.batch_size, len(train_idx))
     steps_per_epoch = max(1, len(train_idx) // batch)
     total = config.max_epochs * steps_per_epoch
@@ -301,7 +343,6 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
     if show and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="fit", unit="step", leave=False)
-    parts = _selected_parts(module)
     after_step = _after_step_hooks(module)
     best = {name: (math.inf, 0, None) for name in parts}  # part -> (val loss, epoch, weights)
     bad_epochs, t0 = 0, time.perf_counter()
@@ -343,15 +384,21 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         else:  # no validation split: the training loss decides, for every part alike
             vals = {name: train_loss for name in parts}
         val = sum(vals.values()) if len(val_idx) else train_loss
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val, "lr": opt.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val,
+                  "lr": max(g["lr"] for g in opt.param_groups)}
         if len(val_idx) and hasattr(module, "part_losses"):
             record["val_parts"] = vals
+        if len(plateaus) > 1:
+            record["lr_parts"] = {name: group["lr"] for name, group in zip(groups, opt.param_groups)
+                                  if name in parts}
         result.history.append(record)
         if bar is not None:
             bar.set_postfix(val=f"{val:.4f}")
         if on_epoch is not None:
             on_epoch(record)
-        sched.step(val)
+        rest = [v for k, v in vals.items() if k not in parts] if len(val_idx) else []
+        for name, plateau in plateaus.items():
+            plateau.step(vals[name] if name in parts else (sum(rest) if rest else val))
         improved = False
         for name, part in parts.items():
             if vals[name] < best[name][0] - 1e-6:

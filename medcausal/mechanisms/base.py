@@ -100,6 +100,11 @@ class Mechanism(nn.Module):
         raise CapabilityError(f"mechanism {self.name!r} has no exact log-likelihood")
 
     # -- optional hooks --------------------------------------------------
+    def start_from_data(self, value: torch.Tensor, parents: torch.Tensor) -> None:
+        """Called once before ordinary (non-private) training with the training rows: a
+        data-dependent starting point (e.g. a categorical's base rates). Never under DP, where
+        it would release the rows' statistics unprotected."""
+
     def finalize(self, value: torch.Tensor, parents: torch.Tensor) -> None:
         """Called once after training with (a sample of) the training data."""
 

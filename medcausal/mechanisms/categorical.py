@@ -52,6 +52,16 @@ class CategoricalMechanism(Mechanism):
     def logits(self, parents):
         return torch.log_softmax(self.net(parents), dim=-1)
 
+    def start_from_data(self, value, parents):
+        """Start the output at the base rates (add-1/2 smoothed): a root's logits otherwise start
+        uniform, and a rare category can stay far from its rate when the learning rate falls
+        before its few gradient steps get there."""
+        counts = torch.bincount(self._index(value).reshape(-1), minlength=self.k).to(self._dtype())
+        last = self.net[-1]
+        with torch.no_grad():
+            bias = last.value if hasattr(last, "value") else last.bias
+            bias.copy_(torch.log((counts + 0.5) / (counts.sum() + 0.5 * self.k)))
+
     def _index(self, value):
         """``value`` as category indices, or a DataError if one lies outside the categories."""
         k = value.long()

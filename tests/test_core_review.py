@@ -272,3 +272,25 @@ def test_a_units_counterfactual_is_the_same_asked_alone_or_with_others():
     pd.testing.assert_frame_equal(alone, full.iloc[[120]])
     assert (full["stage"] != data["stage"]).any()  # the query moves the discrete descendant
     assert not model.counterfactual(data, do={"x": 1.5}, seed=4)["stage"].equals(full["stage"])  # seed matters
+
+
+def test_every_unreadable_column_is_named_in_one_error():
+    """Missing values were reported one column per fit, and a binary's as 'values other than 0/1: [nan]'."""
+    df = _data(60)
+    df.loc[[1, 2], "s"] = np.nan
+    df.loc[[3], "x"] = np.nan
+    with pytest.raises(DataError) as err:
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    text = str(err.value)
+    assert "2 variables" in text and "'s' is binary but has 2 missing value(s)" in text and "'x'" in text
+
+
+def test_a_text_binary_column_gets_a_hint_and_yes_no_reads_as_binary():
+    df = _data(80)
+    df["s"] = np.where(df["s"] == 1, "M", "F")
+    with pytest.raises(DataError, match="is categorical: declare it"):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    df["s"] = np.where(df["s"] == "M", "Yes", "No")
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    assert set(model.sample(200, seed=0)["s"]) == {"Yes", "No"}
+    assert model.counterfactual(df.iloc[:3], do={"s": "Yes"})["s"].tolist() == ["Yes"] * 3

@@ -70,17 +70,20 @@ def _dtype_state(col: pd.Series, vtype: VariableType) -> dict:
 
 
 def _to01(values: np.ndarray) -> np.ndarray:
-    """Binary values as floats, 0/1 where they read as such (bools, numbers, "True"/"False")."""
+    """Binary values as floats, 0/1 where they read as such (bools, numbers, "True"/"False",
+    "yes"/"no")."""
     if values.dtype == bool:
         return values.astype(np.float64)
-    words = {"true": 1.0, "false": 0.0}  # as a bool column prints (e.g. a CLI --do smoker=True)
+    # as a bool column prints (e.g. a CLI --do smoker=True), and as clinical forms write it
+    words = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
     series = pd.Series(values).map(lambda v: words.get(v.strip().lower(), v) if isinstance(v, str) else v)
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
 
 
 def _binary_levels(seen: list) -> list:
     """``[value for 0, value for 1]`` among ``seen``; one not seen is inferred from the other
-    where it can be (``True`` -> ``False``, ``"1"`` -> ``"0"``, ``"TRUE"`` -> ``"FALSE"``), else None."""
+    where it can be (``True`` -> ``False``, ``"1"`` -> ``"0"``, ``"TRUE"`` -> ``"FALSE"``, ``"Yes"`` ->
+    ``"No"``), else None."""
     levels = [None, None]
     for v, code in zip(seen, _to01(np.asarray(seen, dtype=object))):
         if code in (0.0, 1.0) and levels[int(code)] is None:
@@ -99,9 +102,10 @@ def _other_level(v: Any, code: int) -> Any:
     word = v.strip().lower() if isinstance(v, str) else None
     if word in ("0", "1"):
         return str(code)
-    if word in ("true", "false"):
-        word = "true" if code else "false"
-        return word.upper() if v.isupper() else word.capitalize() if v[:1].isupper() else word
+    for pair in (("false", "true"), ("no", "yes")):
+        if word in pair:
+            word = pair[code]
+            return word.upper() if v.isupper() else word.capitalize() if v[:1].isupper() else word
     return None
 
 
@@ -267,8 +271,15 @@ class Codec:
             num = _to01(values)
             bad = ~np.isin(num, [0.0, 1.0])
             if bad.any():
-                raise DataError(f"{where} is binary but has {int(bad.sum())} value(s) other than "
-                                f"0/1, e.g. {pd.unique(values[bad])[:3].tolist()}")
+                missing = pd.isna(values[bad])
+                what = ([f"{int(missing.sum())} missing value(s)"] if missing.any() else []) + (
+                    [f"{int((~missing).sum())} value(s) other than 0/1, e.g. "
+                     f"{pd.unique(values[bad][~missing])[:3].tolist()}"] if (~missing).any() else [])
+                levels = pd.unique(values[~pd.isna(values)])
+                hint = (f"; a column of two other values {levels.tolist()} is categorical: declare it "
+                        f"{{'type': 'categorical'}}, or map it to 0/1" if len(levels) == 2 and (~missing).any()
+                        else "")
+                raise DataError(f"{where} is binary but has {' and '.join(what)}{hint}")
             return num.astype(np.float64)[:, None]
         if kind == "categorical":
             cats = list(self.vtype.categories)
@@ -353,9 +364,31 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _each(names, work) -> dict:
+    """``{name: work(name)}``, with the DataErrors of every name raised together (a table with
+    problems in three columns says so at once, not one fit at a time)."""
+    out, problems = {}, []
+    for name in names:
+        try:
+            out[name] = work(name)
+        except DataError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} variables cannot be read:\n  - " + "\n  - ".join(problems))
+    return out
+
+
 def fit_codecs(data, graph: CausalGraph) -> dict[str, Codec]:
     check_columns(data, graph)
-    return {name: Codec.fit(name, vtype, data) for name, vtype in graph.variables.items()}
+
+    def fit(name):
+        codec = Codec.fit(name, graph.variables[name], data)
+        if codec.vtype.kind not in ("image", "expression"):
+            codec.encode(data)  # the column's values checked too, so every problem is named in one error
+        return codec
+    return _each(graph.variables, fit)
 
 
 def check_columns(data, graph: CausalGraph, names=None) -> None:
@@ -378,7 +411,7 @@ def encode(data, graph: CausalGraph, codecs: Mapping[str, Codec], names=None) ->
     """Encode the variables ``names`` (default: all) of ``data`` to tensors."""
     names = list(graph.variables) if names is None else list(names)
     check_columns(data, graph, names)
-    return {n: codecs[n].encode(data) for n in names}
+    return _each(names, lambda n: codecs[n].encode(data))
 
 
 def intervention_values(codec: Codec, raw: np.ndarray) -> torch.Tensor:

@@ -264,8 +264,10 @@ def nb_private() -> nbformat.NotebookNode:
         new_markdown_cell(
             "# Augmentation with a differentially private model\n\n"
             "When the generator is trained under differential privacy (DP-SGD), every synthetic patient it "
-            "produces inherits its (ε, δ) guarantee, and the provenance column `synth_epsilon` carries ε so "
-            "the budget travels with the data. This notebook trains the same clinical model with and without "
+            "*samples* inherits its (ε, δ) guarantee, and the provenance column `synth_epsilon` carries ε so "
+            "the budget travels with the data. (A *transported* patient, `strategy=\"transport\"`, is a "
+            "counterfactual of a real one and reveals that patient: the guarantee does not cover it, and its "
+            "`synth_epsilon` is empty.) This notebook trains the same clinical model with and without "
             "DP and compares the downstream gain of the synthetic women."),
         new_code_cell(SETUP),
         new_code_cell(CLINICAL),

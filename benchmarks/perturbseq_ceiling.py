@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         Path(tmp).write_text(json.dumps(report, indent=1))
     lines = ["# Perturb-seq: how much of each true factor the data reveal (supervised reference)", "",
              f"Command: `{report['meta']['command']}`  ",
-             f"{args.n_cells} cells of `PerturbSeq(n_genes=1000, seed=0).sample(n, seed=3)` (the perturb-seq "
+             f"{args.n_cells} cells of `representation_cells(PerturbSeq(n_genes=1000, seed=0), n)` (the perturb-seq "
              f"benchmark's representation cells); {report['meta']['seconds']} s.", "",
              "3-fold cross-validated Pearson r between each true factor and its supervised prediction from "
              "the features; `mean_r` averages the factors of the block. An unsupervised block's MCC "

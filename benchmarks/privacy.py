@@ -25,8 +25,9 @@ Protocol (fixed; not tuned to any model):
       for every variable with descendants, do(value) at its 10/50/90% training quantiles, 300
       fresh units each; mean over queries;
     - downstream AUROC: a gradient-boosting classifier predicting whether the last variable exceeds
-      the real training rows' median (one task for every model) from the other variables, trained on 5000 rows sampled from the model,
-      tested on 5000 real held-out rows (next to the same classifier trained on real rows);
+      the real training rows' median (one task for every model) from the other variables, trained
+      on 5000 rows sampled from the model, tested on 5000 real held-out rows (next to the same
+      classifier trained on real rows);
     - audit: loss and DCR membership attacks, 1000 training members vs 1000 fresh non-members;
       AUC with its DeLong 95% CI.
 

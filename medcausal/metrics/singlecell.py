@@ -13,7 +13,8 @@ and normalize them:
 * :func:`top_degs`: differentially expressed genes from scanpy's
   ``rank_genes_groups`` against the control, per context;
 * :func:`e_distance`: the energy distance (Székely, Euclidean by default; scPerturb's
-  E-distance is ``metric="sqeuclidean"``) between two populations, :func:`medcausal.metrics.distribution.mmd` for the MMD;
+  E-distance is ``metric="sqeuclidean"``) between two populations,
+  :func:`medcausal.metrics.distribution.mmd` for the MMD;
 * :func:`counterfactual_error`: per-cell error of predicted against true
   counterfactual counts (a simulator's ground truth);
 * :func:`nmi`: normalized mutual information between a k-means clustering of a

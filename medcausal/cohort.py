@@ -114,7 +114,8 @@ class Cohort:
         _write_output(self, path, image_format)
         sidecar = {"format": "medcausal-cohort", "version": 1, "id_column": self.id_column,
                    "dtypes": {str(c): str(t) for c, t in self.table.dtypes.items()},
-                   "arrays": {k: list(v.shape[1:]) for k, v in self.arrays.items()}, "meta": self.meta}
+                   "arrays": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self.arrays.items()},
+                   "meta": self.meta}
         with atomic_write(path.with_name(path.name + ".json")) as tmp:
             Path(tmp).write_text(json.dumps(sidecar, indent=1, default=str))
         return path
@@ -126,34 +127,35 @@ class Cohort:
         from .io import read_table
 
         path = Path(path)
+        sidecar_path = path.with_name(path.name + ".json")
         if path.suffix.lower() == ".h5ad":
             from .adapters.singlecell import read_h5ad
-            return cls.from_anndata(read_h5ad(path))
-        sidecar_path = path.with_name(path.name + ".json")
+            cohort = cls.from_anndata(read_h5ad(path))
+            if sidecar_path.is_file():
+                side = cls._sidecar(sidecar_path)
+                cohort.meta = side["meta"]
+                cohort.arrays = {k: a.astype(side["arrays"].get(k, {}).get("dtype", a.dtype), copy=False)
+                                 for k, a in cohort.arrays.items()}
+            return cohort
         if not sidecar_path.is_file():
             raise DataError(f"{str(path)!r} has no {sidecar_path.name} beside it: not written by Cohort.write "
                             "(read a table with pandas, scans with medcausal.adapters.load_images)")
-        try:
-            side = json.loads(sidecar_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {str(sidecar_path)!r}: {e}") from e
-        if side.get("format") != "medcausal-cohort":
-            raise DataError(f"{str(sidecar_path)!r} is not a medcausal cohort sidecar")
+        side = cls._sidecar(sidecar_path)
         dtypes = side["dtypes"]
         text = [c for c, t in dtypes.items() if t in ("object", "string", "str")]
         table = read_table(path, str_columns=text)
         arrays = {}
-        for name, shape in side["arrays"].items():
+        for name, info in side["arrays"].items():
             from .adapters.images import image_transform_spec, load_images
 
-            spec = image_transform_spec(shape, orientation=None, intensity=None, resize="none")
+            spec = image_transform_spec(info["shape"], orientation=None, intensity=None, resize="none")
             files = pd.DataFrame({"_row": range(len(table)),  # paths relative to the table's folder
                                   f"{name}_path": [str(path.parent / f) for f in table[f"{name}_path"]]})
             if f"{name}_scale" in table.columns:  # a PNG's intensity factor
                 files[f"{name}_scale"] = table[f"{name}_scale"].to_numpy()
             scans = load_images(None, table=files, id_column="_row", image_column=f"{name}_path", name=name,
                                 spec=spec, progress=False)
-            arrays[name] = scans.arrays[name]
+            arrays[name] = scans.arrays[name].astype(info["dtype"], copy=False)
         missing = [c for c in dtypes if c not in table.columns]
         if missing:
             raise DataError(f"{str(path)!r} lacks the column(s) {missing} its sidecar lists")
@@ -165,6 +167,18 @@ class Cohort:
                 except (TypeError, ValueError) as e:
                     raise DataError(f"{str(path)!r}: column {c!r} does not read back as {t}: {e}") from e
         return cls(table, arrays, id_column=side["id_column"], meta=side["meta"])
+
+    @staticmethod
+    def _sidecar(path: Path) -> dict:
+        from .errors import DataError
+
+        try:
+            side = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {str(path)!r}: {e}") from e
+        if side.get("format") != "medcausal-cohort":
+            raise DataError(f"{str(path)!r} is not a medcausal cohort sidecar")
+        return side
 
     def __repr__(self) -> str:
         arrays = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.arrays.items())

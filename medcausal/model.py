@@ -46,7 +46,10 @@ def _key(name: str) -> str:
     """A variable name as a ModuleDict key: no dots, not empty, not a ModuleDict attribute
     (a variable named ``type`` or ``train``); names that were already keys stay as they were."""
     key = name.replace(".", "\u00b7")
-    return "\u00b7" + key if not key or hasattr(nn.ModuleDict, key) else key
+    return "\u00b7" + key if not key or hasattr(_EMPTY_MODULE_DICT, key) else key
+
+
+_EMPTY_MODULE_DICT = nn.ModuleDict()  # its attributes (class and instance: training, _modules) are taken
 
 
 def _check_keys(graph: CausalGraph) -> None:
@@ -78,9 +81,10 @@ class _JointLoss(nn.Module):
     def part_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: m.loss(batch[k], batch[k + "|pa"]) for k, m in self.mechanisms.items()}
 
-    def start_from_data(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def start_from_data(self, tensors: Mapping[str, torch.Tensor], rows: torch.Tensor) -> None:
         for k, m in self.mechanisms.items():
-            m.start_from_data(batch[k], batch[k + "|pa"])
+            if type(m).start_from_data is not Mechanism.start_from_data:  # only those that use it see a copy
+                m.start_from_data(tensors[k][rows], tensors[k + "|pa"][rows])
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.part_losses(batch).values())
@@ -445,6 +449,7 @@ class CausalModel:
         factual = self._encode(data, order)
         gen = _generator(seed)
         labels = data.ids if isinstance(data, Cohort) else data.index
+        label_keys = RowNoise.label_keys(labels)  # once; each variable's stream mixes in its name
         world = dict(factual)
         exact: dict[str, np.ndarray] = {}
         with torch.no_grad():
@@ -460,7 +465,8 @@ class CausalModel:
                     world[name] = self._intervene(iv, None, n, exact, observed=self.codecs[name].observed(data))
                     continue
                 mech = self.mechanism(name)
-                keyed = RowNoise.for_rows(labels, gen.initial_seed(), stream=name, device=self.device)
+                keyed = RowNoise.for_rows(labels, gen.initial_seed(), stream=name, device=self.device,
+                                          label_keys=label_keys)
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=keyed)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)

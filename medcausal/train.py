@@ -4,7 +4,7 @@
 is a dict of row-aligned tensors: minibatches, a validation split (random, or the rows
 ``val_rows`` names) with early stopping
 (the best weights are restored, per part: see below), a learning rate halved on plateaus
-of the total validation loss, a progress bar
+of the validation loss (per part: see below), a progress bar
 on a terminal, and data-parallel training when launched under ``torchrun``
 (gloo on CPU, nccl on GPU): every rank holds the same data and the same seed, takes
 its share of each minibatch, and DDP averages the gradients, so all ranks end with
@@ -13,14 +13,18 @@ identical weights.
 A module whose loss is a sum of independent parts (disjoint parameters, one loss term
 each, as the mechanisms of a causal model) can say so with ``part_losses(batch) ->
 {name: per-row loss}`` and ``parts() -> {name: submodule}``. Each part then keeps the
-weights of its own best validation epoch, and training stops when no part has improved
-for ``patience`` epochs: a part whose validation loss is noisy no longer picks the epoch
-for all the others. A part left out of ``parts()`` (a mechanism with
-``select_by_validation = False``) keeps its last weights and has no say in stopping;
+weights of its own best validation epoch, has its own learning rate, halved on plateaus of
+its own validation loss, and training stops when no part has improved for ``patience``
+epochs: a part whose validation loss is noisy no longer picks the epoch (or the learning
+rate) for all the others. A part left out of ``parts()`` (a mechanism with
+``select_by_validation = False``) keeps its last weights and has no say in stopping (such
+parts share one learning rate, on their summed validation loss);
 with no parts at all, training runs to ``max_epochs``/``max_steps``. Without a validation
 split (``val_fraction=0`` or under 20 rows) the total training loss stands in for every
 part's validation loss. Submodules with an ``after_optimizer_step()`` method (weight
-averaging) have it called after every step.
+averaging) have it called after every step. A module with ``start_from_data(tensors, rows)``
+gets the training rows once before the first step (a data-dependent start, e.g. a
+categorical's base rates); the private loop never calls it.
 
 >>> import torch
 >>> from torch import nn
@@ -324,7 +328,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
     if hasattr(module, "start_from_data"):  # a data-dependent start (never under DP: see _train_private)
         with torch.no_grad():
-            module.start_from_data({k: v[train_idx] for k, v in tensors.items()})
+            module.start_from_data(tensors, train_idx)
     parts = _selected_parts(module)
     groups = _param_groups(parts, params)
     opt = torch.optim.Adam([{"params": ps} for ps in groups.values()], lr=config.lr,

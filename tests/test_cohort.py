@@ -8,11 +8,11 @@ import medcausal as mc
 from medcausal.errors import DataError
 
 
-def _cohort():
+def _cohort():  # one float64 array and one float32, which come back in their dtypes
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"id": ["007", "b", "c"], "age": [60.0, 70.5, 80.0], "country": ["FR", "NA", "DE"],
                           "visits": [1, 2, 3], "smoker": [True, False, True]})
-    return mc.Cohort(table, {"mri": rng.random((3, 1, 8, 6)).astype(np.float32),
+    return mc.Cohort(table, {"mri": rng.random((3, 1, 8, 6)),
                              "ct": rng.random((3, 1, 4, 5, 3)).astype(np.float32)}, meta={"source": "trial 7"})
 
 
@@ -26,8 +26,8 @@ def test_write_read_round_trip(tmp_path, suffix, image_format):
     assert back.meta == c.meta and back.id_column == c.id_column
     for name, arr in c.arrays.items():
         # NIfTI keeps float32 exactly; PNG holds 16-bit integers scaled by the cohort's maximum
-        tol = 0.0 if image_format == "nifti" else arr.max() / 65535
-        assert back.arrays[name].shape == arr.shape
+        tol = (0.0 if arr.dtype == np.float32 else 1e-6) if image_format == "nifti" else arr.max() / 65535
+        assert back.arrays[name].shape == arr.shape and back.arrays[name].dtype == arr.dtype
         assert np.abs(back.arrays[name] - arr).max() <= tol
 
 
@@ -39,10 +39,11 @@ def test_read_needs_the_sidecar(tmp_path):
 
 
 def test_write_read_h5ad(tmp_path):
-    counts = np.random.default_rng(1).poisson(2.0, (5, 7)).astype(np.float32)
-    c = mc.Cohort(pd.DataFrame({"cell_type": list("ababa")}), {"expression": counts})
+    counts = np.random.default_rng(1).poisson(2.0, (5, 7)).astype(np.float64)
+    c = mc.Cohort(pd.DataFrame({"cell_type": list("ababa")}), {"expression": counts}, meta={"screen": 3})
     back = mc.Cohort.read(c.write(tmp_path / "cells.h5ad"))
     np.testing.assert_array_equal(back.arrays["expression"], counts)
+    assert back.arrays["expression"].dtype == np.float64 and back.meta == {"screen": 3}
     assert back.table["cell_type"].astype(str).tolist() == list("ababa")
 
 

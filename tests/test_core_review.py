@@ -207,7 +207,7 @@ def test_a_series_intervention_means_the_same_to_the_model_and_to_every_simulato
         sim.counterfactual(obs, do={"x1": pd.Series([1.0, 2.0, 3.0], index=[7, 8, 9])})
 
 
-@pytest.mark.parametrize("name", ["type", "train", "float", "to"])
+@pytest.mark.parametrize("name", ["type", "train", "float", "to", "training", "_modules"])
 def test_a_variable_may_be_named_like_a_module_attribute(name):
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"a": rng.normal(size=60)})
@@ -294,3 +294,15 @@ def test_a_text_binary_column_gets_a_hint_and_yes_no_reads_as_binary():
     model = mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
     assert set(model.sample(200, seed=0)["s"]) == {"Yes", "No"}
     assert model.counterfactual(df.iloc[:3], do={"s": "Yes"})["s"].tolist() == ["Yes"] * 3
+
+
+def test_a_units_noise_key_does_not_depend_on_the_containers_dtype():
+    import numpy as np
+
+    from medcausal.mechanisms.base import RowNoise
+
+    keys = RowNoise.label_keys
+    assert keys(pd.Index([5, 6]))[0] == keys(pd.Index([5, "a"]))[0] == keys([5.0])[0] == keys(["5"])[0] \
+        == keys(pd.Index([np.int64(5)], dtype=object))[0]
+    assert len(set(keys([None, None, "a"]).tolist())) == 3  # a label seen again gets its own draws
+    assert len(set(keys([float("nan"), float("nan")]).tolist())) == 2

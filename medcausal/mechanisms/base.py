@@ -212,6 +212,7 @@ class RowNoise:
     ``generator`` of abduction, so a unit's counterfactual is the same asked alone or with others.
 
     ``keys``: one uint64 per row (:meth:`for_rows` makes them from row labels and a seed).
+    Values are made on the CPU (``device`` moves them).
 
     >>> import numpy as np
     >>> whole = RowNoise(np.array([7, 8, 9], dtype=np.uint64)).uniform((3, 2))
@@ -220,6 +221,8 @@ class RowNoise:
     True
     """
 
+    _CHUNK = 4096  # rows per block of hashing (bounds the temporaries of a wide draw)
+
     def __init__(self, keys, device: torch.device | str = "cpu"):
         import numpy as np
 
@@ -227,11 +230,12 @@ class RowNoise:
         self.device = torch.device(device)
         self.draws = 0
 
-    @classmethod
-    def for_rows(cls, labels, seed: int, stream: str = "", device: torch.device | str = "cpu") -> "RowNoise":
-        """Keys from row labels (a DataFrame's index, a cohort's ids), a seed and a stream name
-        (e.g. the variable). A label seen again gets its own draws (its occurrence counts)."""
-        import hashlib
+    @staticmethod
+    def label_keys(labels) -> "np.ndarray":
+        """One uint64 per row label, the same for a label whatever the container's dtype (``5``,
+        ``np.int64(5)``, ``5.0`` and ``"5"`` alike; other values by their text); a label seen again
+        gets another key (its occurrence counts)."""
+        import numbers
 
         import numpy as np
         import pandas as pd
@@ -239,18 +243,33 @@ class RowNoise:
         from ..synthetic.tabular import _mix64
 
         labels = pd.Index(labels)
-
-        def h(text: str) -> np.uint64:
-            return np.uint64(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little"))
-
         if labels.dtype.kind in "iu":
-            base = labels.to_numpy().astype(np.uint64)
+            text = labels.astype(str).to_numpy(dtype=object)
         else:
-            base = np.array([h(repr(v)) for v in labels], dtype=np.uint64)
-        occurrence = pd.Series(np.arange(len(labels))).groupby(labels.to_numpy()).cumcount().to_numpy()
+            def canonical(v) -> str:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                    return str(v)
+                return str(int(v)) if float(v).is_integer() else repr(float(v))
+            text = np.array([canonical(v) for v in labels], dtype=object)
+        base = pd.util.hash_array(text, categorize=False)  # fixed hash key: the same on every machine
+        occurrence = pd.Series(pd.factorize(text)[0]).groupby(pd.factorize(text)[0]).cumcount().to_numpy()
         with np.errstate(over="ignore"):
-            keys = _mix64(_mix64(base ^ h(f"{int(seed)}/{stream}")) + occurrence.astype(np.uint64))
-        return cls(keys, device)
+            return _mix64(base + occurrence.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+
+    @classmethod
+    def for_rows(cls, labels, seed: int, stream: str = "", device: torch.device | str = "cpu",
+                 label_keys=None) -> "RowNoise":
+        """Keys from row labels (a DataFrame's index, a cohort's ids; or their ``label_keys``,
+        computed once for many streams), a seed and a stream name (e.g. the variable)."""
+        import numpy as np
+        import pandas as pd
+
+        from ..synthetic.tabular import _mix64
+
+        base = cls.label_keys(labels) if label_keys is None else label_keys
+        salt = pd.util.hash_array(np.array([f"{int(seed)}/{stream}"], dtype=object), categorize=False)[0]
+        with np.errstate(over="ignore"):
+            return cls(_mix64(base ^ salt), device)
 
     def uniform(self, shape) -> torch.Tensor:
         """Float64 uniforms in (0, 1), ``shape[0]`` = the number of rows."""
@@ -264,8 +283,11 @@ class RowNoise:
         width = int(np.prod(shape[1:], dtype=np.int64))
         counters = (np.uint64(self.draws) << np.uint64(40)) + np.arange(width, dtype=np.uint64)
         self.draws += 1
-        u = _hash_uniform(self.keys[:, None], counters[None, :]).reshape(shape)
-        return torch.from_numpy(u).to(self.device)
+        out = np.empty((shape[0], width), dtype=np.float64)
+        for start in range(0, shape[0], self._CHUNK):
+            rows = slice(start, start + self._CHUNK)
+            out[rows] = _hash_uniform(self.keys[rows, None], counters[None, :])
+        return torch.from_numpy(out.reshape(shape)).to(self.device)
 
     def normal(self, shape) -> torch.Tensor:
         """Float64 standard normals (the normal quantiles of :meth:`uniform`)."""
@@ -277,7 +299,7 @@ class RowNoise:
 def rand(shape, generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``torch.rand`` with an optional generator, or a :class:`RowNoise`'s uniforms."""
     if isinstance(generator, RowNoise):
-        return generator.uniform(shape).to(dtype)
+        return generator.uniform(shape).to(dtype=dtype)
     return torch.rand(shape, generator=generator, dtype=dtype)
 
 

@@ -342,7 +342,7 @@ class _CountMechanism(Mechanism):
             mean = self._mean_from_noise(parents, noise)  # the path ``sample`` takes
         y = value.detach().double().cpu().numpy()
         theta = np.broadcast_to(self.log_theta.detach().exp().double().cpu().numpy(), y.shape)
-        v = rand(y.shape, generator, dtype=torch.float64).numpy()  # uniform on the count's whole slice
+        v = rand(y.shape, generator, dtype=torch.float64).cpu().numpy()  # uniform on the count's whole slice
         z = nb_normal_score(y, mean.double().cpu().numpy(), theta, v)
         return torch.cat([noise, torch.as_tensor(z, dtype=torch.float64, device=noise.device)], dim=1)
 

@@ -27,7 +27,7 @@ The brain-MRI demo (:func:`run_demo`, what ``medcausal demo`` runs):
 
 ``quick=True`` runs the same pipeline at toy size (32x32 slices, a few hundred patients,
 a few dozen training steps): it checks the plumbing in well under a minute; its numbers
-mean little. The full run (64x64, 2000 patients) takes about 10 minutes on 2 CPU cores.
+mean little. The full run (64x64, 2000 patients) takes about 5 minutes on 2 CPU cores.
 
 The earlier tabular demo (the non-additive ``triangle`` SCM, ``flow`` vs ``additive``)
 is :func:`run_tabular_demo`.

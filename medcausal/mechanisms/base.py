@@ -252,7 +252,8 @@ class RowNoise:
                 return str(int(v)) if float(v).is_integer() else repr(float(v))
             text = np.array([canonical(v) for v in labels], dtype=object)
         base = pd.util.hash_array(text, categorize=False)  # fixed hash key: the same on every machine
-        occurrence = pd.Series(pd.factorize(text)[0]).groupby(pd.factorize(text)[0]).cumcount().to_numpy()
+        codes = pd.factorize(text)[0]
+        occurrence = pd.Series(codes).groupby(codes).cumcount().to_numpy()
         with np.errstate(over="ignore"):
             return _mix64(base + occurrence.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 

@@ -53,5 +53,9 @@ class CapabilityError(MedCausalError):
     """A mechanism cannot answer the query asked (e.g. exact log-likelihood)."""
 
 
+class LowAcceptanceError(MedCausalError):
+    """A subgroup (``where=``) that almost no simulated patient falls into: below ``min_acceptance``."""
+
+
 class OutOfSupportWarning(UserWarning):
     """An intervention value lies outside the range seen at fit."""

@@ -62,7 +62,7 @@ import torch
 from . import __version__
 from .adapters.tabular import check_columns, columns_of, text_columns
 from .cohort import Cohort
-from .errors import (CapabilityError, DataError, InterventionError, MedCausalError,
+from .errors import (CapabilityError, DataError, InterventionError, LowAcceptanceError, MedCausalError,
                      OutOfSupportWarning, warn)
 from .interventions import Intervention, is_vector_value, parse_cli_do, parse_do
 from .io import atomic_write
@@ -540,10 +540,6 @@ def _chunk_do(ivs: Mapping[str, Intervention], start: int, m: int) -> dict:
             for k, iv in ivs.items()}
 
 
-class _LowAcceptance(MedCausalError):
-    pass
-
-
 def _acceptance_error(model, plan: _Plan, min_acceptance: float) -> MedCausalError:
     rate = plan.acceptance_rate or 0.0
     ranges = {v: [round(float(np.min(model.codecs[v].state["min"])), 4),
@@ -553,7 +549,7 @@ def _acceptance_error(model, plan: _Plan, min_acceptance: float) -> MedCausalErr
     if plan.accepted == 0:
         return DataError(f"where={plan.where.text!r} has (near) zero support in the model: none of "
                          f"{plan.drawn} sampled patients satisfied it ({plan.method}){hint}")
-    return _LowAcceptance(f"where={plan.where.text!r}: acceptance rate {rate:.3g} ({plan.accepted} of "
+    return LowAcceptanceError(f"where={plan.where.text!r}: acceptance rate {rate:.3g} ({plan.accepted} of "
                           f"{plan.drawn}) is below min_acceptance={min_acceptance:g}; {plan.method} would "
                           f"need ~{int(1 / max(rate, 1e-12))} draws per patient. Condition on root "
                           f"variables (sampled exactly), or lower min_acceptance{hint}")

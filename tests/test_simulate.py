@@ -108,7 +108,7 @@ def test_simulate_bad_input(fitted):
         S.simulate(fitted, 10, where="x > 50")
     with pytest.raises(DataError, match="zero support"):
         S.simulate(fitted, 10, where="y > 1000")
-    with pytest.raises(MedCausalError, match="acceptance rate .* below min_acceptance=0.05"):
+    with pytest.raises(mc.errors.LowAcceptanceError, match="acceptance rate .* below min_acceptance=0.05"):
         S.simulate(fitted, 10, where="stage == 'high' and y > 5.5", min_acceptance=0.05)
     with pytest.raises(DataError, match="not a valid condition"):
         S.simulate(fitted, 10, where="x >")

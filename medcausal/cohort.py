@@ -140,14 +140,17 @@ class Cohort:
         if not sidecar_path.is_file():
             raise DataError(f"{str(path)!r} has no {sidecar_path.name} beside it: not written by Cohort.write "
                             "(read a table with pandas, scans with medcausal.adapters.load_images)")
+        from .adapters.images import image_transform_spec, load_images
+
         side = cls._sidecar(sidecar_path)
         dtypes = side["dtypes"]
         text = [c for c, t in dtypes.items() if t in ("object", "string", "str")]
         table = read_table(path, str_columns=text)
+        missing = [c for c in [*dtypes, *(f"{k}_path" for k in side["arrays"])] if c not in table.columns]
+        if missing:
+            raise DataError(f"{str(path)!r} lacks the column(s) {missing} its sidecar lists")
         arrays = {}
         for name, info in side["arrays"].items():
-            from .adapters.images import image_transform_spec, load_images
-
             spec = image_transform_spec(info["shape"], orientation=None, intensity=None, resize="none")
             files = pd.DataFrame({"_row": range(len(table)),  # paths relative to the table's folder
                                   f"{name}_path": [str(path.parent / f) for f in table[f"{name}_path"]]})
@@ -156,9 +159,6 @@ class Cohort:
             scans = load_images(None, table=files, id_column="_row", image_column=f"{name}_path", name=name,
                                 spec=spec, progress=False)
             arrays[name] = scans.arrays[name].astype(info["dtype"], copy=False)
-        missing = [c for c in dtypes if c not in table.columns]
-        if missing:
-            raise DataError(f"{str(path)!r} lacks the column(s) {missing} its sidecar lists")
         table = table[list(dtypes)]
         for c, t in dtypes.items():
             if t not in ("object", "str") and str(table[c].dtype) != t:

@@ -14,6 +14,7 @@ of Pearl's ladder in topological order: ``sample`` (observational), ``sample(do=
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -449,7 +450,7 @@ class CausalModel:
         factual = self._encode(data, order)
         gen = _generator(seed)
         labels = data.ids if isinstance(data, Cohort) else data.index
-        label_keys = RowNoise.label_keys(labels)  # once; each variable's stream mixes in its name
+        label_keys = functools.cache(lambda: RowNoise.label_keys(labels))  # hashed once, at the first draw
         world = dict(factual)
         exact: dict[str, np.ndarray] = {}
         with torch.no_grad():
@@ -465,8 +466,8 @@ class CausalModel:
                     world[name] = self._intervene(iv, None, n, exact, observed=self.codecs[name].observed(data))
                     continue
                 mech = self.mechanism(name)
-                keyed = RowNoise.for_rows(labels, gen.initial_seed(), stream=name, device=self.device,
-                                          label_keys=label_keys)
+                keyed = RowNoise(lambda name=name: RowNoise.for_rows(labels, gen.initial_seed(), stream=name,
+                                                                     label_keys=label_keys()).keys, self.device)
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=keyed)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)

@@ -384,11 +384,18 @@ def fit_codecs(data, graph: CausalGraph) -> dict[str, Codec]:
     check_columns(data, graph)
 
     def fit(name):
-        codec = Codec.fit(name, graph.variables[name], data)
+        return Codec.fit(name, graph.variables[name], data)
+
+    def fit_and_check(name):
+        codec = fit(name)
         if codec.vtype.kind not in ("image", "expression"):
-            codec.encode(data)  # the column's values checked too, so every problem is named in one error
+            codec.encode(data)
         return codec
-    return _each(graph.variables, fit)
+    try:
+        return _each(graph.variables, fit)
+    except DataError:  # name every problem at once: the values of the columns that did fit are checked too
+        _each(graph.variables, fit_and_check)
+        raise
 
 
 def check_columns(data, graph: CausalGraph, names=None) -> None:

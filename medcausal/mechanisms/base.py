@@ -211,8 +211,9 @@ class RowNoise:
     the draws only, never on the other rows. ``CausalModel.counterfactual`` passes one as the
     ``generator`` of abduction, so a unit's counterfactual is the same asked alone or with others.
 
-    ``keys``: one uint64 per row (:meth:`for_rows` makes them from row labels and a seed).
-    Values are made on the CPU (``device`` moves them).
+    ``keys``: one uint64 per row (:meth:`for_rows` makes them from row labels and a seed), or a
+    function that makes them, called at the first draw (a mechanism that draws nothing costs
+    nothing). Values are made on the CPU (``device`` moves them).
 
     >>> import numpy as np
     >>> whole = RowNoise(np.array([7, 8, 9], dtype=np.uint64)).uniform((3, 2))
@@ -224,11 +225,17 @@ class RowNoise:
     _CHUNK = 4096  # rows per block of hashing (bounds the temporaries of a wide draw)
 
     def __init__(self, keys, device: torch.device | str = "cpu"):
-        import numpy as np
-
-        self.keys = np.asarray(keys, dtype=np.uint64)
+        self._keys = keys
         self.device = torch.device(device)
         self.draws = 0
+
+    @property
+    def keys(self) -> "np.ndarray":
+        import numpy as np
+
+        if callable(self._keys):
+            self._keys = self._keys()
+        return np.asarray(self._keys, dtype=np.uint64)
 
     @staticmethod
     def label_keys(labels) -> "np.ndarray":
@@ -279,15 +286,16 @@ class RowNoise:
         from ..synthetic.tabular import _hash_uniform
 
         shape = tuple(int(s) for s in shape)
-        if not shape or shape[0] != len(self.keys):
-            raise MedCausalError(f"RowNoise has {len(self.keys)} rows; asked for shape {shape}")
+        keys = self.keys
+        if not shape or shape[0] != len(keys):
+            raise MedCausalError(f"RowNoise has {len(keys)} rows; asked for shape {shape}")
         width = int(np.prod(shape[1:], dtype=np.int64))
         counters = (np.uint64(self.draws) << np.uint64(40)) + np.arange(width, dtype=np.uint64)
         self.draws += 1
         out = np.empty((shape[0], width), dtype=np.float64)
         for start in range(0, shape[0], self._CHUNK):
             rows = slice(start, start + self._CHUNK)
-            out[rows] = _hash_uniform(self.keys[rows, None], counters[None, :])
+            out[rows] = _hash_uniform(keys[rows, None], counters[None, :])
         return torch.from_numpy(out.reshape(shape)).to(self.device)
 
     def normal(self, shape) -> torch.Tensor:

@@ -164,11 +164,12 @@ def cmd_sample(args) -> int:
 
 
 def cmd_counterfactual(args) -> int:
-    from .simulate import _read_input, _write_output
+    from .simulate import _read_input, _write_output, keyed_by_id
 
     _check_table_out(args)
     model = load_run(args.run_dir)
-    data = _read_input(model, args.input)  # a table (scans by <name>_path), .h5ad or a simulation folder
+    # a table (scans by <name>_path), .h5ad or a simulation folder; --id-column keys each patient's noise
+    data = keyed_by_id(_read_input(model, args.input, args.id_column), args.id_column)
     do = parse_cli_do(args.do, model.graph.variables)
     if not do:
         raise MedCausalError("counterfactual needs at least one --do var=value")
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input", required=True, help=f"the observed units: {INPUT_HELP}")
     c.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed for the noise of discrete variables")
+    c.add_argument("--id-column", default=None,
+                   help="column holding patient ids: a patient's discrete noise is keyed by its id, so its "
+                        "counterfactual is the same in any input file (default: the row number)")
     c.add_argument("--out", required=True, help=OUT_HELP)
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_counterfactual)

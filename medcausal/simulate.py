@@ -2035,22 +2035,29 @@ def _passthrough_columns(path: Path, model) -> list[str]:
     return [c for c in columns if c not in typed]
 
 
-def _read_input(model, path: str | os.PathLike):
+def _read_input(model, path: str | os.PathLike, id_column: str | None = None):
     """The CLI's ``--input``: a CSV/Parquet table (with ``<name>_path`` columns for the model's
     image variables: scans loaded as the model was fitted), an ``.h5ad`` file, or a folder
-    written by ``medcausal simulate``."""
+    written by ``medcausal simulate``. ``id_column`` (``--id-column``) must be a column of a
+    table; it is the id column of the scans' Cohort (default ``"id"``)."""
     from .io import read_table
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"input {str(path)!r} does not exist")
-    if path.is_dir():
-        return read_run(path)
     if path.suffix.lower() == ".h5ad":
+        if id_column is not None:
+            raise DataError(f"--id-column {id_column!r}: cells in {str(path)!r} are named by their obs_names; "
+                            "give --id-column with a table input only")
         from .adapters.singlecell import read_h5ad
 
         return read_h5ad(path)
+    if path.is_dir():
+        data = read_run(path)
+        _check_id_column(_table(data), id_column, path)
+        return data
     table = read_table(path, str_columns=_passthrough_columns(path, model) + text_columns(model.graph))
+    _check_id_column(table, id_column, path)
     images = [v for v, t in model.graph.variables.items() if t.kind == "image"]
     if not images:
         return table
@@ -2062,12 +2069,30 @@ def _read_input(model, path: str | os.PathLike):
 
     cohort = None
     for v in images:
-        c = load_images(None, table=path, image_column=f"{v}_path", name=v,
+        c = load_images(None, table=path, image_column=f"{v}_path", name=v, id_column=id_column or "id",
                         spec=model.image_specs.get(v), shape=model.graph.variables[v].shape,
                         intensity=None, progress=False)
         cohort = c if cohort is None else Cohort(cohort.table, {**cohort.arrays, v: c.arrays[v]},
                                                  id_column=cohort.id_column)
     return cohort
+
+
+def _check_id_column(table: pd.DataFrame, id_column: str | None, path) -> None:
+    if id_column is not None and id_column not in table.columns:
+        raise DataError(f"--id-column {id_column!r} is not a column of {str(path)!r}; columns: "
+                        f"{list(table.columns)}")
+
+
+def keyed_by_id(data, id_column: str | None):
+    """``data`` with its units labelled by ``id_column``: what keys their counterfactual noise
+    (:meth:`medcausal.CausalModel.counterfactual`) and names them in provenance. A table's
+    index becomes that column (written back as the first column); a Cohort takes it as its id
+    column. ``None`` leaves ``data`` as it is (a table's rows labelled by position)."""
+    if id_column is None:
+        return data
+    if isinstance(data, Cohort):
+        return Cohort(data.table, data.arrays, id_column=id_column, meta=data.meta)
+    return data.set_index(id_column)
 
 
 def _write_output(data, out: Path, image_format: str = "nifti") -> dict:
@@ -2156,14 +2181,8 @@ def cmd_augment(args) -> int:
     from .cli import load_run, privacy_line, refuse_existing
 
     model = load_run(args.run_dir)
-    data = _read_input(model, args.input)
-    if args.id_column is not None:  # the patients' ids: what synth_source names, and the synthetic rows get
-        table = _table(data)
-        if args.id_column not in table.columns:
-            raise DataError(f"--id-column {args.id_column!r} is not a column of {str(args.input)!r}; columns: "
-                            f"{list(table.columns)}")
-        data = (Cohort(table, data.arrays, id_column=args.id_column, meta=data.meta) if isinstance(data, Cohort)
-                else data.set_index(args.id_column))
+    # the patients' ids: what synth_source names, and the synthetic rows get
+    data = keyed_by_id(_read_input(model, args.input, args.id_column), args.id_column)
     aug = augment(model, data, target=args.target, n=args.n, strategy=args.strategy,
                   do=parse_cli_do(args.do, model.graph.variables) or None, source=args.source, seed=args.seed,
                   progress=not args.quiet and None)
@@ -2195,7 +2214,7 @@ def cmd_worlds(args) -> int:
     from .cli import load_run, privacy_line, refuse_existing
 
     model = load_run(args.run_dir)
-    data = _read_input(model, args.input)
+    data = _read_input(model, args.input, args.id_column)
     parsed = [_parse_world(w, model.graph.variables) for w in args.world]
     names = [n for n, _ in parsed]
     repeated = sorted({n for n in names if names.count(n) > 1})

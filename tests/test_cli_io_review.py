@@ -257,3 +257,30 @@ def test_a_misspelt_mechanism_is_named_before_the_data_are_read(tmp_path, capsys
     assert main(["fit", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "r.toml: [mechanisms]" in err and "flwo" in err  # data.csv does not exist: never read
+
+
+def test_counterfactual_id_column_keys_each_patients_noise(tmp_path, capsys):
+    # The CLI keyed a patient's discrete noise by its row number: the same patient got another
+    # counterfactual when the input file was sorted differently. --id-column keys it by the id.
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    pd.DataFrame({"a": a, "b": (a + rng.normal(size=200) > 0).astype(int)}).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "r.toml").write_text('name = "ab"\nedges = [["a", "b"]]\n[data]\npath = "d.csv"\n'
+                                     '[variables]\na = "continuous"\nb = "binary"\n[fit]\nmax_epochs = 2\n')
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    obs = pd.DataFrame({"pid": [f"P{i:02d}" for i in range(40)], "a": a[:40], "b": (a[:40] > 0).astype(int)})
+    obs.to_csv(tmp_path / "in.csv", index=False)
+    obs.iloc[::-1].to_csv(tmp_path / "rev.csv", index=False)
+    out = {}
+    for name in ("in", "rev"):
+        assert main(["counterfactual", str(tmp_path / "run"), "--input", str(tmp_path / f"{name}.csv"),
+                     "--do", "a=0", "--id-column", "pid", "--out", str(tmp_path / f"cf_{name}.csv")]) == 0
+        out[name] = pd.read_csv(tmp_path / f"cf_{name}.csv")
+        assert list(out[name].columns) == ["pid", "a", "b"]
+    both = out["in"].merge(out["rev"], on="pid", suffixes=("", "_rev"))
+    assert len(both) == 40 and 0 < both["b"].mean() < 1  # the draws are not all alike
+    assert (both["b"] == both["b_rev"]).all()
+    assert main(["counterfactual", str(tmp_path / "run"), "--input", str(tmp_path / "in.csv"), "--do", "a=0",
+                 "--id-column", "patient", "--out", str(tmp_path / "cf_x.csv")]) == 2
+    assert "--id-column 'patient' is not a column of" in capsys.readouterr().err
+    assert not (tmp_path / "cf_x.csv").exists()

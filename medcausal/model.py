@@ -490,8 +490,12 @@ class CausalModel:
                 for i in range(0, n, _QUERY_ROWS):  # in slices: a mechanism's working memory grows per row
                     rows = slice(i, i + _QUERY_ROWS)
                     total[rows] += self.mechanism(name).log_prob(values[name][rows], parents[rows])
-                if self.graph.variables[name].kind == "continuous":
+                vtype = self.graph.variables[name]
+                if vtype.kind == "continuous":  # back to the data's units: the Jacobian of the encoding
                     total -= float(np.log(self.codecs[name].state["scale"]).sum())
+                    if vtype.positive:  # and of the log
+                        raw = self.codecs[name].observed(data)
+                        total -= torch.as_tensor(np.log(raw).sum(1), dtype=total.dtype, device=total.device)
         index = data.index if isinstance(data, pd.DataFrame) else None
         return pd.Series(total.cpu().numpy().astype(np.float64), index=index, name="log_prob")
 

@@ -152,6 +152,19 @@ def _numeric(df: pd.DataFrame, cols: list[str], name: str) -> np.ndarray:
     return out
 
 
+def _model_scale(x: np.ndarray, vtype: VariableType, where) -> np.ndarray:
+    """Raw continuous values on the scale the model works on: their log for a positive
+    variable (a DataError, naming ``where(column index)``, for values <= 0), else as they are."""
+    if not vtype.positive:
+        return x
+    bad = x <= 0
+    if bad.any():
+        j = int(np.flatnonzero(bad.any(0))[0])
+        raise DataError(f"{where(j)} is declared positive but has {int(bad[:, j].sum())} value(s) <= 0, e.g. "
+                        f"{pd.unique(x[bad[:, j], j])[:3].tolist()}; fix them, or declare it without positive")
+    return np.log(x)
+
+
 @dataclass
 class Codec:
     """How one variable is encoded; ``state`` is JSON-serializable and saved with the model."""
@@ -165,9 +178,11 @@ class Codec:
     def fit(cls, name: str, vtype: VariableType, data) -> "Codec":
         kind = vtype.kind
         if kind == "continuous":
-            x = _numeric(_table(data), columns_of(name, vtype), name)
-            scale = x.std(0)
-            return cls(name, vtype, {"loc": x.mean(0).tolist(),
+            cols = columns_of(name, vtype)
+            x = _numeric(_table(data), cols, name)
+            t = _model_scale(x, vtype, lambda j: f"column {cols[j]!r} (variable {name!r})")
+            scale = t.std(0)
+            return cls(name, vtype, {"loc": t.mean(0).tolist(),
                                      "scale": np.where(scale > 0, scale, 1.0).tolist(),
                                      "min": x.min(0).tolist(), "max": x.max(0).tolist()})
         if kind == "categorical" and vtype.categories is None:
@@ -259,7 +274,9 @@ class Codec:
                 if arr.reshape(len(arr), -1).shape[1] != len(cols):
                     raise DataError(f"{where} needs {len(cols)} value(s) per row, got shape {arr.shape}")
                 values = pd.DataFrame(arr.reshape(len(arr), -1), columns=cols)
-            x = _numeric(values, cols, name)
+            x = _model_scale(_numeric(values, cols, name), self.vtype,
+                             lambda j: _from or (f"column {cols[j]!r} (variable {name!r})" if len(cols) > 1
+                                                 else f"variable {name!r}"))
             return (x - np.asarray(self.state["loc"])) / np.asarray(self.state["scale"])
         values = np.asarray(values)
         if values.ndim == 2 and values.shape[1] == 1:
@@ -313,7 +330,8 @@ class Codec:
         v = value.detach().cpu().numpy()
         kind = self.vtype.kind
         if kind == "continuous":
-            return v.astype(np.float64) * np.asarray(self.state["scale"]) + np.asarray(self.state["loc"])
+            x = v.astype(np.float64) * np.asarray(self.state["scale"]) + np.asarray(self.state["loc"])
+            return np.exp(x) if self.vtype.positive else x
         if kind == "binary":
             return v[:, 0].round().astype(np.int64)
         if kind == "categorical":

@@ -65,6 +65,13 @@ class GaussianQuery:
         return (total + noise) / self.n_records
 
 
+def _center_half(lo: float, hi: float, vtype) -> tuple[float, float]:
+    """Centre and half-width of the public bounds on the model's scale (log for a positive variable)."""
+    if vtype.positive:
+        lo, hi = math.log(lo), math.log(hi)
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
 def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQuery | None,
                    standardize: str | None = None):
     """Codecs without private constants, and the data clipped to the public bounds.
@@ -121,6 +128,9 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
                 vtype.kind, "no constants (passed through)")
             continue
         lo, hi = privacy.public_bounds[name]
+        if vtype.positive and lo <= 0:
+            raise PrivacyError(f"public_bounds of {name!r}: [{lo}, {hi}] must lie above 0, as the variable is "
+                               "declared positive (its logarithm is modelled)")
         cols = tabular.columns_of(name, vtype)
         x = tabular._numeric(table, cols, name)
         outside = int(((x < lo) | (x > hi)).sum())
@@ -130,13 +140,13 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
         x = np.clip(x, lo, hi)
         for j, c in enumerate(cols):
             clipped[c] = x[:, j]
-        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        mid, half = _center_half(lo, hi, vtype)
         state = {"loc": [mid] * len(cols), "scale": [half / 2] * len(cols),
                  "min": [lo] * len(cols), "max": [hi] * len(cols)}
         codecs[name] = tabular.Codec(name, vtype, state)
         desc[name] = f"public bounds [{lo:g}, {hi:g}]; loc/scale from the bounds"
         if standardize == "dp":
-            z = (x - mid) / half
+            z = (tabular._model_scale(x, vtype, lambda j: repr(name)) - mid) / half
             blocks += [z, z ** 2]
             layout.append((name, len(cols)))
     if blocks:
@@ -148,8 +158,8 @@ def private_codecs(data, graph: CausalGraph, privacy: Privacy, query: GaussianQu
             m1, m2 = m[pos:pos + d], m[pos + d:pos + 2 * d]
             pos += 2 * d
             lo, hi = privacy.public_bounds[name]
-            mid, half = (lo + hi) / 2, (hi - lo) / 2
-            mean = np.clip(mid + half * m1, lo, hi)
+            mid, half = _center_half(lo, hi, graph.variables[name])
+            mean = np.clip(mid + half * m1, mid - half, mid + half)
             var = half ** 2 * (m2 - m1 ** 2)
             # a floor of 1% of the half-range keeps a noisy tiny variance from exploding the scale
             std = np.sqrt(np.maximum(var, (0.01 * half) ** 2))

@@ -148,6 +148,25 @@ def test_dp_standardization_is_close_to_the_true_moments():
     assert ledger.epsilon_of(plan.history, plan.delta) == pytest.approx(0.4, rel=0.01)  # stats_share
 
 
+def test_a_positive_variable_is_standardized_on_its_log_from_public_bounds():
+    # declared positive, the model works on log(x): the private constants must be on that scale
+    # too (with the raw bounds the codec would standardize log values by the raw range)
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"crp": np.exp(rng.normal(1.0, 0.5, 20000))})
+    g = mc.CausalGraph({"crp": mc.graph.Continuous(positive=True)})
+    plan = engine.prepare(Privacy(epsilon=4.0, public_bounds={"crp": (0.1, 100)}, noise_seed=0), df, g, {},
+                          batch_size=512, max_epochs=1, max_steps=None)
+    state = plan.codecs["crp"].state
+    assert abs(state["loc"][0] - 1.0) < 0.1 and abs(state["scale"][0] - 0.5) < 0.1  # log-scale moments
+    assert state["min"] == [0.1] and state["max"] == [100]  # the raw bounds, for the support check
+    bounds = engine.prepare(Privacy(epsilon=4.0, public_bounds={"crp": (0.1, 100)}, standardize="bounds"), df, g,
+                            {}, batch_size=512, max_epochs=1, max_steps=None).codecs["crp"].state
+    assert bounds["loc"][0] == pytest.approx((math.log(0.1) + math.log(100)) / 2)
+    with pytest.raises(PrivacyError, match=r"public_bounds of 'crp': \[0.0, 100.0\] must lie above 0"):
+        engine.prepare(Privacy(epsilon=4.0, public_bounds={"crp": (0, 100)}), df, g, {}, batch_size=512,
+                       max_epochs=1, max_steps=None)
+
+
 def test_secure_mode_cannot_be_seeded():
     g = mc.CausalGraph({"x": "continuous"})
     df = pd.DataFrame({"x": np.linspace(0, 1, 10)})

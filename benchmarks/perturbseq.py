@@ -11,7 +11,9 @@ Protocol (fixed; the same for both models):
 - training cells: ``sim.sample(10000, seed=0)`` over every other condition; both models get
   the same settings (``FCRModel(name).fit(max_epochs=250, batch_size=256, lr=3e-3,
   patience=50, seed=0)``, 10% validation split inside the shared training loop, the best
-  weights kept), each with its mechanism's default hyperparameters;
+  weights kept), each with its mechanism's default hyperparameters and ``fit``'s default
+  ``rounds`` (3 for fcr, each run ended by its linear refinement of the code; 1 for
+  latent-shift; ``--rounds`` overrides fcr's);
 - queries: control cells of each cell type (``sim.sample(n_eval, seed=1)``) are sent to
   every held-out combination (in every cell type) and to the held-out pair, at dose 1.0, with
   ``predict_counterfactual``;
@@ -166,6 +168,9 @@ def main(argv=None) -> dict:
                     help="structural seed of the PerturbSeq simulator (default 0)")
     ap.add_argument("--fcr-hparams", type=json.loads, default={},
                     help='hyperparameters of the fcr model, as JSON (e.g. \'{"lambda_cls_interaction": 0}\')')
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="fcr: training runs, each ended by the linear refinement (FCRModel.fit(rounds=...); "
+                         "default: the library's, 3)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,12 +202,14 @@ def main(argv=None) -> dict:
               "sizes": sizes, "held_out_combinations": combos, "held_out_pair": list(pair),
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
               "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams,
+              "fcr_rounds": args.rounds,
               "python": platform.python_version(), "models": {}}
     for name in args.models:
         t0 = time.perf_counter()
         hparams = args.fcr_hparams if name == "fcr" else {}
         model = FCRModel(name, **hparams).fit(train, max_epochs=sizes["epochs"], batch_size=256, lr=3e-3,
-                                              patience=sizes["patience"], seed=0, verbose=None)
+                                              patience=sizes["patience"], seed=0, verbose=None,
+                                              rounds=args.rounds if name == "fcr" else None)
         fit_s = time.perf_counter() - t0
         queries = _evaluate_queries(sim, model, controls, targets, seed=2)
         rep = _representation(sim, model, repr_cells)

@@ -31,8 +31,10 @@ so a combination ``"A+B"`` never seen in training is still a valid query as long
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -425,26 +427,37 @@ class FCRModel:
 
     def fit(self, adata, *, max_epochs: int = 100, max_steps: int | None = None, batch_size: int = 256,
             lr: float = 1e-3, weight_decay: float = 0.0, val_fraction: float = 0.1, patience: int = 20,
-            seed: int = 0, verbose: bool | None = None, device: str = "cpu") -> "FCRModel":
+            seed: int = 0, rounds: int | None = None, verbose: bool | None = None,
+            device: str = "cpu") -> "FCRModel":
         """Train on the cells of ``adata`` (its ``"train"`` split when a split key was declared).
 
         A declared split's ``"val"`` (or ``"validation"``) rows are the validation set of early
         stopping; without any, a random ``val_fraction`` of the training cells is. Counts stream
         from the declared layer in minibatches; returns ``self``.
+        ``fcr`` ends each training run with its exact linear refinement of the code
+        (``refine_steps``, :meth:`~medcausal.mechanisms.fcr.FCRMechanism.refine_latent_map`;
+        ``fit_info["refine"]`` has one record per run); ``rounds > 1`` splits ``max_epochs``
+        into that many runs, so training after a refinement starts from the aligned code.
+        Default: 3 for ``fcr`` (at most ``max_epochs``; on the perturb-seq benchmark 3 rounds
+        beat 1 on the interaction block's MCC on all three simulators), 1 otherwise.
         A fit that fails (bad input, a diverged loss, an interrupt) leaves the model as it was.
         """
+        if rounds is None:
+            rounds = min(3, max_epochs) if hasattr(self._cls, "refine_latent_map") else 1
+        if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or not 1 <= rounds <= max_epochs:
+            raise MedCausalError(f"rounds must be an integer between 1 and max_epochs ({max_epochs}), got {rounds!r}")
         kept = {k: getattr(self, k) for k in ("setup", "var_names", "module", "history", "fit_info")}
         try:  # a refit builds a new module: the kept one is untouched
             return self._fit(adata, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, val_fraction=val_fraction, patience=patience, seed=seed,
-                             verbose=verbose, device=device)
+                             rounds=int(rounds), verbose=verbose, device=device)
         except BaseException:  # KeyboardInterrupt too
             for k, v in kept.items():
                 setattr(self, k, v)
             raise
 
     def _fit(self, adata, *, max_epochs, max_steps, batch_size, lr, weight_decay, val_fraction, patience,
-             seed, verbose, device) -> "FCRModel":
+             seed, rounds, verbose, device) -> "FCRModel":
         setup = get_setup(adata)
         if setup["n_vars"] != adata.n_vars:
             raise DataError(f"setup_anndata saw {setup['n_vars']} genes, the AnnData has {adata.n_vars}: "
@@ -484,13 +497,33 @@ class FCRModel:
                                  weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
                                  seed=seed, verbose=verbose, device=device,
                                  val_rows=range(rows.size, rows.size + val.size) if val.size else None)
-            result = train(_Objective(self.module), tensors, config)
-        self.module.to("cpu").eval()
-        self.history = result.history
+            history: list[dict] = []
+            refines: list[dict] = []
+            steps, seconds, best_epoch, best_val = 0, 0.0, 0, math.inf
+            for r in range(rounds):
+                epochs = max_epochs // rounds + (1 if r < max_epochs % rounds else 0)
+                left = None if max_steps is None else max_steps - steps
+                if left is not None and left <= 0:
+                    break
+                result = train(_Objective(self.module), tensors,
+                               dataclasses.replace(config, max_epochs=epochs, max_steps=left))
+                history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
+                if result.best_val_loss < best_val:  # the validation loss is not comparable across a refinement;
+                    best_val = result.best_val_loss  # this is the best seen in any run
+                    best_epoch = len(history) - len(result.history) + result.best_epoch
+                steps, seconds = steps + result.steps, seconds + result.seconds
+                self.module.to("cpu").eval()
+                if getattr(self.module, "refine_steps", 0):  # fcr: align the code with its conditional priors
+                    refines.append(self.module.refine_latent_map(
+                        (torch.from_numpy(source.rows(rows[i:i + 1024])), parents[i:min(i + 1024, rows.size)])
+                        for i in range(0, rows.size, 1024)))
+        self.history = history
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),
-                         "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                         "epochs": len(result.history), "steps": result.steps, "seconds": round(result.seconds, 3),
-                         "stopped_early": result.stopped_early}
+                         "best_epoch": best_epoch, "best_val_loss": best_val, "epochs": len(history),
+                         "steps": steps, "seconds": round(seconds, 3), "stopped_early": result.stopped_early,
+                         "rounds": rounds}
+        if refines:
+            self.fit_info["refine"] = refines
         return self
 
     # -- batched access ----------------------------------------------------------------

@@ -314,8 +314,101 @@ def test_interaction_block_is_no_noiseless_copy_of_the_treatment():
 
     assert between(cells.obsm["z_interaction"]) < 0.95
     frac = {}
-    for weight in (1.0, 10.0):
-        model = FCRModel("fcr", lambda_cls_interaction=weight, **SMALL).fit(
+    for weight in (1.0, 10.0):  # what training does with each weight: no linear refinement after it
+        model = FCRModel("fcr", lambda_cls_interaction=weight, refine_steps=0, **SMALL).fit(
             train, max_epochs=40, batch_size=128, lr=3e-3, seed=0, verbose=False)
         frac[weight] = between(model.get_latent_representation(cells)["interaction"])
     assert frac[1.0] < 0.98 < 0.99 < frac[10.0]
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    """A short fit on a small simulator, without the linear refinement, and its cells."""
+    from medcausal.adapters.singlecell import FCRModel, setup_anndata
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    sim = PerturbSeq(n_genes=60, n_cell_types=2, n_donors=1, n_perturbations=3, combinations=0,
+                     dose_levels=(1.0,), seed=0)
+    train = sim.sample(1500, seed=0)
+    setup_anndata(train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    model = FCRModel("fcr", refine_steps=0, **SMALL).fit(train, max_epochs=20, batch_size=128, lr=3e-3, seed=0,
+                                                         verbose=False)
+    return model, train, sim.sample(600, seed=1)
+
+
+def _counts_and_parents(model, adata):
+    from medcausal.adapters.singlecell import _encode_obs
+
+    return torch.from_numpy(adata.layers["counts"].toarray()), torch.from_numpy(_encode_obs(adata.obs, model.setup))
+
+
+def test_refinement_moves_interaction_variation_into_the_interaction_block(small_fit):
+    """The exact linear step on the ELBO (refine_latent_map): reconstruction is unchanged, the
+    prior term improves, and against the simulator's true factors the interaction block holds
+    more of the interaction factors (measured: strong MCC 0.361 -> 0.420, objective 3.50 ->
+    1.36 nats per cell)."""
+    import copy
+
+    from medcausal.metrics.representation import mcc
+
+    model, train, cells = small_fit
+    counts, pa = _counts_and_parents(model, train)
+    m = model.module
+    before_mcc = mcc(cells.obsm["z_interaction"], model.get_latent_representation(cells)["interaction"]).score
+    with torch.no_grad():
+        log_lib = torch.log(counts.sum(-1))
+        recon = m._mean(m._decoder_input(m._code(m._posterior(counts, pa))[0], pa), log_lib)
+    refined = copy.deepcopy(model)
+    info = refined.module.refine_latent_map([(counts, pa)], steps=2000)
+    assert info["kept"] and info["objective_after"] < info["objective_before"] - 1.0
+    assert not torch.allclose(refined.module.latent_map, torch.eye(m.n_latent), atol=0.1)
+    r = refined.module
+    with torch.no_grad():
+        again = r._mean(r._decoder_input(r._code(r._posterior(counts, pa))[0], pa), log_lib)
+    torch.testing.assert_close(again, recon, rtol=1e-3, atol=1e-3)  # the decoder reads B^-1 z
+    after_mcc = mcc(cells.obsm["z_interaction"], refined.get_latent_representation(cells)["interaction"]).score
+    assert after_mcc > before_mcc + 0.03
+    # the null counterfactual still gives the observed counts back, through the new map and priors
+    noise = r.abduct(counts[:50], pa[:50])
+    torch.testing.assert_close(r.sample(pa[:50], noise=noise), counts[:50])
+
+
+def test_refinement_is_saved_and_older_files_load_as_identity(small_fit, tmp_path):
+    import copy
+
+    from medcausal.adapters.singlecell import FCRModel
+
+    model, train, cells = small_fit
+    counts, pa = _counts_and_parents(model, train)
+    refined = copy.deepcopy(model)
+    refined.module.refine_latent_map([(counts, pa)], steps=300)
+    back = FCRModel.load(refined.save(tmp_path / "m.pt"))
+    torch.testing.assert_close(back.module.latent_map, refined.module.latent_map)
+    state = {k: v for k, v in model.module.state_dict().items() if not k.startswith("latent_map")}
+    fresh = FCRMechanism(Expression(60), model.module.parent_dims, treatment="perturbation", **SMALL)
+    fresh.latent_map.mul_(2.0)
+    fresh.load_state_dict(state)  # a model file written before the refinement existed
+    torch.testing.assert_close(fresh.latent_map, torch.eye(fresh.n_latent))
+
+
+def test_fit_refines_by_default_and_says_so():
+    from medcausal.adapters.singlecell import FCRModel, setup_anndata
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    train = PerturbSeq(n_genes=30, n_cell_types=2, n_donors=1, n_perturbations=2, combinations=0,
+                       dose_levels=(1.0,), seed=0).sample(300, seed=0)
+    setup_anndata(train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    model = FCRModel("fcr", **SMALL).fit(train, max_epochs=4, seed=0, verbose=False)  # 3 rounds by default
+    assert model.fit_info["rounds"] == 3 and [h["round"] for h in model.history] == [0, 0, 1, 2]
+    info = model.fit_info["refine"][0]
+    assert info["groups"] == 6 and info["kept"] and info["objective_after"] < info["objective_before"]
+    assert len(model.fit_info["refine"]) == 3
+    model = FCRModel("fcr", **SMALL).fit(train, max_epochs=2, seed=0, verbose=False)  # at most max_epochs
+    assert model.fit_info["rounds"] == 2 and len(model.fit_info["refine"]) == 2
+    assert FCRModel("latent-shift", **SMALL).fit(train, max_epochs=2, seed=0, verbose=False).fit_info["rounds"] == 1
+    with pytest.raises(MedCausalError, match="rounds must be an integer between 1 and max_epochs"):
+        FCRModel("fcr", **SMALL).fit(train, max_epochs=2, rounds=3, verbose=False)
+    assert "refine" not in FCRModel("fcr", refine_steps=0, **SMALL).fit(train, max_epochs=2, seed=0,
+                                                                       verbose=False).fit_info
+    with pytest.raises(MedCausalError, match="refine_steps must be >= 0"):
+        FCRMechanism(Expression(10), PARENTS, refine_steps=-1)

@@ -1008,7 +1008,12 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
     if len(table) == 0:
         raise DataError("counterfactual_patients() got no patients (0 rows)")
     ids, id_name = _patient_ids(patients, id_column)
-    cfs = {w: model.counterfactual(patients, do=spec, seed=seed) for w, spec in worlds.items()}
+    keyed = patients  # rows labelled by the patients' ids: what keys their counterfactual noise
+    if id_column is not None and isinstance(patients, pd.DataFrame):
+        keyed = patients.set_axis(pd.Index(ids), axis=0)
+    elif id_column is not None and isinstance(patients, Cohort) and id_column != patients.id_column:
+        keyed = Cohort(patients.table, patients.arrays, id_column=id_column, meta=patients.meta)
+    cfs = {w: model.counterfactual(keyed, do=spec, seed=seed) for w, spec in worlds.items()}
     changed = {w: _affected(graph, spec) for w, spec in worlds.items()}
     if outcomes is not None:
         bad = [o for o in outcomes if o not in graph.variables]

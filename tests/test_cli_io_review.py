@@ -280,6 +280,11 @@ def test_counterfactual_id_column_keys_each_patients_noise(tmp_path, capsys):
     both = out["in"].merge(out["rev"], on="pid", suffixes=("", "_rev"))
     assert len(both) == 40 and 0 < both["b"].mean() < 1  # the draws are not all alike
     assert (both["b"] == both["b_rev"]).all()
+    for name in ("in", "rev"):  # worlds keyed its noise by row number too
+        assert main(["worlds", str(tmp_path / "run"), "--input", str(tmp_path / f"{name}.csv"),
+                     "--world", "w:a=0", "--id-column", "pid", "--out", str(tmp_path / f"w_{name}.csv")]) == 0
+        w = pd.read_csv(tmp_path / f"w_{name}.csv").merge(out["in"], on="pid")
+        assert len(w) == 40 and (w["b@w"] == w["b_y"]).all()  # the same as `counterfactual --id-column`
     assert main(["counterfactual", str(tmp_path / "run"), "--input", str(tmp_path / "in.csv"), "--do", "a=0",
                  "--id-column", "patient", "--out", str(tmp_path / "cf_x.csv")]) == 2
     assert "--id-column 'patient' is not a column of" in capsys.readouterr().err

@@ -505,5 +505,9 @@ def test_positive_variable_refuses_values_at_or_below_zero(positive_fit):
         mc.CausalModel(g).fit(df, max_epochs=1, verbose=False)
     with pytest.raises(InterventionError, match=r"do\(crp=...\): variable 'crp' is declared positive"):
         positive_fit.sample(3, do={"crp": 0.0})
+    vec = mc.CausalModel(mc.CausalGraph({"v": mc.graph.Continuous(dim=2, positive=True)})).fit(
+        pd.DataFrame({"v[0]": [1.0, 2.0, 3.0], "v[1]": [2.0, 1.0, 4.0]}), max_epochs=1, verbose=False)
+    with pytest.raises(DataError, match=r"column 'v\[1\]' \(variable 'v'\) is declared positive"):
+        vec.log_prob(pd.DataFrame({"v[0]": [1.0], "v[1]": [-1.0]}))  # named 'v', a column the table lacks
     with pytest.raises(mc.errors.GraphError, match="positive must be true or false, got 'yes'"):
         mc.CausalGraph({"crp": {"type": "continuous", "positive": "yes"}})

@@ -442,8 +442,11 @@ class FCRModel:
         beat 1 on the interaction block's MCC on all three simulators), 1 otherwise.
         A fit that fails (bad input, a diverged loss, an interrupt) leaves the model as it was.
         """
-        if rounds is None:
-            rounds = min(3, max_epochs) if hasattr(self._cls, "refine_latent_map") else 1
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, np.integer)) or max_epochs < 1:
+            raise MedCausalError(f"max_epochs must be an integer >= 1, got {max_epochs!r}")
+        if rounds is None:  # fcr refines its code after each run; with refine_steps=0 one run is plain training
+            refines = hasattr(self._cls, "refine_latent_map") and self.hparams.get("refine_steps") != 0
+            rounds = min(3, max_epochs) if refines else 1
         if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or not 1 <= rounds <= max_epochs:
             raise MedCausalError(f"rounds must be an integer between 1 and max_epochs ({max_epochs}), got {rounds!r}")
         kept = {k: getattr(self, k) for k in ("setup", "var_names", "module", "history", "fit_info")}
@@ -502,11 +505,12 @@ class FCRModel:
             steps, seconds, best_epoch, best_val = 0, 0.0, 0, math.inf
             for r in range(rounds):
                 epochs = max_epochs // rounds + (1 if r < max_epochs % rounds else 0)
-                left = None if max_steps is None else max_steps - steps
+                left = None if max_steps is None else -(-(max_steps - steps) // (rounds - r))  # a share each
                 if left is not None and left <= 0:
                     break
                 result = train(_Objective(self.module), tensors,
                                dataclasses.replace(config, max_epochs=epochs, max_steps=left))
+                runs = r + 1
                 history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
                 if result.best_val_loss < best_val:  # the validation loss is not comparable across a refinement;
                     best_val = result.best_val_loss  # this is the best seen in any run
@@ -515,13 +519,13 @@ class FCRModel:
                 self.module.to("cpu").eval()
                 if getattr(self.module, "refine_steps", 0):  # fcr: align the code with its conditional priors
                     refines.append(self.module.refine_latent_map(
-                        (torch.from_numpy(source.rows(rows[i:i + 1024])), parents[i:min(i + 1024, rows.size)])
-                        for i in range(0, rows.size, 1024)))
+                        (torch.from_numpy(source.rows(rows[i:i + 1024])) for i in range(0, rows.size, 1024)),
+                        parents[:rows.size], seed=seed))
         self.history = history
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),
                          "best_epoch": best_epoch, "best_val_loss": best_val, "epochs": len(history),
                          "steps": steps, "seconds": round(seconds, 3), "stopped_early": result.stopped_early,
-                         "rounds": rounds}
+                         "rounds": runs}
         if refines:
             self.fit_info["refine"] = refines
         return self

@@ -275,8 +275,8 @@ class Codec:
                     raise DataError(f"{where} needs {len(cols)} value(s) per row, got shape {arr.shape}")
                 values = pd.DataFrame(arr.reshape(len(arr), -1), columns=cols)
             x = _model_scale(_numeric(values, cols, name), self.vtype,
-                             lambda j: _from or (f"column {cols[j]!r} (variable {name!r})" if len(cols) > 1
-                                                 else f"variable {name!r}"))
+                             lambda j: (f"column {cols[j]!r} (variable {name!r})" if len(cols) > 1
+                                        else _from or f"variable {name!r}"))
             return (x - np.asarray(self.state["loc"])) / np.asarray(self.state["scale"])
         values = np.asarray(values)
         if values.ndim == 2 and values.shape[1] == 1:

@@ -525,8 +525,8 @@ class FCRMechanism(_CountMechanism):
             [self.ctx_embed, self.prior_tx_effect] if self.additive else [])
         return [p for m in parts if m is not None for p in m.parameters()]
 
-    def refine_latent_map(self, batches, steps: int | None = None, lr: float = 1e-2,
-                          max_groups: int = 4096) -> dict:
+    def refine_latent_map(self, counts, parents: torch.Tensor, steps: int | None = None, lr: float = 1e-2,
+                          max_groups: int = 4096, seed: int = 0) -> dict:
         """Maximize the ELBO over an invertible linear map of the code and the priors, exactly.
 
         The decoder reads ``B^-1 z``, so reconstruction does not change under ``z -> B z``:
@@ -534,47 +534,50 @@ class FCRMechanism(_CountMechanism):
         moments in each group of cells that share their parents (one condition), as the iVAE
         does (:func:`medcausal.crl.ivae.fit_linear_map`). It moves within-condition variation
         to the block whose conditional prior fits it (e.g. a spread that depends on treatment
-        x context to ``z_tx``), which SGD on the whole model does only slowly. ``batches``
-        yields ``(counts, parents)``; the first ``max_groups`` distinct parent rows are used.
-        Kept only if the objective improves. Returns ``{"groups", "objective_before",
-        "objective_after", "kept"}`` (nats per cell, up to a constant). Called by
-        :meth:`finalize` (``refine_steps`` > 0) after training.
+        x context to ``z_tx``), which SGD on the whole model does only slowly.
+
+        ``parents``: ``[n, parent_dim]``, all cells; ``counts``: an iterable of count batches
+        ``[b, n_genes]`` for those cells, in order (streamed: the counts need not fit in
+        memory). With more than ``max_groups`` distinct parent rows (continuous covariates),
+        a random ``max_groups`` of the cells (``seed``) are used, each its own group. Kept only
+        if the objective improves. Returns ``{"groups", "cells", "objective_before",
+        "objective_after", "kept"}`` (nats per cell, up to a constant). Called after training
+        by :meth:`finalize` and :meth:`FCRModel.fit <medcausal.adapters.singlecell.FCRModel.fit>`
+        (``refine_steps`` > 0).
         """
         steps = self.refine_steps if steps is None else int(steps)
-        k = self.n_latent
-        keys: dict[bytes, int] = {}
-        rows: list[torch.Tensor] = []
-        m1 = torch.zeros(max_groups, k, dtype=torch.float64)
-        m2 = torch.zeros(max_groups, k, k, dtype=torch.float64)
-        count = torch.zeros(max_groups, dtype=torch.float64)
+        k, n = self.n_latent, len(parents)
+        pa = parents.detach().cpu()
+        if pa.shape[1]:
+            groups, group = torch.unique(pa, dim=0, return_inverse=True)
+        else:  # no parents: one group
+            groups, group = pa[:1], torch.zeros(n, dtype=torch.long)
+        if len(groups) > max_groups:  # many distinct (continuous) parents: a fixed random subset of cells
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_groups].sort().values
+            groups, group = pa[pick], torch.full((n,), -1, dtype=torch.long)
+            group[pick] = torch.arange(max_groups)
+        m1 = torch.zeros(len(groups), k, dtype=torch.float64)
+        m2 = torch.zeros(len(groups), k, k, dtype=torch.float64)
+        start = 0
         with torch.no_grad():
-            for value, parents in batches:
-                value, parents = self._cast(value, parents)
-                post = self._posterior(value, parents)
-                mu, var = post["mu"].double(), post["logvar"].exp().double()
-                if parents.shape[1]:
-                    uniq, inverse = torch.unique(parents.cpu(), dim=0, return_inverse=True)
-                else:  # no parents: one group
-                    uniq, inverse = parents[:1].cpu(), torch.zeros(len(parents), dtype=torch.long)
-                index = []
-                for row in uniq:
-                    key = row.double().numpy().tobytes()
-                    if key not in keys and len(keys) < max_groups:
-                        keys[key] = len(keys)
-                        rows.append(row)
-                    index.append(keys.get(key, -1))
-                g = torch.tensor(index, dtype=torch.long)[inverse.cpu()]
+            for value in counts:
+                rows = slice(start, start + len(value))
+                start += len(value)
+                value, pa_b = self._cast(value, parents[rows])
+                post = self._posterior(value.to(self.latent_map.device), pa_b.to(self.latent_map.device))
+                g = group[rows]
                 keep = g >= 0
-                g, mu, var = g[keep], mu.cpu()[keep], var.cpu()[keep]
-                m1.index_add_(0, g, mu)
-                m2.index_add_(0, g, mu[:, :, None] * mu[:, None, :] + torch.diag_embed(var))
-                count.index_add_(0, g, torch.ones(len(g), dtype=torch.float64))
-        n = len(keys)
-        if n == 0 or steps == 0:
-            return {"groups": n, "kept": False}
-        m1, m2, count = m1[:n] / count[:n, None], m2[:n] / count[:n, None, None], count[:n]
-        groups = torch.stack(rows).to(self.latent_map.device, self._dtype())
-        dtype = self._dtype()
+                mu, var = post["mu"].double().cpu()[keep], post["logvar"].exp().double().cpu()[keep]
+                m1.index_add_(0, g[keep], mu)
+                m2.index_add_(0, g[keep], mu[:, :, None] * mu[:, None, :] + torch.diag_embed(var))
+        if start != n:
+            raise DataError(f"{self.name}: the count batches hold {start} cells, the parents {n}")
+        count = torch.bincount(group[group >= 0], minlength=len(groups)).double()
+        if steps == 0 or n == 0:
+            return {"groups": len(groups), "cells": int(count.sum()), "kept": False}
+        device, dtype = self.latent_map.device, self._dtype()
+        m1, m2 = m1 / count[:, None], m2 / count[:, None, None]
+        groups = groups.to(device, dtype)
         saved = copy.deepcopy(self.state_dict())
         was_training = self.training
         self.eval()
@@ -583,8 +586,8 @@ class FCRMechanism(_CountMechanism):
             mean, logvar = self._prior(groups)
             return mean.double(), logvar.double()
 
-        b, before, after = fit_linear_map(m1, m2, count / count.sum(), prior, self._prior_parameters(),
-                                          self.latent_map.double(), steps, lr)
+        b, before, after = fit_linear_map(m1.to(device), m2.to(device), (count / count.sum()).to(device), prior,
+                                          self._prior_parameters(), self.latent_map.double(), steps, lr)
         kept = after < before
         if kept:
             with torch.no_grad():
@@ -593,13 +596,13 @@ class FCRMechanism(_CountMechanism):
         else:
             self.load_state_dict(saved)
         self.train(was_training)
-        return {"groups": n, "objective_before": before, "objective_after": after, "kept": bool(kept)}
+        return {"groups": len(groups), "cells": int(count.sum()), "objective_before": before,
+                "objective_after": after, "kept": bool(kept)}
 
     def finalize(self, value, parents, batch_size: int = 1024) -> None:
         super().finalize(value, parents)
         if self.refine_steps:
-            self.refine_latent_map((value[i:i + batch_size], parents[i:i + batch_size])
-                                   for i in range(0, len(value), batch_size))
+            self.refine_latent_map((value[i:i + batch_size] for i in range(0, len(value), batch_size)), parents)
 
     def _blocks(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kx, kt, _ = self.sizes

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from medcausal.errors import MedCausalError
+from medcausal.errors import DataError, MedCausalError
 from medcausal.graph import Continuous, Expression
 from medcausal.mechanisms import registry
 from medcausal.mechanisms.base import grad_reverse
@@ -359,7 +359,7 @@ def test_refinement_moves_interaction_variation_into_the_interaction_block(small
         log_lib = torch.log(counts.sum(-1))
         recon = m._mean(m._decoder_input(m._code(m._posterior(counts, pa))[0], pa), log_lib)
     refined = copy.deepcopy(model)
-    info = refined.module.refine_latent_map([(counts, pa)], steps=2000)
+    info = refined.module.refine_latent_map([counts], pa, steps=2000)
     assert info["kept"] and info["objective_after"] < info["objective_before"] - 1.0
     assert not torch.allclose(refined.module.latent_map, torch.eye(m.n_latent), atol=0.1)
     r = refined.module
@@ -381,7 +381,7 @@ def test_refinement_is_saved_and_older_files_load_as_identity(small_fit, tmp_pat
     model, train, cells = small_fit
     counts, pa = _counts_and_parents(model, train)
     refined = copy.deepcopy(model)
-    refined.module.refine_latent_map([(counts, pa)], steps=300)
+    refined.module.refine_latent_map([counts], pa, steps=300)
     back = FCRModel.load(refined.save(tmp_path / "m.pt"))
     torch.testing.assert_close(back.module.latent_map, refined.module.latent_map)
     state = {k: v for k, v in model.module.state_dict().items() if not k.startswith("latent_map")}
@@ -412,3 +412,33 @@ def test_fit_refines_by_default_and_says_so():
                                                                        verbose=False).fit_info
     with pytest.raises(MedCausalError, match="refine_steps must be >= 0"):
         FCRMechanism(Expression(10), PARENTS, refine_steps=-1)
+
+
+def test_rounds_follow_the_refinement_and_the_step_budget():
+    from medcausal.adapters.singlecell import FCRModel, setup_anndata
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    train = PerturbSeq(n_genes=30, n_cell_types=2, n_donors=1, n_perturbations=2, combinations=0,
+                       dose_levels=(1.0,), seed=0).sample(300, seed=0)
+    setup_anndata(train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    # without the refinement, rounds would only restart the optimizer: one plain run
+    assert FCRModel("fcr", refine_steps=0, **SMALL).fit(train, max_epochs=3, verbose=False).fit_info["rounds"] == 1
+    # a step budget is shared by the rounds (the first one spent it all)
+    model = FCRModel("fcr", **SMALL).fit(train, max_epochs=9, max_steps=6, batch_size=64, verbose=False)
+    assert model.fit_info["steps"] == 6 and model.fit_info["rounds"] == 3 == len(model.fit_info["refine"])
+    with pytest.raises(MedCausalError, match="max_epochs must be an integer >= 1, got 0"):
+        FCRModel("fcr", **SMALL).fit(train, max_epochs=0, verbose=False)  # it blamed rounds
+
+
+def test_refinement_with_many_distinct_parents_uses_a_random_subset_of_cells():
+    m = FCRMechanism(Expression(20), {"age": 1, "perturbation": 2}, treatment="perturbation", **SMALL)
+    n = 600
+    pa = torch.zeros(n, 3)
+    pa[:, 0] = torch.linspace(-1, 1, n)  # a continuous covariate: every cell its own parents row
+    pa[:300, 1] = 1.0  # sorted by perturbation: the first cells are all treated
+    counts = torch.poisson(torch.full((n, 20), 3.0))
+    info = m.refine_latent_map((counts[i:i + 100] for i in range(0, n, 100)), pa, steps=50, max_groups=200)
+    assert info["groups"] == info["cells"] == 200  # a subset of cells, each its own group
+    assert info["kept"] == (not torch.equal(m.latent_map, torch.eye(m.n_latent)))
+    with pytest.raises(DataError, match="the count batches hold 100 cells, the parents 600"):
+        m.refine_latent_map([counts[:100]], pa, steps=10)

@@ -404,11 +404,12 @@ class FCRMechanism(_CountMechanism):
     With the four discriminators off (``lambda_adv = 0``, simulator 0) the MCC fell to 0.333
     against the default's 0.428 in the same code (``perturbseq_lambda_adv_0.md``).
     ``refine_steps`` (default 2000, 0 to skip) bounds the Adam steps of the linear refinement
-    (:meth:`refine_latent_map`); on the perturb-seq benchmark (fcr only, development runs) it
-    raised the strong MCC of ``z_tx`` on simulators 0 / 1 / 2 from 0.428 / 0.364 / 0.474 to
-    0.578 / 0.426 / 0.638 after one training run, and to 0.586 / 0.481 / 0.687 with three
-    rounds (``FCRModel.fit(rounds=3)``, the default), R² of held-out combinations on all genes
-    0.960 / 0.956 / 0.915 (0.958 / 0.960 / 0.887 without it).
+    (:meth:`refine_latent_map`). On the perturb-seq benchmark it raised the strong MCC of
+    ``z_tx`` on simulators 0 / 1 / 2 from 0.428 / 0.364 / 0.474 to 0.578 / 0.426 / 0.638 after
+    one training run (fcr-only development runs) and to 0.580 / 0.414 / 0.685 with three rounds
+    (``FCRModel.fit``'s default; ``benchmarks/results/perturbseq*.md``), with R² of held-out
+    combinations on all genes 0.959 / 0.955 / 0.916 (0.958 / 0.960 / 0.887 before). The MCC
+    moved by 0.07 between two runs that differed only in rounding (simulator 1: 0.481, 0.414).
 
     >>> from medcausal.graph import Expression
     >>> m = FCRMechanism(Expression(10), {"cell_type": 3, "perturbation": 4}, n_context=2)

@@ -493,9 +493,12 @@ class CausalModel:
                 vtype = self.graph.variables[name]
                 if vtype.kind == "continuous":  # back to the data's units: the Jacobian of the encoding
                     total -= float(np.log(self.codecs[name].state["scale"]).sum())
-                    if vtype.positive:  # and of the log
-                        raw = self.codecs[name].observed(data)
-                        total -= torch.as_tensor(np.log(raw).sum(1), dtype=total.dtype, device=total.device)
+                    if vtype.positive:  # and of the log: log x is the encoded value in the codec's units
+                        state = self.codecs[name].state
+                        log_x = values[name] * torch.as_tensor(state["scale"], dtype=total.dtype,
+                                                               device=total.device) + torch.as_tensor(
+                            state["loc"], dtype=total.dtype, device=total.device)
+                        total -= log_x.sum(1)
         index = data.index if isinstance(data, pd.DataFrame) else None
         return pd.Series(total.cpu().numpy().astype(np.float64), index=index, name="log_prob")
 

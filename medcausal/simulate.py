@@ -1009,10 +1009,9 @@ def counterfactual_patients(model, patients, do, *, seed: int | None = 0, id_col
         raise DataError("counterfactual_patients() got no patients (0 rows)")
     ids, id_name = _patient_ids(patients, id_column)
     keyed = patients  # rows labelled by the patients' ids: what keys their counterfactual noise
-    if id_column is not None and isinstance(patients, pd.DataFrame):
-        keyed = patients.set_axis(pd.Index(ids), axis=0)
-    elif id_column is not None and isinstance(patients, Cohort) and id_column != patients.id_column:
-        keyed = Cohort(patients.table, patients.arrays, id_column=id_column, meta=patients.meta)
+    if id_column is not None:  # a table keeps its id column (the output drops it below)
+        keyed = (patients.set_axis(pd.Index(ids), axis=0) if isinstance(patients, pd.DataFrame)
+                 else keyed_by_id(patients, id_column))
     cfs = {w: model.counterfactual(keyed, do=spec, seed=seed) for w, spec in worlds.items()}
     changed = {w: _affected(graph, spec) for w, spec in worlds.items()}
     if outcomes is not None:

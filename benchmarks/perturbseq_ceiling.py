@@ -12,6 +12,7 @@ Same simulator and representation cells as the perturb-seq benchmark
 (``perturbseq.representation_cells(PerturbSeq(n_genes=1000, seed=0), 3000)``).
 
     python benchmarks/perturbseq_ceiling.py
+    python benchmarks/perturbseq_ceiling.py --sim-seed 1 --library-size 10000   # another simulator, deeper
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from medcausal.io import atomic_write
 from medcausal.synthetic import PerturbSeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perturbseq import representation_cells  # noqa: E402  (the benchmark's own cells)
+from perturbseq import representation_cells, result_stem  # noqa: E402  (the benchmark's own cells)
 
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("z_context", "z_treatment", "z_interaction")
@@ -48,10 +49,14 @@ def _cv_corr(model, features: np.ndarray, target: np.ndarray) -> list[float]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-cells", type=int, default=3000)
+    ap.add_argument("--sim-seed", type=int, default=0, help="as in perturbseq.py")
+    ap.add_argument("--library-size", type=float, default=None, help="as in perturbseq.py")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     t0 = time.time()
-    adata = representation_cells(PerturbSeq(n_genes=1000, seed=0), args.n_cells)
+    sim = PerturbSeq(n_genes=1000, seed=args.sim_seed,
+                     **({} if args.library_size is None else {"library_size": args.library_size}))
+    adata = representation_cells(sim, args.n_cells)
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts, dtype=float)
     logn = np.log1p(counts / counts.sum(1, keepdims=True).clip(min=1) * 1e4)
@@ -72,13 +77,14 @@ def main(argv=None) -> dict:
                   f"{rows[-1]['r_per_factor']}", flush=True)
     command = "python benchmarks/perturbseq_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"meta": {"command": command.strip(), "seconds": round(time.time() - t0, 1),
-                       "n_cells": args.n_cells}, "rows": rows}
+                       "n_cells": args.n_cells, "simulator": repr(sim)}, "rows": rows}
+    stem = result_stem(False, args.sim_seed, args.library_size).replace("perturbseq", "perturbseq_ceiling", 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "perturbseq_ceiling.json") as tmp:
+    with atomic_write(args.out / f"{stem}.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=1))
     lines = ["# Perturb-seq: how much of each true factor the data reveal (supervised reference)", "",
              f"Command: `{report['meta']['command']}`  ",
-             f"{args.n_cells} cells of `representation_cells(PerturbSeq(n_genes=1000, seed=0), n)` (the perturb-seq "
+             f"{args.n_cells} cells of `representation_cells({sim!r}, n)` (the perturb-seq "
              f"benchmark's representation cells); {report['meta']['seconds']} s.", "",
              "3-fold cross-validated Pearson r between each true factor and its supervised prediction from "
              "the features; `mean_r` averages the factors of the block. An unsupervised block's MCC "
@@ -86,7 +92,7 @@ def main(argv=None) -> dict:
              "| block | features | regressor | mean r | r per factor |", "|---|---|---|---|---|"]
     lines += [f"| {r['block']} | {r['features']} | {r['regressor']} | {r['mean_r']:.3f} | {r['r_per_factor']} |"
               for r in rows]
-    with atomic_write(args.out / "perturbseq_ceiling.md") as tmp:
+    with atomic_write(args.out / f"{stem}.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     return report
 

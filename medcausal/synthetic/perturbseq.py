@@ -469,7 +469,7 @@ class PerturbSeq:
     def __repr__(self) -> str:
         return (f"PerturbSeq(n_genes={self.n_genes}, contexts={len(self.cell_types)}x{len(self.donors)}, "
                 f"perturbations={len(self.perturbations)}+{len(self.combinations)} combinations, "
-                f"seed={self.seed})")
+                f"library_size={self.library_size:g}, seed={self.seed})")
 
     # ------------------------------------------------------------------ noise
     def _uniforms(self, seeds: np.ndarray, rows: np.ndarray, offset: int, d: int) -> np.ndarray:

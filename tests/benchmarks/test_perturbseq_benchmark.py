@@ -5,6 +5,7 @@ beside the models (the simulator's true counterfactual and the unchanged control
 scores are known exactly or bounded.
 """
 
+import numpy as np
 import pytest
 
 from medcausal.synthetic.perturbseq import PerturbSeq, parse_perturbation
@@ -70,6 +71,23 @@ def test_true_factors_carry_their_own_within_condition_variation(bench, sim):
         assert all(abs(within[block][other]) < 0.1 for other in within[block] if other != block)
 
 
+def test_linear_readout_bounds_by_what_the_code_holds(bench, sim):
+    cells = sim.sample(600, seed=3)
+    # the true factors read themselves exactly out of sample
+    assert all(r == pytest.approx(1.0, abs=1e-9) for r in bench._linear_readout("true-factors", cells).values())
+
+    class Mixed:  # a code that mixes all true factors linearly, with the interaction factors dropped
+        def get_latent_representation(self, cells):
+            rng = np.random.default_rng(0)
+            z = np.concatenate([cells.obsm["z_context"], cells.obsm["z_treatment"]], axis=1)
+            return {"basal": z @ rng.normal(size=(z.shape[1], z.shape[1]))}
+
+    r = bench._linear_readout(Mixed(), cells)
+    # an invertible mixing is undone by the affine map; dropped factors are only predicted through
+    # their condition means (shared with the other blocks), far below 1
+    assert r["context"] > 0.999 and r["treatment"] > 0.999 and r["interaction"] < 0.8
+
+
 def test_targets_are_read_against_the_thresholds(bench):
     def model(deg, allg, mcc_tx, nmi_x, nmi_xt):
         return {"held_out_combinations_mean": {"r2_mean_deg": deg, "r2_mean_all": allg},
@@ -88,3 +106,4 @@ def test_result_stem_names_the_simulator_seed(bench):
     # seed 0 keeps the committed file names; another simulator never overwrites them
     assert bench.result_stem(False, 0) == "perturbseq" and bench.result_stem(True, 0) == "perturbseq_quick"
     assert bench.result_stem(False, 2) == "perturbseq_sim2" and bench.result_stem(True, 1) == "perturbseq_quick_sim1"
+    assert bench.result_stem(False, 0, 10000.0) == "perturbseq_lib10000"

@@ -17,3 +17,11 @@ def test_writes_its_report(tmp_path, load_benchmark):
     report = load_benchmark("perturbseq_ceiling").main(["--n-cells", "300", "--out", str(tmp_path)])
     assert {r["block"] for r in report["rows"]} == {"z_context", "z_treatment", "z_interaction"}
     assert (tmp_path / "perturbseq_ceiling.md").read_text().count("| z_interaction |") == 3
+
+
+def test_another_simulator_gets_its_own_files(tmp_path, load_benchmark):
+    report = load_benchmark("perturbseq_ceiling").main(["--n-cells", "300", "--sim-seed", "1", "--library-size",
+                                                        "5000", "--out", str(tmp_path)])
+    assert "library_size=5000," in report["meta"]["simulator"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perturbseq_ceiling_sim1_lib5000.json",
+                                                          "perturbseq_ceiling_sim1_lib5000.md"]

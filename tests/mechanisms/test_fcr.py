@@ -442,3 +442,54 @@ def test_refinement_with_many_distinct_parents_uses_a_random_subset_of_cells():
     assert info["kept"] == (not torch.equal(m.latent_map, torch.eye(m.n_latent)))
     with pytest.raises(DataError, match="the count batches hold 100 cells, the parents 600"):
         m.refine_latent_map([counts[:100]], pa, steps=10)
+
+
+def test_full_posterior_code_has_the_moments_of_its_cholesky_factor():
+    """posterior="full": q(h) = N(mu, L L^T) across blocks; the code z = B h has mean B mu, marginal
+    variances diag(B L L^T B^T) and log-determinant log det(L L^T) + 2 log|det B| (what the KL reads),
+    and its draws have that covariance."""
+    torch.manual_seed(0)
+    m = FCRMechanism(Expression(20), PARENTS, treatment="perturbation", posterior="full", **SMALL)
+    counts, pa = torch.poisson(torch.full((16, 20), 3.0)), _parents(16)
+    post = m._posterior(counts, pa)
+    torch.testing.assert_close(m._factor(post), torch.diag_embed((0.5 * post["logvar"]).exp()))  # starts diagonal
+    with torch.no_grad():
+        m.enc_cov.bias.normal_(0.0, 0.3)  # (N(0, 1) entries over 12 dimensions: nearly singular)
+        m.latent_map.copy_(torch.eye(m.n_latent) + 0.3 * torch.randn(m.n_latent, m.n_latent))
+        post = m._posterior(counts, pa)
+        mean, var, logdet = m._code(post)
+        b, f = m.latent_map, m._factor(post)
+        cov = b @ f @ f.transpose(1, 2) @ b.T
+        torch.testing.assert_close(mean, post["mu"] @ b.T)
+        torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2))
+        cov64 = b.double() @ f.double() @ f.double().transpose(1, 2) @ b.double().T
+        torch.testing.assert_close(logdet.double(), torch.logdet(cov64), rtol=1e-5, atol=1e-4)
+        torch.manual_seed(1)
+        draws = torch.stack([m._draw_code(post) for _ in range(20000)])
+        emp = torch.einsum("sni,snj->nij", draws - mean, draws - mean) / len(draws)
+    # 20000 draws: the standard error of a covariance entry is below sqrt(2 / 20000) = 1% of the
+    # product of the two standard deviations; 5% leaves room for the largest of 16 x 12 x 12 entries
+    sd = var.sqrt()
+    assert ((emp - cov).abs() / (sd[:, :, None] * sd[:, None, :])).max() < 0.05
+
+
+def test_full_posterior_trains_refines_reconstructs_and_round_trips(tmp_path):
+    from medcausal.adapters.singlecell import FCRModel, setup_anndata
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    train = PerturbSeq(n_genes=30, n_cell_types=2, n_donors=1, n_perturbations=2, combinations=0,
+                       dose_levels=(1.0,), seed=0).sample(400, seed=0)
+    setup_anndata(train, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    model = FCRModel("fcr", posterior="full", **SMALL).fit(train, max_epochs=6, batch_size=64, seed=0, verbose=False)
+    assert model.module.enc_cov.weight.abs().sum() > 0  # the off-diagonal factor was trained
+    assert all(r["objective_after"] <= r["objective_before"] for r in model.fit_info["refine"])
+    counts, pa = _counts_and_parents(model, train)
+    m = model.module
+    noise = m.abduct(counts.float(), pa.float(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(m.sample(pa.float(), noise=noise), counts.float())  # the cells come back exactly
+    back = FCRModel.load(model.save(tmp_path / "full.pt"))
+    assert back.module.enc_cov is not None
+    for k, v in model.get_latent_representation(train).items():
+        np.testing.assert_array_equal(back.get_latent_representation(train)[k], v)
+    with pytest.raises(MedCausalError, match="posterior must be 'diagonal' or 'full', got 'dense'"):
+        FCRMechanism(Expression(10), PARENTS, posterior="dense")

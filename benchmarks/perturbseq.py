@@ -110,6 +110,11 @@ def result_stem(quick: bool, sim_seed: int, library_size: float | None = None) -
             + (f"_lib{library_size:g}" if library_size is not None else ""))
 
 
+def ceiling_stem(sim_seed: int, library_size: float | None = None) -> str:
+    """The stem of ``perturbseq_ceiling.py``'s files for the same simulator."""
+    return result_stem(False, sim_seed, library_size).replace("perturbseq", "perturbseq_ceiling", 1)
+
+
 def _summaries(queries, combos) -> tuple[dict, dict]:
     combo_rows = [q for q in queries if q["condition"] in combos]
     summary = {k: float(np.mean([q[k] for q in combo_rows])) for k in combo_rows[0]
@@ -227,6 +232,9 @@ def main(argv=None) -> dict:
               "simulator": repr(sim), "medcausal_version": medcausal.__version__,
               "torch": torch.__version__, "threads": args.threads, "fcr_hparams": args.fcr_hparams,
               "fcr_rounds": args.rounds,
+              "ceiling": ceiling_stem(args.sim_seed, args.library_size),
+              "ceiling_args": "".join([f" --sim-seed {args.sim_seed}" if args.sim_seed else "",
+                                       "" if args.library_size is None else f" --library-size {args.library_size:g}"]),
               "python": platform.python_version(), "models": {}}
     for name in args.models:
         t0 = time.perf_counter()
@@ -333,8 +341,8 @@ def _markdown(report) -> str:
                          + " | ".join(f"{q[c]:.3f}" for c in cols[:2] + cols[-2:]) + " |")
     lines += ["", "## Representations (test cells of the training conditions)", "",
               "How much of each true factor the data reveal at all (a supervised regression on counts "
-              "and condition, the bound for these MCCs): `perturbseq_ceiling.md` "
-              "(`python benchmarks/perturbseq_ceiling.py`).", "",
+              f"and condition, the bound for these MCCs): `{report.get('ceiling', 'perturbseq_ceiling')}.md` "
+              f"(`python benchmarks/perturbseq_ceiling.py{report.get('ceiling_args', '')}`).", "",
               "| model | block | NMI context | NMI treatment | MCC z_context | MCC z_treatment | MCC z_interaction "
               "| MCC weak (matched) | MCC Spearman (matched) |", "|---|---|---|---|---|---|---|---|---|"]
     reps = [(n, m) for n, m in report["models"].items()]

@@ -35,7 +35,7 @@ from medcausal.io import atomic_write
 from medcausal.synthetic import PerturbSeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perturbseq import representation_cells, result_stem  # noqa: E402  (the benchmark's own cells)
+from perturbseq import ceiling_stem, representation_cells  # noqa: E402  (the benchmark's own cells)
 
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("z_context", "z_treatment", "z_interaction")
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     command = "python benchmarks/perturbseq_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     report = {"meta": {"command": command.strip(), "seconds": round(time.time() - t0, 1),
                        "n_cells": args.n_cells, "simulator": repr(sim)}, "rows": rows}
-    stem = result_stem(False, args.sim_seed, args.library_size).replace("perturbseq", "perturbseq_ceiling", 1)
+    stem = ceiling_stem(args.sim_seed, args.library_size)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / f"{stem}.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=1))

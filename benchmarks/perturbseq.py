@@ -104,10 +104,10 @@ def _evaluate_queries(sim, model, controls, targets, seed):
 
 
 def result_stem(quick: bool, sim_seed: int, library_size: float | None = None) -> str:
-    """The results' file stem: ``perturbseq[_quick][_sim<N>][_lib<L>]`` (no suffix for simulator seed 0
-    and the default library size)."""
-    return (("perturbseq_quick" if quick else "perturbseq") + (f"_sim{sim_seed}" if sim_seed else "")
-            + (f"_lib{library_size:g}" if library_size is not None else ""))
+    """The results' file stem: ``perturbseq[_quick][_sim<N>][_lib<L>]`` (no ``_sim`` for simulator
+    seed 0; ``_lib<L>`` whenever a library size is given, written in full)."""
+    lib = "" if library_size is None else f"_lib{int(library_size) if float(library_size).is_integer() else library_size}"
+    return ("perturbseq_quick" if quick else "perturbseq") + (f"_sim{sim_seed}" if sim_seed else "") + lib
 
 
 def ceiling_stem(sim_seed: int, library_size: float | None = None) -> str:
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
               "fcr_rounds": args.rounds,
               "ceiling": ceiling_stem(args.sim_seed, args.library_size),
               "ceiling_args": "".join([f" --sim-seed {args.sim_seed}" if args.sim_seed else "",
-                                       "" if args.library_size is None else f" --library-size {args.library_size:g}"]),
+                                       "" if args.library_size is None else f" --library-size {args.library_size!r}"]),
               "python": platform.python_version(), "models": {}}
     for name in args.models:
         t0 = time.perf_counter()

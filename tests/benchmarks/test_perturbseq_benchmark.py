@@ -107,4 +107,6 @@ def test_result_stem_names_the_simulator_seed(bench):
     assert bench.result_stem(False, 0) == "perturbseq" and bench.result_stem(True, 0) == "perturbseq_quick"
     assert bench.result_stem(False, 2) == "perturbseq_sim2" and bench.result_stem(True, 1) == "perturbseq_quick_sim1"
     assert bench.result_stem(False, 0, 10000.0) == "perturbseq_lib10000"
+    assert bench.result_stem(False, 0, 1234567.0) == "perturbseq_lib1234567"  # no rounding to 6 digits
+    assert bench.result_stem(False, 0, 2500.5) == "perturbseq_lib2500.5"
     assert bench.ceiling_stem(0) == "perturbseq_ceiling" and bench.ceiling_stem(1, 5e3) == "perturbseq_ceiling_sim1_lib5000"

@@ -452,13 +452,13 @@ def test_full_posterior_code_has_the_moments_of_its_cholesky_factor():
     m = FCRMechanism(Expression(20), PARENTS, treatment="perturbation", posterior="full", **SMALL)
     counts, pa = torch.poisson(torch.full((16, 20), 3.0)), _parents(16)
     post = m._posterior(counts, pa)
-    torch.testing.assert_close(m._factor(post), torch.diag_embed((0.5 * post["logvar"]).exp()))  # starts diagonal
+    torch.testing.assert_close(post["factor"], torch.diag_embed((0.5 * post["logvar"]).exp()))  # starts diagonal
     with torch.no_grad():
         m.enc_cov.bias.normal_(0.0, 0.3)  # (N(0, 1) entries over 12 dimensions: nearly singular)
         m.latent_map.copy_(torch.eye(m.n_latent) + 0.3 * torch.randn(m.n_latent, m.n_latent))
         post = m._posterior(counts, pa)
         mean, var, logdet = m._code(post)
-        b, f = m.latent_map, m._factor(post)
+        b, f = m.latent_map, post["factor"]
         cov = b @ f @ f.transpose(1, 2) @ b.T
         torch.testing.assert_close(mean, post["mu"] @ b.T)
         torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2))
@@ -493,3 +493,34 @@ def test_full_posterior_trains_refines_reconstructs_and_round_trips(tmp_path):
         np.testing.assert_array_equal(back.get_latent_representation(train)[k], v)
     with pytest.raises(MedCausalError, match="posterior must be 'diagonal' or 'full', got 'dense'"):
         FCRMechanism(Expression(10), PARENTS, posterior="dense")
+
+
+def test_full_posterior_refinement_reads_the_full_covariance(monkeypatch):
+    """refine_latent_map's second moments are E[h h^T] = mu mu^T + L L^T per group, off-diagonal
+    entries included (a diagonal-only factor would leave them out)."""
+    import medcausal.mechanisms.fcr as fcr
+
+    torch.manual_seed(0)
+    m = FCRMechanism(Expression(20), PARENTS, treatment="perturbation", posterior="full", **SMALL)
+    with torch.no_grad():
+        m.enc_cov.bias.normal_(0.0, 0.3)
+    counts, pa = torch.poisson(torch.full((40, 20), 3.0)), _parents(40)
+    seen = {}
+
+    def record(m1, m2, weight, prior, params, start, steps, lr):
+        seen.update(m1=m1, m2=m2)
+        return start, 0.0, 0.0
+
+    monkeypatch.setattr(fcr, "fit_linear_map", record)
+    m.refine_latent_map([counts[:25], counts[25:]], pa, steps=1)
+    groups, group = torch.unique(pa, dim=0, return_inverse=True)
+    with torch.no_grad():
+        post = m._posterior(counts, pa)
+    mu, f = post["mu"].double(), post["factor"].double()
+    second = mu[:, :, None] * mu[:, None, :] + f @ f.transpose(1, 2)
+    for g in range(len(groups)):
+        rows = group == g
+        torch.testing.assert_close(seen["m1"][g], mu[rows].mean(0))
+        torch.testing.assert_close(seen["m2"][g], second[rows].mean(0))
+    off = ~torch.eye(m.n_latent, dtype=torch.bool)
+    assert (f @ f.transpose(1, 2))[:, off].abs().max() > 0.1  # the off-diagonal part is there to be read

@@ -110,6 +110,13 @@ def result_stem(quick: bool, sim_seed: int, library_size: float | None = None) -
     return ("perturbseq_quick" if quick else "perturbseq") + (f"_sim{sim_seed}" if sim_seed else "") + lib
 
 
+def simulator(n_genes: int, sim_seed: int, library_size: float | None = None):
+    """The benchmark's ``PerturbSeq`` (its default library size unless one is given)."""
+    from medcausal.synthetic.perturbseq import PerturbSeq
+
+    return PerturbSeq(n_genes=n_genes, seed=sim_seed, **({} if library_size is None else {"library_size": library_size}))
+
+
 def ceiling_stem(sim_seed: int, library_size: float | None = None) -> str:
     """The stem of ``perturbseq_ceiling.py``'s files for the same simulator."""
     return result_stem(False, sim_seed, library_size).replace("perturbseq", "perturbseq_ceiling", 1)
@@ -206,7 +213,6 @@ def main(argv=None) -> dict:
     import medcausal
     from medcausal.adapters.singlecell import FCRModel, setup_anndata
     from medcausal.io import atomic_write
-    from medcausal.synthetic.perturbseq import PerturbSeq
 
     t_start = time.perf_counter()
     sizes = ({"n_genes": 200, "n_train": 1500, "n_eval": 600, "n_repr": 600, "epochs": 8, "patience": 5}
@@ -216,8 +222,7 @@ def main(argv=None) -> dict:
         sizes["n_train"] = args.n_train
     if args.epochs:
         sizes["epochs"] = args.epochs
-    sim = PerturbSeq(n_genes=sizes["n_genes"], seed=args.sim_seed,
-                     **({} if args.library_size is None else {"library_size": args.library_size}))
+    sim = simulator(sizes["n_genes"], args.sim_seed, args.library_size)
     combos, pair = _held_out(sim)
     train = sim.sample(sizes["n_train"], seed=0, conditions=[c for c in sim.conditions if c not in combos],
                        exclude=[pair])

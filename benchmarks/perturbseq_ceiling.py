@@ -32,10 +32,9 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.neural_network import MLPRegressor
 
 from medcausal.io import atomic_write
-from medcausal.synthetic import PerturbSeq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perturbseq import ceiling_stem, representation_cells  # noqa: E402  (the benchmark's own cells)
+from perturbseq import ceiling_stem, representation_cells, simulator  # noqa: E402  (the benchmark's own cells)
 
 RESULTS = Path(__file__).parent / "results"
 BLOCKS = ("z_context", "z_treatment", "z_interaction")
@@ -54,8 +53,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     t0 = time.time()
-    sim = PerturbSeq(n_genes=1000, seed=args.sim_seed,
-                     **({} if args.library_size is None else {"library_size": args.library_size}))
+    sim = simulator(1000, args.sim_seed, args.library_size)
     adata = representation_cells(sim, args.n_cells)
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     counts = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts, dtype=float)

@@ -216,6 +216,10 @@ def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, 
         x_real, pa_real = (x_test, pa_test) if realism is None else realism
         log(f"  {name}: realism on {len(x_real)} fresh samples")
         gen = mech.sample(pa_real, generator=torch.Generator().manual_seed(seed + 1)).numpy()
+    if hasattr(mech, "latent_kl"):  # the VAEs: do their latents carry anything of the scan?
+        torch.manual_seed(seed)
+        kl = torch.cat([mech.latent_kl(x_test[s:s + 64], pa_test[s:s + 64]) for s in range(0, len(x_test), 64)])
+        res["latent_kl_nats"] = kl.mean(0).tolist()
     res["fid_samples_vs_real"] = im.feature_frechet_distance(x_real.numpy(), gen, predictor.features)
     res["realism_n"] = len(x_real)
     return res
@@ -573,6 +577,18 @@ def render_markdown(s: dict) -> str:
           "setting of Ribeiro et al.). image-diffusion's abduction is deterministic-approximate (DDIM inversion by "
           "fixed-point iteration; stated tolerance 5e-3): its composition error is the inversion error, and its "
           "reconstruct() is the same null counterfactual, so its decoder-mean columns repeat its composition.", ""]
+    kl_names = [n for n in names if res[n].get("latent_kl_nats") is not None]
+    if kl_names:
+        L += ["## Latent use", "",
+              "The ELBO's KL term per latent group on the held-out scans (nats per image; hvae: one per latent "
+              "level, coarsest first; cvae: its one code). About 0 means the group is unused (posterior "
+              "collapse): the scan's own detail then reaches a counterfactual only through the pixel noise, and "
+              "the counterfactual change is the decoder mean's, mu(pa*) - mu(pa), the same for every patient "
+              "with the same parents.", "", "| mechanism | KL per group | total |", "|---|---|---|"]
+        for n in kl_names:
+            kl = res[n]["latent_kl_nats"]
+            L.append(f"| {n} | {' / '.join(f'{v:.3g}' for v in kl)} | {sum(kl):.3g} |")
+        L.append("")
     L += ["## Time", "",
           "| mechanism | steps | lr | train s (wall) | train s (CPU) | train img/s | CF ms/patient (wall) | "
           "CF ms/patient (CPU) | evaluation s (wall) | parameters |", "|---" * 10 + "|"]

@@ -34,6 +34,11 @@ from .registry import register
 __all__ = ["CVAEMechanism"]
 
 
+def _standard_normal_kl(q_loc, q_ls) -> torch.Tensor:
+    """KL(N(q_loc, e^q_ls) || N(0, I)) per row."""
+    return (0.5 * (torch.exp(2 * q_ls) + q_loc ** 2) - q_ls - 0.5).sum(1)
+
+
 class _CVAENet(nn.Module):
     def __init__(self, shape, parent_dim: int, channels, blocks, z_dim: int, hidden: int,
                  sigma_min: float, min_res: int = 4, pixel_scale: str = "map"):
@@ -90,8 +95,10 @@ class _CVAENet(nn.Module):
         q_loc, q_ls = self._q(x, pa)
         z = q_loc + torch.exp(q_ls) * torch.randn_like(q_loc)
         loc, ls = self._p(z, pa)
-        kl = (0.5 * (torch.exp(2 * q_ls) + q_loc ** 2) - q_ls - 0.5).sum(1)
-        return GaussianHead.nll(x, loc, ls), kl
+        return GaussianHead.nll(x, loc, ls), _standard_normal_kl(q_loc, q_ls)
+
+    def kl_levels(self, x, pa):
+        return _standard_normal_kl(*self._q(x, pa))[:, None]
 
     def abduct(self, x, pa, generator=None):
         q_loc, q_ls = self._q(x, pa)

@@ -301,6 +301,8 @@ def main(argv=None, command: str | None = None):
                     help="composition/reversibility on the first k held-out patients (default all)")
     ap.add_argument("--hvae-hparams", type=json.loads, default=None,
                     help="hyperparameters of the hvae models, as JSON, over their defaults")
+    ap.add_argument("--cvae-hparams", type=json.loads, default=None,
+                    help="hyperparameters of the cvae model, as JSON, over its defaults")
     ap.add_argument("--finetune-steps", type=int, default=0,
                     help="after training, also score each VAE after this many steps of counterfactual "
                          "fine-tuning (reported as NAME-cft; 0: off)")
@@ -411,6 +413,8 @@ def main(argv=None, command: str | None = None):
         kind, hparams = MODELS[name]
         if kind == "hvae" and args.hvae_hparams:
             hparams = {**hparams, **args.hvae_hparams}
+        if kind == "cvae" and args.cvae_hparams:
+            hparams = {**hparams, **args.cvae_hparams}
         try:
             mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
         except TypeError as e:  # e.g. a misspelt --hvae-hparams key

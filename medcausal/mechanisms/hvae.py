@@ -75,7 +75,12 @@ compare two conditional decoders. Lowering the KL weight makes the latents carry
 but not better counterfactuals (32x32, 3000 steps, CF MAE with the KL in nats per scan):
 ``beta`` 1: 0.0151 (0.01), 0.3: 0.0146 (31), 0.1: 0.0156 (6), 0: 0.0160 (1.7e3); at the demo's
 protocol ``beta = 0.3`` gives 0.0199 against 0.0201, and the cvae at 0.3 0.0189 against 0.0190
-(``brain_counterfactuals*_beta0*.md``).
+(``brain_counterfactuals*_beta0*.md``). What a VAE with unused latents can reach at all is
+measured by ``benchmarks/brain_collapsed_ceiling.py``: each scan plus the conditional mean's
+change ``E[x | pa*] - E[x | pa]`` (rendered from 64 other patients' noise) scores 0.0173 on the
+demo's protocol (mean over the four queries; the per-pixel median change, the least MAE any
+answer ``x + change(pa, pa*)`` can have, 0.0158), against cvae 0.0190 and hvae 0.0201. Below that
+only latents that carry the patient's own noise (pose, bias field, lesion sites) can go.
 
 >>> import torch
 >>> from medcausal.graph import Image

@@ -270,7 +270,7 @@ class _HVAENet(nn.Module):
 
     def __init__(self, shape, parent_dim: int, channels, blocks, z_dim: int, latent_levels: int,
                  latent_mode: str, sigma_min: float, min_res: int = 4, global_latent: bool = True,
-                 pixel_scale: str = "map"):
+                 pixel_scale: str = "map", parent_embedding: int = 0):
         super().__init__()
         self.shape = tuple(shape)
         self.levels = _levels(shape, channels, min_res, global_latent, "hvae")
@@ -295,7 +295,15 @@ class _HVAENet(nn.Module):
         self.top = _AddBias(chs[-1], *sizes[-1], init_std=0.1)
         self.up = nn.ModuleList(nn.Conv2d(chs[k + 1], chs[k], 1) for k in range(L - 1))
         self.bias = nn.ModuleList(_AddBias(chs[k], *sizes[k]) for k in range(L - 1))
-        self.pa_emb = nn.ModuleList(_FiLM(parent_dim, chs[k]) for k in range(L)) if parent_dim else None
+        # parent_embedding > 0: the FiLMs read a learned embedding of the parents, and the coarsest
+        # grid also gets a map of it (the parents then shape the layout, not only rescale features)
+        self.pa_embed = self.pa_map = None
+        if parent_dim and parent_embedding:
+            self.pa_embed = nn.Sequential(nn.Linear(parent_dim, parent_embedding), nn.SiLU())
+            self.map_level = max(k for k in range(L) if sizes[k] != (1, 1))
+            self.pa_map = nn.Linear(parent_embedding, chs[self.map_level] * math.prod(sizes[self.map_level]))
+        film_in = parent_embedding if self.pa_embed is not None else parent_dim
+        self.pa_emb = nn.ModuleList(_FiLM(film_in, chs[k]) for k in range(L)) if parent_dim else None
         self.dec = nn.ModuleList(nn.Sequential(*[_Res(chs[k], sizes[k]) for _ in range(nb[k])])
                                  for k in range(L))
         self.head = GaussianHead(chs[0], C, sigma_min=sigma_min, kernel=1 if min(sizes[0]) == 1 else 3,
@@ -363,13 +371,16 @@ class _HVAENet(nn.Module):
                 q_loc_all, q_ls_all, eps_all, e_all = (self._split(c) for c in
                                                        noise[:, 1:].chunk(4, dim=1))
         h = self.top(pa.new_zeros(n, *self.top.bias.shape[1:]))
+        pe = self.pa_embed(pa) if self.pa_embed is not None else pa
         s = None
         for j, k in enumerate(range(L - 1, -1, -1)):
             if k < L - 1:
                 hk, wk, _ = self.levels[k]
                 h = self.bias[k](F.interpolate(self.up[k](h), size=(hk, wk), mode="nearest"))
             if self.pa_emb is not None:
-                h = self.pa_emb[k](h, pa)
+                h = self.pa_emb[k](h, pe)
+            if self.pa_map is not None and k == self.map_level:
+                h = h + self.pa_map(pe).view(h.shape)
             if k in self.latent_ids:
                 i = self.latent_ids.index(k)
                 key = str(k)
@@ -752,13 +763,15 @@ class HVAEMechanism(PixelNoiseVAE):
                  latent_mode: str = "exogenous",
                  mediator_abduction: str = "mixture", alpha: float = 0.5, beta: float = 1.0,
                  sigma_min: float = 1e-3, ema_decay: float = 0.999, use_ema: bool = True,
-                 abduct_sample: bool = False, min_res: int = 4, pixel_scale: str = "map"):
+                 abduct_sample: bool = False, min_res: int = 4, pixel_scale: str = "map",
+                 parent_embedding: int = 0):
         blocks = blocks if isinstance(blocks, int) else list(blocks)
         super().__init__(variable, parents, channels=list(channels), blocks=blocks, z_dim=z_dim,
                          latent_levels=latent_levels, latent_mode=latent_mode,
                          mediator_abduction=mediator_abduction, alpha=alpha, beta=beta,
                          sigma_min=sigma_min, ema_decay=ema_decay, use_ema=use_ema,
-                         abduct_sample=abduct_sample, min_res=min_res, pixel_scale=pixel_scale)
+                         abduct_sample=abduct_sample, min_res=min_res, pixel_scale=pixel_scale,
+                         parent_embedding=parent_embedding)
         self._check_variable(variable)
         if latent_mode not in ("exogenous", "mediator"):
             raise MedCausalError(f"hvae: latent_mode must be 'exogenous' or 'mediator', got {latent_mode!r}")
@@ -769,12 +782,15 @@ class HVAEMechanism(PixelNoiseVAE):
             raise MedCausalError(f"hvae: alpha must be in [0, 1], got {alpha}")
         if not beta >= 0:  # also refuses NaN
             raise MedCausalError(f"hvae: beta (KL weight) must be >= 0, got {beta}")
+        if isinstance(parent_embedding, bool) or not isinstance(parent_embedding, int) or parent_embedding < 0:
+            raise MedCausalError(f"hvae: parent_embedding must be an integer >= 0 (0: FiLM from the raw "
+                                 f"parents), got {parent_embedding!r}")
         self.latent_mode, self.mediator_abduction, self.alpha = latent_mode, mediator_abduction, float(alpha)
         self.beta, self.abduct_sample = float(beta), bool(abduct_sample)
         self._hold = False
         self.net = _HVAENet(variable.shape, self.parent_dim, list(channels), blocks, int(z_dim),
                             int(latent_levels), latent_mode, float(sigma_min), min_res=int(min_res),
-                            pixel_scale=pixel_scale)
+                            pixel_scale=pixel_scale, parent_embedding=parent_embedding)
         self._init_ema(ema_decay, use_ema)
 
     def _query_kwargs(self) -> dict:

@@ -26,6 +26,7 @@ VARIANTS = {
     "hvae": ("hvae", TINY),
     "hvae-mediator-prior": ("hvae", {**TINY, "latent_mode": "mediator", "mediator_abduction": "prior"}),
     "hvae-mediator-mixture-alpha1": ("hvae", {**TINY, "latent_mode": "mediator", "alpha": 1.0}),
+    "hvae-parent-embedding": ("hvae", {**TINY, "parent_embedding": 8}),
     "cvae": ("cvae", {"channels": [8, 16], "z_dim": 4, "hidden": 32}),
 }
 
@@ -299,3 +300,13 @@ def test_abduct_sample_draws_without_a_generator(variant):
     assert not torch.equal(a[:, :k], b[:, :k]) and not torch.equal(a[:, :k], at_mean[:, :k])
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     assert torch.equal(m.abduct(x, pa, generator=g()), m.abduct(x, pa, generator=g()))
+
+
+def test_parent_embedding_trains_every_weight_and_shapes_the_coarsest_grid():
+    m = make("hvae-parent-embedding")
+    x, pa, _ = discs(8, seed=2)
+    m.loss(x, pa).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.net.parameters() if p.requires_grad)
+    assert m.net.pa_map.out_features == 16 * 8 * 8  # channels x grid of the coarsest non-global level
+    with pytest.raises(MedCausalError, match="parent_embedding"):
+        HVAEMechanism(Image((1, SIZE, SIZE)), 2, **{**TINY, "parent_embedding": -1})

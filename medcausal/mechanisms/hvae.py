@@ -81,6 +81,11 @@ change ``E[x | pa*] - E[x | pa]`` (rendered from 64 other patients' noise) score
 demo's protocol (mean over the four queries; the per-pixel median change, the least MAE any
 answer ``x + change(pa, pa*)`` can have, 0.0158), against cvae 0.0190 and hvae 0.0201. Below that
 only latents that carry the patient's own noise (pose, bias field, lesion sites) can go.
+Between the two VAEs, then, the better conditional decoder wins: ``parent_embedding=256``
+(the FiLMs read an MLP embedding of the parents, and the coarsest grid a map of it, as the
+cvae's bottleneck does) brings hvae from 0.0201 / 0.0192 to 0.0196 / 0.0185 on two cohorts
+(``--seed`` 0 / 1), against cvae 0.0190 / 0.0184: closer, not below, so it stays off
+(``brain_counterfactuals*_parent_embedding256*.md``, ``brain_counterfactuals_seed1.md``).
 
 >>> import torch
 >>> from medcausal.graph import Image
@@ -740,7 +745,8 @@ class HVAEMechanism(PixelNoiseVAE):
     weight), ``sigma_min`` (pixel scale floor), ``pixel_scale`` (``"map"`` or
     ``"decoder"``), ``ema_decay``/``use_ema``, ``abduct_sample`` (draw the posterior
     latents instead of taking their mean), ``min_res`` (coarsest grid before the global
-    level). The defaults (about 0.8 M weights) train on 64x64 scans at roughly 60-100
+    level), ``parent_embedding`` (0: each level's FiLM is affine in the parents; ``k > 0``: the
+    FiLMs read a learned ``k``-wide embedding of them, and the coarsest grid gets a map of it). The defaults (about 0.8 M weights) train on 64x64 scans at roughly 60-100
     images/s on 2 CPU cores; ``mediator_abduction`` and ``alpha`` may be changed at query
     time (they are read by ``sample``).
 

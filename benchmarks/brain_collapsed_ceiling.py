@@ -3,15 +3,16 @@
 A VAE image mechanism whose latents are unused (``latent_kl`` about 0, as ``hvae`` and
 ``cvae`` are on these scans: the *Latent use* table of ``brain_counterfactuals.md``) answers
 ``x* = x + mu(pa*) - mu(pa)``: the scan plus its decoder mean's change (with its default
-per-pixel scale map). No decoder does better than the true conditional mean
-``mu(pa) = E[x | pa]``. This script estimates that mean's change for each held-out patient
+per-pixel scale map; a scale from the decoder could also rescale the residual). Trained to its
+Gaussian likelihood's optimum, the decoder mean is the conditional mean ``E[x | pa]``, the best
+in squared error. This script estimates that mean's change for each held-out patient
 by rendering ``K`` other patients' noise (pose, bias field, lesion sites, acquisition noise)
 under the patient's factual and counterfactual parents, paired (the same K noises for both),
 and scores ``x + mean_k [render(pa*, u_k) - render(pa, u_k)]`` against the true counterfactual:
-what a collapsed VAE trained to its Gaussian likelihood's optimum would answer. The per-pixel
-*median* of the same paired changes is the change, given the parents, with the least MAE: no
-answer of the form ``x + change(pa, pa*)`` does better (up to sampling error). Only a model whose
-latents carry the patient's own noise can go below it.
+what such a collapsed VAE would answer. The per-pixel *median* of the same paired changes
+estimates the change, given the parents, with the least MAE: no answer of the form
+``x + change(pa, pa*)`` does better (up to sampling error), and to go below it a model must know
+more of the patient than the scan's parents, i.e. carry the patient's own noise in its latents.
 
 Same cohort, held-out patients (seed + 1) and queries as ``brain_counterfactuals.py``; the
 noise donors are further patients (seed + 7). The estimate's own sampling error shrinks
@@ -69,7 +70,10 @@ def main(argv=None) -> dict:
     warnings.simplefilter("ignore", OutOfSupportWarning)
     sim = BrainMRI(shape=(args.size, args.size))
     test = sim.sample(args.n_test, seed=args.seed + 1)
-    kmax = max(args.k)
+    if min(args.k) < 1:
+        raise SystemExit(f"--k: every donor count must be >= 1, got {args.k}")
+    ks = sorted(set(args.k))
+    kmax = ks[-1]
     donors = sim.sample(args.n_test * kmax, seed=args.seed + 7)
     x = test.arrays["mri"].astype(np.float64)
     rows = []
@@ -79,15 +83,14 @@ def main(argv=None) -> dict:
         change = conditional_mean_change(sim, donors, test.table, true.table, kmax)
         row = {"query": q, "unchanged_mae": float(np.abs(x - x_true).mean()), "collapsed_mae": {},
                "median_change_mae": float(np.abs(x + np.median(change, axis=1) - x_true).mean())}
-        for k in sorted(args.k):
-            row["collapsed_mae"][k] = float(np.abs(x + change[:, :k].mean(1) - x_true).mean())
+        for k in ks:
+            row["collapsed_mae"][str(k)] = float(np.abs(x + change[:, :k].mean(1) - x_true).mean())
         rows.append(row)
         print(f"{q:14s} unchanged {row['unchanged_mae']:.4f}  collapsed ceiling "
               + "  ".join(f"K={k}: {v:.4f}" for k, v in row["collapsed_mae"].items())
               + f"  median change {row['median_change_mae']:.4f}", flush=True)
     command = "python benchmarks/brain_collapsed_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    ks = sorted(args.k)
-    mean = {k: float(np.mean([r["collapsed_mae"][k] for r in rows])) for k in ks}
+    mean = {str(k): float(np.mean([r["collapsed_mae"][str(k)] for r in rows])) for k in ks}
     report = {"meta": {"command": command.strip(), "seconds": round(time.time() - t0, 1), "size": args.size,
                        "n_test": args.n_test, "seed": args.seed, "k": ks},
               "rows": rows, "mean_collapsed_mae": mean,
@@ -106,8 +109,8 @@ def main(argv=None) -> dict:
          + f" | median change, K = {kmax} |", "|---|---|" + "---|" * (len(ks) + 1)]
     for r in rows:
         L.append(f"| {r['query']} | {r['unchanged_mae']:.4f} | "
-                 + " | ".join(f"{r['collapsed_mae'][k]:.4f}" for k in ks) + f" | {r['median_change_mae']:.4f} |")
-    L.append(f"| mean | {report['mean_unchanged_mae']:.4f} | " + " | ".join(f"{mean[k]:.4f}" for k in ks)
+                 + " | ".join(f"{r['collapsed_mae'][str(k)]:.4f}" for k in ks) + f" | {r['median_change_mae']:.4f} |")
+    L.append(f"| mean | {report['mean_unchanged_mae']:.4f} | " + " | ".join(f"{mean[str(k)]:.4f}" for k in ks)
              + f" | {report['mean_median_change_mae']:.4f} |")
     L.append("")
     args.out.mkdir(parents=True, exist_ok=True)

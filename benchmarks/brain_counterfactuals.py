@@ -89,6 +89,7 @@ from medcausal.mechanisms import image_diffusion as _idiff  # registers "image-d
 from medcausal.metrics import images as im
 from medcausal.metrics.predictors import AntiCausalPredictor
 from medcausal.synthetic.brain import SCANNERS, BrainMRI
+from medcausal.train import forked_rng
 
 RESULTS = Path(__file__).parent / "results"
 VOLUMES = ("icv", "brain_volume", "ventricle_volume", "lesion_load")
@@ -217,8 +218,8 @@ def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, 
         log(f"  {name}: realism on {len(x_real)} fresh samples")
         gen = mech.sample(pa_real, generator=torch.Generator().manual_seed(seed + 1)).numpy()
     if hasattr(mech, "latent_kl"):  # the VAEs: do their latents carry anything of the scan?
-        torch.manual_seed(seed)
-        kl = torch.cat([mech.latent_kl(x_test[s:s + 64], pa_test[s:s + 64]) for s in range(0, len(x_test), 64)])
+        with forked_rng(seed=seed):
+            kl = torch.cat([mech.latent_kl(x_test[s:s + 64], pa_test[s:s + 64]) for s in range(0, len(x_test), 64)])
         res["latent_kl_nats"] = kl.mean(0).tolist()
     res["fid_samples_vs_real"] = im.feature_frechet_distance(x_real.numpy(), gen, predictor.features)
     res["realism_n"] = len(x_real)

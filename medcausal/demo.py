@@ -343,14 +343,15 @@ def render_report(s: dict) -> str:
         r = res[n]
         c, cm, rv = r["composition"], r["composition_decoder_mean"], r["reversibility"]
         L.append(f"| {n} | {c[0]:.1e} / {c[-1]:.1e} | {cm[0]:.4f} / {cm[-1]:.4f} | {rv[0]:.1e} / {rv[-1]:.1e} | "
-                 f"{sum(r['latent_kl_nats']):.3g} | {r['fid_samples_vs_real']:.3g} | {r['fit_seconds']:.0f} | {r['train_images_per_s']:.0f} | "
-                 f"{r['cf_ms_per_patient']:.1f} |")
+                 f"{sum(r['latent_kl_nats']):.3g} | {r['fid_samples_vs_real']:.3g} | {r['fit_seconds']:.0f} | "
+                 f"{r['train_images_per_s']:.0f} | {r['cf_ms_per_patient']:.1f} |")
     L += ["", "Composition uses the abducted pixel noise, which makes it exact up to float32 rounding; the "
           "decoder-mean columns measure the VAE itself (the setting of Ribeiro et al. 2023). Reversibility is "
           "not exact: undoing re-abducts the counterfactual scan, whose posterior latents differ from the "
-          "patient's, and the error grows with each cycle. Latent KL: the ELBO's KL term on the held-out scans "
-          "(`latent_kl`); near 0 the latents are unused (posterior collapse) and a counterfactual changes the scan "
-          "by the decoder mean's change mu(pa*) - mu(pa) alone, the same for every patient with the same parents. "
+          "patient's, and the error grows with each cycle. Latent KL: the ELBO's KL term on the held-out "
+          "scans (`latent_kl`); near 0 the latents are unused (posterior collapse) and a counterfactual "
+          "changes the scan by the decoder mean's change mu(pa*) - mu(pa) alone, the same for every "
+          "patient with the same parents. "
           "Reversibility: " + str(res[names[0]]["reversibility_query"]) + " then undo. CF ms/patient: the whole "
           "model's counterfactual (attributes and scan) on the held-out batch.", "",
           "Files: `counterfactuals.png` (hvae vs the truth, with difference maps), `report.json`, "

@@ -66,26 +66,31 @@ kept: 32x32, 3000 steps, weight 10: 0.0234 (the sampling itself degraded: null-a
 
 Why none of these latent settings matter there: on the synthetic brains both VAEs leave their
 latents unused (posterior collapse). The ELBO's KL term (:meth:`PixelNoiseVAE.latent_kl`) is
-0.13 nats per scan for hvae and 0.47 for cvae after the demo's fit (64x64, 600 steps;
-``brain_counterfactuals.md``, *Latent use*), 0.012 and 0.24 at 32x32 after 3000 steps
-(``brain_counterfactuals_32_3000_latent_use.md``). The pixel noise carries the scan's own
-detail, so a counterfactual adds the decoder mean's change
-``mu(pa*) - mu(pa)``, the same for every patient with the same parents, and hvae and cvae
-compare two conditional decoders. Lowering the KL weight makes the latents carry information
-but not better counterfactuals (32x32, 3000 steps, CF MAE with the KL in nats per scan):
-``beta`` 1: 0.0151 (0.01), 0.3: 0.0146 (31), 0.1: 0.0156 (6), 0: 0.0160 (1.7e3); at the demo's
-protocol ``beta = 0.3`` gives 0.0199 against 0.0201, and the cvae at 0.3 0.0189 against 0.0190
-(``brain_counterfactuals*_beta0*.md``). What a VAE with unused latents can reach at all is
-measured by ``benchmarks/brain_collapsed_ceiling.py``: each scan plus the conditional mean's
-change ``E[x | pa*] - E[x | pa]`` (rendered from 64 other patients' noise) scores 0.0173 on the
-demo's protocol (mean over the four queries; the per-pixel median change, the least MAE any
-answer ``x + change(pa, pa*)`` can have, 0.0158), against cvae 0.0190 and hvae 0.0201. Below that
-only latents that carry the patient's own noise (pose, bias field, lesion sites) can go.
-Between the two VAEs, then, the better conditional decoder wins: ``parent_embedding=256``
-(the FiLMs read an MLP embedding of the parents, and the coarsest grid a map of it, as the
-cvae's bottleneck does) brings hvae from 0.0201 / 0.0192 to 0.0196 / 0.0185 on two cohorts
-(``--seed`` 0 / 1), against cvae 0.0190 / 0.0184: closer, not below, so it stays off
-(``brain_counterfactuals*_parent_embedding256*.md``, ``brain_counterfactuals_seed1.md``).
+0.13 nats per scan for hvae and 0.47 for cvae in the benchmark at the demo's protocol (64x64,
+600 steps; ``brain_counterfactuals.md``, *Latent use*), 0.012 and 0.24 at 32x32 after 3000
+steps (``brain_counterfactuals_32_3000_latent_use.md``). The pixel noise carries the scan's own
+detail, so a counterfactual adds the decoder mean's change ``mu(pa*) - mu(pa)``, the same for
+every patient with the same parents, and hvae and cvae compare two conditional decoders. A lower
+KL weight makes the latents carry information, but not reliably, and the counterfactuals move
+within the spread between cohorts (sd 0.0003, ``brain_counterfactuals_32_3000_realism_seeds.md``):
+at 32x32 and 3000 steps (CF MAE, KL in nats per scan) ``beta`` 1: 0.0151 (0.01), 0.3: 0.0146
+(31), 0.1: 0.0156 (6), 0: 0.0160 (1.7e3); ``beta = 0.3`` on two more cohorts 0.0152 (0.8) and 0.0153 (0.03) against 0.0150 and 0.0155 at ``beta = 1``
+(cvae 0.0151, 0.0153); at the demo's protocol 0.0199 against 0.0201 (cvae at 0.3: 0.0189 against
+0.0190), and at 64x64 with 3000 steps 0.0202 against 0.0203 (``brain_counterfactuals*_beta0*.md``).
+
+What a VAE with unused latents can reach is measured by ``benchmarks/brain_collapsed_ceiling.py``
+on the demo's protocol (mean over the four queries): each scan plus the true conditional mean's
+change ``E[x | pa*] - E[x | pa]`` (rendered from 64 other patients' noise), which a collapsed VAE
+with the per-pixel scale map converges to under its Gaussian likelihood, scores 0.0173; the
+per-pixel median of the same changes, which no answer ``x + change(pa, pa*)`` beats in MAE,
+0.0158; cvae 0.0190, hvae 0.0201. Below that a model must use more of the patient than the
+scan's parents, e.g. latents that carry the patient's own noise (pose, bias field, lesion sites).
+``parent_embedding=256`` (the FiLMs read an MLP embedding of the parents, and the coarsest grid a
+map of it, as the cvae's bottleneck does; 1.19 M weights against 0.80 M, cvae 0.90 M) brings hvae
+from 0.0201 / 0.0192 to 0.0196 / 0.0185 on two cohorts (``--seed`` 0 / 1), against cvae 0.0190 /
+0.0184: closer, not below, so it stays off. On seed 0 its latents carried 76 nats per scan (4x4
+level), on seed 1 0.04 (``brain_counterfactuals*_parent_embedding256*.md``,
+``brain_counterfactuals_seed1.md``).
 
 >>> import torch
 >>> from medcausal.graph import Image
@@ -303,10 +308,11 @@ class _HVAENet(nn.Module):
         # parent_embedding > 0: the FiLMs read a learned embedding of the parents, and the coarsest
         # grid also gets a map of it (the parents then shape the layout, not only rescale features)
         self.pa_embed = self.pa_map = None
+        self.map_level = max((k for k in range(L) if sizes[k] != (1, 1)), default=None)
         if parent_dim and parent_embedding:
             self.pa_embed = nn.Sequential(nn.Linear(parent_dim, parent_embedding), nn.SiLU())
-            self.map_level = max(k for k in range(L) if sizes[k] != (1, 1))
-            self.pa_map = nn.Linear(parent_embedding, chs[self.map_level] * math.prod(sizes[self.map_level]))
+            if self.map_level is not None:  # a 1x1 image has no grid to map
+                self.pa_map = nn.Linear(parent_embedding, chs[self.map_level] * math.prod(sizes[self.map_level]))
         film_in = parent_embedding if self.pa_embed is not None else parent_dim
         self.pa_emb = nn.ModuleList(_FiLM(film_in, chs[k]) for k in range(L)) if parent_dim else None
         self.dec = nn.ModuleList(nn.Sequential(*[_Res(chs[k], sizes[k]) for _ in range(nb[k])])
@@ -576,10 +582,12 @@ class PixelNoiseVAE(AveragedWeights, Mechanism):
 
     def latent_kl(self, value, parents, ema: bool | None = None) -> torch.Tensor:
         """``[n, groups]``: the ELBO's KL term per latent group, in nats per image (``hvae``: one
-        column per latent level, coarsest first; ``cvae``: one), a one-draw estimate like the
-        ELBO's. A group near 0 is unused (posterior collapse): it carries nothing of the image,
-        and a counterfactual then changes the scan by the decoder mean's change alone,
-        ``mu(pa*) - mu(pa)``, the same for every patient with the same parents.
+        column per latent level, coarsest first, each a one-draw estimate as in the ELBO, since a
+        level's prior depends on the draws above it; ``cvae``: its one code, in closed form). A
+        group near 0 is unused (posterior collapse): it carries nothing of the image, and a
+        counterfactual then changes the scan by the decoder mean's change alone,
+        ``mu(pa*) - mu(pa)``, the same for every patient with the same parents. Like the queries it
+        uses the averaged weights unless ``ema=False`` (:meth:`elbo_terms` defaults to the live ones).
 
         >>> from medcausal.graph import Image
         >>> m = HVAEMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], z_dim=2, latent_levels=2)
@@ -745,8 +753,9 @@ class HVAEMechanism(PixelNoiseVAE):
     weight), ``sigma_min`` (pixel scale floor), ``pixel_scale`` (``"map"`` or
     ``"decoder"``), ``ema_decay``/``use_ema``, ``abduct_sample`` (draw the posterior
     latents instead of taking their mean), ``min_res`` (coarsest grid before the global
-    level), ``parent_embedding`` (0: each level's FiLM is affine in the parents; ``k > 0``: the
-    FiLMs read a learned ``k``-wide embedding of them, and the coarsest grid gets a map of it). The defaults (about 0.8 M weights) train on 64x64 scans at roughly 60-100
+    level), ``parent_embedding`` (0: each level's FiLM is affine in the parents; ``k > 0``:
+    the FiLMs read a learned ``k``-wide embedding of them, and the coarsest grid gets a map
+    of it; ignored without parents). The defaults (about 0.8 M weights) train on 64x64 scans at roughly 60-100
     images/s on 2 CPU cores; ``mediator_abduction`` and ``alpha`` may be changed at query
     time (they are read by ``sample``).
 

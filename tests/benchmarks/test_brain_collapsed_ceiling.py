@@ -1,7 +1,9 @@
 """The collapsed-VAE ceiling of the brain benchmark: its estimator on known answers."""
 
 import numpy as np
+import pytest
 
+from medcausal.cohort import Cohort
 from medcausal.synthetic.brain import BrainMRI
 
 
@@ -14,6 +16,14 @@ def test_a_patients_own_noise_gives_the_true_counterfactual(load_benchmark):
     change = bench.conditional_mean_change(sim, test, test.table, true.table, k=1)
     assert change.shape == (3, 1, 1, 32, 32) and np.abs(change).max() > 0.05
     np.testing.assert_allclose(test.arrays["mri"] + change[:, 0], true.arrays["mri"], atol=1e-6)
+    # k > 1, each patient's donors being the patient repeated: every donor column must hold that
+    # patient's own true change (a wrong donor layout, e.g. tiled instead of repeated, mixes patients).
+    rows = np.repeat(np.arange(3), 3)
+    repeated = Cohort(test.table.iloc[rows].reset_index(drop=True), {"mri": test.arrays["mri"][rows]},
+                      id_column="id")
+    change3 = bench.conditional_mean_change(sim, repeated, test.table, true.table, k=3)
+    for j in range(3):
+        np.testing.assert_allclose(test.arrays["mri"] + change3[:, j], true.arrays["mri"], atol=1e-6)
     # Unchanged parents: no change, whoever the donors are.
     donors = sim.sample(6, seed=7)
     assert np.abs(bench.conditional_mean_change(sim, donors, test.table, test.table, k=2)).max() == 0
@@ -23,5 +33,11 @@ def test_writes_its_report(tmp_path, load_benchmark):
     report = load_benchmark("brain_collapsed_ceiling").main(
         ["--size", "32", "--n-test", "4", "--k", "1", "2", "--out", str(tmp_path), "--stem", "c"])
     assert [r["query"] for r in report["rows"]] == ["age+20", "disease flip", "sex flip", "scanner next"]
-    assert set(report["mean_collapsed_mae"]) == {1, 2}
+    assert set(report["mean_collapsed_mae"]) == {"1", "2"}
     assert (tmp_path / "c.md").read_text().count("| age+20 |") == 1 and (tmp_path / "c.json").exists()
+
+
+def test_refuses_a_donor_count_below_one(tmp_path, load_benchmark):
+    with pytest.raises(SystemExit, match="--k"):
+        load_benchmark("brain_collapsed_ceiling").main(["--size", "32", "--n-test", "2", "--k", "0",
+                                                        "--out", str(tmp_path)])

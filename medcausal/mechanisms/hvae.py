@@ -66,25 +66,30 @@ kept: 32x32, 3000 steps, weight 10: 0.0234 (the sampling itself degraded: null-a
 
 Why none of these latent settings matter there: on the synthetic brains both VAEs leave their
 latents unused (posterior collapse). The ELBO's KL term (:meth:`PixelNoiseVAE.latent_kl`) is
-0.13 nats per scan for hvae and 0.47 for cvae in the benchmark at the demo's protocol (64x64,
-600 steps; ``brain_counterfactuals.md``, *Latent use*), 0.012 and 0.24 at 32x32 after 3000
-steps (``brain_counterfactuals_32_3000_latent_use.md``). The pixel noise carries the scan's own
+0.13 nats per scan for hvae and 0.47 for cvae in the benchmark's default setting (the demo's
+sizes, 64x64 and 600 steps, the image mechanism trained alone; ``brain_counterfactuals.md``,
+*Latent use*), 0.012 and 0.24 at 32x32 after 3000 steps
+(``brain_counterfactuals_32_3000_latent_use.md``). The pixel noise carries the scan's own
 detail, so a counterfactual adds the decoder mean's change ``mu(pa*) - mu(pa)``, the same for
-every patient with the same parents, and hvae and cvae compare two conditional decoders. A lower
-KL weight makes the latents carry information, but not reliably, and the counterfactuals move
-within the spread between cohorts (sd 0.0003, ``brain_counterfactuals_32_3000_realism_seeds.md``):
-at 32x32 and 3000 steps (CF MAE, KL in nats per scan) ``beta`` 1: 0.0151 (0.01), 0.3: 0.0146
-(31), 0.1: 0.0156 (6), 0: 0.0160 (1.7e3); ``beta = 0.3`` on two more cohorts 0.0152 (0.8) and 0.0153 (0.03) against 0.0150 and 0.0155 at ``beta = 1``
-(cvae 0.0151, 0.0153); at the demo's protocol 0.0199 against 0.0201 (cvae at 0.3: 0.0189 against
-0.0190), and at 64x64 with 3000 steps 0.0202 against 0.0203 (``brain_counterfactuals*_beta0*.md``).
+every patient with the same parents, and hvae and cvae compare two conditional decoders.
+At 32x32 and 3000 steps (CF MAE, KL in nats per scan): ``beta`` 1: 0.0151 (0.01), 0.3: 0.0146
+(31), 0.1: 0.0156 (6), 0: 0.0160 (1.7e3). Without a KL cost the latents carry everything and the
+counterfactuals get worse; at 0.1-0.3 they carry information only on some fits, and the
+counterfactuals move within the spread between cohorts (sd 0.0003,
+``brain_counterfactuals_32_3000_realism_seeds.md``): ``beta = 0.3`` on two more cohorts gives
+0.0152 (0.8) and 0.0153 (0.03) against 0.0150 and 0.0155 at ``beta = 1`` (cvae 0.0151, 0.0153);
+in the benchmark's default setting 0.0199 against 0.0201 (cvae at 0.3: 0.0189 against 0.0190),
+and at 64x64 with 3000 steps 0.0202 against 0.0203 (``brain_counterfactuals*_beta0*.md``).
 
-What a VAE with unused latents can reach is measured by ``benchmarks/brain_collapsed_ceiling.py``
-on the demo's protocol (mean over the four queries): each scan plus the true conditional mean's
-change ``E[x | pa*] - E[x | pa]`` (rendered from 64 other patients' noise), which a collapsed VAE
-with the per-pixel scale map converges to under its Gaussian likelihood, scores 0.0173; the
-per-pixel median of the same changes, which no answer ``x + change(pa, pa*)`` beats in MAE,
-0.0158; cvae 0.0190, hvae 0.0201. Below that a model must use more of the patient than the
-scan's parents, e.g. latents that carry the patient's own noise (pose, bias field, lesion sites).
+What a VAE with unused latents can reach is estimated by ``benchmarks/brain_collapsed_ceiling.py``
+in the benchmark's default setting (mean over the four queries, 64 other patients' noise per
+patient, both figures still falling slowly with more): each scan plus the true conditional
+mean's change ``E[x | pa*] - E[x | pa]``, which a collapsed VAE with the per-pixel scale map
+converges to under its Gaussian likelihood, scores about 0.017 (0.0173); the per-pixel median of
+the same changes, an estimate of the least MAE any answer ``x + change(pa, pa*)`` can have,
+0.0158 or a little below; cvae 0.0190, hvae 0.0201. Going lower needs an answer that depends on
+the scan beyond a shift set by the parents: latents that carry the patient's own noise (pose,
+bias field, lesion sites), or a pixel scale from the decoder that rescales the residual.
 ``parent_embedding=256`` (the FiLMs read an MLP embedding of the parents, and the coarsest grid a
 map of it, as the cvae's bottleneck does; 1.19 M weights against 0.80 M, cvae 0.90 M) brings hvae
 from 0.0201 / 0.0192 to 0.0196 / 0.0185 on two cohorts (``--seed`` 0 / 1), against cvae 0.0190 /

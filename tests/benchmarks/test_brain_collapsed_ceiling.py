@@ -37,7 +37,9 @@ def test_writes_its_report(tmp_path, load_benchmark):
     assert (tmp_path / "c.md").read_text().count("| age+20 |") == 1 and (tmp_path / "c.json").exists()
 
 
-def test_refuses_a_donor_count_below_one(tmp_path, load_benchmark):
-    with pytest.raises(SystemExit, match="--k"):
+def test_refuses_a_donor_count_below_one(tmp_path, load_benchmark, capsys):
+    with pytest.raises(SystemExit):
         load_benchmark("brain_collapsed_ceiling").main(["--size", "32", "--n-test", "2", "--k", "0",
                                                         "--out", str(tmp_path)])
+    assert "--k: every donor count must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written

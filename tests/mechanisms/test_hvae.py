@@ -308,5 +308,10 @@ def test_parent_embedding_trains_every_weight_and_shapes_the_coarsest_grid():
     m.loss(x, pa).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.net.parameters() if p.requires_grad)
     assert m.net.pa_map.out_features == 16 * 8 * 8  # channels x grid of the coarsest non-global level
+    # an image with no grid coarser than itself gets no map, and still round-trips
+    tiny = HVAEMechanism(Image((1, 1, 1)), 2, channels=[4], z_dim=1, latent_levels=1, parent_embedding=4)
+    assert tiny.net.pa_map is None
+    x1, pa1 = torch.rand(3, 1, 1, 1), torch.randn(3, 2)
+    assert (tiny.sample(pa1, noise=tiny.abduct(x1, pa1)) - x1).abs().max() <= tiny.reconstruction_tolerance
     with pytest.raises(MedCausalError, match="parent_embedding"):
         HVAEMechanism(Image((1, SIZE, SIZE)), 2, **{**TINY, "parent_embedding": -1})

@@ -760,9 +760,9 @@ class HVAEMechanism(PixelNoiseVAE):
     latents instead of taking their mean), ``min_res`` (coarsest grid before the global
     level), ``parent_embedding`` (0: each level's FiLM is affine in the parents; ``k > 0``:
     the FiLMs read a learned ``k``-wide embedding of them, and the coarsest grid gets a map
-    of it; ignored without parents). The defaults (about 0.8 M weights) train on 64x64 scans at roughly 60-100
-    images/s on 2 CPU cores; ``mediator_abduction`` and ``alpha`` may be changed at query
-    time (they are read by ``sample``).
+    of it; ignored without parents). The defaults (about 0.8 M weights) train on 64x64 scans
+    at roughly 60-100 images/s on 2 CPU cores; ``mediator_abduction`` and ``alpha`` may be
+    changed at query time (they are read by ``sample``).
 
     >>> from medcausal.graph import Image
     >>> m = HVAEMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], z_dim=2,

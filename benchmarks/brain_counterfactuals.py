@@ -412,10 +412,7 @@ def main(argv=None, command: str | None = None):
     for name in args.models:
         torch.manual_seed(args.seed)
         kind, hparams = MODELS[name]
-        if kind == "hvae" and args.hvae_hparams:
-            hparams = {**hparams, **args.hvae_hparams}
-        if kind == "cvae" and args.cvae_hparams:
-            hparams = {**hparams, **args.cvae_hparams}
+        hparams = {**hparams, **({"hvae": args.hvae_hparams, "cvae": args.cvae_hparams}.get(kind) or {})}
         try:
             mech = registry.get(kind)(sim.graph.variables["mri"], parent_dims, **hparams)
         except TypeError as e:  # e.g. a misspelt --hvae-hparams key

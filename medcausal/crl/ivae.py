@@ -243,6 +243,52 @@ def _mlp(d_in: int, hidden: Sequence[int], d_out: int, slope: float) -> nn.Seque
     return nn.Sequential(*layers)
 
 
+def group_moments(batches, keys: torch.Tensor, k: int, max_groups: int = 4096, seed: int = 0,
+                  dtype: torch.dtype = torch.float64):
+    """The posterior's first and second moments averaged within each group of rows sharing a prior.
+
+    ``batches`` yields ``(mean [b, k], second [b, k, k])`` for consecutive rows (the
+    posterior mean and ``E[z z^T]``), so the rows need not fit in memory; ``keys [n, d]``
+    are the rows' prior inputs: rows with equal keys share a group, and with ``d = 0``
+    all rows are one group. With more than ``max_groups`` distinct keys (continuous ones),
+    a fixed random ``max_groups`` of the rows (``seed``) are used, each its own group.
+    Returns ``(groups [G, d], m1 [G, k], m2 [G, k, k], count [G])``: with ``weight = count /
+    count.sum()``, the inputs of :func:`fit_linear_map`.
+
+    >>> keys = torch.tensor([[0.0], [1.0], [0.0]])
+    >>> mean = torch.tensor([[1.0], [5.0], [3.0]])
+    >>> groups, m1, m2, count = group_moments([(mean, mean[:, :, None] ** 2)], keys, 1)
+    >>> groups.tolist(), m1.tolist(), m2.flatten().tolist(), count.tolist()
+    ([[0.0], [1.0]], [[2.0], [5.0]], [5.0, 25.0], [2.0, 1.0])
+    """
+    keys = keys.detach().cpu()
+    n = len(keys)
+    if keys.shape[1]:
+        groups, group = torch.unique(keys, dim=0, return_inverse=True)
+    else:  # no prior inputs: one group
+        groups, group = torch.zeros(1, 0, dtype=keys.dtype), torch.zeros(n, dtype=torch.long)
+    if len(groups) > max_groups:  # many distinct (continuous) keys: a fixed random subset of the rows
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_groups].sort().values
+        groups, group = keys[pick], torch.full((n,), -1, dtype=torch.long)
+        group[pick] = torch.arange(max_groups)
+    m1 = torch.zeros(len(groups), k, dtype=dtype)
+    m2 = torch.zeros(len(groups), k, k, dtype=dtype)
+    start = 0
+    for mean, second in batches:
+        if start + len(mean) > n:
+            raise DataError(f"the moment batches hold more than {n} rows, the keys {n}")
+        g = group[start:start + len(mean)]
+        start += len(mean)
+        keep = g >= 0
+        m1.index_add_(0, g[keep], mean.detach().to("cpu", dtype)[keep])
+        m2.index_add_(0, g[keep], second.detach().to("cpu", dtype)[keep])
+    if start != n:
+        raise DataError(f"the moment batches hold {start} rows, the keys {n}")
+    count = torch.bincount(group[group >= 0], minlength=len(groups)).to(dtype)
+    used = count.clamp(min=1)
+    return groups, m1 / used[:, None], m2 / used[:, None, None], count
+
+
 def fit_linear_map(m1: torch.Tensor, m2: torch.Tensor, weight: torch.Tensor, prior, params: list,
                    start: torch.Tensor, steps: int, lr: float = 1e-2) -> tuple[torch.Tensor, float, float]:
     """The invertible map ``B`` of a Gaussian code that maximizes ``E_q log p(B z | g) + log |det B|``.
@@ -387,19 +433,10 @@ class _IVAENet(nn.Module):
         with torch.no_grad():
             mean, root, _ = self.posterior(x, u)
             second = mean[:, :, None] * mean[:, None, :] + root @ root.transpose(1, 2)
-            if self.conditional:
-                groups, inverse = torch.unique(u, dim=0, return_inverse=True)
-            else:
-                groups, inverse = u[:1], torch.zeros(len(u), dtype=torch.long)
-            if len(groups) > max_groups:  # many distinct (continuous) u: a fixed random subset of rows
-                pick = torch.randperm(len(u), generator=torch.Generator().manual_seed(seed))[:max_groups]
-                groups, mean, second = u[pick], mean[pick], second[pick]
-                inverse = torch.arange(len(pick))
-            count = torch.bincount(inverse, minlength=len(groups)).float()
-            m1 = torch.zeros(len(groups), self.latent_dim).index_add_(0, inverse, mean) / count[:, None]
-            m2 = torch.zeros(len(groups), self.latent_dim, self.latent_dim).index_add_(0, inverse, second)
-            m2 = m2 / count[:, None, None]
-            weight = count / count.sum()
+        keys = u if self.conditional else u[:, :0]
+        groups, m1, m2, count = (t.to(mean.device) for t in group_moments(
+            [(mean, second)], keys, self.latent_dim, max_groups, seed, dtype=mean.dtype))
+        weight = count / count.sum()
         prior = (lambda: self.prior_params(groups, len(groups)))
         b, _, _ = fit_linear_map(m1, m2, weight, prior, list(self.prior.parameters()) if self.conditional else [],
                                  torch.eye(self.latent_dim), steps, lr)

@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..crl.ivae import fit_linear_map
+from ..crl.ivae import fit_linear_map, group_moments
 from ..errors import DataError, MedCausalError
 from ..synthetic.perturbseq import nb_normal_score, nb_quantile_normal
 from .base import Mechanism, grad_reverse, mlp, rand
@@ -598,36 +598,24 @@ class FCRMechanism(_CountMechanism):
         (``refine_steps`` > 0).
         """
         steps = self.refine_steps if steps is None else int(steps)
-        k, n = self.n_latent, len(parents)
-        pa = parents.detach().cpu()
-        if pa.shape[1]:
-            groups, group = torch.unique(pa, dim=0, return_inverse=True)
-        else:  # no parents: one group
-            groups, group = pa[:1], torch.zeros(n, dtype=torch.long)
-        if len(groups) > max_groups:  # many distinct (continuous) parents: a fixed random subset of cells
-            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_groups].sort().values
-            groups, group = pa[pick], torch.full((n,), -1, dtype=torch.long)
-            group[pick] = torch.arange(max_groups)
-        m1 = torch.zeros(len(groups), k, dtype=torch.float64)
-        m2 = torch.zeros(len(groups), k, k, dtype=torch.float64)
-        start = 0
-        with torch.no_grad():
-            for value in counts:
-                rows = slice(start, start + len(value))
-                start += len(value)
-                value, pa_b = self._cast(value, parents[rows])
-                post = self._posterior(value.to(self.latent_map.device), pa_b.to(self.latent_map.device))
-                g = group[rows]
-                keep = g >= 0
-                m1.index_add_(0, g[keep], post["mu"].double().cpu()[keep])
-                m2.index_add_(0, g[keep], self._second_moment(post).cpu()[keep])
-        if start != n:
-            raise DataError(f"{self.name}: the count batches hold {start} cells, the parents {n}")
-        count = torch.bincount(group[group >= 0], minlength=len(groups)).double()
-        if steps == 0 or n == 0:
+        seen = [0]
+
+        def moments():
+            with torch.no_grad():
+                for value in counts:
+                    value, pa = self._cast(value, parents[seen[0]:seen[0] + len(value)])
+                    seen[0] += len(value)
+                    post = self._posterior(value.to(self.latent_map.device), pa.to(self.latent_map.device))
+                    yield post["mu"], self._second_moment(post)
+
+        try:
+            groups, m1, m2, count = group_moments(moments(), parents, self.n_latent, max_groups, seed)
+        except DataError:
+            raise DataError(f"{self.name}: the count batches hold {seen[0]} cells, the parents {len(parents)}") \
+                from None
+        if steps == 0 or len(parents) == 0:
             return {"groups": len(groups), "cells": int(count.sum()), "kept": False}
         device, dtype = self.latent_map.device, self._dtype()
-        m1, m2 = m1 / count[:, None], m2 / count[:, None, None]
         groups = groups.to(device, dtype)
         saved = copy.deepcopy(self.state_dict())
         was_training = self.training

@@ -291,3 +291,24 @@ def test_nonlinear_ica_data_known_structure():
     assert len(np.unique(np.round(x2, 9), axis=0)) == len(x2)  # injective on the sample
     with pytest.raises(MedCausalError, match="source"):
         nonlinear_ica_data(source="cauchy")
+
+
+def test_group_moments_streams_batches_and_refuses_a_row_count_mismatch():
+    from medcausal.crl.ivae import group_moments
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 3, (50, 1), generator=gen).float()
+    mean = torch.randn(50, 2, generator=gen)
+    second = mean[:, :, None] * mean[:, None, :]
+    groups, m1, m2, count = group_moments(((mean[i:i + 7], second[i:i + 7]) for i in range(0, 50, 7)), keys, 2)
+    for g, key in enumerate(groups[:, 0].tolist()):  # the batched averages are the plain per-group averages
+        rows = keys[:, 0] == key
+        assert count[g] == rows.sum()
+        assert torch.allclose(m1[g].float(), mean[rows].mean(0), atol=1e-6)
+        assert torch.allclose(m2[g].float(), second[rows].mean(0), atol=1e-6)
+    one = group_moments([(mean, second)], keys[:, :0], 2)  # no keys: one group of all rows
+    assert one[0].shape == (1, 0) and torch.allclose(one[1][0].float(), mean.mean(0), atol=1e-6)
+    with pytest.raises(DataError, match="batches hold 40 rows, the keys 50"):
+        group_moments([(mean[:40], second[:40])], keys, 2)
+    with pytest.raises(DataError, match="more than 50 rows"):
+        group_moments([(mean, second), (mean[:1], second[:1])], keys, 2)

@@ -43,6 +43,7 @@ noise limits the representation metrics, not a change of the protocol.
     python benchmarks/perturbseq.py --quick    # a small smoke run (minutes)
     python benchmarks/perturbseq.py --sim-seed 1   # the same protocol on another simulator
     python benchmarks/perturbseq.py --library-size 10000 --models fcr   # deeper sequencing (diagnostic)
+    python benchmarks/perturbseq.py --models fcr --n-train 30000 --stem perturbseq_ntrain30000   # more cells
 """
 
 from __future__ import annotations
@@ -207,6 +208,10 @@ def main(argv=None) -> dict:
                     help="the simulator's mean library size (default: PerturbSeq's, 2000 counts per cell); "
                          "a diagnostic of how sequencing depth limits the representation metrics")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--stem", default=None,
+                    help="result file name (default perturbseq[_sim<N>][_lib<L>]); give one for runs that "
+                         "change the protocol (--n-train, --epochs, --fcr-hparams, --rounds), which would "
+                         "otherwise replace the protocol's own files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -274,7 +279,7 @@ def main(argv=None) -> dict:
                               "end_1_5_15min": [round(x, 2) for x in os.getloadavg()],
                               "cpu_count": os.cpu_count()}
     report["targets"] = _targets(report)
-    stem = result_stem(args.quick, args.sim_seed, args.library_size)
+    stem = args.stem or result_stem(args.quick, args.sim_seed, args.library_size)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / f"{stem}.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))

@@ -254,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {e.filename!r}" if e.filename else ""
         print(f"medcausal {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 2
+    finally:  # under torchrun: leave the process group cleanly (gloo may abort a rank whose peer left first)
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -387,6 +388,11 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     :class:`SimulationRun`; without ``out``, the cohort itself (the container kind the
     model was fitted on).
 
+    Under ``torchrun`` (e.g. ``torchrun --nproc_per_node 4 -m medcausal.cli simulate RUN -n N
+    --out FOLDER``) a run to ``out`` is split over the ranks: each draws one chunk of every
+    four, rank 0 keeps the sidecar, and the folder holds the same patients one process would
+    write (the seed is rank 0's). Without ``out`` every rank draws all ``n``.
+
     >>> import medcausal as mc
     >>> sim = mc.synthetic.scm("chain")
     >>> model = mc.CausalModel(sim.graph).fit(sim.sample(300, seed=0), max_epochs=2, verbose=False)
@@ -415,7 +421,7 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
                                     "pass overwrite=True to start the run again")
         if seed is None:
             seed = _read_sidecar(Path(out)).get("seed")  # finish the interrupted run with its own seed
-    run_seed = _new_seed(seed)
+    run_seed = _shared(_new_seed(seed))  # under torchrun: rank 0's, so every rank draws the same patients
     if plan.method in ("root-rejection", "rejection"):
         _pilot(model, plan, ivs, run_seed, min_acceptance)
     meta = {"format": RUN_FORMAT, "version": 1, "medcausal_version": __version__, "n": n,
@@ -640,9 +646,70 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
     if fmt == "parquet":
         _require_parquet()
     meta = {**meta, "part_format": fmt}
-    done: dict[int, dict] = {}
+    rank, world = _ranks()
+    # rank 0 alone checks and prepares the folder; the others learn what is already done (or its error)
+    done, finished, error = _shared(({}, None, None) if rank else _prepare(out, meta, overwrite, resume))
+    if error is not None:
+        raise MedCausalError(error)
+    if finished is not None:  # a complete run: nothing to do
+        return SimulationRun(out, finished["n"], [p["file"] for p in finished["parts"]], finished)
+    meta = _shared(meta)  # with rank 0's start time
+    todo = [c for c in chunks if c[0] not in done]
+    pilot = (plan.drawn, plan.accepted)  # every rank drew the same pilot
+    drawn = [0, 0]  # what the other ranks' chunks drew (rank 0's own are in plan)
+    with _bar(meta["n"], progress if rank == 0 else False, "simulate") as bar:
+        bar.update(sum(p["rows"] for p in done.values()))
+        # under torchrun each rank takes one chunk of every `world` (a chunk's rows depend on its seed
+        # alone, so who draws it does not matter) and the sidecar is updated once per round
+        for first in range(0, len(todo), world):
+            mine = todo[first + rank] if first + rank < len(todo) else None
+            entry, failed = None, None
+            try:
+                if mine is not None:
+                    i, start, m = mine
+                    data = make(i, start, m)
+                    entry = {"chunk": i, "file": _part_name(i, fmt), "rows": m, "start": start}
+                    entry.update(_write_part(out, i, fmt, data, meta.get("image_format", "nifti")))
+                    del data  # hold one chunk at a time
+            except Exception as e:
+                if world == 1:
+                    raise
+                failed = e
+            rows = [(entry, None if failed is None else f"{type(failed).__name__}: {failed}",
+                     (plan.drawn - pilot[0], plan.accepted - pilot[1]))]
+            if world > 1:
+                rows = _gather(rows[0])
+            if failed is not None:
+                raise failed
+            bad = [(r, msg) for r, (_, msg, _) in enumerate(rows) if msg is not None]
+            if bad:
+                raise MedCausalError(f"simulate: rank {bad[0][0]} failed ({bad[0][1]}); the parts written "
+                                     "so far are kept: finish the run with resume=True")
+            for e, _, _ in rows:
+                if e is not None:
+                    done[e["chunk"]] = e
+            drawn = [sum(d[j] for r, (_, _, d) in enumerate(rows) if r) for j in (0, 1)]
+            meta["parts"] = [done[k] for k in sorted(done)]
+            if rank == 0:
+                meta.update(_plan_report(_merged_plan(plan, drawn)))
+                _write_json(out / SIDECAR, meta)
+            bar.update(sum(e["rows"] for e, _, _ in rows if e is not None))
+    meta.update(_plan_report(_merged_plan(plan, drawn)))
+    meta["status"] = "complete"
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if rank == 0:
+        _write_json(out / SIDECAR, meta)
+        _write_json(out / MARKER, {"n": meta["n"], "parts": len(meta["parts"])})  # written last
+    meta = _shared(meta)  # every rank returns rank 0's record, once the marker is written
+    return SimulationRun(out, meta["n"], [p["file"] for p in meta["parts"]], meta)
+
+
+def _prepare(out: Path, meta: dict, overwrite: bool, resume: bool) -> tuple[dict, dict | None, str | None]:
+    """Check and prepare the run folder (``meta`` gains the start); returns ``(parts already done,
+    by chunk; the sidecar of a complete run, or None; an error message, or None)``."""
+    done: dict = {}
     if out.exists() and not out.is_dir():
-        raise MedCausalError(f"out={str(out)!r} exists and is not a folder")
+        return {}, None, f"out={str(out)!r} exists and is not a folder"
     if out.is_dir() and any(out.iterdir()):
         old = _read_sidecar(out) if (out / SIDECAR).is_file() else None
         if resume and old is not None:
@@ -652,39 +719,49 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
             diff = [k for k in same if old.get(k, meta.get(k) if k in later else None) != meta.get(k)]
             if diff:
                 detail = "; ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
-                raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})")
+                return {}, None, f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})"
             if (out / MARKER).exists():
-                return SimulationRun(out, old["n"], [p["file"] for p in old["parts"]], old)
+                return {}, old, None
             done = {p["chunk"]: p for p in old["parts"] if (out / p["file"]).is_file()}
         elif overwrite:
             _clear_run(out)
         else:
-            raise MedCausalError(f"out={str(out)!r} already exists and is not empty; pass overwrite=True "
-                                 "(--overwrite) to replace it, or resume=True (--resume) to finish it")
+            return {}, None, (f"out={str(out)!r} already exists and is not empty; pass overwrite=True "
+                              "(--overwrite) to replace it, or resume=True (--resume) to finish it")
     out.mkdir(parents=True, exist_ok=True)
     meta["status"] = "running"
     meta["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["parts"] = [done[i] for i in sorted(done)]
     _write_json(out / SIDECAR, meta)
-    with _bar(meta["n"], progress, "simulate") as bar:
-        bar.update(sum(p["rows"] for p in done.values()))
-        for i, start, m in chunks:
-            if i in done:
-                continue
-            data = make(i, start, m)
-            entry = {"chunk": i, "file": _part_name(i, fmt), "rows": m, "start": start}
-            entry.update(_write_part(out, i, fmt, data, meta.get("image_format", "nifti")))
-            del data  # hold one chunk at a time
-            done[i] = entry
-            meta["parts"] = [done[k] for k in sorted(done)]
-            meta.update(_plan_report(plan))
-            _write_json(out / SIDECAR, meta)
-            bar.update(m)
-    meta["status"] = "complete"
-    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_json(out / SIDECAR, meta)
-    _write_json(out / MARKER, {"n": meta["n"], "parts": len(meta["parts"])})  # written last
-    return SimulationRun(out, meta["n"], [p["file"] for p in meta["parts"]], meta)
+    return done, None, None
+
+
+def _merged_plan(plan: _Plan, other_ranks: list[int]) -> _Plan:
+    """``plan`` with the other ranks' rejection draws added (each rank drew the same pilot)."""
+    return dataclasses.replace(plan, drawn=plan.drawn + other_ranks[0], accepted=plan.accepted + other_ranks[1])
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of an initialized torch.distributed group (torchrun), else (0, 1)."""
+    from .train import distributed_setup
+
+    return distributed_setup("cpu")
+
+
+def _shared(value):
+    """Rank 0's ``value`` on every rank (a broadcast under torchrun; ``value`` itself otherwise)."""
+    if _ranks()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value) -> list:
+    """Every rank's ``value``, in rank order (torch.distributed.all_gather_object)."""
+    out = [None] * _ranks()[1]
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def _require_parquet() -> None:

@@ -1,0 +1,99 @@
+"""Under ``torchrun`` (gloo on CPU): data-parallel training ends with the same weights on every
+rank, and a streamed ``simulate`` split over the ranks writes the very run one process writes.
+
+Each test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on a
+small script; the processes talk over localhost.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+import medcausal as mc
+from medcausal.simulate import read_run
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    import medcausal as mc
+    from medcausal.simulate import simulate
+
+    torch.set_num_threads(1)
+    folder, task = sys.argv[1], sys.argv[2]
+    rank = int(os.environ["RANK"])
+    sim = mc.synthetic.scm("chain")
+    if task == "fit":  # DDP: each rank trains on its share of every minibatch
+        model = mc.CausalModel(sim.graph).fit(sim.sample(400, seed=0), max_epochs=4, batch_size=64,
+                                              verbose=False, seed=0)
+        model.save(os.path.join(folder, f"model-{rank}.mcm"))
+    else:  # every rank simulates its share of the chunks into one folder
+        model = mc.CausalModel.load(os.path.join(folder, "model-0.mcm"))
+        for name, kw in (("plain", dict(n=230, seed=3, chunk_size=50)),
+                         ("subgroup", dict(n=120, where="x3 > 0.5", seed=4, chunk_size=40))):
+            run = simulate(model, out=os.path.join(folder, f"{name}-{task}"), format="csv", **kw)
+            print(f"rank {rank} {name}: {run.parts}", flush=True)
+    torch.distributed.destroy_process_group()  # leave cleanly, as `medcausal` commands do
+""")
+
+
+def _torchrun(tmp_path, *args, timeout=300):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_ddp_fit_and_a_simulation_split_over_two_ranks(tmp_path):
+    fit = _torchrun(tmp_path, "fit")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    models = [mc.CausalModel.load(tmp_path / f"model-{r}.mcm") for r in (0, 1)]
+    weights = [m.mechanisms.state_dict() for m in models]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # DDP kept the ranks in step
+
+    split = _torchrun(tmp_path, "ranks")
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "rank 1 plain" in split.stdout and "rank 0 plain" in split.stdout
+    for name, kw in (("plain", dict(n=230, seed=3, chunk_size=50)),
+                     ("subgroup", dict(n=120, where="x3 > 0.5", seed=4, chunk_size=40))):
+        alone = mc.simulate(models[0], out=tmp_path / f"{name}-alone", format="csv", **kw)
+        both = read_run(tmp_path / f"{name}-ranks")
+        pd.testing.assert_frame_equal(both, alone.read())  # the same patients, whoever drew them
+        ours = read_run.__globals__["_read_sidecar"](tmp_path / f"{name}-ranks")
+        assert [p["chunk"] for p in ours["parts"]] == list(range(len(alone.parts)))
+        assert ours["status"] == "complete" and (tmp_path / f"{name}-ranks" / "_SUCCESS").is_file()
+        for key in ("drawn", "accepted", "acceptance_rate"):  # the ranks' rejection counts, merged
+            assert ours.get(key) == alone.info.get(key), key
+    assert alone.info["drawn"] > alone.info["accepted"] > 0  # the subgroup run did reject
+
+
+def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path):
+    sim = mc.synthetic.scm("chain")
+    model = mc.CausalModel(sim.graph).fit(sim.sample(200, seed=0), max_epochs=1, verbose=False)
+    model.save(tmp_path / "model.mcm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "medcausal.cli", "simulate", str(tmp_path / "model.mcm"), "-n", "130", "--seed", "5",
+               "--chunk-size", "30", "--out", str(tmp_path / "ranks"), "--format", "csv", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = mc.simulate(mc.CausalModel.load(tmp_path / "model.mcm"), 130, seed=5, chunk_size=30,
+                        out=tmp_path / "alone", format="csv")
+    pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())
+    # again, into the folder now taken: rank 0 refuses, and rank 1 stops with it rather than wait
+    again = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert again.returncode != 0
+    assert "already exists and is not empty" in again.stderr
+    pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())  # the run there is intact

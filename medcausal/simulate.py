@@ -2252,8 +2252,9 @@ def cmd_simulate(args) -> int:
         return 0
     run = simulate(model, args.n, out=out, format=args.format, overwrite=args.overwrite, resume=args.resume,
                    image_format=args.image_format, **kw)
-    print(f"wrote {run.n} simulated patients in {len(run.parts)} part(s) to {out} ({run.info.get('method')})")
-    print(privacy_line(model))
+    if _ranks()[0] == 0:  # under torchrun, once
+        print(f"wrote {run.n} simulated patients in {len(run.parts)} part(s) to {out} ({run.info.get('method')})")
+        print(privacy_line(model))
     return 0
 
 

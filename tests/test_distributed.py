@@ -89,6 +89,7 @@ def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path
                "--chunk-size", "30", "--out", str(tmp_path / "ranks"), "--format", "csv", "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote 130 simulated patients in 5 part(s)") == 1  # said once, by rank 0
     alone = mc.simulate(mc.CausalModel.load(tmp_path / "model.mcm"), 130, seed=5, chunk_size=30,
                         out=tmp_path / "alone", format="csv")
     pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())

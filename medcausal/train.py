@@ -7,8 +7,9 @@ is a dict of row-aligned tensors: minibatches, a validation split (random, or th
 of the validation loss (per part: see below), a progress bar
 on a terminal, and data-parallel training when launched under ``torchrun``
 (gloo on CPU, nccl on GPU): every rank holds the same data and the same seed, takes
-its share of each minibatch, and DDP averages the gradients, so all ranks end with
-identical weights.
+its share of each minibatch, and DDP averages the gradients; the training loss, where it
+decides (no validation split), is the ranks' mean, so all ranks take the same steps and
+end with identical weights.
 
 A module whose loss is a sum of independent parts (disjoint parameters, one loss term
 each, as the mechanisms of a causal model) can say so with ``part_losses(batch) ->
@@ -378,6 +379,10 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             if result.steps >= total:
                 break
         train_loss = running / (s + 1)
+        if world > 1:  # the ranks' mean: every rank must take the same decisions (stopping, learning rates)
+            mean = torch.tensor([train_loss], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(mean)
+            train_loss = mean.item() / world
         if len(val_idx):
             module.eval()
             vals = _evaluate(module, tensors, val_idx, batch, config.seed)

@@ -36,6 +36,10 @@ SCRIPT = textwrap.dedent("""
         model = mc.CausalModel(sim.graph).fit(sim.sample(400, seed=0), max_epochs=4, batch_size=64,
                                               verbose=False, seed=0)
         model.save(os.path.join(folder, f"model-{rank}.mcm"))
+        # no validation split: the training loss decides stopping and learning rates, on every rank alike
+        model = mc.CausalModel(sim.graph).fit(sim.sample(400, seed=0), max_epochs=30, batch_size=64,
+                                              val_fraction=0.0, patience=3, verbose=False, seed=0)
+        model.save(os.path.join(folder, f"no-val-{rank}.mcm"))
     else:  # every rank simulates its share of the chunks into one folder
         model = mc.CausalModel.load(os.path.join(folder, "model-0.mcm"))
         for name, kw in (("plain", dict(n=230, seed=3, chunk_size=50)),
@@ -58,10 +62,11 @@ def _torchrun(tmp_path, *args, timeout=300):
 def test_ddp_fit_and_a_simulation_split_over_two_ranks(tmp_path):
     fit = _torchrun(tmp_path, "fit")
     assert fit.returncode == 0, fit.stderr[-3000:]
-    models = [mc.CausalModel.load(tmp_path / f"model-{r}.mcm") for r in (0, 1)]
-    weights = [m.mechanisms.state_dict() for m in models]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # DDP kept the ranks in step
+    for stem in ("model", "no-val"):  # DDP kept the ranks in step
+        weights = [mc.CausalModel.load(tmp_path / f"{stem}-{r}.mcm").mechanisms.state_dict() for r in (0, 1)]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), stem
+    models = [mc.CausalModel.load(tmp_path / "model-0.mcm")]
 
     split = _torchrun(tmp_path, "ranks")
     assert split.returncode == 0, split.stderr[-3000:]

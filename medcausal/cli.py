@@ -244,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch.distributed
+
     args = build_parser().parse_args(argv)
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()  # by our caller
     try:
         return args.func(args)
     except MedCausalError as e:
@@ -254,10 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {e.filename!r}" if e.filename else ""
         print(f"medcausal {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
         return 2
-    finally:  # under torchrun: leave the process group cleanly (gloo may abort a rank whose peer left first)
-        import torch.distributed
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+    finally:  # under torchrun: leave the process group we made cleanly (gloo may abort a rank whose peer left)
+        if not grouped and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

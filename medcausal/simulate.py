@@ -47,6 +47,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import sys
@@ -413,15 +414,21 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
         if iv.kind == "array" and len(np.asarray(iv.spec)) != n:
             raise InterventionError(f"do[{name!r}] has {len(np.asarray(iv.spec))} values for n={n} patients")
     plan = _make_plan(model, ivs, where, min_acceptance)
-    if resume and out is not None and (Path(out) / SIDECAR).is_file():
-        fns = [name for name, iv in ivs.items() if iv.kind == "callable"]
-        if fns:
-            raise InterventionError(f"cannot resume {str(out)!r} with a callable in do[{fns[0]!r}]: a "
-                                    "callable cannot be verified to be the one the run started with; "
-                                    "pass overwrite=True to start the run again")
-        if seed is None:
-            seed = _read_sidecar(Path(out)).get("seed")  # finish the interrupted run with its own seed
-    run_seed = _shared(_new_seed(seed))  # under torchrun: rank 0's, so every rank draws the same patients
+
+    def start_seed():
+        nonlocal seed
+        if resume and out is not None and (Path(out) / SIDECAR).is_file():
+            fns = [name for name, iv in ivs.items() if iv.kind == "callable"]
+            if fns:
+                raise InterventionError(f"cannot resume {str(out)!r} with a callable in do[{fns[0]!r}]: a "
+                                        "callable cannot be verified to be the one the run started with; "
+                                        "pass overwrite=True to start the run again")
+            if seed is None:
+                seed = _read_sidecar(Path(out)).get("seed")  # finish the interrupted run with its own seed
+        return _new_seed(seed)
+
+    # a run to a folder under torchrun: rank 0 reads the folder and draws the seed for every rank
+    run_seed = start_seed() if out is None else _on_rank0(start_seed)
     if plan.method in ("root-rejection", "rejection"):
         _pilot(model, plan, ivs, run_seed, min_acceptance)
     meta = {"format": RUN_FORMAT, "version": 1, "medcausal_version": __version__, "n": n,
@@ -647,13 +654,10 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
         _require_parquet()
     meta = {**meta, "part_format": fmt}
     rank, world = _ranks()
-    # rank 0 alone checks and prepares the folder; the others learn what is already done (or its error)
-    done, finished, error = _shared(({}, None, None) if rank else _prepare(out, meta, overwrite, resume))
-    if error is not None:
-        raise MedCausalError(error)
+    # rank 0 alone checks and prepares the folder; the others learn what is done (or its error)
+    done, finished, meta = _on_rank0(lambda: _prepare(out, meta, overwrite, resume))
     if finished is not None:  # a complete run: nothing to do
         return SimulationRun(out, finished["n"], [p["file"] for p in finished["parts"]], finished)
-    meta = _shared(meta)  # with rank 0's start time
     todo = [c for c in chunks if c[0] not in done]
     pilot = (plan.drawn, plan.accepted)  # every rank drew the same pilot
     drawn = [0, 0]  # what the other ranks' chunks drew (rank 0's own are in plan)
@@ -690,26 +694,27 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
                     done[e["chunk"]] = e
             drawn = [sum(d[j] for r, (_, _, d) in enumerate(rows) if r) for j in (0, 1)]
             meta["parts"] = [done[k] for k in sorted(done)]
-            if rank == 0:
-                meta.update(_plan_report(_merged_plan(plan, drawn)))
-                _write_json(out / SIDECAR, meta)
+            meta.update(_plan_report(_merged_plan(plan, drawn)))
+            _on_rank0(lambda: _write_json(out / SIDECAR, meta))
             bar.update(sum(e["rows"] for e, _, _ in rows if e is not None))
-    meta.update(_plan_report(_merged_plan(plan, drawn)))
     meta["status"] = "complete"
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if rank == 0:
+
+    def finish():
         _write_json(out / SIDECAR, meta)
         _write_json(out / MARKER, {"n": meta["n"], "parts": len(meta["parts"])})  # written last
-    meta = _shared(meta)  # every rank returns rank 0's record, once the marker is written
+        return meta
+
+    meta = _on_rank0(finish)  # every rank returns rank 0's record, once the marker is written
     return SimulationRun(out, meta["n"], [p["file"] for p in meta["parts"]], meta)
 
 
-def _prepare(out: Path, meta: dict, overwrite: bool, resume: bool) -> tuple[dict, dict | None, str | None]:
-    """Check and prepare the run folder (``meta`` gains the start); returns ``(parts already done,
-    by chunk; the sidecar of a complete run, or None; an error message, or None)``."""
+def _prepare(out: Path, meta: dict, overwrite: bool, resume: bool) -> tuple[dict, dict | None, dict]:
+    """Check and prepare the run folder; returns ``(parts already done, by chunk; the sidecar of a
+    complete run, or None; meta with the start recorded)``."""
     done: dict = {}
     if out.exists() and not out.is_dir():
-        return {}, None, f"out={str(out)!r} exists and is not a folder"
+        raise MedCausalError(f"out={str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         old = _read_sidecar(out) if (out / SIDECAR).is_file() else None
         if resume and old is not None:
@@ -719,21 +724,21 @@ def _prepare(out: Path, meta: dict, overwrite: bool, resume: bool) -> tuple[dict
             diff = [k for k in same if old.get(k, meta.get(k) if k in later else None) != meta.get(k)]
             if diff:
                 detail = "; ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
-                return {}, None, f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})"
+                raise MedCausalError(f"cannot resume {str(out)!r}: the run there differs in {diff} ({detail})")
             if (out / MARKER).exists():
-                return {}, old, None
+                return {}, old, meta
             done = {p["chunk"]: p for p in old["parts"] if (out / p["file"]).is_file()}
         elif overwrite:
             _clear_run(out)
         else:
-            return {}, None, (f"out={str(out)!r} already exists and is not empty; pass overwrite=True "
-                              "(--overwrite) to replace it, or resume=True (--resume) to finish it")
+            raise MedCausalError(f"out={str(out)!r} already exists and is not empty; pass overwrite=True "
+                                 "(--overwrite) to replace it, or resume=True (--resume) to finish it")
     out.mkdir(parents=True, exist_ok=True)
     meta["status"] = "running"
     meta["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["parts"] = [done[i] for i in sorted(done)]
     _write_json(out / SIDECAR, meta)
-    return done, None, None
+    return done, None, meta
 
 
 def _merged_plan(plan: _Plan, other_ranks: list[int]) -> _Plan:
@@ -742,25 +747,52 @@ def _merged_plan(plan: _Plan, other_ranks: list[int]) -> _Plan:
 
 
 def _ranks() -> tuple[int, int]:
-    """(rank, world size) of an initialized torch.distributed group (torchrun), else (0, 1)."""
+    """(rank, world size) under torchrun (initializing torch.distributed), else (0, 1)."""
     from .train import distributed_setup
 
     return distributed_setup("cpu")
 
 
-def _shared(value):
-    """Rank 0's ``value`` on every rank (a broadcast under torchrun; ``value`` itself otherwise)."""
-    if _ranks()[1] == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+_GLOO: list = []  # the process group for the ranks' small messages (created once, by every rank)
+
+
+def _group():
+    """The default process group if it is gloo, else (nccl, after a GPU fit) a gloo group, so that
+    the object messages stay on the CPU."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if not _GLOO:
+        _GLOO.append(torch.distributed.new_group(backend="gloo"))
+    return _GLOO[0]
+
+
+def _on_rank0(job):
+    """``job()`` run on rank 0 alone, its result (or its exception) on every rank; ``job()`` itself
+    without torchrun. A failure on rank 0 thus stops every rank rather than leave them waiting."""
+    rank, world = _ranks()
+    if world == 1:
+        return job()
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(job(), None)]
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+                box = [(None, e)]
+            except Exception:  # an exception that cannot travel: its text does
+                box = [(None, MedCausalError(f"{type(e).__name__}: {e}"))]
+    torch.distributed.broadcast_object_list(box, src=0, group=_group())
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def _gather(value) -> list:
     """Every rank's ``value``, in rank order (torch.distributed.all_gather_object)."""
     out = [None] * _ranks()[1]
-    torch.distributed.all_gather_object(out, value)
+    torch.distributed.all_gather_object(out, value, group=_group())
     return out
 
 
@@ -2240,6 +2272,8 @@ def cmd_simulate(args) -> int:
     kw = dict(do=parse_cli_do(args.do, model.graph.variables) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
     if out.suffix.lower() in (*_TABLE_SUFFIXES, ".h5ad"):
+        if _ranks()[0] != 0:  # one file: written by one process (a folder --out splits the work)
+            return 0
         refuse_existing(out, args.overwrite)
         if out.suffix.lower() in (".parquet", ".pq"):
             _require_parquet()

@@ -243,6 +243,10 @@ def _mlp(d_in: int, hidden: Sequence[int], d_out: int, slope: float) -> nn.Seque
     return nn.Sequential(*layers)
 
 
+class _BatchRowsError(DataError):
+    """The moment batches of :func:`group_moments` hold another number of rows than its keys."""
+
+
 def group_moments(batches, keys: torch.Tensor, k: int, max_groups: int = 4096, seed: int = 0,
                   dtype: torch.dtype = torch.float64):
     """The posterior's first and second moments averaged within each group of rows sharing a prior.
@@ -276,14 +280,14 @@ def group_moments(batches, keys: torch.Tensor, k: int, max_groups: int = 4096, s
     start = 0
     for mean, second in batches:
         if start + len(mean) > n:
-            raise DataError(f"the moment batches hold more than {n} rows, the keys {n}")
+            raise _BatchRowsError(f"the moment batches hold more than {n} rows, the keys {n}")
         g = group[start:start + len(mean)]
         start += len(mean)
         keep = g >= 0
         m1.index_add_(0, g[keep], mean.detach().to("cpu", dtype)[keep])
         m2.index_add_(0, g[keep], second.detach().to("cpu", dtype)[keep])
     if start != n:
-        raise DataError(f"the moment batches hold {start} rows, the keys {n}")
+        raise _BatchRowsError(f"the moment batches hold {start} rows, the keys {n}")
     count = torch.bincount(group[group >= 0], minlength=len(groups)).to(dtype)
     used = count.clamp(min=1)
     return groups, m1 / used[:, None], m2 / used[:, None, None], count

@@ -95,7 +95,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..crl.ivae import fit_linear_map, group_moments
+from ..crl.ivae import _BatchRowsError, fit_linear_map, group_moments
 from ..errors import DataError, MedCausalError
 from ..synthetic.perturbseq import nb_normal_score, nb_quantile_normal
 from .base import Mechanism, grad_reverse, mlp, rand
@@ -610,7 +610,7 @@ class FCRMechanism(_CountMechanism):
 
         try:
             groups, m1, m2, count = group_moments(moments(), parents, self.n_latent, max_groups, seed)
-        except DataError:
+        except _BatchRowsError:  # other errors (reading the counts) pass as they are
             raise DataError(f"{self.name}: the count batches hold {seen[0]} cells, the parents {len(parents)}") \
                 from None
         if steps == 0 or len(parents) == 0:

@@ -8,6 +8,7 @@ small script; the processes talk over localhost.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -51,13 +52,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run(command, cwd, timeout):
+    """Run ``command`` in its own session; on a timeout kill the whole session (torchrun's workers
+    too, which would otherwise outlive it) and fail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{command[5:]} did not finish in {timeout} s (a rank left waiting?)")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _torchrun(tmp_path, *args, timeout=300):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    return _run([*TORCHRUN, str(script), str(tmp_path), *args], tmp_path, timeout)
 
 
 def test_ddp_fit_and_a_simulation_split_over_two_ranks(tmp_path):
@@ -93,18 +109,16 @@ def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path
     sim = mc.synthetic.scm("chain")
     model = mc.CausalModel(sim.graph).fit(sim.sample(200, seed=0), max_epochs=1, verbose=False)
     model.save(tmp_path / "model.mcm")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "medcausal.cli", "simulate", str(tmp_path / "model.mcm"), "-n", "130", "--seed", "5",
+    command = [*TORCHRUN, "-m", "medcausal.cli", "simulate", str(tmp_path / "model.mcm"), "-n", "130", "--seed", "5",
                "--chunk-size", "30", "--out", str(tmp_path / "ranks"), "--format", "csv", "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = _run(command, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote 130 simulated patients in 5 part(s)") == 1  # said once, by rank 0
     alone = mc.simulate(mc.CausalModel.load(tmp_path / "model.mcm"), 130, seed=5, chunk_size=30,
                         out=tmp_path / "alone", format="csv")
     pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())
     # again, into the folder now taken: rank 0 refuses, and rank 1 stops with it rather than wait
-    again = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    again = _run(command, tmp_path, timeout=180)
     assert again.returncode != 0
     assert again.stderr.count("already exists and is not empty") == 2  # rank 1 stopped with rank 0's error
     pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())  # the run there is intact

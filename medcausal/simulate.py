@@ -390,9 +390,10 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
     model was fitted on).
 
     Under ``torchrun`` (e.g. ``torchrun --nproc_per_node 4 -m medcausal.cli simulate RUN -n N
-    --out FOLDER``) a run to ``out`` is split over the ranks: each draws one chunk of every
-    four, rank 0 keeps the sidecar, and the folder holds the same patients one process would
-    write (the seed is rank 0's). Without ``out`` every rank draws all ``n``.
+    --out FOLDER``) a run to ``out`` is split over the ranks: with 4 ranks each draws one chunk
+    in four, rank 0 keeps the sidecar, and the folder holds the same patients one process would
+    write (the seed is rank 0's). Every rank must make the call. Without ``out`` there is no
+    split, and every rank draws all ``n``.
 
     >>> import medcausal as mc
     >>> sim = mc.synthetic.scm("chain")

@@ -53,8 +53,9 @@ the residual's shape matters most, untrained: the non-additive triangle stopped 
 near its Gaussian start, CF MSE x100 18.8, now 2.5). The schedule follows the paper
 (``T = 100``, ``beta`` linear from 1e-4 to 0.1); ``steps`` (the DDIM steps of encoding and
 decoding) defaults to 25, the knee of the accuracy-vs-time curve (non-additive triangle:
-CF MSE x100 2.85 / 2.33 / 2.26 / 2.23 at 10 / 25 / 50 / 100 steps, 25 within 4% of 100 at 30%
-of the time; ``benchmarks/results/diffusion_steps.md``). Training keeps the *last* denoiser
+CF MSE x100 2.64 / 2.12 / 2.03 / 2.01 at 10 / 25 / 50 / 100 steps, 25 within 6% of 100 at 31%
+of the time; on the additive diamond 2.55-2.63 whatever the steps;
+``benchmarks/results/diffusion_steps*.md``). Training keeps the *last* denoiser
 weights, averaged (EMA, ``ema_decay``), for ``fit_defaults``' 300 epochs, not the
 best-validation epoch, because the denoising loss flattens long before the counterfactuals
 converge (see ``select_by_validation`` below). The conditioning measurements

@@ -164,7 +164,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_counterfactual(args) -> int:
-    from .simulate import _read_input, _write_output, keyed_by_id
+    from .simulate import _over_ranks, _read_input, _write_output, keyed_by_id
 
     _check_table_out(args)
     model = load_run(args.run_dir)
@@ -173,7 +173,10 @@ def cmd_counterfactual(args) -> int:
     do = parse_cli_do(args.do, model.graph.variables)
     if not do:
         raise MedCausalError("counterfactual needs at least one --do var=value")
-    cf = model.counterfactual(data, do=do, seed=args.seed)
+    # under torchrun each rank answers a share of the patients and rank 0 writes them all
+    cf = _over_ranks(data, lambda rows: model.counterfactual(rows, do=do, seed=args.seed))
+    if cf is None:  # not rank 0
+        return 0
     _write_output(cf, Path(args.out))
     print(f"wrote {cf.n_obs if hasattr(cf, 'n_obs') else len(cf)} counterfactuals to {args.out}")
     print(privacy_line(model, of_inputs=True))
@@ -216,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=cmd_sample)
 
-    c = sub.add_parser("counterfactual", help="counterfactuals of given units under interventions")
+    c = sub.add_parser("counterfactual", help="counterfactuals of given units under interventions (under "
+                                              "torchrun: the units split over the ranks)")
     c.add_argument("run_dir", help=RUN_HELP)
     c.add_argument("--input", required=True, help=f"the observed units: {INPUT_HELP}")
     c.add_argument("--do", action="append", default=[], metavar="VAR=VALUE", help="intervention (repeatable)")

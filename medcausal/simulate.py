@@ -797,6 +797,33 @@ def _gather(value) -> list:
     return out
 
 
+def _over_ranks(data, answer):
+    """``answer(data)``, split over the ranks under torchrun: each rank answers one contiguous slice
+    of the rows, and rank 0 returns the whole answer in the input's order (the other ranks None).
+    Without torchrun, ``answer(data)``. Only for row-wise answers, whose rows do not depend on the
+    batch they came in (``CausalModel.counterfactual``: its noise is keyed by the units' labels).
+    A failure on any rank stops every rank, with that rank's error."""
+    rank, world = _ranks()
+    if world == 1:
+        return answer(data)
+    cut = np.linspace(0, len(_table(data)), world + 1).astype(np.int64)
+    mine, error = None, None
+    try:
+        if cut[rank] < cut[rank + 1]:
+            mine = answer(_take(data, np.arange(cut[rank], cut[rank + 1])))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    parts = [None] * world if rank == 0 else None
+    torch.distributed.gather_object((mine, error), parts, dst=0, group=_group())
+    failed = [None]
+    if rank == 0:
+        failed = [next(((r, msg) for r, (_, msg) in enumerate(parts) if msg is not None), None)]
+    torch.distributed.broadcast_object_list(failed, src=0, group=_group())
+    if failed[0] is not None:
+        raise MedCausalError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return _concat([p for p, _ in parts if p is not None]) if rank == 0 else None
+
+
 def _require_parquet() -> None:
     try:
         import pyarrow  # noqa: F401

@@ -1,5 +1,6 @@
 """Under ``torchrun`` (gloo on CPU): data-parallel training ends with the same weights on every
-rank, and a streamed ``simulate`` split over the ranks writes the very run one process writes.
+rank, and a streamed ``simulate`` or a ``counterfactual`` query split over the ranks writes what
+one process writes.
 
 Each test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on a
 small script; the processes talk over localhost.
@@ -122,3 +123,38 @@ def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path
     assert again.returncode != 0
     assert again.stderr.count("already exists and is not empty") == 2  # rank 1 stopped with rank 0's error
     pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())  # the run there is intact
+
+
+def test_cli_counterfactual_split_over_two_ranks_matches_one_process(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 300
+    x = rng.normal(size=n)
+    b = rng.random(n) < 1 / (1 + np.exp(-2 * x))
+    df = pd.DataFrame({"x": x, "b": b, "y": x + b + rng.normal(size=n)})
+    graph = mc.CausalGraph({"x": "continuous", "b": "binary", "y": "continuous"},
+                           edges=[("x", "b"), ("b", "y"), ("x", "y")])
+    mc.CausalModel(graph).fit(df, max_epochs=2, verbose=False).save(tmp_path / "model.mcm")
+    df[:101].to_csv(tmp_path / "patients.csv", index=False)
+
+    def command(runner, out, patients="patients.csv"):
+        return [*runner, "-m", "medcausal.cli", "counterfactual", str(tmp_path / "model.mcm"), "--input",
+                str(tmp_path / patients), "--do", "x=2", "--seed", "3", "--out", str(tmp_path / out)]
+
+    alone = _run(command([sys.executable], "alone.csv"), tmp_path, timeout=120)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    both = _run(command(TORCHRUN, "ranks.csv"), tmp_path, timeout=300)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert both.stdout.count("wrote 101 counterfactuals") == 1  # rank 0 wrote them all
+    ranks, one = pd.read_csv(tmp_path / "ranks.csv"), pd.read_csv(tmp_path / "alone.csv")
+    pd.testing.assert_frame_equal(ranks, one)  # b's posterior noise is keyed by row, not by who drew it
+    assert one["b"].nunique() == 2 and (one["x"] == 2).all()
+    # a bad value in rank 1's half: every rank stops with rank 1's error, and no file is written
+    bad = df[:10].astype({"y": object})
+    bad.loc[8, "y"] = "oops"
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    failed = _run(command(TORCHRUN, "bad-cf.csv", "bad.csv"), tmp_path, timeout=180)
+    assert failed.returncode != 0
+    assert failed.stderr.count("rank 1 failed: DataError: column 'y' (variable 'y') has 1 non-numeric") == 2
+    assert not (tmp_path / "bad-cf.csv").exists()

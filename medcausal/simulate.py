@@ -778,16 +778,21 @@ def _on_rank0(job):
         try:
             box = [(job(), None)]
         except Exception as e:
-            try:
-                pickle.dumps(e)
-                box = [(None, e)]
-            except Exception:  # an exception that cannot travel: its text does
-                box = [(None, MedCausalError(f"{type(e).__name__}: {e}"))]
+            box = [(None, _portable(e))]
     torch.distributed.broadcast_object_list(box, src=0, group=_group())
     result, error = box[0]
     if error is not None:
         raise error
     return result
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it can be sent to the other ranks (pickled), else a MedCausalError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return MedCausalError(f"{type(error).__name__}: {error}")
 
 
 def _gather(value) -> list:
@@ -798,30 +803,48 @@ def _gather(value) -> list:
 
 
 def _over_ranks(data, answer):
-    """``answer(data)``, split over the ranks under torchrun: each rank answers one contiguous slice
-    of the rows, and rank 0 returns the whole answer in the input's order (the other ranks None).
-    Without torchrun, ``answer(data)``. Only for row-wise answers, whose rows do not depend on the
-    batch they came in (``CausalModel.counterfactual``: its noise is keyed by the units' labels).
+    """``answer(data)``, split over the ranks under torchrun: each rank answers a share of the
+    units, and rank 0 returns the whole answer in the input's row order (the other ranks None).
+    Without torchrun, ``answer(data)``. Only for row-wise answers whose rows depend on the unit's
+    label and not on the batch (``CausalModel.counterfactual``: its noise is keyed by the labels,
+    a repeated label by its occurrence), so all rows of one label go to one rank, in input order.
     A failure on any rank stops every rank, with that rank's error."""
+    from .mechanisms.base import RowNoise
+
     rank, world = _ranks()
-    if world == 1:
+    n = len(_table(data))
+    if world == 1 or n == 0:
         return answer(data)
-    cut = np.linspace(0, len(_table(data)), world + 1).astype(np.int64)
+    labels = data.ids if isinstance(data, Cohort) else _table(data).index
+    unit = pd.factorize(RowNoise.label_text(labels))[0]  # units numbered by first appearance
+    cut = np.linspace(0, unit.max() + 1, world + 1).astype(np.int64)
+    rows = np.flatnonzero((unit >= cut[rank]) & (unit < cut[rank + 1]))
     mine, error = None, None
     try:
-        if cut[rank] < cut[rank + 1]:
-            mine = answer(_take(data, np.arange(cut[rank], cut[rank + 1])))
+        if len(rows):
+            mine = answer(_take(data, rows))
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
+        error = _portable(e)
     parts = [None] * world if rank == 0 else None
-    torch.distributed.gather_object((mine, error), parts, dst=0, group=_group())
+    torch.distributed.gather_object((mine, rows, error), parts, dst=0, group=_group())
     failed = [None]
     if rank == 0:
-        failed = [next(((r, msg) for r, (_, msg) in enumerate(parts) if msg is not None), None)]
+        failed = [next(((r, e) for r, (_, _, e) in enumerate(parts) if e is not None), None)]
     torch.distributed.broadcast_object_list(failed, src=0, group=_group())
     if failed[0] is not None:
-        raise MedCausalError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    return _concat([p for p, _ in parts if p is not None]) if rank == 0 else None
+        where, error = failed[0]
+        if isinstance(error, MedCausalError):  # a user's error: say where, keep its kind
+            try:
+                said = type(error)(f"rank {where}: {error}")
+            except TypeError:  # a subclass with another signature
+                said = MedCausalError(f"rank {where}: {type(error).__name__}: {error}")
+            raise said from None
+        raise error
+    if rank != 0:
+        return None
+    kept = [(p, r) for p, r, _ in parts if p is not None]
+    whole = _concat([p for p, _ in kept])
+    return _take(whole, np.argsort(np.concatenate([r for _, r in kept]), kind="stable"))
 
 
 def _require_parquet() -> None:

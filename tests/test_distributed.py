@@ -136,25 +136,31 @@ def test_cli_counterfactual_split_over_two_ranks_matches_one_process(tmp_path):
     graph = mc.CausalGraph({"x": "continuous", "b": "binary", "y": "continuous"},
                            edges=[("x", "b"), ("b", "y"), ("x", "y")])
     mc.CausalModel(graph).fit(df, max_epochs=2, verbose=False).save(tmp_path / "model.mcm")
-    df[:101].to_csv(tmp_path / "patients.csv", index=False)
+    patients = df[:101].copy()
+    patients.to_csv(tmp_path / "patients.csv", index=False)
+    # ids repeated as in a long layout (0..33, 0..33, ...): a repeated id's noise is keyed by its
+    # occurrence, so all rows of one id must be answered together, whichever rank takes them
+    patients.assign(id=np.tile(np.arange(34), 3)[:101]).to_csv(tmp_path / "repeated.csv", index=False)
 
-    def command(runner, out, patients="patients.csv"):
+    def command(runner, out, patients="patients.csv", *extra):
         return [*runner, "-m", "medcausal.cli", "counterfactual", str(tmp_path / "model.mcm"), "--input",
-                str(tmp_path / patients), "--do", "x=2", "--seed", "3", "--out", str(tmp_path / out)]
+                str(tmp_path / patients), "--do", "x=2", "--seed", "3", "--out", str(tmp_path / out), *extra]
 
-    alone = _run(command([sys.executable], "alone.csv"), tmp_path, timeout=120)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    both = _run(command(TORCHRUN, "ranks.csv"), tmp_path, timeout=300)
-    assert both.returncode == 0, both.stderr[-3000:]
-    assert both.stdout.count("wrote 101 counterfactuals") == 1  # rank 0 wrote them all
-    ranks, one = pd.read_csv(tmp_path / "ranks.csv"), pd.read_csv(tmp_path / "alone.csv")
-    pd.testing.assert_frame_equal(ranks, one)  # b's posterior noise is keyed by row, not by who drew it
-    assert one["b"].nunique() == 2 and (one["x"] == 2).all()
+    for name, extra in (("plain", ()), ("repeated", ("--id-column", "id"))):
+        source = "patients.csv" if name == "plain" else "repeated.csv"
+        alone = _run(command([sys.executable], f"{name}-alone.csv", source, *extra), tmp_path, timeout=120)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        both = _run(command(TORCHRUN, f"{name}-ranks.csv", source, *extra), tmp_path, timeout=300)
+        assert both.returncode == 0, both.stderr[-3000:]
+        assert both.stdout.count("wrote 101 counterfactuals") == 1  # rank 0 wrote them all
+        ranks, one = pd.read_csv(tmp_path / f"{name}-ranks.csv"), pd.read_csv(tmp_path / f"{name}-alone.csv")
+        pd.testing.assert_frame_equal(ranks, one)  # b's posterior noise follows the unit, not the rank
+        assert one["b"].nunique() == 2 and (one["x"] == 2).all()
     # a bad value in rank 1's half: every rank stops with rank 1's error, and no file is written
     bad = df[:10].astype({"y": object})
     bad.loc[8, "y"] = "oops"
     bad.to_csv(tmp_path / "bad.csv", index=False)
     failed = _run(command(TORCHRUN, "bad-cf.csv", "bad.csv"), tmp_path, timeout=180)
     assert failed.returncode != 0
-    assert failed.stderr.count("rank 1 failed: DataError: column 'y' (variable 'y') has 1 non-numeric") == 2
+    assert failed.stderr.count("error: rank 1: column 'y' (variable 'y') has 1 non-numeric") == 2
     assert not (tmp_path / "bad-cf.csv").exists()

@@ -238,26 +238,34 @@ class RowNoise:
         return np.asarray(self._keys, dtype=np.uint64)
 
     @staticmethod
-    def label_keys(labels) -> "np.ndarray":
-        """One uint64 per row label, the same for a label whatever the container's dtype (``5``,
-        ``np.int64(5)``, ``5.0`` and ``"5"`` alike; other values by their text); a label seen again
-        gets another key (its occurrence counts)."""
+    def label_text(labels) -> "np.ndarray":
+        """Each row label as the text its noise is keyed by: the same whatever the container's
+        dtype (``5``, ``np.int64(5)``, ``5.0`` and ``"5"`` alike; other values by their ``str``)."""
         import numbers
 
         import numpy as np
         import pandas as pd
 
-        from ..synthetic.tabular import _mix64
-
         labels = pd.Index(labels)
         if labels.dtype.kind in "iu":
-            text = labels.astype(str).to_numpy(dtype=object)
-        else:
-            def canonical(v) -> str:
-                if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-                    return str(v)
-                return str(int(v)) if float(v).is_integer() else repr(float(v))
-            text = np.array([canonical(v) for v in labels], dtype=object)
+            return labels.astype(str).to_numpy(dtype=object)
+
+        def canonical(v) -> str:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                return str(v)
+            return str(int(v)) if float(v).is_integer() else repr(float(v))
+        return np.array([canonical(v) for v in labels], dtype=object)
+
+    @staticmethod
+    def label_keys(labels) -> "np.ndarray":
+        """One uint64 per row label (:meth:`label_text`); a label seen again gets another key (its
+        occurrence counts)."""
+        import numpy as np
+        import pandas as pd
+
+        from ..synthetic.tabular import _mix64
+
+        text = RowNoise.label_text(labels)
         base = pd.util.hash_array(text, categorize=False)  # fixed hash key: the same on every machine
         codes = pd.factorize(text)[0]
         occurrence = pd.Series(codes).groupby(codes).cumcount().to_numpy()

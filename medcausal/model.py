@@ -429,7 +429,10 @@ class CausalModel:
         variables' noise is sampled from its posterior (``seed`` makes that reproducible).
         Those draws are keyed by each unit's label (a DataFrame's index, a cohort's ids, the
         cells' names) and the seed, so a unit's counterfactual is the same asked alone or
-        in any batch (:class:`~medcausal.mechanisms.base.RowNoise`).
+        in any batch (:class:`~medcausal.mechanisms.base.RowNoise`). Rows that carry provenance
+        columns (those :func:`medcausal.simulate.simulate` writes) get the counterfactual's
+        (:func:`~medcausal.simulate.restamp_counterfactual`), so they never describe how the input
+        row was made.
         """
         self._require_fit()
         given = data
@@ -472,6 +475,9 @@ class CausalModel:
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)
         out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact, from_inputs=True)
+        from .simulate import restamp_counterfactual  # a table that tracks provenance keeps tracking it
+
+        restamp_counterfactual(self, out.table if isinstance(out, Cohort) else out, do, seed, labels)
         return self._to_anndata(out, like=given) if given is not data else out
 
     def log_prob(self, data) -> pd.Series:

@@ -28,7 +28,7 @@ container helpers at the bottom of this file):
 
 Provenance columns (``PROVENANCE_COLUMNS``) on every synthetic row:
 ``synthetic`` (True), ``synth_model`` (a hash of the model's spec and weights,
-:func:`model_id`), ``synth_strategy`` (``simulate``/``sample``/``transport``),
+:func:`model_id`), ``synth_strategy`` (``simulate``/``sample``/``transport``/``counterfactual``),
 ``synth_do`` (the intervention, JSON), ``synth_where`` (the subgroup condition),
 ``synth_seed``, ``synth_epsilon`` (the model's privacy budget while its
 ``model.privacy`` ledger describes its weights, else None; always None on a transported row, a
@@ -168,6 +168,26 @@ def _provenance(n: int, *, model_key: str, strategy: str, do, where, seed, epsil
                                      dtype=float),
             "synth_source": (np.full(n, None, dtype=object) if source is None
                              else np.asarray(source, dtype=object))}
+
+
+def restamp_counterfactual(model, table: pd.DataFrame, do, seed: int | None, labels) -> None:
+    """In place: the provenance of counterfactual rows, where ``table`` tracks it (has any of the
+    ``PROVENANCE_COLUMNS``; no column is added). Each row is now ``model``'s counterfactual of the
+    input row under ``do``, whatever made that row: ``synthetic`` True, ``synth_strategy``
+    ``"counterfactual"``, ``synth_do`` this ``do``, ``synth_source`` the input row's label,
+    ``synth_seed`` the query's seed (missing without one), no ``synth_where``, and no
+    ``synth_epsilon``: a counterfactual reveals the row it derives from (privacy/PRIVACY.md section 3).
+    """
+    present = [c for c in PROVENANCE_COLUMNS if c in table.columns]
+    if not present:
+        return
+    n = len(table)
+    stamp = _provenance(n, model_key=model_id(model), strategy="counterfactual", do=do, where=None,
+                        seed=0, epsilon=None, source=np.asarray(labels, dtype=object),
+                        variables=model.graph.variables)
+    stamp["synth_seed"] = pd.array([seed] * n, dtype="Int64") if seed is None else stamp["synth_seed"] + seed
+    for c in present:
+        table[c] = stamp[c]
 
 
 def _new_seed(seed: int | None) -> int:

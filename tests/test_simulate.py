@@ -41,6 +41,21 @@ def test_simulate_unconditional_and_provenance(fitted):
     assert abs(big["y"].mean() - 0.4) < 0.08 and abs(big["y"].std() - np.sqrt(4.49)) < 0.1
 
 
+def test_counterfactuals_of_simulated_rows_carry_their_own_provenance(fitted):
+    made = S.simulate(fitted, 6, do={"s": 0}, seed=3)
+    cf = fitted.counterfactual(made, do={"s": 1}, seed=5)
+    assert list(cf.columns) == list(made.columns) and (cf["s"] == 1).all()
+    assert (cf["synth_strategy"] == "counterfactual").all() and (cf["synth_do"] == '{"s": 1}').all()
+    assert (cf["synth_seed"] == 5).all() and cf["synth_where"].isna().all() and cf["synth_epsilon"].isna().all()
+    assert cf["synth_source"].tolist() == made.index.tolist() and (cf["synth_model"] == S.model_id(fitted)).all()
+    assert (made["synth_do"] == '{"s": 0}').all() and (made["synth_strategy"] == "simulate").all()  # untouched
+    assert fitted.counterfactual(made, do={"s": 1})["synth_seed"].isna().all()  # no seed asked: none claimed
+    # a table that tracks only some of the columns keeps tracking those; one that tracks none gains none
+    part = fitted.counterfactual(made[["x", "s", "y", "stage", "synth_do"]], do={"s": 1}, seed=5)
+    assert list(part.columns) == ["x", "s", "y", "stage", "synth_do"] and (part["synth_do"] == '{"s": 1}').all()
+    assert list(fitted.counterfactual(made[["x", "s", "y", "stage"]], do={"s": 1}).columns) == ["x", "s", "y", "stage"]
+
+
 def test_where_on_discrete_root_is_exact(fitted):
     df = S.simulate(fitted, 20000, where="s == 1", seed=0)
     info = df.attrs["medcausal"]

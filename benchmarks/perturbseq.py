@@ -44,6 +44,7 @@ noise limits the representation metrics, not a change of the protocol.
     python benchmarks/perturbseq.py --sim-seed 1   # the same protocol on another simulator
     python benchmarks/perturbseq.py --library-size 10000 --models fcr   # deeper sequencing (diagnostic)
     python benchmarks/perturbseq.py --models fcr --n-train 30000 --stem perturbseq_ntrain30000   # more cells
+    python benchmarks/perturbseq.py --threads 1 --n-train 100000 --stem perturbseq_ntrain100000   # both models, ~90 min
 """
 
 from __future__ import annotations

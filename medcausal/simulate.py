@@ -175,8 +175,9 @@ def restamp_counterfactual(model, table: pd.DataFrame, do, seed: int | None, lab
     ``PROVENANCE_COLUMNS``; no column is added). Each row is now ``model``'s counterfactual of the
     input row under ``do``, whatever made that row: ``synthetic`` True, ``synth_strategy``
     ``"counterfactual"``, ``synth_do`` this ``do``, ``synth_source`` the input row's label,
-    ``synth_seed`` the query's seed (missing without one), no ``synth_where``, and no
-    ``synth_epsilon``: a counterfactual reveals the row it derives from (privacy/PRIVACY.md section 3).
+    ``synth_seed`` the query's seed (missing without one; one of 2**63 or more as the int64 torch
+    takes for it, ``seed - 2**64``), no ``synth_where``, and no ``synth_epsilon``: a counterfactual
+    reveals the row it derives from (privacy/PRIVACY.md section 3).
     """
     present = [c for c in PROVENANCE_COLUMNS if c in table.columns]
     if not present:
@@ -185,7 +186,11 @@ def restamp_counterfactual(model, table: pd.DataFrame, do, seed: int | None, lab
     stamp = _provenance(n, model_key=model_id(model), strategy="counterfactual", do=do, where=None,
                         seed=0, epsilon=None, source=np.asarray(labels, dtype=object),
                         variables=model.graph.variables)
-    stamp["synth_seed"] = pd.array([seed] * n, dtype="Int64") if seed is None else stamp["synth_seed"] + seed
+    if seed is None:
+        stamp["synth_seed"] = pd.array([None] * n, dtype="Int64")
+    else:
+        seed = int(seed)
+        stamp["synth_seed"] = np.full(n, seed - 2**64 if seed >= 2**63 else seed, dtype=np.int64)
     for c in present:
         table[c] = stamp[c]
 

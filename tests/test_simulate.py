@@ -50,6 +50,8 @@ def test_counterfactuals_of_simulated_rows_carry_their_own_provenance(fitted):
     assert cf["synth_source"].tolist() == made.index.tolist() and (cf["synth_model"] == S.model_id(fitted)).all()
     assert (made["synth_do"] == '{"s": 0}').all() and (made["synth_strategy"] == "simulate").all()  # untouched
     assert fitted.counterfactual(made, do={"s": 1})["synth_seed"].isna().all()  # no seed asked: none claimed
+    real = made.assign(synthetic=False)  # e.g. an augmented table's real rows: their counterfactuals are not real
+    assert fitted.counterfactual(real, do={"s": 1}, seed=5)["synthetic"].all()
     # a table that tracks only some of the columns keeps tracking those; one that tracks none gains none
     part = fitted.counterfactual(made[["x", "s", "y", "stage", "synth_do"]], do={"s": 1}, seed=5)
     assert list(part.columns) == ["x", "s", "y", "stage", "synth_do"] and (part["synth_do"] == '{"s": 1}').all()

@@ -271,6 +271,11 @@ def test_transported_rows_carry_no_dp_epsilon(private):
     assert transported.any() and (~transported).any()
     assert synth.loc[transported, "synth_epsilon"].isna().all()
     assert (synth.loc[~transported, "synth_epsilon"] == private.privacy["epsilon"]).all()
+    # so is a counterfactual of any row, a sampled one included: it reveals the row it derives from
+    cf = private.counterfactual(synth, do={"s": 1}, seed=2**64 - 1)
+    assert cf["synth_epsilon"].isna().all() and cf["synthetic"].all() and (cf["synth_strategy"] == "counterfactual").all()
+    assert (cf["synth_seed"] == -1).all()  # 2**64 - 1 as the int64 torch seeds its generator with alike
+    pd.testing.assert_frame_equal(cf, private.counterfactual(synth, do={"s": 1}, seed=-1))
     assert "transported rows are counterfactuals" in aug.attrs["medcausal"]["privacy"]["covers"]
 
 

@@ -420,7 +420,7 @@ class FCRMechanism(_CountMechanism):
     (``perturbseq*_lib10000.md``) the MCC is 0.759 / 0.671 / 0.738 against bounds
     0.886 / 0.895 / 0.952. Ten times the cells (100,000; ``perturbseq*_ntrain100000_fcr.md``)
     raise it to 0.877 on simulator 0 but not on simulator 1 (0.397, bound 0.727): there the
-    counts' depth, not their number, limits the code.
+    number of cells is not the limit (five times the depth at 10,000 cells: 0.671, bound 0.895).
     In development runs a larger encoder (``hidden=[256, 128]``: 0.418) and 500 epochs (0.438)
     did not move simulator 1 (0.414), nor a normalizing flow fitted, like the map, on the prior
     term (in place of the linear map) simulator 0 (0.577 against 0.580).

@@ -101,7 +101,9 @@ criterion: in the benchmark's run hvae's held-out negative ELBO is below cvae's 
 -6763 nats per scan, ``best_val_loss_nats`` in ``brain_counterfactuals.json``), yet its
 counterfactuals are worse. Scratch runs not kept in the code did not help either: free bits (no
 KL cost below 4 nats per latent level; the latents then carried 3.6 nats per scan) 0.0205, and
-the latents' projection into the decoder started at zero 0.0201.
+the latents' projection into the decoder started at zero 0.0201. Parents modulating only the 4x4
+and global levels (the 8-64 px levels left alone, a departure from the paper) gave 0.0193, age+20
+0.0284 against 0.0301: part of the gap is the fine levels' modulation, which extrapolates badly.
 
 >>> import torch
 >>> from medcausal.graph import Image

@@ -380,6 +380,7 @@ class CausalModel:
                          "seconds": None if plan is not None else round(result.seconds, 3),
                          "stopped_early": result.stopped_early,
                          "world_size": result.world_size,
+                         "rolled_back": result.rolled_back,  # updates the spike guard undid
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
                          "image_specs": image_specs}
         self.history = result.history

@@ -70,6 +70,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     patience: int = 20
     grad_clip: float | None = 10.0
+    # Undo the update after which a gradient norm jumps over this many times its recent median,
+    # then go on with half the learning rate and no momentum (None: off); see _SpikeGuard.
+    spike_guard: float | None = 50.0
     seed: int = 0
     verbose: bool | None = None  # None: a progress bar only when stderr is a terminal
     device: str = "cpu"
@@ -88,9 +91,10 @@ class TrainConfig:
                 raise MedCausalError(f"{name} must be >= 1, got {v}")
         if not -2**63 <= self.seed < 2**64:
             raise MedCausalError(f"seed must be in [-2**63, 2**64) (torch's seed range), got {self.seed}")
-        for name in ("lr", "weight_decay", "val_fraction", "grad_clip"):
+        for name in ("lr", "weight_decay", "val_fraction", "grad_clip", "spike_guard"):
             v = getattr(self, name)
-            if (name != "grad_clip" or v is not None) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            optional = name in ("grad_clip", "spike_guard")
+            if (not optional or v is not None) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise MedCausalError(f"{name} must be a number, got {v!r}")
         try:  # "cuda:0" or torch.device("cuda", 0): kept as its name, which the model file can hold
             self.device = str(torch.device(self.device))
@@ -103,6 +107,8 @@ class TrainConfig:
             raise MedCausalError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not 0.0 < self.grad_clip < math.inf:
             raise MedCausalError(f"grad_clip must be a finite number > 0 (None: no clipping), got {self.grad_clip}")
+        if self.spike_guard is not None and not 1.0 < self.spike_guard < math.inf:
+            raise MedCausalError(f"spike_guard must be a finite number > 1 (None: off), got {self.spike_guard}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedCausalError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_rows is not None:
@@ -121,6 +127,7 @@ class TrainResult:
     seconds: float = 0.0
     stopped_early: bool = False
     world_size: int = 1
+    rolled_back: int = 0  # updates undone by the spike guard (TrainConfig.spike_guard)
     best_epochs: dict[str, int] = field(default_factory=dict)  # per part, when the module has parts
 
     def to_dict(self) -> dict:
@@ -208,6 +215,86 @@ class _Plateau:
             if self.group["lr"] - new > 1e-8:
                 self.group["lr"] = new
             self.bad = 0
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+class _SpikeGuard:
+    """Undo the update that threw the weights off a cliff, and step more carefully there.
+
+    Each optimizer step is checked before it is taken: when a parameter group's gradient norm
+    is over ``factor`` times the median of its last ``window`` accepted norms (after
+    ``warmup`` of them), or any norm is not finite, the weights, their buffers (e.g. averaged
+    weights) and the optimizer's state go back to before the previous update, that group's
+    learning rate halves and its momentum is cleared, and this batch is skipped. VDVAE (Child
+    2021) skips such updates only; but the spike shows one update *after* the ordinary-sized
+    step that caused it (Adam moving a wide layer coherently: an hvae's posterior jumped so,
+    and its KL term went from 10 to 1e6 nats), so skipping alone leaves the network where it
+    fell, and restoring alone lets the same step fall again.
+
+    Never used by private training: the norm of the un-noised gradient is not private.
+    """
+
+    def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, factor: float, window: int = 100,
+                 warmup: int = 20, limit: int = 25):
+        self.module, self.opt = module, opt
+        self.factor, self.window, self.warmup, self.limit = factor, window, warmup, limit
+        self.norms: list[list[float]] = [[] for _ in opt.param_groups]
+        self.live: list[torch.Tensor] = []
+        self.saved: list[torch.Tensor] = []
+        self.in_a_row = 0
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor an update changes: the module's state (weights, averaged weights) and
+        the optimizer's per-parameter state; the live tensors themselves, copied in place."""
+        state = list(self.module.state_dict(keep_vars=True).values())
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                state += [v for v in self.opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        return state
+
+    @torch.no_grad()
+    def save(self) -> None:
+        live = self._state()
+        if len(live) != len(self.live) or any(a is not b for a, b in zip(live, self.live)):
+            self.live, self.saved = live, [t.detach().clone() for t in live]
+        else:
+            for kept, t in zip(self.saved, live):
+                kept.copy_(t)
+
+    @staticmethod
+    def _norm(group) -> float:
+        norms = [torch.linalg.vector_norm(p.grad) for p in group["params"] if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    @torch.no_grad()
+    def rejects(self) -> bool:
+        norms = [self._norm(g) for g in self.opt.param_groups]
+        spiked = [not math.isfinite(n) or (len(seen) >= self.warmup and n > self.factor * _median(seen) > 0)
+                  for n, seen in zip(norms, self.norms)]
+        if not any(spiked):
+            self.in_a_row = 0
+            for n, seen in zip(norms, self.norms):
+                seen.append(n)
+                del seen[:-self.window]
+            return False
+        self.in_a_row += 1
+        if not self.saved or self.in_a_row > self.limit:
+            raise MedCausalError("training diverged: " + (
+                "a non-finite gradient before the first update; check the data's scale" if not self.saved else
+                f"{self.limit} gradients in a row over {self.factor:g}x their recent median norm after the "
+                f"last update was undone; lower lr="))
+        for t, kept in zip(self.live, self.saved):
+            t.copy_(kept)
+        for group, hit in zip(self.opt.param_groups, spiked):
+            if hit:  # momentum would repeat the fall, and this stretch needs smaller steps
+                group["lr"] *= 0.5
+                for p in group["params"]:
+                    if "exp_avg" in self.opt.state.get(p, {}):
+                        self.opt.state[p]["exp_avg"].zero_()
+        return True
 
 
 def _param_groups(parts: Mapping[str, nn.Module], params: list) -> dict[str, list]:
@@ -349,12 +436,13 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="fit", unit="step", leave=False)
     after_step = _after_step_hooks(module)
+    guard = _SpikeGuard(module, opt, config.spike_guard) if config.spike_guard else None
     best = {name: (math.inf, 0, None) for name in parts}  # part -> (val loss, epoch, weights)
     bad_epochs, t0 = 0, time.perf_counter()
     module.train()
     for epoch in range(config.max_epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        running = 0.0
+        running, taken = 0.0, 0
         for s in range(steps_per_epoch):
             rows = order[s * batch:(s + 1) * batch][rank::world]
             batch_rows = {k: v[rows] for k, v in tensors.items()}
@@ -367,18 +455,24 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
                                      "; lower lr= or check the data's scale")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            for hook in after_step:
-                hook()
-            running += loss.item()
             result.steps += 1
+            if guard is not None and guard.rejects():
+                result.rolled_back += 1
+            else:
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
+                if guard is not None:
+                    guard.save()
+                opt.step()
+                for hook in after_step:
+                    hook()
+                running += loss.item()
+                taken += 1
             if bar is not None:
                 bar.update(1)
             if result.steps >= total:
                 break
-        train_loss = running / (s + 1)
+        train_loss = running / taken if taken else math.nan
         if world > 1:  # the ranks' mean: every rank must take the same decisions (stopping, learning rates)
             mean = torch.tensor([train_loss], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(mean)
@@ -394,7 +488,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             vals = {name: train_loss for name in parts}
         val = sum(vals.values()) if len(val_idx) else train_loss
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val,
-                  "lr": max(g["lr"] for g in opt.param_groups)}
+                  "lr": max(g["lr"] for g in opt.param_groups), "rolled_back": result.rolled_back}
         if len(val_idx) and hasattr(module, "part_losses"):
             record["val_parts"] = vals
         if len(plateaus) > 1:

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -244,3 +245,73 @@ def test_without_a_validation_split_the_training_loss_decides_for_every_part():
     best = min(range(len(result.history)), key=lambda e: result.history[e]["train_loss"])
     assert result.best_epochs == {"a": best, "b": best}
     assert result.best_val_loss == pytest.approx(result.history[best]["train_loss"])
+
+
+class Cliff(nn.Module):
+    """Squared error to data near 4.9, and a cliff just past the minimum (w > 5). Records the
+    weight each forward sees, and counts updates in a buffer (state the guard must restore)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.seen: list[float] = []
+        self.seen_updates: list[int] = []
+
+    def forward(self, batch):
+        self.seen.append(self.w.item())
+        self.seen_updates.append(int(self.updates))
+        return (batch["x"].squeeze(-1) - self.w).pow(2) + 1e6 * torch.relu(self.w - 5).pow(2)
+
+    def after_optimizer_step(self):
+        self.updates += 1
+
+
+def _fit_cliff(spike_guard):
+    torch.manual_seed(0)
+    m = Cliff()
+    x = 4.9 + 0.01 * torch.randn(640, 1)
+    result = train(m, {"x": x}, TrainConfig(max_epochs=20, lr=0.2, batch_size=64, val_fraction=0.0,
+                                            spike_guard=spike_guard, verbose=False))
+    return m, result
+
+
+def test_spike_guard_undoes_the_update_that_went_over_the_cliff():
+    m, result = _fit_cliff(50.0)
+    # Adam's momentum carries w over the cliff once; the next gradient is ~1e4 times the recent ones
+    assert result.rolled_back == 1
+    k = next(i for i, w in enumerate(m.seen) if w > 5)  # the forward after the bad update
+    assert m.seen[k + 1] == m.seen[k - 1]  # the weight before that update, exactly
+    assert m.seen_updates[k + 1] == m.seen_updates[k - 1] == k - 1  # and the module's buffers
+    assert result.history[-1]["lr"] == pytest.approx(0.1)  # it goes on with half the step
+    assert max(m.seen[k + 1:]) < 5.0  # and never over the cliff again
+    assert max(h["train_loss"] for h in result.history[3:]) < 0.01
+    assert abs(m.w.item() - 4.9) < 0.01
+
+
+def test_without_the_spike_guard_the_same_fit_pays_for_the_cliff():
+    # the check above can fail: unguarded, the same run goes over and its epoch's loss jumps
+    m, result = _fit_cliff(None)
+    assert result.rolled_back == 0 and max(m.seen) > 5
+    assert max(h["train_loss"] for h in result.history[3:]) > 10
+
+
+def test_spike_guard_gives_up_on_a_gradient_that_stays_huge():
+    class Runaway(Mean):
+        def forward(self, batch):
+            grow = 10.0 ** (self.steps // 30 * 4)  # after 30 steps every gradient is 1e4 times larger
+            self.steps += 1
+            return (batch["x"] - self.mu).pow(2).squeeze(-1) * grow
+
+    m = Runaway()
+    m.steps = 0
+    with pytest.raises(MedCausalError, match="25 gradients in a row over 50x"):
+        train(m, {"x": torch.randn(100, 1)}, TrainConfig(max_steps=200, batch_size=10, val_fraction=0.0,
+                                                         verbose=False))
+    assert m.steps == 30 + 26  # 25 retries allowed, the 26th gives up
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, math.inf, "50", True])
+def test_spike_guard_setting_is_checked(bad):
+    with pytest.raises(MedCausalError, match="spike_guard"):
+        TrainConfig(spike_guard=bad)

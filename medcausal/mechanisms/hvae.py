@@ -81,29 +81,32 @@ counterfactuals move within the spread between cohorts (sd 0.0003,
 in the benchmark's default setting 0.0199 against 0.0201 (cvae at 0.3: 0.0189 against 0.0190),
 and at 64x64 with 3000 steps 0.0202 against 0.0203 (``brain_counterfactuals*_beta0*.md``).
 
-What a VAE with unused latents can reach is estimated by ``benchmarks/brain_collapsed_ceiling.py``
-in the benchmark's default setting (mean over the four queries, 64 other patients' noise per
-patient, both figures still falling slowly with more): each scan plus the true conditional
-mean's change ``E[x | pa*] - E[x | pa]``, which a collapsed VAE with the per-pixel scale map
-converges to under its Gaussian likelihood, scores about 0.017 (0.0173); the per-pixel median of
-the same changes, an estimate of the least MAE any answer ``x + change(pa, pa*)`` can have,
-0.0158 or a little below; cvae 0.0190, hvae 0.0201. Going lower needs an answer that depends on
-the scan beyond a shift set by the parents: latents that carry the patient's own noise (pose,
-bias field, lesion sites), or a pixel scale from the decoder that rescales the residual.
-``parent_embedding=256`` (the FiLMs read an MLP embedding of the parents, and the coarsest grid a
-map of it, as the cvae's bottleneck does; 1.19 M weights against 0.80 M, cvae 0.90 M) brings hvae
-from 0.0201 / 0.0192 to 0.0196 / 0.0185 on two cohorts (``--seed`` 0 / 1), against cvae 0.0190 /
-0.0184: closer, not below, so it stays off. On seed 0 its latents carried 76 nats per scan (4x4
-level), on seed 1 0.04 (``brain_counterfactuals*_parent_embedding256*.md``,
-``brain_counterfactuals_seed1.md``); with one latent level (the global one) it gives 0.0193
+What a VAE with unused latents can reach is estimated by
+``benchmarks/brain_collapsed_ceiling.py`` in the benchmark's default setting (mean over the four
+queries, 64 other patients' noise per patient, both figures still falling slowly with more): each
+scan plus the true conditional mean's change ``E[x | pa*] - E[x | pa]``, which a collapsed VAE
+with the per-pixel scale map converges to under its Gaussian likelihood, scores about 0.017
+(0.0173); the per-pixel median of the same changes, an estimate of the least MAE any answer
+``x + change(pa, pa*)`` can have, 0.0158 or a little below; cvae 0.0190, hvae 0.0201 (0.0191 and 0.0198
+in the re-run on another machine, with the training loop's spike guard,
+``brain_counterfactuals.md``). Going lower needs an answer that depends on the scan beyond a
+shift set by the parents: latents that carry the patient's own noise (pose, bias field, lesion
+sites), or a pixel scale from the decoder that rescales the residual. ``parent_embedding=256``
+(the FiLMs read an MLP embedding of the parents, and the coarsest grid a map of it, as the cvae's
+bottleneck does; 1.19 M weights against 0.80 M, cvae 0.90 M) brings hvae from 0.0201 / 0.0192 to
+0.0196 / 0.0185 on two cohorts (``--seed`` 0 / 1), against cvae 0.0190 / 0.0184: closer, not
+below, so it stays off. On seed 0 its latents carried 76 nats per scan (4x4 level), on seed 1
+0.04 (``brain_counterfactuals*_parent_embedding256*.md``, ``brain_counterfactuals_seed1.md``);
+with one latent level (the global one) it gives 0.0193
 (``brain_counterfactuals_parent_embedding256_latent_levels1.md``). The likelihood is not the
 criterion: in the benchmark's run hvae's held-out negative ELBO is below cvae's (-6804 against
--6763 nats per scan, ``best_val_loss_nats`` in ``brain_counterfactuals.json``), yet its
-counterfactuals are worse. Scratch runs not kept in the code did not help either: free bits (no
-KL cost below 4 nats per latent level; the latents then carried 3.6 nats per scan) 0.0205, and
-the latents' projection into the decoder started at zero 0.0201. Parents modulating only the 4x4
-and global levels (the 8-64 px levels left alone, a departure from the paper) gave 0.0193, age+20
-0.0284 against 0.0301: part of the gap is the fine levels' modulation, which extrapolates badly.
+-6763 nats per scan; -6836 against -6600 in the re-run, ``best_val_loss_nats`` in
+``brain_counterfactuals.json``), yet its counterfactuals are worse. Scratch runs not kept in the
+code did not help either: free bits (no KL cost below 4 nats per latent level; the latents then
+carried 3.6 nats per scan) 0.0205, and the latents' projection into the decoder started at zero
+0.0201. Parents modulating only the 4x4 and global levels (the 8-64 px levels left alone, a
+departure from the paper) gave 0.0193, age+20 0.0284 against 0.0301: part of the gap is the fine
+levels' modulation, which extrapolates badly.
 
 >>> import torch
 >>> from medcausal.graph import Image

@@ -261,7 +261,7 @@ class CausalModel:
     def fit(self, data, *, seed: int = 0, max_epochs: int | None = None, max_steps: int | None = None,
             batch_size: int = 512, lr: float = 3e-3, val_fraction: float = 0.1, patience: int | None = None,
             verbose: bool | None = None, device: str = "cpu", privacy=None,
-            on_epoch: Callable[[dict], None] | None = None) -> "CausalModel":
+            on_epoch: Callable[[dict], None] | None = None, spike_guard: float | None = 50.0) -> "CausalModel":
         """Fit every mechanism jointly by maximum likelihood (or its bound); returns ``self``.
 
         ``data`` is a DataFrame whose columns are the variable names, or a Cohort.
@@ -276,6 +276,11 @@ class CausalModel:
         ``on_epoch(record)`` is called after every epoch with that epoch's record of
         ``model.history`` (losses, learning rate, and ``val_parts``: each mechanism's
         validation loss by variable name), e.g. to trace a query's accuracy during training.
+
+        ``spike_guard``: when a mechanism's gradient norm jumps over this many times its recent
+        median, the batch is skipped if it is out of line, or else the update before it is
+        undone and that mechanism steps more carefully for a while (``fit_info["skipped_batches"]``,
+        ``fit_info["rolled_back"]``; ``None``: off; private training never uses it).
 
         A fit that fails or is interrupted leaves the model as it was (its weights, codecs and
         privacy ledger), never half-trained under the old ledger.
@@ -292,14 +297,15 @@ class CausalModel:
             with forked_rng(device):
                 return self._fit(data, seed=seed, max_epochs=max_epochs, max_steps=max_steps,
                                  batch_size=batch_size, lr=lr, val_fraction=val_fraction, patience=patience,
-                                 verbose=verbose, device=device, privacy=privacy, on_epoch=on_epoch)
+                                 verbose=verbose, device=device, privacy=privacy, on_epoch=on_epoch,
+                                 spike_guard=spike_guard)
         except BaseException:  # KeyboardInterrupt too
             for k, v in kept.items():
                 setattr(self, k, v)
             raise
 
     def _fit(self, data, *, seed, max_epochs, max_steps, batch_size, lr, val_fraction, patience, verbose,
-             device, privacy, on_epoch) -> "CausalModel":
+             device, privacy, on_epoch, spike_guard) -> "CausalModel":
         if on_epoch is not None and not callable(on_epoch):
             raise MedCausalError(f"fit(on_epoch=...) takes a function of the epoch's record, got "
                                  f"{type(on_epoch).__name__}")
@@ -328,7 +334,7 @@ class CausalModel:
         # checks the settings before any work (the private plan reads batch_size and the epochs)
         config = TrainConfig(max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                              val_fraction=val_fraction, patience=patience, seed=seed, verbose=verbose,
-                             device=device)
+                             device=device, spike_guard=spike_guard)
         plan = None
         if privacy is not None:
             from .privacy.engine import prepare
@@ -381,6 +387,7 @@ class CausalModel:
                          "stopped_early": result.stopped_early,
                          "world_size": result.world_size,
                          "rolled_back": result.rolled_back,  # updates the spike guard undid
+                         "skipped_batches": result.skipped_batches,  # batches it skipped
                          "config": {k: v for k, v in vars(config).items() if k != "verbose"},
                          "image_specs": image_specs}
         self.history = result.history

@@ -49,6 +49,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
@@ -70,8 +71,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     patience: int = 20
     grad_clip: float | None = 10.0
-    # Undo the update after which a gradient norm jumps over this many times its recent median,
-    # then go on with half the learning rate and no momentum (None: off); see _SpikeGuard.
+    # A gradient norm over this many times its recent median (or not finite): skip the batch if
+    # it is as far out at the earlier weights, else undo the update before it and go on with no
+    # momentum and half the learning rate (None: off); see _SpikeGuard.
     spike_guard: float | None = 50.0
     seed: int = 0
     verbose: bool | None = None  # None: a progress bar only when stderr is a terminal
@@ -128,6 +130,7 @@ class TrainResult:
     stopped_early: bool = False
     world_size: int = 1
     rolled_back: int = 0  # updates undone by the spike guard (TrainConfig.spike_guard)
+    skipped_batches: int = 0  # batches it skipped as out of line (not the update's doing)
     best_epochs: dict[str, int] = field(default_factory=dict)  # per part, when the module has parts
 
     def to_dict(self) -> dict:
@@ -217,6 +220,14 @@ class _Plateau:
             self.bad = 0
 
 
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:  # older torch
+        for d, t in zip(dst, src):
+            d.copy_(t)
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -224,15 +235,22 @@ def _median(values: list[float]) -> float:
 class _SpikeGuard:
     """Undo the update that threw the weights off a cliff, and step more carefully there.
 
-    Each optimizer step is checked before it is taken: when a parameter group's gradient norm
+    Each optimizer step is checked before it is taken. When a parameter group's gradient norm
     is over ``factor`` times the median of its last ``window`` accepted norms (after
-    ``warmup`` of them), or any norm is not finite, the weights, their buffers (e.g. averaged
-    weights) and the optimizer's state go back to before the previous update, that group's
-    learning rate halves and its momentum is cleared, and this batch is skipped. VDVAE (Child
-    2021) skips such updates only; but the spike shows one update *after* the ordinary-sized
-    step that caused it (Adam moving a wide layer coherently: an hvae's posterior jumped so,
-    and its KL term went from 10 to 1e6 nats), so skipping alone leaves the network where it
-    fell, and restoring alone lets the same step fall again.
+    ``warmup`` of them), or is not finite, the batch's gradient is computed again at the
+    weights before the previous update:
+
+    - still as far out: the batch is out of line (outlying rows), and it is skipped;
+    - back in line: the previous update threw the weights off a cliff. The weights, their
+      buffers (e.g. averaged weights) and the optimizer's state stay as they were before it,
+      this batch is skipped, and the group that spiked loses its momentum and goes on with
+      half its learning rate (a backtracking step: the schedule goes on from there).
+
+    Skipped batches count as steps. VDVAE (Child 2021) skips spiking updates only; but a cliff
+    shows one update *after* the ordinary-sized step that went over it (Adam moving a wide
+    layer coherently: an hvae's posterior jumped so, and its KL term went from 10 to 1e6
+    nats), so skipping alone leaves the network where it fell, and restoring alone lets the
+    same step fall again.
 
     Never used by private training: the norm of the un-noised gradient is not private.
     """
@@ -244,11 +262,12 @@ class _SpikeGuard:
         self.norms: list[list[float]] = [[] for _ in opt.param_groups]
         self.live: list[torch.Tensor] = []
         self.saved: list[torch.Tensor] = []
+        self.with_state: set[int] = set()  # ids of the parameters that had optimizer state when saved
         self.in_a_row = 0
 
     def _state(self) -> list[torch.Tensor]:
-        """Every tensor an update changes: the module's state (weights, averaged weights) and
-        the optimizer's per-parameter state; the live tensors themselves, copied in place."""
+        """Every tensor an update changes, the live ones: the module's state (weights, averaged
+        weights) and the optimizer's per-parameter state."""
         state = list(self.module.state_dict(keep_vars=True).values())
         for group in self.opt.param_groups:
             for p in group["params"]:
@@ -257,44 +276,61 @@ class _SpikeGuard:
 
     @torch.no_grad()
     def save(self) -> None:
-        live = self._state()
-        if len(live) != len(self.live) or any(a is not b for a, b in zip(live, self.live)):
-            self.live, self.saved = live, [t.detach().clone() for t in live]
+        if len(self.opt.state) != len(self.with_state) or not self.live:  # new optimizer state: list again
+            self.live = self._state()
+            self.saved = [t.detach().clone() for t in self.live]
+            self.with_state = {id(p) for p in self.opt.state}
         else:
-            for kept, t in zip(self.saved, live):
-                kept.copy_(t)
+            _copy_all(self.saved, self.live)
 
-    @staticmethod
-    def _norm(group) -> float:
-        norms = [torch.linalg.vector_norm(p.grad) for p in group["params"] if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    def _norms(self) -> list[float]:
+        per_group = [[p.grad for p in g["params"] if p.grad is not None] for g in self.opt.param_groups]
+        found = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
+                 for grads in per_group if grads]
+        values = iter(torch.stack(found).tolist() if found else [])  # one device sync
+        return [next(values) if grads else 0.0 for grads in per_group]
 
-    @torch.no_grad()
-    def rejects(self) -> bool:
-        norms = [self._norm(g) for g in self.opt.param_groups]
-        spiked = [not math.isfinite(n) or (len(seen) >= self.warmup and n > self.factor * _median(seen) > 0)
-                  for n, seen in zip(norms, self.norms)]
+    def _spiked(self, norms: list[float]) -> list[bool]:
+        return [not math.isfinite(n) or (len(seen) >= self.warmup and n > self.factor * _median(seen) > 0)
+                for n, seen in zip(norms, self.norms)]
+
+    def check(self, regrad: Callable[[], None]) -> str | None:
+        """``None``: take this step. ``"batch"``: skip this batch, whose gradient is as far out at
+        the weights before the previous update (rows out of line, not a cliff). ``"update"``: the
+        previous update was undone. ``regrad()`` recomputes this batch's gradients."""
+        norms = self._norms()
+        spiked = self._spiked(norms)
         if not any(spiked):
             self.in_a_row = 0
             for n, seen in zip(norms, self.norms):
                 seen.append(n)
                 del seen[:-self.window]
-            return False
+            return None
         self.in_a_row += 1
         if not self.saved or self.in_a_row > self.limit:
             raise MedCausalError("training diverged: " + (
                 "a non-finite gradient before the first update; check the data's scale" if not self.saved else
-                f"{self.limit} gradients in a row over {self.factor:g}x their recent median norm after the "
-                f"last update was undone; lower lr="))
-        for t, kept in zip(self.live, self.saved):
-            t.copy_(kept)
+                f"{self.limit} gradients in a row over {self.factor:g}x their recent median norm; lower lr= "
+                f"or check the data for rows far out of line"))
+        with torch.no_grad():
+            now = [t.detach().clone() for t in self.live]
+            _copy_all(self.live, self.saved)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            regrad()
+        if any(a and b for a, b in zip(spiked, self._spiked(self._norms()))):
+            with torch.no_grad():  # as far out before that update: the batch, not the update
+                _copy_all(self.live, now)
+            return "batch"
+        for p in [p for p in self.opt.state if id(p) not in self.with_state]:  # made by the undone update
+            del self.opt.state[p]
         for group, hit in zip(self.opt.param_groups, spiked):
-            if hit:  # momentum would repeat the fall, and this stretch needs smaller steps
+            if hit:  # momentum would repeat the fall, and the weights are where steps this size fall
                 group["lr"] *= 0.5
                 for p in group["params"]:
                     if "exp_avg" in self.opt.state.get(p, {}):
                         self.opt.state[p]["exp_avg"].zero_()
-        return True
+        return "update"
 
 
 def _param_groups(parts: Mapping[str, nn.Module], params: list) -> dict[str, list]:
@@ -442,7 +478,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
     module.train()
     for epoch in range(config.max_epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        running, taken = 0.0, 0
+        running, taken, rejected = 0.0, 0, 0.0
         for s in range(steps_per_epoch):
             rows = order[s * batch:(s + 1) * batch][rank::world]
             batch_rows = {k: v[rows] for k, v in tensors.items()}
@@ -456,8 +492,11 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             opt.zero_grad(set_to_none=True)
             loss.backward()
             result.steps += 1
-            if guard is not None and guard.rejects():
-                result.rolled_back += 1
+            verdict = guard.check(lambda: net(batch_rows).mean().backward()) if guard is not None else None
+            if verdict is not None:
+                result.rolled_back += verdict == "update"
+                result.skipped_batches += verdict == "batch"
+                rejected += loss.item()
             else:
                 if config.grad_clip:
                     nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -472,7 +511,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
                 bar.update(1)
             if result.steps >= total:
                 break
-        train_loss = running / taken if taken else math.nan
+        train_loss = running / taken if taken else rejected / (s + 1)  # an epoch of rejected batches only
         if world > 1:  # the ranks' mean: every rank must take the same decisions (stopping, learning rates)
             mean = torch.tensor([train_loss], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(mean)
@@ -488,7 +527,8 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             vals = {name: train_loss for name in parts}
         val = sum(vals.values()) if len(val_idx) else train_loss
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val,
-                  "lr": max(g["lr"] for g in opt.param_groups), "rolled_back": result.rolled_back}
+                  "lr": max(g["lr"] for g in opt.param_groups), "rolled_back": result.rolled_back,
+                  "skipped_batches": result.skipped_batches}
         if len(val_idx) and hasattr(module, "part_losses"):
             record["val_parts"] = vals
         if len(plateaus) > 1:
@@ -531,6 +571,11 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         result.best_epochs = {name: e for name, (_, e) in kept.items()}
     module.eval()
     result.seconds = time.perf_counter() - t0
+    if result.rolled_back + result.skipped_batches > max(5, result.steps // 100) and rank == 0:
+        warnings.warn(f"training: of {result.steps} steps, the spike guard skipped {result.skipped_batches} batches "
+                      f"whose gradient norm was over {config.spike_guard:g}x the recent median (rows far out of "
+                      f"line?) and undid {result.rolled_back} updates after which it was (a learning rate too "
+                      f"high?); spike_guard=None trains on every batch as it is", stacklevel=2)
     return result
 
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -283,7 +284,8 @@ def test_spike_guard_undoes_the_update_that_went_over_the_cliff():
     k = next(i for i, w in enumerate(m.seen) if w > 5)  # the forward after the bad update
     assert m.seen[k + 1] == m.seen[k - 1]  # the weight before that update, exactly
     assert m.seen_updates[k + 1] == m.seen_updates[k - 1] == k - 1  # and the module's buffers
-    assert result.history[-1]["lr"] == pytest.approx(0.1)  # it goes on with half the step
+    lrs = [h["lr"] for h in result.history]  # 10 steps per epoch: the spike is in epoch k // 10
+    assert lrs[:k // 10] == [0.2] * (k // 10) and lrs[k // 10:] == [0.1] * (len(lrs) - k // 10)  # half the step
     assert max(m.seen[k + 1:]) < 5.0  # and never over the cliff again
     assert max(h["train_loss"] for h in result.history[3:]) < 0.01
     assert abs(m.w.item() - 4.9) < 0.01
@@ -305,13 +307,32 @@ def test_spike_guard_gives_up_on_a_gradient_that_stays_huge():
 
     m = Runaway()
     m.steps = 0
+    x = 3.0 + 0.1 * torch.randn(100, 1, generator=torch.Generator().manual_seed(0))  # far from mu = 0
     with pytest.raises(MedCausalError, match="25 gradients in a row over 50x"):
-        train(m, {"x": torch.randn(100, 1)}, TrainConfig(max_steps=200, batch_size=10, val_fraction=0.0,
-                                                         verbose=False))
-    assert m.steps == 30 + 26  # 25 retries allowed, the 26th gives up
+        train(m, {"x": x}, TrainConfig(max_steps=200, batch_size=10, val_fraction=0.0, verbose=False))
+    assert m.steps == 30 + 2 * 25 + 1  # 25 skips allowed (each batch also tried at the earlier weights)
 
 
 @pytest.mark.parametrize("bad", [1.0, 0.5, math.inf, "50", True])
 def test_spike_guard_setting_is_checked(bad):
     with pytest.raises(MedCausalError, match="spike_guard"):
         TrainConfig(spike_guard=bad)
+
+
+def test_spike_guard_skips_outlying_rows_and_warns_without_touching_the_learning_rate():
+    # three rows 3000 sd out: every batch holding one is as far out whatever the weights
+    x = 2.0 + torch.randn(2000, 1, generator=torch.Generator().manual_seed(0))
+    x[[5, 700, 1400]] = 3000.0
+    runs = {}
+    for guard in (50.0, None):
+        config = TrainConfig(max_epochs=60, lr=0.05, batch_size=64, val_fraction=0.0, patience=1000,
+                             spike_guard=guard, verbose=False)  # no plateau halvings: the guard's alone
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[guard] = (train(Mean(), {"x": x}, config), [str(w.message) for w in caught])
+    guarded, messages = runs[50.0]
+    # their batches are as far out at the earlier weights: skipped, no update undone, no lr lost
+    assert guarded.skipped_batches > 30 and guarded.rolled_back == 0
+    assert any("skipped" in m and "rows far out of line" in m for m in messages)
+    assert guarded.history[-1]["lr"] == runs[None][0].history[-1]["lr"] == 0.05
+    assert runs[None][0].skipped_batches == 0 and not runs[None][1]

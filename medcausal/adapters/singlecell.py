@@ -502,7 +502,7 @@ class FCRModel:
                                  val_rows=range(rows.size, rows.size + val.size) if val.size else None)
             history: list[dict] = []
             refines: list[dict] = []
-            steps, seconds, best_epoch, best_val = 0, 0.0, 0, math.inf
+            steps, seconds, best_epoch, best_val, rolled_back, skipped = 0, 0.0, 0, math.inf, 0, 0
             for r in range(rounds):
                 epochs = max_epochs // rounds + (1 if r < max_epochs % rounds else 0)
                 left = None if max_steps is None else -(-(max_steps - steps) // (rounds - r))  # a share each
@@ -516,6 +516,7 @@ class FCRModel:
                     best_val = result.best_val_loss  # this is the best seen in any run
                     best_epoch = len(history) - len(result.history) + result.best_epoch
                 steps, seconds = steps + result.steps, seconds + result.seconds
+                rolled_back, skipped = rolled_back + result.rolled_back, skipped + result.skipped_batches
                 self.module.to("cpu").eval()
                 if getattr(self.module, "refine_steps", 0):  # fcr: align the code with its conditional priors
                     refines.append(self.module.refine_latent_map(
@@ -525,7 +526,7 @@ class FCRModel:
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),
                          "best_epoch": best_epoch, "best_val_loss": best_val, "epochs": len(history),
                          "steps": steps, "seconds": round(seconds, 3), "stopped_early": result.stopped_early,
-                         "rounds": runs}
+                         "rounds": runs, "rolled_back": rolled_back, "skipped_batches": skipped}
         if refines:
             self.fit_info["refine"] = refines
         return self

@@ -100,9 +100,9 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(args, tmp_path):
+def _run(args, tmp_path, text=DDP_SCRIPT):
     script = tmp_path / "fit.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args, str(script), str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=env)
@@ -336,3 +336,39 @@ def test_spike_guard_skips_outlying_rows_and_warns_without_touching_the_learning
     assert any("skipped" in m and "rows far out of line" in m for m in messages)
     assert guarded.history[-1]["lr"] == runs[None][0].history[-1]["lr"] == 0.05
     assert runs[None][0].skipped_batches == 0 and not runs[None][1]
+
+
+CLIFF_DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from torch import nn
+    from medcausal.train import TrainConfig, train
+
+    class Cliff(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, batch):
+            return (batch["x"].squeeze(-1) - self.w).pow(2) + 1e6 * torch.relu(self.w - 5).pow(2)
+
+    x = 4.9 + 0.01 * torch.randn(640, 1, generator=torch.Generator().manual_seed(0))
+    m = Cliff()
+    r = train(m, {"x": x}, TrainConfig(max_epochs=20, lr=0.2, batch_size=64, val_fraction=0.0, verbose=False))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"w": m.w.detach(), "rolled_back": torch.tensor(r.rolled_back),
+                "lr": torch.tensor(r.history[-1]["lr"])}, sys.argv[1] + f"/rank{rank}.pt")
+""")
+
+
+def test_ddp_ranks_take_the_spike_guard_s_decisions_together(tmp_path):
+    # the guard's second look at a batch runs forward and backward again under DDP: every rank
+    # must do it at the same step, or the gradient all-reduce would hang or mix steps
+    for where, args in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                        ("single", [])):
+        (tmp_path / where).mkdir()
+        _run(args, tmp_path / where, CLIFF_DDP_SCRIPT)
+    r0, r1, one = (torch.load(tmp_path / w / f, weights_only=True)
+                   for w, f in (("ddp", "rank0.pt"), ("ddp", "rank1.pt"), ("single", "rank0.pt")))
+    assert int(r0["rolled_back"]) == int(r1["rolled_back"]) == int(one["rolled_back"]) == 1
+    assert torch.equal(r0["w"], r1["w"]) and float(r0["lr"]) == float(r1["lr"]) == pytest.approx(0.1)
+    torch.testing.assert_close(r0["w"], one["w"], atol=1e-4, rtol=1e-4)

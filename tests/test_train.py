@@ -372,3 +372,28 @@ def test_ddp_ranks_take_the_spike_guard_s_decisions_together(tmp_path):
     assert int(r0["rolled_back"]) == int(r1["rolled_back"]) == int(one["rolled_back"]) == 1
     assert torch.equal(r0["w"], r1["w"]) and float(r0["lr"]) == float(r1["lr"]) == pytest.approx(0.1)
     torch.testing.assert_close(r0["w"], one["w"], atol=1e-4, rtol=1e-4)
+
+
+def test_spike_guard_slows_only_the_part_that_went_over_the_cliff():
+    class CliffAndMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Cliff(), Mean()
+
+        def parts(self):
+            return {"a": self.a, "b": self.b}
+
+        def part_losses(self, batch):
+            return {"a": self.a({"x": batch["x"]}), "b": self.b({"x": batch["y"]})}
+
+        def forward(self, batch):
+            return sum(self.part_losses(batch).values())
+
+    g = torch.Generator().manual_seed(0)
+    data = {"x": 4.9 + 0.01 * torch.randn(640, 1, generator=g), "y": 3.0 + torch.randn(640, 1, generator=g)}
+    m = CliffAndMean()
+    result = train(m, data, TrainConfig(max_epochs=20, lr=0.2, batch_size=64, val_fraction=0.0, patience=1000,
+                                        verbose=False))  # no plateau halvings: the guard's alone
+    assert result.rolled_back == 1
+    assert result.history[-1]["lr_parts"] == {"a": pytest.approx(0.1), "b": pytest.approx(0.2)}
+    assert abs(m.a.w.item() - 4.9) < 0.01 and abs(m.b.mu.item() - data["y"].mean().item()) < 0.1

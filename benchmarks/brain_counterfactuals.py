@@ -437,6 +437,7 @@ def main(argv=None, command: str | None = None):
                          reconstruct_is_null=(kind == "image-diffusion"), realism=realism)
             r.update({"train_seconds": seconds, "train_cpu_seconds": cpu_seconds, "steps": steps, "lr": lr,
                       "best_val_loss_nats": fit.best_val_loss, "train_images_per_s": steps * args.batch_size / seconds,
+                      "rolled_back": fit.rolled_back, "skipped_batches": fit.skipped_batches,
                       "eval_seconds": time.perf_counter() - t0,
                       "parameters": sum(p.numel() for p in mech.net.parameters()), "hparams": mech.hparams, **extra})
             results[label] = r
@@ -501,6 +502,10 @@ def render_markdown(s: dict) -> str:
          f"inflated by the load; CPU times are this process's). Total {s.get('total_seconds', float('nan')) / 60:.1f} min"
          + (f" wall, {s['total_cpu_seconds'] / 60:.1f} min CPU" if "total_cpu_seconds" in s else "") + "."
          + ("" if s.get("complete", True) else " **Run incomplete: partial results.**"), ""]
+    if any("rolled_back" in res[n] for n in names):
+        L += ["Training loop's spike guard: " + "; ".join(
+            f"{n} undid {res[n].get('rolled_back', 0)} update(s) and skipped {res[n].get('skipped_batches', 0)} "
+            f"batch(es)" for n in names) + ".", ""]
     for n in names:
         if "image-diffusion" in n or "guidance" in res[n].get("hparams", {}):
             hp = res[n]["hparams"]

@@ -252,12 +252,18 @@ class _SpikeGuard:
     nats), so skipping alone leaves the network where it fell, and restoring alone lets the
     same step fall again.
 
-    Never used by private training: the norm of the un-noised gradient is not private.
+    A loss that is not finite counts as a spike of every group (in one process; under DDP it
+    stops training as before). The copy of the training state
+    (weights, averaged weights, optimizer moments) doubles its memory; the module's buffers
+    must change in place (as ``+=``, ``copy_`` and ``lerp_`` do), not be reassigned. Never used
+    by private training: the norm of the un-noised gradient is not private.
     """
 
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, factor: float, window: int = 100,
-                 warmup: int = 20, limit: int = 25):
+                 warmup: int = 20, limit: int = 25, names: list[str] | None = None):
         self.module, self.opt = module, opt
+        # the parts' names, to name the one that diverged ("\u00b7" is how CausalModel writes ".")
+        self.names = [None if n in ("", "\0rest") else n.replace("\u00b7", ".") for n in (names or [])]
         self.factor, self.window, self.warmup, self.limit = factor, window, warmup, limit
         self.norms: list[list[float]] = [[] for _ in opt.param_groups]
         self.live: list[torch.Tensor] = []
@@ -294,11 +300,12 @@ class _SpikeGuard:
         return [not math.isfinite(n) or (len(seen) >= self.warmup and n > self.factor * _median(seen) > 0)
                 for n, seen in zip(norms, self.norms)]
 
-    def check(self, regrad: Callable[[], None]) -> str | None:
+    def check(self, regrad: Callable[[], None], overflowed: bool = False) -> str | None:
         """``None``: take this step. ``"batch"``: skip this batch, whose gradient is as far out at
         the weights before the previous update (rows out of line, not a cliff). ``"update"``: the
-        previous update was undone. ``regrad()`` recomputes this batch's gradients."""
-        norms = self._norms()
+        previous update was undone. ``regrad()`` recomputes this batch's gradients.
+        ``overflowed``: the batch's loss was not finite (no gradients): every group spiked."""
+        norms = [math.nan] * len(self.norms) if overflowed else self._norms()
         spiked = self._spiked(norms)
         if not any(spiked):
             self.in_a_row = 0
@@ -308,10 +315,11 @@ class _SpikeGuard:
             return None
         self.in_a_row += 1
         if not self.saved or self.in_a_row > self.limit:
+            where = ", ".join(repr(n) for n, hit in zip(self.names, spiked) if hit and n)
             raise MedCausalError("training diverged: " + (
-                "a non-finite gradient before the first update; check the data's scale" if not self.saved else
-                f"{self.limit} gradients in a row over {self.factor:g}x their recent median norm; lower lr= "
-                f"or check the data for rows far out of line"))
+                "a non-finite gradient before the first update" if not self.saved else
+                f"{self.limit} gradients in a row over {self.factor:g}x their recent median norm") +
+                (f" (of {where})" if where else "") + "; lower lr= or check the data for rows far out of line")
         with torch.no_grad():
             now = [t.detach().clone() for t in self.live]
             _copy_all(self.live, self.saved)
@@ -472,7 +480,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc="fit", unit="step", leave=False)
     after_step = _after_step_hooks(module)
-    guard = _SpikeGuard(module, opt, config.spike_guard) if config.spike_guard else None
+    guard = _SpikeGuard(module, opt, config.spike_guard, names=list(groups)) if config.spike_guard else None
     best = {name: (math.inf, 0, None) for name in parts}  # part -> (val loss, epoch, weights)
     bad_epochs, t0 = 0, time.perf_counter()
     module.train()
@@ -483,16 +491,21 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             rows = order[s * batch:(s + 1) * batch][rank::world]
             batch_rows = {k: v[rows] for k, v in tensors.items()}
             loss = net(batch_rows).mean()
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            # the guard takes an overflow in one process only: under DDP a rank's loss is its own,
+            # and agreeing on it would take one more collective per step
+            if not finite and (guard is None or not guard.saved or world > 1 or guard.in_a_row >= guard.limit):
                 # CausalModel keys its parts by variable name, "." written "\u00b7" (a ModuleDict key)
                 where = ", ".join(repr(k.replace("\u00b7", ".")) for k in _nonfinite_parts(module, batch_rows))
                 raise MedCausalError(f"training diverged at epoch {epoch}, step {result.steps}: loss is "
                                      f"{loss.item()}" + (f" (of {where})" if where else "") +
                                      "; lower lr= or check the data's scale")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if finite:
+                loss.backward()
             result.steps += 1
-            verdict = guard.check(lambda: net(batch_rows).mean().backward()) if guard is not None else None
+            verdict = (guard.check(lambda: net(batch_rows).mean().backward(), overflowed=not finite)
+                       if guard is not None else None)
             if verdict is not None:
                 result.rolled_back += verdict == "update"
                 result.skipped_batches += verdict == "batch"

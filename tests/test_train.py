@@ -97,6 +97,9 @@ DDP_SCRIPT = textwrap.dedent("""
     state = dict(model.mechanisms.state_dict())
     state["world_size"] = torch.tensor(model.fit_info["world_size"])
     torch.save(state, sys.argv[1] + f"/rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 """)
 
 
@@ -357,6 +360,9 @@ CLIFF_DDP_SCRIPT = textwrap.dedent("""
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"w": m.w.detach(), "rolled_back": torch.tensor(r.rolled_back),
                 "lr": torch.tensor(r.history[-1]["lr"])}, sys.argv[1] + f"/rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 """)
 
 
@@ -383,3 +389,24 @@ def test_spike_guard_slows_only_the_part_that_went_over_the_cliff():
     assert result.rolled_back == 1
     assert result.history[-1]["lr_parts"] == {"a": pytest.approx(0.1), "b": pytest.approx(0.2)}
     assert abs(m.a.w.item() - 4.9) < 0.01 and abs(m.b.mu.item() - data["y"].mean().item()) < 0.1
+
+
+def test_spike_guard_undoes_an_update_whose_loss_overflows():
+    class Overflow(Cliff):  # past the cliff the loss is inf: no gradient to measure at all
+        def forward(self, batch):
+            self.seen.append(self.w.item())
+            return (batch["x"].squeeze(-1) - self.w).pow(2) + torch.expm1(1e6 * torch.relu(self.w - 5))
+
+    def fit(spike_guard):
+        torch.manual_seed(0)
+        m = Overflow()
+        x = 4.9 + 0.01 * torch.randn(640, 1)
+        config = TrainConfig(max_epochs=20, lr=0.2, batch_size=64, val_fraction=0.0, spike_guard=spike_guard,
+                             verbose=False)
+        return m, train(m, {"x": x}, config)
+
+    m, result = fit(50.0)
+    assert result.rolled_back >= 1 and max(m.seen) > 5  # it did go over, and came back
+    assert abs(m.w.item() - 4.9) < 0.01
+    with pytest.raises(MedCausalError, match="loss is inf"):
+        fit(None)

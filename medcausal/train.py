@@ -253,10 +253,10 @@ class _SpikeGuard:
     same step fall again.
 
     A loss that is not finite counts as a spike of every group (in one process; under DDP it
-    stops training as before). The copy of the training state
-    (weights, averaged weights, optimizer moments) doubles its memory; the module's buffers
-    must change in place (as ``+=``, ``copy_`` and ``lerp_`` do), not be reassigned. Never used
-    by private training: the norm of the un-noised gradient is not private.
+    stops training as before). The copy of the training state (weights, averaged weights,
+    optimizer moments) doubles its memory; the module's buffers must change in place (as
+    ``+=``, ``copy_`` and ``lerp_`` do), not be reassigned. Never used by private training:
+    the norm of the un-noised gradient is not private.
     """
 
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, factor: float, window: int = 100,

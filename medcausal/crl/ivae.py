@@ -667,6 +667,7 @@ class IVAE:
                 history: list[dict] = []
                 refines: list[dict] = []
                 steps, seconds, stopped, best_epoch, best_val = 0, 0.0, False, 0, math.inf
+                rolled_back = skipped = 0  # the training loop's spike guard, over the rounds
                 for r in range(n_rounds):
                     epochs = max_epochs // n_rounds + (1 if r < max_epochs % n_rounds else 0)
                     left = None if max_steps is None else max_steps - steps
@@ -679,6 +680,7 @@ class IVAE:
                         best_val = result.best_val_loss
                         best_epoch = len(history) - len(result.history) + result.best_epoch
                     steps, seconds, stopped = steps + result.steps, seconds + result.seconds, result.stopped_early
+                    rolled_back, skipped = rolled_back + result.rolled_back, skipped + result.skipped_batches
                     self.net.cpu().eval()
                     if int(refine_steps) > 0:
                         refines.append(self._refine(tensors, int(refine_steps), seed))
@@ -690,7 +692,7 @@ class IVAE:
                                  "best_epoch": best_epoch, "best_val_loss": best_val,
                                  "epochs": len(history), "steps": steps, "rounds": n_rounds,
                                  "seconds": round(seconds, 3), "stopped_early": stopped,
-                                 "refine": refines,
+                                 "rolled_back": rolled_back, "skipped_batches": skipped, "refine": refines,
                                  "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
             except BaseException:
                 for k, v in before.items():

@@ -228,6 +228,12 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(t)
 
 
+def _part_label(key: str) -> str | None:
+    """A part's name as the user wrote it: CausalModel keys its parts by variable name with "."
+    written "\u00b7" (a ModuleDict key); ``None`` for a module without parts and for the rest."""
+    return None if key in ("", "\0rest") else key.replace("\u00b7", ".")
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -262,8 +268,7 @@ class _SpikeGuard:
     def __init__(self, module: nn.Module, opt: torch.optim.Optimizer, factor: float, window: int = 100,
                  warmup: int = 20, limit: int = 25, names: list[str] | None = None):
         self.module, self.opt = module, opt
-        # the parts' names, to name the one that diverged ("\u00b7" is how CausalModel writes ".")
-        self.names = [None if n in ("", "\0rest") else n.replace("\u00b7", ".") for n in (names or [])]
+        self.names = [_part_label(n) for n in (names or [])]  # to name the part that diverged
         self.factor, self.window, self.warmup, self.limit = factor, window, warmup, limit
         self.norms: list[list[float]] = [[] for _ in opt.param_groups]
         self.live: list[torch.Tensor] = []
@@ -495,8 +500,7 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
             # the guard takes an overflow in one process only: under DDP a rank's loss is its own,
             # and agreeing on it would take one more collective per step
             if not finite and (guard is None or not guard.saved or world > 1 or guard.in_a_row >= guard.limit):
-                # CausalModel keys its parts by variable name, "." written "\u00b7" (a ModuleDict key)
-                where = ", ".join(repr(k.replace("\u00b7", ".")) for k in _nonfinite_parts(module, batch_rows))
+                where = ", ".join(repr(_part_label(k)) for k in _nonfinite_parts(module, batch_rows))
                 raise MedCausalError(f"training diverged at epoch {epoch}, step {result.steps}: loss is "
                                      f"{loss.item()}" + (f" (of {where})" if where else "") +
                                      "; lower lr= or check the data's scale")

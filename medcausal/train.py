@@ -50,7 +50,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
@@ -594,6 +594,51 @@ def train(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainC
                       f"line?) and undid {result.rolled_back} updates after which it was (a learning rate too "
                       f"high?); spike_guard=None trains on every batch as it is", stacklevel=2)
     return result
+
+
+def train_rounds(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainConfig, rounds: int,
+                 after_round: Callable[[int], None] | None = None) -> tuple[TrainResult, int]:
+    """:func:`train` run ``rounds`` times, each with a share of ``max_epochs`` and ``max_steps``,
+    with ``after_round(r)`` after each run (a refinement of the code, say); returns the
+    summed result and the number of runs made (fewer when ``max_steps`` runs out).
+
+    ``history`` numbers epochs across runs and tags each with its ``round``; ``best_val_loss`` is
+    the best of any run (a refinement between runs can change what the loss compares).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class Mean(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.mu = nn.Parameter(torch.zeros(1))
+    ...     def forward(self, batch):
+    ...         return (batch["x"] - self.mu).pow(2).squeeze(-1)
+    >>> result, runs = train_rounds(Mean(), {"x": torch.ones(40, 1)}, TrainConfig(max_epochs=5, verbose=False), 2)
+    >>> runs, [h["round"] for h in result.history], [h["epoch"] for h in result.history]
+    (2, [0, 0, 0, 1, 1], [0, 1, 2, 3, 4])
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 1 <= rounds <= config.max_epochs:
+        raise MedCausalError(f"rounds must be an integer between 1 and max_epochs ({config.max_epochs}), "
+                             f"got {rounds!r}")
+    total, runs = TrainResult(), 0
+    for r in range(rounds):
+        epochs = config.max_epochs // rounds + (1 if r < config.max_epochs % rounds else 0)
+        left = None if config.max_steps is None else -(-(config.max_steps - total.steps) // (rounds - r))
+        if left is not None and left <= 0:
+            break
+        result = train(module, tensors, replace(config, max_epochs=epochs, max_steps=left))
+        runs = r + 1
+        offset = len(total.history)
+        total.history += [dict(h, epoch=h["epoch"] + offset, round=r) for h in result.history]
+        if result.best_val_loss < total.best_val_loss:
+            total.best_val_loss, total.best_epoch = result.best_val_loss, offset + result.best_epoch
+        total.steps += result.steps
+        total.seconds += result.seconds
+        total.rolled_back += result.rolled_back
+        total.skipped_batches += result.skipped_batches
+        total.stopped_early, total.world_size = result.stopped_early, result.world_size
+        if after_round is not None:
+            after_round(r)
+    return total, runs
 
 
 def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], config: TrainConfig, plan,

@@ -100,7 +100,7 @@ def test_an_interrupted_ivae_refit_restores_the_model(ivae_data, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ivae_module, "train", interrupted)
+    monkeypatch.setattr(ivae_module, "train_rounds", interrupted)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the refit's training
         model.fit(3.0 * x + 5.0, u, max_epochs=1, verbose=False)
     # was: an untrained network and the new data's scaling in place of the fitted ones

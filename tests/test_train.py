@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from medcausal.errors import MedCausalError
-from medcausal.train import TrainConfig, train
+from medcausal.train import TrainConfig, train, train_rounds
 
 
 class Mean(nn.Module):
@@ -48,6 +48,34 @@ def test_max_steps_caps_training():
     m = Mean()
     result = train(m, {"x": torch.ones(1000, 1)}, TrainConfig(max_steps=7, batch_size=10, verbose=False))
     assert result.steps == 7
+
+
+def test_rounds_share_the_steps_and_number_epochs_across_runs():
+    m, seen = Mean(), []
+    config = TrainConfig(max_epochs=100, max_steps=7, batch_size=10, val_fraction=0.0, verbose=False)
+    result, runs = train_rounds(m, {"x": torch.ones(1000, 1)}, config, 3,
+                                after_round=lambda r: seen.append((r, m.mu.item())))
+    # 7 steps over 3 runs: 3 + 2 + 2 (a share each, not the first run taking all)
+    assert runs == 3 and result.steps == 7 and [r for r, _ in seen] == [0, 1, 2]
+    assert [h["round"] for h in result.history] == [0, 1, 2]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert seen[-1][1] == m.mu.item() != 0.0  # after_round sees the weights each run ended with
+
+
+def test_rounds_keep_the_best_validation_loss_of_any_run():
+    torch.manual_seed(0)
+    config = TrainConfig(max_epochs=6, lr=0.05, batch_size=20, verbose=False)
+    result, runs = train_rounds(Mean(), {"x": torch.randn(200, 1) + 3.0}, config, 2)
+    assert runs == 2 and len(result.history) == 6
+    best = min(range(6), key=lambda e: result.history[e]["val_loss"])
+    assert result.best_epoch == best
+    assert result.best_val_loss == pytest.approx(result.history[best]["val_loss"])
+
+
+@pytest.mark.parametrize("rounds", [0, 7, 2.0, True])
+def test_bad_rounds_are_refused(rounds):
+    with pytest.raises(MedCausalError, match="rounds must be an integer between 1 and max_epochs \\(6\\)"):
+        train_rounds(Mean(), {"x": torch.ones(10, 1)}, TrainConfig(max_epochs=6, verbose=False), rounds)
 
 
 def test_divergence_is_reported():

@@ -31,10 +31,8 @@ so a combination ``"A+B"`` never seen in training is still a valid query as long
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,7 +47,7 @@ from ..errors import DataError, InterventionError, MedCausalError, ModelFileErro
 from ..graph import Expression
 from ..io import atomic_write, load_model_file, save_model_file
 from ..synthetic.perturbseq import parse_perturbation
-from ..train import TrainConfig, forked_rng, train
+from ..train import TrainConfig, forked_rng, train_rounds
 
 __all__ = ["FCRModel", "anndata_to_cohort", "check_counts", "cohort_to_anndata", "fit_fcr",
            "get_setup", "read_h5ad", "setup_anndata", "write_h5ad"]
@@ -500,33 +498,22 @@ class FCRModel:
                                  weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
                                  seed=seed, verbose=verbose, device=device,
                                  val_rows=range(rows.size, rows.size + val.size) if val.size else None)
-            history: list[dict] = []
             refines: list[dict] = []
-            steps, seconds, best_epoch, best_val, rolled_back, skipped = 0, 0.0, 0, math.inf, 0, 0
-            for r in range(rounds):
-                epochs = max_epochs // rounds + (1 if r < max_epochs % rounds else 0)
-                left = None if max_steps is None else -(-(max_steps - steps) // (rounds - r))  # a share each
-                if left is not None and left <= 0:
-                    break
-                result = train(_Objective(self.module), tensors,
-                               dataclasses.replace(config, max_epochs=epochs, max_steps=left))
-                runs = r + 1
-                history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
-                if result.best_val_loss < best_val:  # the validation loss is not comparable across a refinement;
-                    best_val = result.best_val_loss  # this is the best seen in any run
-                    best_epoch = len(history) - len(result.history) + result.best_epoch
-                steps, seconds = steps + result.steps, seconds + result.seconds
-                rolled_back, skipped = rolled_back + result.rolled_back, skipped + result.skipped_batches
+
+            def refine(_round):
                 self.module.to("cpu").eval()
                 if getattr(self.module, "refine_steps", 0):  # fcr: align the code with its conditional priors
                     refines.append(self.module.refine_latent_map(
                         (torch.from_numpy(source.rows(rows[i:i + 1024])) for i in range(0, rows.size, 1024)),
                         parents[:rows.size], seed=seed))
-        self.history = history
+
+            result, runs = train_rounds(_Objective(self.module), tensors, config, rounds, after_round=refine)
+        self.history = result.history
         self.fit_info = {"seed": seed, "n_cells": int(rows.size), "n_val_cells": int(val.size),
-                         "best_epoch": best_epoch, "best_val_loss": best_val, "epochs": len(history),
-                         "steps": steps, "seconds": round(seconds, 3), "stopped_early": result.stopped_early,
-                         "rounds": runs, "rolled_back": rolled_back, "skipped_batches": skipped}
+                         "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                         "epochs": len(result.history), "steps": result.steps, "seconds": round(result.seconds, 3),
+                         "stopped_early": result.stopped_early, "rounds": runs, "rolled_back": result.rolled_back,
+                         "skipped_batches": result.skipped_batches}
         if refines:
             self.fit_info["refine"] = refines
         return self

@@ -54,7 +54,6 @@ leaky-ReLU MLP.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import numbers
@@ -68,7 +67,7 @@ from torch import nn
 
 from ..errors import DataError, MedCausalError, ModelFileError, NotFittedError, warn
 from ..io import load_model_file, save_model_file
-from ..train import TrainConfig, TrainResult, forked_rng, train
+from ..train import TrainConfig, forked_rng, train_rounds
 
 __all__ = ["IVAE", "VAE", "nonlinear_ica_data"]
 
@@ -627,7 +626,7 @@ class IVAE:
         this direction only slowly and stops with linearly mixed sources).
         It is kept only if the ELBO on all rows improves; ``fit_info["refine"]``
         has both values. ``refine_steps=0`` skips it. ``rounds > 1`` splits
-        the ``max_epochs`` into that many training runs, each followed by the
+        ``max_epochs`` (and ``max_steps``) into that many training runs, each followed by the
         refinement (training after a refinement starts from aligned sources).
 
         Example:
@@ -663,36 +662,23 @@ class IVAE:
                 tensors = self._tensors(arr, u_raw, uname)
                 self.net = _IVAENet(arr.shape[1], self.aux.width, self.latent_dim, self.hidden, self.conditional_prior,
                                     self.prior_mean, self.decoder_var, self.slope, self.posterior, self.encoder_u)
-                n_rounds = int(rounds)
-                history: list[dict] = []
                 refines: list[dict] = []
-                steps, seconds, stopped, best_epoch, best_val = 0, 0.0, False, 0, math.inf
-                rolled_back = skipped = 0  # the training loop's spike guard, over the rounds
-                for r in range(n_rounds):
-                    epochs = max_epochs // n_rounds + (1 if r < max_epochs % n_rounds else 0)
-                    left = None if max_steps is None else max_steps - steps
-                    if left is not None and left <= 0:
-                        break
-                    result: TrainResult = train(self.net, tensors, dataclasses.replace(config, max_epochs=epochs,
-                                                                                       max_steps=left))
-                    history += [dict(h, epoch=h["epoch"] + len(history), round=r) for h in result.history]
-                    if result.best_val_loss < best_val:
-                        best_val = result.best_val_loss
-                        best_epoch = len(history) - len(result.history) + result.best_epoch
-                    steps, seconds, stopped = steps + result.steps, seconds + result.seconds, result.stopped_early
-                    rolled_back, skipped = rolled_back + result.rolled_back, skipped + result.skipped_batches
+
+                def refine(_round):
                     self.net.cpu().eval()
                     if int(refine_steps) > 0:
                         refines.append(self._refine(tensors, int(refine_steps), seed))
-                    self.net.to(device)
+
+                result, runs = train_rounds(self.net, tensors, config, int(rounds), after_round=refine)
                 self.net.cpu().eval()
-                self.history = history
+                self.history = result.history
                 self.fit_info = {"seed": seed, "n_rows": int(arr.shape[0]), "x_dim": int(arr.shape[1]),
                                  "aux": {"kind": self.aux.kind, "width": self.aux.width, "name": uname},
-                                 "best_epoch": best_epoch, "best_val_loss": best_val,
-                                 "epochs": len(history), "steps": steps, "rounds": n_rounds,
-                                 "seconds": round(seconds, 3), "stopped_early": stopped,
-                                 "rolled_back": rolled_back, "skipped_batches": skipped, "refine": refines,
+                                 "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                                 "epochs": len(result.history), "steps": result.steps, "rounds": runs,
+                                 "seconds": round(result.seconds, 3), "stopped_early": result.stopped_early,
+                                 "rolled_back": result.rolled_back, "skipped_batches": result.skipped_batches,
+                                 "refine": refines,
                                  "config": {k: v for k, v in vars(config).items() if k != "verbose"}}
             except BaseException:
                 for k, v in before.items():

@@ -90,6 +90,11 @@ def write_table(df, path: str | os.PathLike) -> None:
             df.to_csv(tmp, index=keep_index, compression=_CSV_COMPRESSION.get(path.suffix.lower()))
 
 
+# read_csv's default missing-value words (its documented ``na_values`` defaults)
+_PANDAS_NA_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+
+
 def read_table(path: str | os.PathLike, str_columns=()):
     """Read a CSV or Parquet table, with a clear error for a missing or unreadable file.
 
@@ -105,12 +110,16 @@ def read_table(path: str | os.PathLike, str_columns=()):
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
-        table = pd.read_csv(path, dtype={c: str for c in str_columns} or None)
-        text = [c for c in dict.fromkeys(str_columns) if c in table.columns]
-        if text:  # as written: "NA" (Namibia), "None", "null" are text here; only an empty field is missing
-            raw = pd.read_csv(path, usecols=text, dtype=str, keep_default_na=False)
-            for c in text:
-                table[c] = raw[c].where(raw[c] != "", None)
+        header = pd.read_csv(path, nrows=0).columns
+        text = [c for c in dict.fromkeys(str_columns) if c in header]
+        if not text:
+            return pd.read_csv(path)
+        # As written: "NA" (Namibia), "None", "null" are text here; only an empty field is missing.
+        # Other columns keep pandas' default missing-value words (one read, per-column lists).
+        na = {c: [""] if c in text else _PANDAS_NA_WORDS for c in header}
+        table = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False, na_values=na)
+        for c in text:
+            table[c] = table[c].astype(object).where(table[c].notna(), None)
         return table
     except Exception as e:
         raise DataError(f"cannot read data file {str(path)!r}: {e}") from e

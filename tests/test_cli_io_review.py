@@ -237,6 +237,17 @@ def test_text_columns_keep_na_like_words(tmp_path):
     assert pd.isna(t["country"][2])  # an empty field is still missing
 
 
+def test_other_columns_keep_pandas_default_missing_words(tmp_path):
+    parsers = pytest.importorskip("pandas._libs.parsers")
+    from medcausal.io import _PANDAS_NA_WORDS
+
+    assert set(_PANDAS_NA_WORDS) == set(parsers.STR_NA_VALUES)  # our copy of pandas' list has not drifted
+    (tmp_path / "t.csv").write_text("pid,age,site\n1,NA,null\n2,3.5,a\n")
+    t = read_table(tmp_path / "t.csv", str_columns=["pid"])
+    assert t["age"].isna().tolist() == [True, False] and t["age"].dtype == float
+    assert t["site"].isna().tolist() == [True, False] and t["pid"].tolist() == ["1", "2"]
+
+
 def test_a_date_category_takes_its_own_csv_output_back(tmp_path):
     # categories are kept as "2022-01-15T00:00:00"; the CSV output says "2022-01-15"
     rng = np.random.default_rng(0)

@@ -266,6 +266,8 @@ def group_moments(batches, keys: torch.Tensor, k: int, max_groups: int = 4096, s
     """
     keys = keys.detach().cpu()
     n = len(keys)
+    if n == 0:  # the callers weight groups by count / count.sum()
+        raise MedCausalError("group_moments needs at least one row; got no keys")
     if keys.shape[1]:
         groups, group = torch.unique(keys, dim=0, return_inverse=True)
     else:  # no prior inputs: one group

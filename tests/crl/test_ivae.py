@@ -312,3 +312,5 @@ def test_group_moments_streams_batches_and_refuses_a_row_count_mismatch():
         group_moments([(mean[:40], second[:40])], keys, 2)
     with pytest.raises(DataError, match="more than 50 rows"):
         group_moments([(mean, second), (mean[:1], second[:1])], keys, 2)
+    with pytest.raises(MedCausalError, match="at least one row"):  # was: one group of count 0 (weight 0/0)
+        group_moments([], keys[:0, :0], 2)

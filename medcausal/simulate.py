@@ -47,7 +47,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import secrets
 import sys
@@ -68,7 +67,7 @@ from .errors import (CapabilityError, DataError, InterventionError, LowAcceptanc
                      OutOfSupportWarning, warn)
 from .interventions import Intervention, is_vector_value, parse_cli_do, parse_do
 from .io import atomic_write
-from .train import forked_rng
+from .train import forked_rng, gather_ranks, message_group, on_rank0, portable_error, ranks
 
 __all__ = ["simulate", "counterfactual_patients", "augment", "evaluate_augmentation", "read_run", "ImageClassifier",
            "SimulationRun", "model_id", "add_commands", "PROVENANCE_COLUMNS"]
@@ -454,7 +453,7 @@ def simulate(model, n: int, do: Mapping[str, Any] | None = None, where: str | No
         return _new_seed(seed)
 
     # a run to a folder under torchrun: rank 0 reads the folder and draws the seed for every rank
-    run_seed = start_seed() if out is None else _on_rank0(start_seed)
+    run_seed = start_seed() if out is None else on_rank0(start_seed)
     if plan.method in ("root-rejection", "rejection"):
         _pilot(model, plan, ivs, run_seed, min_acceptance)
     meta = {"format": RUN_FORMAT, "version": 1, "medcausal_version": __version__, "n": n,
@@ -679,9 +678,9 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
     if fmt == "parquet":
         _require_parquet()
     meta = {**meta, "part_format": fmt}
-    rank, world = _ranks()
+    rank, world = ranks()
     # rank 0 alone checks and prepares the folder; the others learn what is done (or its error)
-    done, finished, meta = _on_rank0(lambda: _prepare(out, meta, overwrite, resume))
+    done, finished, meta = on_rank0(lambda: _prepare(out, meta, overwrite, resume))
     if finished is not None:  # a complete run: nothing to do
         return SimulationRun(out, finished["n"], [p["file"] for p in finished["parts"]], finished)
     todo = [c for c in chunks if c[0] not in done]
@@ -708,7 +707,7 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
             rows = [(entry, None if failed is None else f"{type(failed).__name__}: {failed}",
                      (plan.drawn - pilot[0], plan.accepted - pilot[1]))]
             if world > 1:
-                rows = _gather(rows[0])
+                rows = gather_ranks(rows[0])
             if failed is not None:
                 raise failed
             bad = [(r, msg) for r, (_, msg, _) in enumerate(rows) if msg is not None]
@@ -721,7 +720,7 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
             drawn = [sum(d[j] for r, (_, _, d) in enumerate(rows) if r) for j in (0, 1)]
             meta["parts"] = [done[k] for k in sorted(done)]
             meta.update(_plan_report(_merged_plan(plan, drawn)))
-            _on_rank0(lambda: _write_json(out / SIDECAR, meta))
+            on_rank0(lambda: _write_json(out / SIDECAR, meta))
             bar.update(sum(e["rows"] for e, _, _ in rows if e is not None))
     meta["status"] = "complete"
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -731,7 +730,7 @@ def _stream(out: Path, chunks, make, meta: dict, plan: _Plan, fmt: str, overwrit
         _write_json(out / MARKER, {"n": meta["n"], "parts": len(meta["parts"])})  # written last
         return meta
 
-    meta = _on_rank0(finish)  # every rank returns rank 0's record, once the marker is written
+    meta = on_rank0(finish)  # every rank returns rank 0's record, once the marker is written
     return SimulationRun(out, meta["n"], [p["file"] for p in meta["parts"]], meta)
 
 
@@ -772,61 +771,6 @@ def _merged_plan(plan: _Plan, other_ranks: list[int]) -> _Plan:
     return dataclasses.replace(plan, drawn=plan.drawn + other_ranks[0], accepted=plan.accepted + other_ranks[1])
 
 
-def _ranks() -> tuple[int, int]:
-    """(rank, world size) under torchrun (initializing torch.distributed), else (0, 1)."""
-    from .train import distributed_setup
-
-    return distributed_setup("cpu")
-
-
-_GLOO: list = []  # the process group for the ranks' small messages (created once, by every rank)
-
-
-def _group():
-    """The default process group if it is gloo, else (nccl, after a GPU fit) a gloo group, so that
-    the object messages stay on the CPU."""
-    if torch.distributed.get_backend() == "gloo":
-        return None
-    if not _GLOO:
-        _GLOO.append(torch.distributed.new_group(backend="gloo"))
-    return _GLOO[0]
-
-
-def _on_rank0(job):
-    """``job()`` run on rank 0 alone, its result (or its exception) on every rank; ``job()`` itself
-    without torchrun. A failure on rank 0 thus stops every rank rather than leave them waiting."""
-    rank, world = _ranks()
-    if world == 1:
-        return job()
-    box = [None]
-    if rank == 0:
-        try:
-            box = [(job(), None)]
-        except Exception as e:
-            box = [(None, _portable(e))]
-    torch.distributed.broadcast_object_list(box, src=0, group=_group())
-    result, error = box[0]
-    if error is not None:
-        raise error
-    return result
-
-
-def _portable(error: Exception) -> Exception:
-    """``error`` if it can be sent to the other ranks (pickled), else a MedCausalError with its text."""
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return MedCausalError(f"{type(error).__name__}: {error}")
-
-
-def _gather(value) -> list:
-    """Every rank's ``value``, in rank order (torch.distributed.all_gather_object)."""
-    out = [None] * _ranks()[1]
-    torch.distributed.all_gather_object(out, value, group=_group())
-    return out
-
-
 def _over_ranks(data, answer):
     """``answer(data)``, split over the ranks under torchrun: each rank answers a share of the
     units, and rank 0 returns the whole answer in the input's row order (the other ranks None).
@@ -836,7 +780,7 @@ def _over_ranks(data, answer):
     A failure on any rank stops every rank, with that rank's error."""
     from .mechanisms.base import RowNoise
 
-    rank, world = _ranks()
+    rank, world = ranks()
     n = len(_table(data))
     if world == 1 or n == 0:
         return answer(data)
@@ -849,13 +793,13 @@ def _over_ranks(data, answer):
         if len(rows):
             mine = answer(_take(data, rows))
     except Exception as e:
-        error = _portable(e)
+        error = portable_error(e)
     parts = [None] * world if rank == 0 else None
-    torch.distributed.gather_object((mine, rows, error), parts, dst=0, group=_group())
+    torch.distributed.gather_object((mine, rows, error), parts, dst=0, group=message_group())
     failed = [None]
     if rank == 0:
         failed = [next(((r, e) for r, (_, _, e) in enumerate(parts) if e is not None), None)]
-    torch.distributed.broadcast_object_list(failed, src=0, group=_group())
+    torch.distributed.broadcast_object_list(failed, src=0, group=message_group())
     if failed[0] is not None:
         where, error = failed[0]
         if isinstance(error, MedCausalError):  # a user's error: say where, keep its kind
@@ -2348,7 +2292,7 @@ def cmd_simulate(args) -> int:
     kw = dict(do=parse_cli_do(args.do, model.graph.variables) or None, where=args.where, seed=args.seed,
               chunk_size=args.chunk_size, min_acceptance=args.min_acceptance, progress=not args.quiet and None)
     if out.suffix.lower() in (*_TABLE_SUFFIXES, ".h5ad"):
-        if _ranks()[0] != 0:  # one file: written by one process (a folder --out splits the work)
+        if ranks()[0] != 0:  # one file: written by one process (a folder --out splits the work)
             return 0
         refuse_existing(out, args.overwrite)
         if out.suffix.lower() in (".parquet", ".pq"):
@@ -2362,7 +2306,7 @@ def cmd_simulate(args) -> int:
         return 0
     run = simulate(model, args.n, out=out, format=args.format, overwrite=args.overwrite, resume=args.resume,
                    image_format=args.image_format, **kw)
-    if _ranks()[0] == 0:  # under torchrun, once
+    if ranks()[0] == 0:  # under torchrun, once
         print(f"wrote {run.n} simulated patients in {len(run.parts)} part(s) to {out} ({run.info.get('method')})")
         print(privacy_line(model))
     return 0

@@ -47,6 +47,7 @@ import copy
 import math
 import numbers
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -146,6 +147,59 @@ def distributed_setup(device: str = "cpu") -> tuple[int, int]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         torch.distributed.init_process_group(backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def ranks() -> tuple[int, int]:
+    """(rank, world size) under torchrun (initializing torch.distributed), else (0, 1)."""
+    return distributed_setup("cpu")
+
+
+_GLOO: list = []  # the process group for the ranks' small messages (created once, by every rank)
+
+
+def message_group():
+    """The default process group if it is gloo, else (nccl, after a GPU fit) a gloo group, so that
+    the object messages stay on the CPU."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if not _GLOO:
+        _GLOO.append(torch.distributed.new_group(backend="gloo"))
+    return _GLOO[0]
+
+
+def on_rank0(job):
+    """``job()`` run on rank 0 alone, its result (or its exception) on every rank; ``job()`` itself
+    without torchrun. A failure on rank 0 thus stops every rank rather than leave them waiting."""
+    rank, world = ranks()
+    if world == 1:
+        return job()
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(job(), None)]
+        except Exception as e:
+            box = [(None, portable_error(e))]
+    torch.distributed.broadcast_object_list(box, src=0, group=message_group())
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def portable_error(error: Exception) -> Exception:
+    """``error`` if it can be sent to the other ranks (pickled), else a MedCausalError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return MedCausalError(f"{type(error).__name__}: {error}")
+
+
+def gather_ranks(value) -> list:
+    """Every rank's ``value``, in rank order (torch.distributed.all_gather_object)."""
+    out = [None] * ranks()[1]
+    torch.distributed.all_gather_object(out, value, group=message_group())
+    return out
 
 
 def _split(n: int, config: TrainConfig, generator: torch.Generator):
@@ -645,7 +699,9 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
                    on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """DP-SGD (Opacus): Poisson-sampled logical batches of records, split into physical batches
     by Opacus's BatchMemoryManager; per-record gradients clipped to ``max_grad_norm``, Gaussian
-    noise added, and the accountant stepped by the DP optimizer at every logical step.
+    noise added, and the accountant stepped by the DP optimizer at every logical step. Under
+    ``torchrun`` each rank takes its share of every logical batch, and the ranks take the update
+    one process would (Opacus's DPDDP recipe: :meth:`PrivateSession._distribute`).
 
     Differences from the non-private loop, each because it would read private data outside
     the accountant: every record trains (no validation split, no early stopping, no
@@ -654,16 +710,13 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     _, world = distributed_setup(config.device)
-    if world > 1:
-        raise MedCausalError("private training under torchrun (Opacus DPDDP) is not supported yet; "
-                             "train on one process")
     if config.val_rows is not None:
         raise MedCausalError("private training has no validation set (every record trains under the "
                              "accountant): leave val_rows unset")
     device = torch.device(config.device)
     module.to(device)
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    result = TrainResult(world_size=1, best_val_loss=None)
+    result = TrainResult(world_size=world, best_val_loss=None)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return result

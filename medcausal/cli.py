@@ -83,22 +83,29 @@ def cmd_fit(args) -> int:
         privacy = load_profile(*args.privacy)
     data = recipe.load_data()
     model.fit(data, verbose=not args.quiet and None, privacy=privacy, **fit_args)
-    # Build the run directory beside its final place, then move it in whole.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        # mkdtemp makes the folder its owner's only; give the run the mode a plain mkdir would
-        # (0777 less the umask), as atomic_write does for files, so collaborators can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        model.save(tmp / MODEL_FILE)
-        shutil.copyfile(args.recipe, tmp / "recipe.toml")
-        (tmp / "fit.json").write_text(json.dumps({"fit": model.fit_info, "history": model.history}, indent=1))
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write_run():  # build the run directory beside its final place, then move it in whole
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            # mkdtemp makes the folder its owner's only; give the run the mode a plain mkdir would
+            # (0777 less the umask), as atomic_write does for files, so collaborators can read it.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            model.save(tmp / MODEL_FILE)
+            shutil.copyfile(args.recipe, tmp / "recipe.toml")
+            (tmp / "fit.json").write_text(json.dumps({"fit": model.fit_info, "history": model.history},
+                                                     indent=1))
+            _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    from .train import on_rank0, ranks
+    on_rank0(write_run)  # under torchrun the ranks hold the same weights: rank 0 writes, once
+    if ranks()[0] != 0:
+        return 0
     info = model.fit_info
     how = (f"best validation loss {info['best_val_loss']:.4f}" if info.get("best_val_loss") is not None
            else f"{info['steps']} DP-SGD steps")
@@ -253,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     grouped = torch.distributed.is_available() and torch.distributed.is_initialized()  # by our caller
     try:
-        return args.func(args)
+        code = args.func(args)
+        if not grouped and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank done before any leaves (else gloo may abort one)
+        return code
     except MedCausalError as e:
         print(f"medcausal {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -164,3 +164,166 @@ def test_cli_counterfactual_split_over_two_ranks_matches_one_process(tmp_path):
     assert failed.returncode != 0
     assert failed.stderr.count("error: rank 1: column 'y' (variable 'y') has 1 non-numeric") == 2
     assert not (tmp_path / "bad-cf.csv").exists()
+
+
+PATIENT_GRAPH = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+
+
+def patients(n_patients=40, visits=3, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_patients), visits)
+    x = rng.normal(size=len(pid))
+    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
+
+
+def _patient_privacy():
+    from medcausal.privacy import Privacy
+
+    return Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patient", standardize="bounds", noise_seed=9,
+                   public_bounds={"x": (-4, 4), "y": (-12, 12)})
+
+
+PATIENT_PRIVACY = _patient_privacy()
+
+DP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, warnings
+    import numpy as np
+    import torch
+    from torch import nn
+    import medcausal as mc
+    from medcausal.privacy import Privacy, PrivacyError
+    from medcausal.privacy.engine import PrivatePlan
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    folder = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    sys.path.insert(0, sys.argv[2])
+    from test_distributed import PATIENT_GRAPH, PATIENT_PRIVACY, patients
+    sim = mc.synthetic.scm("chain")
+    df = sim.sample(600, seed=0)
+    bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+    for name, privacy in (("pinned", Privacy(noise_multiplier=1.0, noise_seed=5, public_bounds=bounds)),
+                          ("fresh", Privacy(epsilon=4.0, public_bounds=bounds))):  # rank 0 draws the seed
+        model = mc.CausalModel(sim.graph).fit(df, seed=0, privacy=privacy, max_epochs=3, batch_size=64,
+                                              verbose=False)
+        model.save(os.path.join(folder, f"{name}-{rank}.mcm"))
+    model = mc.CausalModel(PATIENT_GRAPH).fit(patients(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
+                                              batch_size=10, verbose=False)  # records of 3 rows each
+    model.save(os.path.join(folder, f"patients-{rank}.mcm"))
+
+    # DP-SGD's noise, under DDP: zero gradients, so one SGD step (lr 1) is -noise / B
+    sigma, clip, n, b, steps = 1.3, 0.7, 64, 16, 20
+    out = {}
+    for mode in ("vmap", "hooks", "ghost"):
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 10))
+        zero = type("Zero", (nn.Module,), {"forward": lambda self, batch: 0.0 * self.net(batch["x"]).sum(-1)})()
+        zero.net = module
+        plan = PrivatePlan(privacy=Privacy(noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode),
+                           codecs={}, data=None, seed=123, delta=1e-5, n_rows=n, n_records=n,
+                           record_of_row=np.arange(n), unit_label="row", batch_size=b, sample_rate=b / n,
+                           steps_per_epoch=n // b, steps=steps, noise_multiplier=sigma, stats_noise_multiplier=None)
+        params = list(zero.parameters())
+        session = plan.attach(zero, torch.optim.SGD(params, lr=1.0), {"x": torch.randn(n, 40)})
+        updates, shares = [], []
+        try:
+            batches = ((r,) for _ in range(steps) for (r,) in session.loader)
+            for _ in range(steps):
+                (records,) = next(batches)
+                shares.append(records.tolist())
+                before = torch.cat([p.detach().flatten().clone() for p in params])
+                assert session.step(records)
+                updates.append(torch.cat([p.detach().flatten() for p in params]) - before)
+        finally:
+            session.close()
+        out[mode] = {"updates": torch.stack(updates).double().tolist(), "shares": shares,
+                     "history": plan.history}
+    with open(os.path.join(folder, f"noise-{rank}.json"), "w") as f:
+        json.dump(out, f)
+
+    try:  # secure noise cannot be agreed on by the ranks: refused, on every rank
+        mc.CausalModel(sim.graph).fit(df, privacy=Privacy(epsilon=4.0, public_bounds=bounds, secure_mode=True),
+                                      max_epochs=1, verbose=False)
+    except PrivacyError as e:
+        print(f"rank {rank} refused: {e}", flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_private_training_over_two_ranks_takes_the_steps_of_one_process(tmp_path):
+    import json
+    import math
+    import warnings
+
+    import numpy as np
+
+    from medcausal.privacy import Privacy
+
+    script = tmp_path / "dp.py"
+    script.write_text(DP_SCRIPT)
+    done = _run([*TORCHRUN, str(script), str(tmp_path), os.path.dirname(__file__)], tmp_path, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("pinned", "fresh"):  # the ranks agree: the same weights and the same ledger
+        models = [mc.CausalModel.load(tmp_path / f"{name}-{r}.mcm") for r in (0, 1)]
+        weights = [m.mechanisms.state_dict() for m in models]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
+        assert models[0].privacy == models[1].privacy and models[0].privacy["steps"] == 30
+    # With the noise pinned, two ranks take the steps one process takes: the same Poisson batches
+    # (split between the ranks), rank 0's noise once, the clipped sums all-reduced. Up to float
+    # rounding of the sums' order (30 Adam steps).
+    sim = mc.synthetic.scm("chain")
+    bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = mc.CausalModel(sim.graph).fit(sim.sample(600, seed=0), seed=0, max_epochs=3, batch_size=64,
+                                              verbose=False,
+                                              privacy=Privacy(noise_multiplier=1.0, noise_seed=5, public_bounds=bounds))
+    ranks = mc.CausalModel.load(tmp_path / "pinned-0.mcm")
+    mine, theirs = alone.mechanisms.state_dict(), ranks.mechanisms.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert {k: v for k, v in ranks.privacy.items() if k != "weights_sha256"} == \
+        {k: v for k, v in alone.privacy.items() if k != "weights_sha256"}
+    # records of several rows (a patient's visits): a rank takes whole records
+    alone = mc.CausalModel(PATIENT_GRAPH).fit(patients(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
+                                              batch_size=10, verbose=False)
+    ranks = [mc.CausalModel.load(tmp_path / f"patients-{r}.mcm") for r in (0, 1)]
+    assert ranks[0].privacy["n_records"] == 40 and ranks[0].privacy["steps"] == 8
+    for k, v in alone.mechanisms.state_dict().items():
+        assert torch.equal(ranks[0].mechanisms.state_dict()[k], ranks[1].mechanisms.state_dict()[k])
+        torch.testing.assert_close(ranks[0].mechanisms.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+    # The noise: once per step (not once per rank), sigma C / B after the all-reduce; each rank
+    # clipped its own half of every Poisson batch. Tolerances as in tests/privacy/test_noise.py.
+    noise = [json.loads((tmp_path / f"noise-{r}.json").read_text()) for r in (0, 1)]
+    sigma, clip, b = 1.3, 0.7, 16
+    for mode in ("vmap", "hooks", "ghost"):
+        u0, u1 = (np.asarray(noise[r][mode]["updates"]) for r in (0, 1))
+        np.testing.assert_array_equal(u0, u1)  # every rank took the same update
+        expected = (sigma * clip / b) ** 2
+        assert abs(u0.var() / expected - 1) < 0.04, mode  # sqrt(2) too much if both ranks added noise
+        assert abs(u0.mean()) < 6 * math.sqrt(expected / u0.size)
+        for s0, s1 in zip(noise[0][mode]["shares"], noise[1][mode]["shares"]):
+            assert not set(s0) & set(s1) and abs(len(s0) - len(s1)) <= 1  # disjoint halves of one batch
+        assert noise[0][mode]["history"] == [[sigma, 0.25, 20]]
+    assert done.stdout.count("refused: Privacy(secure_mode=True) under torchrun is not supported") == 2
+
+
+def test_cli_fit_under_torchrun_with_privacy_writes_the_run_once(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = [*TORCHRUN, "-m", "medcausal.cli", "fit", str(root / "cohorts" / "triangle.toml"), "--out",
+               str(tmp_path / "run"), "--max-epochs", "1", "--quiet", "--privacy", str(root / "privacy" / "eps8.toml"),
+               "--privacy", str(root / "cohorts" / "triangle.public.toml")]
+    done = _run(command, tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fitted 'triangle'") == 1  # rank 0 wrote and said it; rank 1 neither
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no second run, no temporary folder left
+    ledger = mc.CausalModel.load(tmp_path / "run" / "model.mcm").privacy
+    assert ledger is not None and ledger["epsilon"] <= 8.0 + 1e-6 and ledger["n_records"] == 5000

@@ -6,7 +6,9 @@ calibrates the noise multiplier. ``plan.attach(module, optimizer, tensors)`` han
 module, optimizer and a record-index DataLoader to Opacus's ``PrivacyEngine.make_private``
 (Poisson sampling; accounting hooked to the optimizer step) and returns a session whose
 ``step(records)`` computes per-record gradients, lets the DP optimizer clip them, add
-noise and step. The loop itself is :func:`medcausal.train.train` (its DP path).
+noise and step. The loop itself is :func:`medcausal.train.train` (its DP path). Under
+``torchrun`` the ranks share one seed (rank 0's), each clips its share of every batch,
+rank 0 alone adds the noise, and the sums are all-reduced (Opacus's DPDDP recipe).
 
 Per-record gradients (``Privacy.grad_sample_mode``):
 
@@ -47,6 +49,7 @@ from ..errors import DataError, MedCausalError, warn
 from ..graph import CausalGraph
 from . import ledger as _ledger
 from .config import Privacy, PrivacyError, PrivacyWarning
+from ..train import distributed_setup, on_rank0
 from .stats import GaussianQuery, private_codecs, private_finalizer, table_of
 
 # vmap randomness: each record draws its own noise in stochastic losses (ELBOs). Tests set
@@ -187,13 +190,15 @@ class PrivatePlan:
 
 
 def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str, type], *,
-            batch_size: int, max_epochs: int, max_steps: int | None) -> PrivatePlan:
+            batch_size: int, max_epochs: int, max_steps: int | None, device: str = "cpu") -> PrivatePlan:
     """Check the request, build private codecs and plan the budget; see the module docstring.
 
     ``mechanisms`` maps variable (ModuleDict key) -> mechanism class, for the finalize check.
+    Under ``torchrun`` every rank must call it alike: rank 0 draws the noise's seed for all.
     """
     if not isinstance(privacy, Privacy):
         raise PrivacyError(f"privacy= takes a medcausal Privacy, got {type(privacy).__name__}")
+    _, world = distributed_setup(device)
     secure_rng = None
     # The DP randomness (Poisson sampling, gradient noise, noisy statistics) never comes from
     # fit(seed=...): that seed is stored in the model file and 0 by default, and anyone who
@@ -201,6 +206,10 @@ def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str,
     # It comes from fresh OS entropy and is not stored; Privacy(noise_seed=...) pins it for
     # tests, and the ledger says so. fit's seed still sets the weights' initialization.
     if privacy.secure_mode:
+        if world > 1:  # each rank's secure generator would draw other statistics and batches
+            raise PrivacyError("Privacy(secure_mode=True) under torchrun is not supported: the ranks' "
+                               "cryptographically secure generators cannot agree on the noisy statistics and "
+                               "the Poisson batches; train on one process")
         if privacy.noise_seed is not None:
             raise PrivacyError(f"Privacy(secure_mode=True, noise_seed={privacy.noise_seed}): secure noise "
                                "comes from a cryptographically secure generator that cannot be seeded")
@@ -210,7 +219,9 @@ def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str,
             raise PrivacyError("Privacy(secure_mode=True) needs the torchcsprng package (Opacus's secure "
                                "generator), which is not installed") from None
         secure_rng = csprng.create_random_device_generator("/dev/urandom")
-    seed = privacy.noise_seed if privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little")
+    seed = privacy.noise_seed
+    if seed is None:  # under torchrun rank 0's: every rank then draws the same statistics and batches
+        seed = on_rank0(lambda: int.from_bytes(os.urandom(8), "little"))
 
     table = table_of(data)
     n_rows = len(table)
@@ -593,6 +604,20 @@ class VmapGrads:
 
 # -- the session the loop steps ------------------------------------------------------
 
+class _RankShare:
+    """This rank's share (every ``world``-th record) of each logical batch ``sampler`` draws."""
+
+    def __init__(self, sampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def make_engine(mode: str, accountant: str, secure_mode: bool):
     """Opacus's ``PrivacyEngine`` whose module validation is :func:`validate_module` for ``mode``.
 
@@ -680,10 +705,41 @@ class PrivateSession:
             raise MedCausalError(f"unexpected Opacus data loader {type(sampler).__name__}: cannot set the "
                                  "planned sampling (is the installed Opacus version supported?)")
         sampler.steps = plan.steps_per_epoch
-        self.optimizer.expected_batch_size = plan.sample_rate * plan.n_records
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        # per rank: rank 0's noise and every rank's clipped sum, all-reduced and divided by the
+        # world size, are then divided by the planned expected batch size, as in one process
+        expected = plan.sample_rate * plan.n_records / self.world
+        if self.world > 1:
+            self._distribute(optimizer, noise_gen, expected)
+        self.optimizer.expected_batch_size = expected
         self.optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         self.grouped = plan._grouped
         self.device = self.params[0].device if self.params else torch.device("cpu")
+
+    def _distribute(self, optimizer: torch.optim.Optimizer, noise_gen, expected_batch_size: float) -> None:
+        """Opacus's DPDDP recipe, under torchrun: each rank clips the per-record gradients of its
+        share of every logical batch, rank 0 alone adds the noise, and the sums are all-reduced, so
+        every rank takes the update one process would. Every rank draws the same Poisson batches
+        (the plan's seed is rank 0's) and keeps every ``world``-th record of each; Opacus's
+        distributed sampler is not used, as it skips a rank's empty batch and would leave the
+        other ranks waiting in the all-reduce."""
+        from opacus.optimizers import get_optimizer_class
+        from torch.utils.data import DataLoader
+
+        rank = torch.distributed.get_rank()
+        cls = get_optimizer_class(clipping="flat", distributed=True,
+                                  grad_sample_mode="ghost" if self.mode == "ghost" else "hooks")
+        self.optimizer = cls(optimizer, noise_multiplier=self.plan.noise_multiplier,
+                             max_grad_norm=self.plan.privacy.max_grad_norm,
+                             expected_batch_size=expected_batch_size,
+                             loss_reduction="mean", generator=noise_gen, secure_mode=self.plan.privacy.secure_mode)
+        # the loader's generator too: each epoch's iterator draws a seed from it, as make_private's does
+        self.loader = DataLoader(self.loader.dataset, batch_sampler=_RankShare(self.loader.batch_sampler, rank,
+                                                                               self.world),
+                                 collate_fn=self.loader.collate_fn, generator=self.loader.generator)
+        with torch.no_grad():  # DPDDP's start: rank 0's weights everywhere
+            for t in [*self.module.parameters(), *self.module.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
 
     def _group(self, gs: torch.Tensor, pos: torch.Tensor | None, n: int) -> torch.Tensor:
         if pos is None:

@@ -18,6 +18,14 @@ def linear_gaussian(n, seed=0, x=None):
     return pd.DataFrame({"x": xs, "s": s, "y": y, "stage": stage}), u
 
 
+def repeated_visits(n_patients=40, visits=3, seed=0):
+    """``visits`` rows per patient (column ``patient``): x ~ N(0,1), y = 2x + N(0,1) on every row."""
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_patients), visits)
+    x = rng.normal(size=len(pid))
+    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
+
+
 @pytest.fixture(scope="session")
 def lg_graph():
     return mc.CausalGraph({"x": "continuous", "s": "binary", "y": "continuous", "stage": "categorical"},

@@ -21,6 +21,8 @@ import torch
 import medcausal as mc
 from medcausal.simulate import read_run
 
+from conftest import repeated_visits
+
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
@@ -169,15 +171,6 @@ def test_cli_counterfactual_split_over_two_ranks_matches_one_process(tmp_path):
 PATIENT_GRAPH = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
 
 
-def patients(n_patients=40, visits=3, seed=0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    pid = np.repeat(np.arange(n_patients), visits)
-    x = rng.normal(size=len(pid))
-    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
-
-
 def _patient_privacy():
     from medcausal.privacy import Privacy
 
@@ -201,7 +194,8 @@ DP_SCRIPT = textwrap.dedent("""
     folder = sys.argv[1]
     rank = int(os.environ["RANK"])
     sys.path.insert(0, sys.argv[2])
-    from test_distributed import PATIENT_GRAPH, PATIENT_PRIVACY, patients
+    from conftest import repeated_visits
+    from test_distributed import PATIENT_GRAPH, PATIENT_PRIVACY
     sim = mc.synthetic.scm("chain")
     df = sim.sample(600, seed=0)
     bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
@@ -210,7 +204,7 @@ DP_SCRIPT = textwrap.dedent("""
         model = mc.CausalModel(sim.graph).fit(df, seed=0, privacy=privacy, max_epochs=3, batch_size=64,
                                               verbose=False)
         model.save(os.path.join(folder, f"{name}-{rank}.mcm"))
-    model = mc.CausalModel(PATIENT_GRAPH).fit(patients(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
+    model = mc.CausalModel(PATIENT_GRAPH).fit(repeated_visits(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
                                               batch_size=10, verbose=False)  # records of 3 rows each
     model.save(os.path.join(folder, f"patients-{rank}.mcm"))
 
@@ -290,7 +284,7 @@ def test_private_training_over_two_ranks_takes_the_steps_of_one_process(tmp_path
     assert {k: v for k, v in ranks.privacy.items() if k != "weights_sha256"} == \
         {k: v for k, v in alone.privacy.items() if k != "weights_sha256"}
     # records of several rows (a patient's visits): a rank takes whole records
-    alone = mc.CausalModel(PATIENT_GRAPH).fit(patients(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
+    alone = mc.CausalModel(PATIENT_GRAPH).fit(repeated_visits(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
                                               batch_size=10, verbose=False)
     ranks = [mc.CausalModel.load(tmp_path / f"patients-{r}.mcm") for r in (0, 1)]
     assert ranks[0].privacy["n_records"] == 40 and ranks[0].privacy["steps"] == 8

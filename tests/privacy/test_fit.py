@@ -16,6 +16,8 @@ from medcausal.mechanisms.flow import FlowMechanism
 from medcausal.privacy import Privacy, PrivacyError, PrivacyWarning, format_ledger
 from medcausal.privacy import engine, ledger, stats
 
+from conftest import repeated_visits
+
 BOUNDS = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
 FAST = dict(max_epochs=2, batch_size=512, verbose=False)
 N = 3000
@@ -184,7 +186,7 @@ def test_the_dp_noise_is_fresh_unless_pinned_and_never_stored(tmp_path):
     # fit(seed=...) is stored in the model file (and 0 by default): if it seeded the noise, anyone
     # with the file and the other records could replay both neighbouring worlds exactly.
     g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
-    df = _patients(100, 1)[["x", "y"]]
+    df = repeated_visits(100, 1)[["x", "y"]]
 
     def fit(**extra):
         p = Privacy(noise_multiplier=1.0, delta=1e-3, standardize="bounds",
@@ -203,16 +205,9 @@ def test_the_dp_noise_is_fresh_unless_pinned_and_never_stored(tmp_path):
     assert b'"noise_seed": 7' not in saved
 
 
-def _patients(n_patients=40, visits=3, seed=0):
-    rng = np.random.default_rng(seed)
-    pid = np.repeat(np.arange(n_patients), visits)
-    x = rng.normal(size=len(pid))
-    return pd.DataFrame({"patient": pid, "x": x, "y": 2 * x + rng.normal(size=len(pid))})
-
-
 def test_unit_column_makes_a_patient_one_record():
     g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
-    df = _patients()
+    df = repeated_visits()
     p = Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patient", standardize="bounds",
                 public_bounds={"x": (-4, 4), "y": (-12, 12)})
     m = mc.CausalModel(g).fit(df, max_epochs=1, batch_size=10, verbose=False, privacy=p)
@@ -228,7 +223,7 @@ def test_unit_column_makes_a_patient_one_record():
 
 def test_row_level_dp_on_multi_row_units_needs_force_and_reports_group_privacy():
     g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
-    df = _patients()
+    df = repeated_visits()
     kw = dict(noise_multiplier=1.0, delta=1e-4, unit_column="patient", row_level=True, standardize="bounds",
               public_bounds={"x": (-4, 4), "y": (-12, 12)})
     # the conversion is for a declared public bound, never the data's own maximum
@@ -308,7 +303,7 @@ def test_mechanisms_that_read_data_without_a_private_version_are_refused():
 
 def test_tiny_batches_with_empty_poisson_draws_still_train():
     g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
-    df = _patients(12, 1)
+    df = repeated_visits(12, 1)
     m = mc.CausalModel(g, mechanisms="additive").fit(
         df[["x", "y"]], max_epochs=3, batch_size=1, verbose=False,
         privacy=Privacy(noise_multiplier=0.8, delta=1e-3, standardize="bounds",
@@ -326,7 +321,7 @@ def test_target_epsilon_too_small_for_the_statistics_is_refused():
 def test_physical_batches_give_the_same_model_as_whole_logical_batches(mode):
     """BatchMemoryManager only splits the work: same Poisson batches, same clipping, same noise."""
     g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
-    df = _patients(300, 1)[["x", "y"]]
+    df = repeated_visits(300, 1)[["x", "y"]]
     weights = []
     for physical in (None, 16):
         p = Privacy(noise_multiplier=1.0, delta=1e-4, standardize="bounds", grad_sample_mode=mode,

@@ -340,7 +340,8 @@ class CausalModel:
             from .privacy.engine import prepare
             plan = prepare(privacy, data, self._declared,
                            {_key(n): registry.get(c["name"]) for n, c in self.choices.items()},
-                           batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps, device=device)
+                           batch_size=batch_size, max_epochs=max_epochs, max_steps=max_steps,
+                           device=config.device)
             self.codecs, data = plan.codecs, plan.data  # plan.seed (the DP noise's) is never stored
         else:
             self.codecs = tabular.fit_codecs(data, self._declared)

@@ -139,13 +139,17 @@ class TrainResult:
 
 
 def distributed_setup(device: str = "cpu") -> tuple[int, int]:
-    """(rank, world size); initializes torch.distributed when run under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not torch.distributed.is_available():
+    """(rank, world size) of the process group: the caller's if it made one (``mp.spawn`` and
+    ``init_process_group``, say), else one made here under torchrun; (0, 1) otherwise."""
+    if not torch.distributed.is_available():
         return 0, 1
     if not torch.distributed.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        cuda = str(device).startswith("cuda")
+        if cuda and torch.device(device).index is None and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU a rank ("cuda" means the current one)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -709,7 +713,7 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
     """
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    _, world = distributed_setup(config.device)
+    rank, world = distributed_setup(config.device)
     if config.val_rows is not None:
         raise MedCausalError("private training has no validation set (every record trains under the "
                              "accountant): leave val_rows unset")
@@ -725,7 +729,7 @@ def _train_private(module: nn.Module, tensors: Mapping[str, torch.Tensor], confi
     after_step = _after_step_hooks(module)
     show = config.verbose if config.verbose is not None else sys.stderr.isatty()
     bar = None
-    if show:
+    if show and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=plan.steps, desc="fit (DP)", unit="step", leave=False)
     t0 = time.perf_counter()

@@ -248,14 +248,35 @@ DP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _assert_takes_the_steps_of_one_process(ranks):
+    """With the noise pinned, two ranks take the steps one process takes: the same Poisson batches
+    (split between the ranks), rank 0's noise once, the clipped sums all-reduced. Up to float
+    rounding of the sums' order (30 Adam steps)."""
+    import warnings
+
+    from medcausal.privacy import Privacy
+
+    sim = mc.synthetic.scm("chain")
+    bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = mc.CausalModel(sim.graph).fit(sim.sample(600, seed=0), seed=0, max_epochs=3, batch_size=64,
+                                              verbose=False,
+                                              privacy=Privacy(noise_multiplier=1.0, noise_seed=5, public_bounds=bounds))
+    mine, theirs = alone.mechanisms.state_dict(), ranks.mechanisms.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert {k: v for k, v in ranks.privacy.items() if k != "weights_sha256"} == \
+        {k: v for k, v in alone.privacy.items() if k != "weights_sha256"}
+    assert alone.fit_info["world_size"] == 1 and ranks.fit_info["world_size"] == 2
+
+
 def test_private_training_over_two_ranks_takes_the_steps_of_one_process(tmp_path):
     import json
     import math
-    import warnings
 
     import numpy as np
-
-    from medcausal.privacy import Privacy
 
     script = tmp_path / "dp.py"
     script.write_text(DP_SCRIPT)
@@ -266,23 +287,8 @@ def test_private_training_over_two_ranks_takes_the_steps_of_one_process(tmp_path
         weights = [m.mechanisms.state_dict() for m in models]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
         assert models[0].privacy == models[1].privacy and models[0].privacy["steps"] == 30
-    # With the noise pinned, two ranks take the steps one process takes: the same Poisson batches
-    # (split between the ranks), rank 0's noise once, the clipped sums all-reduced. Up to float
-    # rounding of the sums' order (30 Adam steps).
-    sim = mc.synthetic.scm("chain")
-    bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        alone = mc.CausalModel(sim.graph).fit(sim.sample(600, seed=0), seed=0, max_epochs=3, batch_size=64,
-                                              verbose=False,
-                                              privacy=Privacy(noise_multiplier=1.0, noise_seed=5, public_bounds=bounds))
-    ranks = mc.CausalModel.load(tmp_path / "pinned-0.mcm")
-    mine, theirs = alone.mechanisms.state_dict(), ranks.mechanisms.state_dict()
-    assert mine.keys() == theirs.keys()
-    for k in mine:
-        torch.testing.assert_close(theirs[k], mine[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert {k: v for k, v in ranks.privacy.items() if k != "weights_sha256"} == \
-        {k: v for k, v in alone.privacy.items() if k != "weights_sha256"}
+        assert models[0].codecs == models[1].codecs, name  # one set of noisy statistics
+    _assert_takes_the_steps_of_one_process(mc.CausalModel.load(tmp_path / "pinned-0.mcm"))
     # records of several rows (a patient's visits): a rank takes whole records
     alone = mc.CausalModel(PATIENT_GRAPH).fit(repeated_visits(), seed=0, privacy=PATIENT_PRIVACY, max_epochs=2,
                                               batch_size=10, verbose=False)
@@ -306,6 +312,54 @@ def test_private_training_over_two_ranks_takes_the_steps_of_one_process(tmp_path
             assert not set(s0) & set(s1) and abs(len(s0) - len(s1)) <= 1  # disjoint halves of one batch
         assert noise[0][mode]["history"] == [[sigma, 0.25, 20]]
     assert done.stdout.count("refused: Privacy(secure_mode=True) under torchrun is not supported") == 2
+
+
+SPAWN_SCRIPT = textwrap.dedent("""
+    import os, socket, sys, warnings
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    import medcausal as mc
+    from medcausal.privacy import Privacy
+
+    def work(rank, folder, port):
+        torch.set_num_threads(1)
+        warnings.simplefilter("ignore")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        sim = mc.synthetic.scm("chain")
+        bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+        for name, privacy in (("pinned", Privacy(noise_multiplier=1.0, noise_seed=5, public_bounds=bounds)),
+                              ("fresh", Privacy(epsilon=4.0, public_bounds=bounds))):
+            model = mc.CausalModel(sim.graph).fit(sim.sample(600, seed=0), seed=0, privacy=privacy, max_epochs=3,
+                                                  batch_size=64, verbose=False, device=torch.device("cpu"))
+            model.save(os.path.join(folder, f"{name}-{rank}.mcm"))
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # no torchrun: the group is the caller's alone
+            os.environ.pop(key, None)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(work, args=(sys.argv[1], port), nprocs=2)
+""")
+
+
+def test_private_training_in_a_process_group_the_caller_made(tmp_path):
+    """mp.spawn and init_process_group without torchrun's WORLD_SIZE: the plan and the session count
+    the same ranks (before, the plan saw one process: each rank drew its own Poisson batches and
+    kept its share of them, so a record could enter a step twice), and fit takes a torch.device."""
+    script = tmp_path / "spawn.py"
+    script.write_text(SPAWN_SCRIPT)
+    done = _run([sys.executable, str(script), str(tmp_path)], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("pinned", "fresh"):
+        models = [mc.CausalModel.load(tmp_path / f"{name}-{r}.mcm") for r in (0, 1)]
+        weights = [m.mechanisms.state_dict() for m in models]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
+        assert models[0].privacy == models[1].privacy
+        assert models[0].codecs == models[1].codecs, name  # one set of noisy statistics (rank 0's seed)
+    _assert_takes_the_steps_of_one_process(mc.CausalModel.load(tmp_path / "pinned-0.mcm"))
 
 
 def test_cli_fit_under_torchrun_with_privacy_writes_the_run_once(tmp_path):

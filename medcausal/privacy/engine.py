@@ -705,7 +705,7 @@ class PrivateSession:
             raise MedCausalError(f"unexpected Opacus data loader {type(sampler).__name__}: cannot set the "
                                  "planned sampling (is the installed Opacus version supported?)")
         sampler.steps = plan.steps_per_epoch
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.world = distributed_setup()[1]  # as prepare() counted them: they must agree
         # per rank: rank 0's noise and every rank's clipped sum, all-reduced and divided by the
         # world size, are then divided by the planned expected batch size, as in one process
         expected = plan.sample_rate * plan.n_records / self.world

@@ -63,8 +63,38 @@ JOINT_SCOPE = ("one DP-SGD run over the joint loss of every mechanism (sum of pe
                "epsilon bounds the released model as a whole")
 
 
-def _seed_from(seed: int, salt: int) -> int:
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, salt]).generate_state(1)[0])
+SEED_BYTES = 16  # a fresh fit's DP seed: 128 bits of OS entropy, too many to replay
+
+# torch's CPU generator (mt19937) takes a 32-bit seed; its state, set whole, holds 624 words.
+# Its layout (aten CPUGeneratorImplStateLegacy): initial seed u64, left i32, seeded i32, next u64,
+# then the 624 words, each in a u64.
+_MT_WORDS, _MT_AT = 624, 24
+
+
+def dp_generator(seed: int, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for the DP randomness stream ``salt`` of ``seed``, with all the seed's
+    entropy: every word of the CPU's mt19937 state (``manual_seed`` would keep 32 bits, and 2**32
+    candidate seeds can be replayed against a released model), or a 64-bit seed on an accelerator.
+
+    >>> a, b = dp_generator(2**40 + 5, 1), dp_generator(5, 1)  # the same low 32 bits, other streams
+    >>> torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))
+    False
+    """
+    sequence = np.random.SeedSequence([int(seed), int(salt)])
+    device = torch.device(device)
+    if device.type != "cpu":  # Philox (CUDA): a 64-bit seed is its whole key
+        return torch.Generator(device=device).manual_seed(int(sequence.generate_state(1, np.uint64)[0]))
+    words = sequence.generate_state(_MT_WORDS, np.uint32)
+    gen = torch.Generator().manual_seed(int(words[0]))
+    state = gen.get_state().numpy().copy()
+    table = state[_MT_AT:_MT_AT + 8 * _MT_WORDS].view("<u8")
+    if state[:8].view("<u8")[0] != words[0] or table[0] != words[0] or table[1] != (
+            1812433253 * (int(words[0]) ^ (int(words[0]) >> 30)) + 1) & 0xFFFFFFFF:
+        raise PrivacyError(f"torch {torch.__version__}'s CPU generator state has a layout medcausal does not "
+                           "know, so the DP noise could not take more than a 32-bit seed; use a supported torch")
+    table[:] = words
+    gen.set_state(torch.from_numpy(state))
+    return gen
 
 
 # -- plan ----------------------------------------------------------------------------
@@ -136,7 +166,7 @@ class PrivatePlan:
     def _generator(self, salt: int, device: torch.device | str = "cpu") -> torch.Generator:
         if self.secure_rng is not None:
             return self.secure_rng
-        return torch.Generator(device=device).manual_seed(_seed_from(self.seed, salt))
+        return dp_generator(self.seed, salt, device)
 
     # -- training --------------------------------------------------------------
     def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -221,7 +251,7 @@ def prepare(privacy: Privacy, data, graph: CausalGraph, mechanisms: Mapping[str,
         secure_rng = csprng.create_random_device_generator("/dev/urandom")
     seed = privacy.noise_seed
     if seed is None:  # under torchrun rank 0's: every rank then draws the same statistics and batches
-        seed = on_rank0(lambda: int.from_bytes(os.urandom(8), "little"))
+        seed = on_rank0(lambda: int.from_bytes(os.urandom(SEED_BYTES), "little"))
 
     table = table_of(data)
     n_rows = len(table)

@@ -60,3 +60,44 @@ def test_update_variance_matches_sigma_c_over_b(mode):
     assert abs(u.mean().item()) < 6 * math.sqrt(expected / m)
     # the accountant saw every step, at the loader's sample rate
     assert plan.history == [[SIGMA, 1 / (N // B), STEPS]]
+
+
+def test_dp_generator_keeps_every_bit_of_its_seed():
+    """torch's CPU generator keeps 32 bits of a manual_seed: 2**32 candidates that an adversary who
+    knows the other records can replay against a released model's noisy statistics (a review
+    recovered a record's exact value so). Seeds alike in their low 32 (or 64) bits draw other
+    streams; one seed and stream draws one sequence; the draws stay standard normal."""
+    from medcausal.privacy.engine import dp_generator
+
+    n = 4096
+    draws = [torch.randn(n, generator=dp_generator(seed, 3)) for seed in (5, 5 + 2**32, 5 + 2**100)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert torch.equal(draws[0], torch.randn(n, generator=dp_generator(5, 3)))  # pinned: reproducible
+    assert not torch.equal(draws[0], torch.randn(n, generator=dp_generator(5, 4)))  # another stream
+    x = torch.cat(draws).double()  # 12,288 N(0, 1) draws: 6 standard errors of the mean and variance
+    assert abs(x.mean().item()) < 6 / math.sqrt(len(x))
+    assert abs(x.var().item() - 1) < 6 * math.sqrt(2 / len(x))
+
+
+def test_a_fresh_fit_draws_128_bits_of_noise_seed(monkeypatch):
+    """A fit's DP seed is 16 bytes of OS entropy, and all of them reach the noise: two fits (the
+    same initial weights) whose entropy differs only in its last byte end with other weights."""
+    import os
+
+    import medcausal as mc
+    from medcausal.privacy import engine
+
+    sim = mc.synthetic.scm("chain")
+    df = sim.sample(400, seed=0)
+    bounds = {"x1": (-5, 5), "x2": (-2, 15), "x3": (-15, 15)}
+    weights = []
+    for last in (1, 2):
+        def urandom(k, last=last):  # with k = 16, the seed 2**120 * last: nothing in the low 15 bytes
+            return bytes(k - 1) + bytes([last])
+
+        monkeypatch.setattr(engine.os, "urandom", urandom)
+        model = mc.CausalModel(sim.graph).fit(df, privacy=Privacy(noise_multiplier=1.0, public_bounds=bounds),
+                                              max_epochs=1, verbose=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.mechanisms.parameters()]))
+    monkeypatch.setattr(engine.os, "urandom", os.urandom)
+    assert engine.SEED_BYTES == 16 and not torch.equal(weights[0], weights[1])

@@ -112,18 +112,24 @@ def parse_do(do: Mapping[str, Any] | None, known: Iterable[str], index=None) -> 
         if spec is None:
             raise InterventionError(f"do[{name!r}] is None")
         if index is not None:
-            spec = _by_row_label(name, spec, index)
+            spec = align_to_rows(spec, index, f"do[{name!r}]")
         out[name] = Intervention(name, spec)
     return out
 
 
-def _by_row_label(name: str, spec: Any, index) -> Any:
-    """A per-row ``pd.Series`` intervention, aligned to the observed rows by its index."""
+def align_to_rows(spec: Any, index, label: str) -> Any:
+    """A per-row ``pd.Series`` value (named ``label`` in errors), aligned to the rows of ``index``
+    by its own index; any other value as it is.
+
+    >>> import pandas as pd
+    >>> align_to_rows(pd.Series([1, 2], index=["b", "a"]), pd.Index(["a", "b"]), "do['x']").tolist()
+    [2, 1]
+    """
     if not hasattr(spec, "reindex") or hasattr(spec, "columns") or spec.index.equals(index):
         return spec
     if spec.index.is_unique and len(spec) == len(index) and spec.index.isin(index).all():
         return spec.reindex(index)
-    raise InterventionError(f"do[{name!r}] is a pandas Series whose index does not match the observed rows' "
+    raise InterventionError(f"{label} is a pandas Series whose index does not match the observed rows' "
                             f"index; pass .to_numpy() to apply its values by position")
 
 

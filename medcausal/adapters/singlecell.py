@@ -45,6 +45,7 @@ from torch import nn
 from ..cohort import Cohort
 from ..errors import DataError, InterventionError, MedCausalError, ModelFileError, NotFittedError
 from ..graph import Expression
+from ..interventions import align_to_rows
 from ..io import atomic_write, load_model_file, save_model_file
 from ..synthetic.perturbseq import parse_perturbation
 from ..train import TrainConfig, forked_rng, train_rounds
@@ -253,7 +254,7 @@ def _encode_obs(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None,
     for key in setup["covariate_keys"]:
         cats = setup["covariate_categories"][key]
         if key in covariates:
-            vals = np.asarray(_per_cell(covariates[key], n, key), dtype=object).astype(str)
+            vals = np.asarray(_per_cell(covariates[key], obs, key), dtype=object).astype(str)
         else:
             if key not in obs.columns:
                 raise _missing_key(key, list(obs.columns), "covariate obs column")
@@ -280,7 +281,7 @@ def _treatment(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None):
             raise _missing_key(pkey, list(obs.columns), "perturbation obs column")
         labels = obs[pkey].astype(str).to_numpy()
     else:
-        labels = np.asarray(_per_cell(perturbation, n, "perturbation"), dtype=object).astype(str)
+        labels = np.asarray(_per_cell(perturbation, obs, "perturbation"), dtype=object).astype(str)
     singles = setup["perturbations"]
     col = {p: i for i, p in enumerate(singles)}
     treat = np.zeros((n, len(singles)), dtype=np.float32)
@@ -298,7 +299,7 @@ def _treatment(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None):
                                     "setup_anndata(..., dose_key=...) before fitting")
         return treat, None
     if dose is not None:
-        d = np.asarray(_per_cell(dose, n, "dose"), dtype=float)
+        d = np.asarray(_per_cell(dose, obs, "dose"), dtype=float)
     else:
         if dkey not in obs.columns:
             raise _missing_key(dkey, list(obs.columns), "dose obs column")
@@ -314,10 +315,12 @@ def _treatment(obs: pd.DataFrame, setup: Mapping, perturbation=None, dose=None):
     return treat, np.where(treat.any(axis=1), d, 0.0)
 
 
-def _per_cell(value, n: int, key: str) -> list:
+def _per_cell(value, obs: pd.DataFrame, key: str) -> list:
+    """``value`` for each cell of ``obs``: one for all, one per cell, or a Series by cell name."""
+    n = len(obs)
     if np.ndim(value) == 0:
         return [value] * n
-    vals = list(np.asarray(value, dtype=object).reshape(-1))
+    vals = list(np.asarray(align_to_rows(value, obs.index, f"{key}="), dtype=object).reshape(-1))
     if len(vals) != n:
         raise InterventionError(f"{key}= has {len(vals)} values for {n} cells")
     return vals
@@ -593,14 +596,14 @@ class FCRModel:
         if perturbation is not None:  # written canonically ("P1 + P0" -> "P0+P1"), as grouping by label needs
             ctrl, sep = setup["control"], setup.get("sep", "+")
             obs[pkey] = [sep.join(parse_perturbation(v, ctrl, sep)) or str(ctrl)
-                         for v in _per_cell(perturbation, n, "perturbation")]
+                         for v in _per_cell(perturbation, adata.obs, "perturbation")]
         if setup.get("dose_key"):
             dkey = setup["dose_key"]
             obs[f"factual_{dkey}"] = obs[dkey].to_numpy()
             obs[dkey] = _treatment(adata.obs, setup, perturbation, dose)[1]  # in the data's units
         for key, val in (covariates or {}).items():
             obs[f"factual_{key}"] = obs[key].astype(str).to_numpy()
-            obs[key] = np.asarray(_per_cell(val, n, key), dtype=object).astype(str)
+            obs[key] = np.asarray(_per_cell(val, adata.obs, key), dtype=object).astype(str)
         out = ad.AnnData(X=X, obs=obs, var=adata.var.copy())
         out.layers["counts"] = X.copy()
         if mean:

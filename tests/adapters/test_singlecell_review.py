@@ -94,6 +94,26 @@ def test_perturbation_none_keeps_each_cells_own_treatment(plain):
     assert (cf.X != explicit.X).nnz == 0
 
 
+def test_a_per_cell_series_applies_by_cell_name_as_the_simulator_reads_it(sim, plain):
+    """A Series of labels (or doses, covariates) is aligned to the cells by its index, as
+    PerturbSeq.counterfactual aligns it: the same Series asks both for the same cells' query."""
+    a, model = plain
+    cells = a[:6]
+    labels = pd.Series(["P0", "P1", "P2", "control", "P0", "P1"], index=cells.obs_names)[::-1]
+    truth = sim.counterfactual(cells, do={"perturbation": labels}).obs["perturbation"].astype(str)
+    cf = model.predict_counterfactual(cells, perturbation=labels, covariates={"cell_type": labels.map(
+        lambda p: "CT1" if p == "P0" else "CT0")}, seed=2)
+    np.testing.assert_array_equal(cf.obs["perturbation"].astype(str), truth)
+    np.testing.assert_array_equal(cf.obs["perturbation"].astype(str), ["P0", "P1", "P2", "control", "P0", "P1"])
+    np.testing.assert_array_equal(cf.obs["cell_type"].astype(str), ["CT1", "CT0", "CT0", "CT0", "CT1", "CT0"])
+    by_position = model.predict_counterfactual(cells, perturbation=labels.loc[cells.obs_names].to_numpy(),
+                                               covariates={"cell_type": np.array(["CT1", "CT0", "CT0", "CT0", "CT1",
+                                                                                  "CT0"])}, seed=2)
+    assert (cf.X != by_position.X).nnz == 0
+    with pytest.raises(InterventionError, match=r"perturbation= is a pandas Series whose index does not match"):
+        model.predict_counterfactual(cells, perturbation=pd.Series(list(labels), index=range(6)))
+
+
 def test_queries_reject_non_integer_counts_by_layer(plain):
     a, model = plain
     b = a[:20].copy()

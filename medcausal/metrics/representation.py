@@ -431,8 +431,9 @@ def mcc(
     The absolute correlation matrix ``|corr(factor_i, code_j)|`` (``k x d``,
     Pearson or Spearman) is matched one-to-one with the Hungarian algorithm
     (:func:`scipy.optimize.linear_sum_assignment`, rectangular allowed, so
-    ``min(k, d)`` pairs), and the score is the mean correlation over the
-    matched pairs. ``variant="strong"`` uses the codes as they are (identity up
+    ``min(k, d)`` pairs), and the score is the mean over the ``k`` factors of
+    their matched correlation, a factor left without a code (``d < k``)
+    counting 0. ``variant="strong"`` uses the codes as they are (identity up
     to permutation and elementwise rescaling). ``variant="weak"`` scores
     identity up to an affine map, with one of two alignments:
     ``alignment="affine"`` (default) maps the codes to the factors by an
@@ -441,8 +442,8 @@ def mcc(
     their ``min(k, d)`` canonical directions (canonical correlation analysis,
     as in Khemakhem et al.'s evaluation code) and scores the canonical
     variates of the codes against those of the factors (for Pearson, in
-    sample, the score is the mean canonical correlation; directions a rank-deficient
-    code cannot reach count as 0, over ``min(k', d)`` with ``k'`` the factors' rank).
+    sample, the score is the mean canonical correlation; directions a narrower or
+    rank-deficient code cannot reach count as 0, over ``k'``, the factors' rank).
     With ``split`` (a
     test fraction) the matching and the alignment are learned on a random
     train split and the score is read on the held-out split (out-of-sample
@@ -502,13 +503,15 @@ def mcc(
         else:
             corr_eval = _abs_corr(y[test], z[test], ynames, znames, method, a_kind=ykind, b_kind=zkind)
     matched = corr_eval[rows, cols]
-    if variant == "weak" and alignment == "cca":
-        # a code of lower rank (a duplicated or constant column) has fewer canonical directions:
-        # the factor directions it cannot reach count as correlation 0, not as absent
+    # Every factor is scored: one left without a code (fewer codes than factors, or a code of
+    # lower rank with fewer canonical directions) counts as correlation 0, not as absent, so
+    # the variants agree and a code that copies two of four factors scores 0.5, not 1.
+    scored = f.shape[1]
+    if variant == "weak" and alignment == "cca":  # the factors' own directions
         fs = f[train] - f[train].mean(axis=0)
         fs = fs / np.where(fs.std(axis=0) > 0, fs.std(axis=0), 1.0)
-        reachable = min(int(np.linalg.matrix_rank(fs)), c.shape[1])  # the factors' own directions
-        matched = np.concatenate([matched, np.zeros(max(0, reachable - matched.size))])
+        scored = int(np.linalg.matrix_rank(fs))
+    matched = np.concatenate([matched, np.zeros(max(0, scored - matched.size))])
     settings = {
         "method": method,
         "variant": variant,

@@ -140,8 +140,14 @@ def test_mcc_rectangular(rng):
     assert r.corr.shape == (3, 6)
     assert r.score == pytest.approx(1.0, abs=1e-6)  # tol 1e-6
     assert sorted(r.pairs) == [(0, 4), (1, 2), (2, 5)]
-    narrow = mcc(z, z[:, [2]])  # k=3, d=1: one pair
-    assert len(narrow.pairs) == 1 and narrow.score == pytest.approx(1.0, abs=1e-6)
+    # k=3, d=1: one pair, and the two factors without a code count 0, in every variant alike
+    # (a code that copies one factor of three recovers a third of them)
+    narrow = mcc(z, z[:, [2]])
+    assert narrow.pairs == ((2, 0),) and narrow.score == pytest.approx(1 / 3, abs=1e-6)
+    assert mcc(z, z[:, [2]], method="spearman").score == pytest.approx(1 / 3, abs=1e-6)
+    assert mcc(z, z[:, [2]], variant="weak", alignment="cca").score == pytest.approx(1 / 3, abs=1e-6)
+    # affine: factor 2 exactly, factors 0 and 1 by a regression on an independent code (|r| ~ 0.05)
+    assert mcc(z, z[:, [2]], variant="weak").score == pytest.approx(1 / 3, abs=0.05)
 
 
 def test_mcc_weak_variant_undoes_affine_mixing(rng):

@@ -100,7 +100,8 @@ class AttackResult:
 
 @dataclass
 class AuditResult:
-    """Both attacks, with the privacy ledger's (epsilon, delta) (``None`` for a non-DP model)."""
+    """Both attacks, with the (epsilon, delta) that bounds a candidate (:func:`dp_guarantee`;
+    ``None`` for a non-DP model)."""
 
     attacks: dict = field(default_factory=dict)
     epsilon: float | None = None
@@ -127,12 +128,25 @@ class AuditResult:
         return "\n".join(lines)
 
 
-def _result(name, sm, sn, ledger, note="") -> AttackResult:
+def dp_guarantee(model, unit_column: str | None) -> tuple[float, float] | None:
+    """The (epsilon, delta) that bounds one candidate's membership: the ledger's, or, when a
+    row-level model is scored by units of ``unit_column``, its group-privacy conversion to them
+    (the per-row epsilon would draw too tight a bound). None for a model that is not DP."""
+    ledger = model.dp_ledger()
+    if not ledger:
+        return None
+    group = ledger.get("group_privacy")
+    if ledger.get("privacy_unit") == "row" and unit_column is not None and group and group["unit"] == unit_column:
+        return group["epsilon"], group["delta"]
+    return ledger["epsilon"], ledger["delta"]
+
+
+def _result(name, sm, sn, guarantee, note="") -> AttackResult:
     auc, lo, hi = delong_ci(sm, sn)
     tprs = {str(f): tpr_at_fpr(sm, sn, f) for f in FPR_LEVELS}
     bound = None
-    if ledger:
-        eps, delta = ledger["epsilon"], ledger["delta"]
+    if guarantee:
+        eps, delta = guarantee
         bound = {str(f): float(min(1.0, math.exp(eps) * f + delta)) for f in FPR_LEVELS}
     return AttackResult(name, auc, (lo, hi), tprs, len(sm), len(sn), bound, note)
 
@@ -223,7 +237,7 @@ def loss_attack(model, members, non_members, repeats: int = 1, unit_column: str 
     _check_units(members, non_members, unit_column)
     sm = _by_unit(-record_losses(model, members, repeats), members, unit_column, np.add)
     sn = _by_unit(-record_losses(model, non_members, repeats), non_members, unit_column, np.add)
-    return _result("loss", sm, sn, model.dp_ledger())
+    return _result("loss", sm, sn, dp_guarantee(model, unit_column))
 
 
 def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed: int = 0,
@@ -246,7 +260,7 @@ def dcr_attack(model, members, non_members, n_synthetic: int | None = None, seed
     dm = nn_.kneighbors(features(model, members))[0][:, 0]
     dn = nn_.kneighbors(features(model, non_members))[0][:, 0]
     return _result("dcr", _by_unit(-dm, members, unit_column, np.maximum),
-                   _by_unit(-dn, non_members, unit_column, np.maximum), model.dp_ledger(),
+                   _by_unit(-dn, non_members, unit_column, np.maximum), dp_guarantee(model, unit_column),
                    note=f"{n_syn} synthetic records")
 
 
@@ -274,7 +288,8 @@ def audit(model, members, non_members, *, attacks: Sequence[str] = ("loss", "dcr
     ledger = model.dp_ledger() or {}
     if unit_column == "ledger":
         unit_column = ledger.get("unit_column") if ledger.get("privacy_unit") != "row" else None
-    out = AuditResult(epsilon=ledger.get("epsilon"), delta=ledger.get("delta"))
+    epsilon, delta = dp_guarantee(model, unit_column) or (None, None)
+    out = AuditResult(epsilon=epsilon, delta=delta)
     if "loss" in attacks:
         out.attacks["loss"] = loss_attack(model, members, non_members, repeats, unit_column)
     if "dcr" in attacks:

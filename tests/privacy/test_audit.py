@@ -108,3 +108,29 @@ def test_a_model_trained_per_patient_is_audited_per_patient():
     missing.loc[missing.index[-1], "patient"] = np.nan  # was merged into another unit's score
     with pytest.raises(DataError, match="without a unit id"):
         audit(m, members, missing, attacks=["loss"])
+
+
+def test_a_row_level_model_scored_per_patient_is_bounded_by_its_group_privacy():
+    """Row-level DP with up to 3 rows a patient protects a patient at group privacy's
+    (3 eps, 3 e^(2 eps) delta): that, not the per-row epsilon, bounds an attack on patients."""
+    import math
+    import warnings
+
+    from medcausal.privacy.audit import dp_guarantee
+
+    g = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    members, others = _visits(30), _visits(30, first=100, seed=1)
+    p = Privacy(noise_multiplier=1.0, delta=1e-3, unit_column="patient", row_level=True, max_rows_per_unit=3,
+                force=True, standardize="bounds", public_bounds={"x": (-4, 4), "y": (-12, 12)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the group-privacy warning
+        m = mc.CausalModel(g).fit(members, max_epochs=1, batch_size=10, verbose=False, privacy=p)
+    eps, delta = m.dp_ledger()["epsilon"], m.dp_ledger()["delta"]
+    group = (3 * eps, 3 * math.exp(2 * eps) * delta)
+    assert dp_guarantee(m, None) == (eps, delta)
+    assert dp_guarantee(m, "patient") == pytest.approx(group)
+    rows = audit(m, members, others, attacks=["loss"])  # the ledger's unit is the row
+    assert rows.attacks["loss"].n_members == 90 and (rows.epsilon, rows.delta) == (eps, delta)
+    units = audit(m, members, others, attacks=["loss"], unit_column="patient")
+    assert units.attacks["loss"].n_members == 30 and (units.epsilon, units.delta) == pytest.approx(group)
+    assert units.attacks["loss"].dp_tpr_bound["0.01"] == pytest.approx(min(1.0, math.exp(group[0]) * 0.01 + group[1]))

@@ -154,7 +154,7 @@ def distributed_setup(device: str = "cpu") -> tuple[int, int]:
 
 
 def ranks() -> tuple[int, int]:
-    """(rank, world size) under torchrun (initializing torch.distributed), else (0, 1)."""
+    """(rank, world size) of the process group (:func:`distributed_setup`), else (0, 1)."""
     return distributed_setup("cpu")
 
 

@@ -24,7 +24,7 @@ Protocol (fixed; the same for every mechanism):
   counterfactual scans vs the true counterfactual volumes, MAE in mL, per intervened
   variable, next to measure() on the true counterfactual scans (the oracle's own error);
 - effectiveness by anti-causal predictors (a CNN medcausal trains on the training scans):
-  MAE of each continuous parent (in standardized units) and scanner accuracy;
+  MAE of each continuous parent (in the variable's units, e.g. mL) and scanner accuracy;
 - composition: L1 after 1 and 10 null interventions (the mechanism's counterfactual, pixel
   noise included; and the decoder mean, i.e. the VAE alone, as in Ribeiro et al.);
   reversibility: L1 after 1..3 cycles of do(age + 20) then undo;

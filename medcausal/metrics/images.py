@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, warn
 
 __all__ = ["SoundnessCurve", "change_decomposition", "composition", "counterfactual_latent_divergence", "effectiveness", "feature_frechet_distance", "frechet_distance",
            "mean_absolute_error", "oracle_effectiveness", "reversibility", "true_counterfactual_error"]
@@ -344,6 +344,10 @@ def frechet_distance(a: Any, b: Any) -> float:
         if not np.isfinite(f).all():
             raise DataError(f"frechet_distance: feature set {what} has {int((~np.isfinite(f)).sum())} "
                             "non-finite value(s)")
+    if min(len(a), len(b)) <= a.shape[1]:
+        warn(f"frechet_distance: {min(len(a), len(b))} rows for {a.shape[1]} features: the covariances are "
+             "rank-deficient and the distance is mostly the estimator's bias (two samples of one Gaussian "
+             "score far above 0); compare only at equal sizes, beside a real-vs-real floor")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = linalg.sqrtm(s_a @ s_b)

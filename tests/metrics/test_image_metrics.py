@@ -126,6 +126,14 @@ def test_frechet_distance_matches_the_gaussian_formula():
         im.frechet_distance(a, b[:, :3])
 
 
+def test_frechet_distance_warns_when_its_covariances_are_rank_deficient():
+    # two samples of one 32-d standard normal, 32 rows each: FD 0 in truth, about 19 estimated
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(32, 32)), rng.normal(size=(32, 32))
+    with pytest.warns(UserWarning, match="32 rows for 32 features"):
+        assert im.frechet_distance(a, b) > 5.0
+
+
 def _bars(n, seed):
     """A vertical bar whose column (0..7, continuous) and brightness (binary) are the targets."""
     rng = np.random.default_rng(seed)

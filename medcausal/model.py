@@ -211,6 +211,28 @@ class CausalModel:
         exact[iv.name] = raw
         return tabular.intervention_values(codec, raw).to(self.device)
 
+    def _keep_where_parents_kept(self, name: str, x: torch.Tensor, factual: dict, world: dict, data,
+                                 exact: dict) -> torch.Tensor:
+        """``x`` with the factual value, exactly, in the rows whose parents all kept their factual
+        values (a null intervention upstream, say): with its own noise a unit then takes its own
+        value (consistency), which abduction and prediction give back only up to float rounding
+        (or, for a lossy abduction such as a VAE's, up to its reconstruction error)."""
+        n = len(x)
+        kept = torch.ones(n, dtype=torch.bool, device=x.device)
+        for p in self.graph.parents(name):
+            if world[p] is not factual[p]:
+                kept &= (world[p] == factual[p]).reshape(n, -1).all(1)
+        if not kept.any():
+            return x
+        x = torch.where(kept.reshape(n, *[1] * (x.dim() - 1)), factual[name], x)
+        codec = self.codecs[name]
+        if codec.vtype.kind == "continuous":  # the kept rows read back as the data's own values
+            raw = np.array(codec.decode(x), dtype=np.float64).reshape(n, -1)
+            rows = kept.cpu().numpy()
+            raw[rows] = codec.observed(data).reshape(n, -1)[rows]
+            exact[name] = raw
+        return x
+
     def _one_vector_value(self, do, n: int):
         """``do={"v": [a, b]}`` on a 2-vector ``v`` is one value for every row (a per-row spec of
         a vector is [n, dim]), not two per-row values. A DataFrame for a vector is read by its
@@ -482,6 +504,8 @@ class CausalModel:
                                                                      label_keys=label_keys()).keys, self.device)
                 noise = mech.abduct(factual[name], self._parents(name, factual, n), generator=keyed)
                 x = mech.sample(self._parents(name, world, n), noise=noise, generator=gen)
+                if iv is None:
+                    x = self._keep_where_parents_kept(name, x, factual, world, data, exact)
                 world[name] = x if iv is None else self._intervene(iv, x, n, exact)
         out = self._decode({k: world[k] for k in affected}, like=data, n=n, exact=exact, from_inputs=True)
         from .simulate import restamp_counterfactual  # a table that tracks provenance keeps tracking it

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pandas as pd
@@ -240,3 +242,117 @@ def test_sample_and_counterfactual_of_an_image_model_write_the_scans(tmp_path):
     assert main(["counterfactual", str(run), "--input", str(out), "--do", "age=80", "--out", str(cf)]) == 0
     back = pd.read_csv(cf)
     assert (back["age"] == 80).all() and all((tmp_path / p).is_file() for p in back["mri_path"])
+
+
+ONE_EPOCH_RECIPE = RECIPE.format(epochs=1)  # the triangle recipe above, fitted for one epoch
+
+
+@pytest.fixture()
+def run(tmp_path):
+    mc.synthetic.scm("triangle").sample(60, seed=0).to_csv(tmp_path / "data.csv")
+    (tmp_path / "tri.toml").write_text(ONE_EPOCH_RECIPE)
+    umask = os.umask(0o022)
+    try:
+        assert main(["fit", str(tmp_path / "tri.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    return tmp_path / "run"
+
+
+def test_fit_run_folder_is_readable_like_the_files_in_it(run):
+    # The files get 0666 less the umask (atomic_write); the folder holding them was 0700 (mkdtemp),
+    # so collaborators could not open the run at all.
+    assert stat.S_IMODE((run / "model.mcm").stat().st_mode) == 0o644
+    assert stat.S_IMODE(run.stat().st_mode) == 0o755
+
+
+def test_counterfactual_keeps_id_columns_as_written(run, tmp_path):
+    obs = mc.synthetic.scm("triangle").sample(3, seed=5).reset_index(drop=True)
+    obs.insert(0, "patient_id", ["007", "010", "123"])
+    obs.to_csv(tmp_path / "obs.csv", index=False)
+    assert main(["counterfactual", str(run), "--input", str(tmp_path / "obs.csv"), "--do", "x1=0",
+                 "--out", str(tmp_path / "cf.csv")]) == 0
+    cf = pd.read_csv(tmp_path / "cf.csv", dtype={"patient_id": str})
+    assert cf["patient_id"].tolist() == ["007", "010", "123"]  # was 7, 10, 123
+    assert (cf["x1"] == 0.0).all()
+
+
+def test_text_category_codes_survive_csv(tmp_path):
+    # "01" read from a CSV became the number 1 and matched no declared category
+    rng = np.random.default_rng(0)
+    grade = rng.choice(["01", "02", "03"], 120)
+    df = pd.DataFrame({"age": rng.normal(60, 10, 120), "grade": grade})
+    df["bp"] = 100 + 0.3 * df["age"] + (grade == "03") * 8 + rng.normal(0, 3, 120)
+    df.to_csv(tmp_path / "cohort.csv", index=False)
+    (tmp_path / "r.toml").write_text(
+        'name = "t"\nedges = [["age", "bp"], ["grade", "bp"]]\n[data]\npath = "cohort.csv"\n[variables]\n'
+        'age = "continuous"\ngrade = { type = "categorical", categories = ["01", "02", "03"] }\n'
+        'bp = "continuous"\n[fit]\nmax_epochs = 1\n')
+    run = tmp_path / "run"
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.csv")]) == 0
+    assert set(pd.read_csv(tmp_path / "s.csv", dtype={"grade": str})["grade"]) <= {"01", "02", "03"}
+    assert main(["counterfactual", str(run), "--input", str(tmp_path / "s.csv"), "--do", "age=70",
+                 "--out", str(tmp_path / "cf.csv")]) == 0
+    cf = pd.read_csv(tmp_path / "cf.csv", dtype={"grade": str})
+    assert cf["grade"].tolist() == pd.read_csv(tmp_path / "s.csv", dtype={"grade": str})["grade"].tolist()
+
+
+def test_fit_overwrite_keeps_the_old_run_if_interrupted(run, monkeypatch):
+    # the old run was deleted before the new one moved in: an interruption between lost both
+    import medcausal.cli as cli
+
+    before = (run / "model.mcm").read_bytes()
+    real = os.replace
+
+    def interrupted(src, dst, *a, **k):
+        if os.path.isdir(src) and os.path.basename(src).startswith(".run.") and ".old." not in str(src):
+            raise KeyboardInterrupt("at the new run's final rename")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(cli.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["fit", str(run.parent / "tri.toml"), "--out", str(run), "--quiet", "--overwrite"])
+    monkeypatch.setattr(cli.os, "replace", real)
+    assert (run / "model.mcm").read_bytes() == before
+    assert sorted(p.name for p in run.parent.iterdir() if p.name.startswith(".run")) == []  # nothing left over
+    assert cli.main(["fit", str(run.parent / "tri.toml"), "--out", str(run), "--quiet", "--overwrite"]) == 0
+
+
+def test_a_misspelt_mechanism_is_named_before_the_data_are_read(tmp_path, capsys):
+    (tmp_path / "r.toml").write_text(ONE_EPOCH_RECIPE.replace("[mechanisms]\n", '[mechanisms]\nx2 = "flwo"\n'))
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "r.toml: [mechanisms]" in err and "flwo" in err  # data.csv does not exist: never read
+
+
+def test_counterfactual_id_column_keys_each_patients_noise(tmp_path, capsys):
+    # The CLI keyed a patient's discrete noise by its row number: the same patient got another
+    # counterfactual when the input file was sorted differently. --id-column keys it by the id.
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    pd.DataFrame({"a": a, "b": (a + rng.normal(size=200) > 0).astype(int)}).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "r.toml").write_text('name = "ab"\nedges = [["a", "b"]]\n[data]\npath = "d.csv"\n'
+                                     '[variables]\na = "continuous"\nb = "binary"\n[fit]\nmax_epochs = 2\n')
+    assert main(["fit", str(tmp_path / "r.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    obs = pd.DataFrame({"pid": [f"P{i:02d}" for i in range(40)], "a": a[:40], "b": (a[:40] > 0).astype(int)})
+    obs.to_csv(tmp_path / "in.csv", index=False)
+    obs.iloc[::-1].to_csv(tmp_path / "rev.csv", index=False)
+    out = {}
+    for name in ("in", "rev"):
+        assert main(["counterfactual", str(tmp_path / "run"), "--input", str(tmp_path / f"{name}.csv"),
+                     "--do", "a=0", "--id-column", "pid", "--out", str(tmp_path / f"cf_{name}.csv")]) == 0
+        out[name] = pd.read_csv(tmp_path / f"cf_{name}.csv")
+        assert list(out[name].columns) == ["pid", "a", "b"]
+    both = out["in"].merge(out["rev"], on="pid", suffixes=("", "_rev"))
+    assert len(both) == 40 and 0 < both["b"].mean() < 1  # the draws are not all alike
+    assert (both["b"] == both["b_rev"]).all()
+    for name in ("in", "rev"):  # worlds keyed its noise by row number too
+        assert main(["worlds", str(tmp_path / "run"), "--input", str(tmp_path / f"{name}.csv"),
+                     "--world", "w:a=0", "--id-column", "pid", "--out", str(tmp_path / f"w_{name}.csv")]) == 0
+        w = pd.read_csv(tmp_path / f"w_{name}.csv").merge(out["in"], on="pid")
+        assert len(w) == 40 and (w["b@w"] == w["b_y"]).all()  # the same as `counterfactual --id-column`
+    assert main(["counterfactual", str(tmp_path / "run"), "--input", str(tmp_path / "in.csv"), "--do", "a=0",
+                 "--id-column", "patient", "--out", str(tmp_path / "cf_x.csv")]) == 2
+    assert "--id-column 'patient' is not a column of" in capsys.readouterr().err
+    assert not (tmp_path / "cf_x.csv").exists()

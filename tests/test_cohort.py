@@ -1,10 +1,11 @@
-"""Cohort.write / Cohort.read: a cohort comes back from disk as it was written."""
+"""medcausal.cohort: a Cohort's ids, index and meta, and Cohort.write / Cohort.read round trips."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import medcausal as mc
+from medcausal import Cohort
 from medcausal.errors import DataError
 
 
@@ -52,3 +53,32 @@ def test_expression_needs_h5ad(tmp_path):
     with pytest.raises(DataError, match="h5ad"):
         c.write(tmp_path / "cells.csv")
     assert not (tmp_path / "cells.csv").exists()
+
+
+def test_a_cohort_owns_its_meta():
+    meta = {"image_specs": {"mri": {"spacing": [1, 1]}}}
+    cohort = mc.Cohort(pd.DataFrame({"a": [1.0, 2.0]}), meta=meta)
+    cohort.meta["image_specs"]["mri"]["spacing"].append(9)
+    assert meta["image_specs"]["mri"]["spacing"] == [1, 1]
+
+
+def test_a_cohort_keeps_a_named_index_as_a_column():
+    # a named index that is not the id column ("subject") was dropped, its ids lost
+    import pandas as pd
+
+    t = pd.DataFrame({"age": [1.0, 2.0]}, index=pd.Index(["s1", "s2"], name="subject"))
+    c = mc.Cohort(t, {})
+    assert c.table["subject"].tolist() == ["s1", "s2"] and c.ids.tolist() == [0, 1]
+    assert mc.Cohort(t.rename_axis("id"), {}).ids.tolist() == ["s1", "s2"]  # named like the id column: the ids
+
+
+def test_cohort_keeps_an_id_index_and_indexes_by_integer():
+    x = np.zeros((3, 1, 4, 4), np.float32)
+    df = pd.DataFrame({"id": ["p1", "p2", "p3"], "age": [1.0, 2.0, 3.0]})
+    assert Cohort(df.set_index("id"), {"mri": x}).ids.tolist() == ["p1", "p2", "p3"]
+    c = Cohort(df, {"mri": x})
+    one = c[1]
+    assert isinstance(one, Cohort) and one.ids.tolist() == ["p2"] and one.arrays["mri"].shape == (1, 1, 4, 4)
+    assert len(c[[]]) == 0 and c[[]].arrays["mri"].shape == (0, 1, 4, 4)
+    with pytest.raises(DataError, match="row"):
+        c[["p1"]]

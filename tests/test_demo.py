@@ -6,6 +6,7 @@ import json
 import pytest
 
 from medcausal.demo import DEMO_SETTINGS, QUERIES, run_tabular_demo
+from medcausal.errors import MedCausalError
 
 
 def test_demo_asks_the_issue_interventions_at_the_promised_sizes():
@@ -24,3 +25,22 @@ def test_tabular_demo_flow_beats_additive(tmp_path):
     assert len(flow) == len(additive) == 3
     assert sum(flow) < sum(additive)  # exact abduction beats the additive model on this SCM
     assert report.exists() and (tmp_path / "counterfactuals.png").stat().st_size > 1000
+
+
+def test_a_failed_demo_rerun_leaves_no_stale_report(tmp_path, monkeypatch):
+    import medcausal.synthetic
+    from medcausal.demo import run_tabular_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# report of an earlier run")
+    (out / "report.json").write_text("{}")
+
+    def broken(*a, **k):
+        raise MedCausalError("simulator failed")
+
+    monkeypatch.setattr(medcausal.synthetic, "scm", broken)
+    with pytest.raises(MedCausalError):
+        run_tabular_demo(out, quick=True, verbose=False)
+    # was: the earlier report stayed beside whatever this run had written, looking complete
+    assert not (out / "report.md").exists() and not (out / "report.json").exists()

@@ -1,3 +1,5 @@
+import importlib
+import json
 import warnings
 
 import numpy as np
@@ -6,9 +8,13 @@ import pytest
 import torch
 
 import medcausal as mc
-from medcausal.errors import (CapabilityError, DataError, InterventionError, MedCausalError,
+from medcausal.errors import (CapabilityError, DataError, GraphError, InterventionError, MedCausalError,
                               ModelFileError, NotFittedError, OutOfSupportWarning)
+from medcausal.graph import Categorical
+from medcausal.io import read_table, write_table
 from conftest import linear_gaussian
+
+S = importlib.import_module("medcausal.simulate")  # the module, even once mc.simulate is the function
 
 
 def test_counterfactual_matches_ground_truth(fitted):
@@ -517,3 +523,412 @@ def test_positive_variable_refuses_values_at_or_below_zero(positive_fit):
         vec.log_prob(pd.DataFrame({"v[0]": [1.0], "v[1]": [-1.0]}))  # named 'v', a column the table lacks
     with pytest.raises(mc.errors.GraphError, match="positive must be true or false, got 'yes'"):
         mc.CausalGraph({"crp": {"type": "continuous", "positive": "yes"}})
+
+
+# -- bad input and edge cases of fit, sample and counterfactual ------------------
+
+def _data(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    s = (rng.random(n) < 0.4).astype(int)
+    y = 2 * x + s + 0.5 * rng.normal(size=n)
+    return pd.DataFrame({"x": x, "s": s, "y": y, "stage": np.where(y > 0.5, "high", "low")})
+
+
+GRAPH = mc.CausalGraph({"x": "continuous", "s": "binary", "y": "continuous", "stage": "categorical"},
+                       edges=[("x", "y"), ("s", "y"), ("y", "stage")])
+
+
+@pytest.fixture(scope="module")
+def small():
+    return mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False)
+
+
+def test_a_callable_that_edits_its_argument_leaves_the_observed_data_alone(small):
+    obs = _data(5, seed=1)
+    before = obs.copy()
+
+    def flip(a):
+        a[:] = 1 - a
+        return a
+
+    small.counterfactual(obs, do={"s": flip}, seed=0)
+    pd.testing.assert_frame_equal(obs, before)
+
+
+@pytest.mark.parametrize("seed", [None, np.int64(3)])
+def test_fit_takes_a_numpy_or_no_seed(seed):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), seed=seed, max_epochs=1, verbose=False)
+    assert type(model.fit_info["seed"]) is int
+
+
+def test_fit_and_sample_refuse_a_seed_that_is_not_an_integer(small):
+    with pytest.raises(MedCausalError, match="seed"):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), seed="abc", max_epochs=1, verbose=False)
+    with pytest.raises(MedCausalError, match="seed"):
+        small.sample(3, seed="abc")
+
+
+def test_a_model_fitted_with_numpy_settings_saves_and_loads(tmp_path):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(
+        _data(), batch_size=np.int64(64), max_epochs=np.int64(1), verbose=False)
+    path = model.save(tmp_path / "m.mcm")
+    torch.load(path, weights_only=True)
+    loaded = mc.CausalModel.load(path)
+    assert loaded.fit_info["config"]["batch_size"] == 64
+
+
+def test_a_loaded_model_refit_learns_new_categories_like_the_original(small, tmp_path):
+    loaded = mc.CausalModel.load(small.save(tmp_path / "m.mcm"))
+    df = _data()
+    df2 = df.assign(stage=np.where(df["stage"] == "low", "low", "very high"))
+    loaded.fit(df2, max_epochs=1, verbose=False)
+    assert set(loaded.sample(50, seed=0)["stage"]) <= {"low", "very high"}
+
+
+@pytest.mark.parametrize("data", [{"x": [1.0]}, np.zeros((3, 4))])
+def test_counterfactual_of_something_that_is_not_a_table_is_a_data_error(small, data):
+    with pytest.raises(DataError, match="counterfactual\\(\\) takes a pandas DataFrame"):
+        small.counterfactual(data, do={"x": 1.0})
+
+
+@pytest.mark.parametrize("n", [None, "abc", "5"])
+def test_sample_refuses_an_n_that_is_not_a_number(small, n):
+    with pytest.raises(DataError, match="whole number"):
+        small.sample(n)
+
+
+@pytest.mark.parametrize("spec", [5, ["flow"]])
+def test_a_mechanism_spec_of_the_wrong_type_names_the_variable(spec):
+    with pytest.raises(MedCausalError, match="mechanism for 'y' must be a name"):
+        mc.CausalModel(GRAPH, mechanisms={"y": spec})
+
+
+def test_a_shift_function_gets_a_scalar_as_a_flat_array_like_the_simulator_gives_it(small):
+    """A per-row shift ``a + offsets`` broadcast (n, 1) + (n,) to (n, n) and was refused."""
+    sim = mc.synthetic.scm("chain", additive=True)
+    model = mc.CausalModel(sim.graph, mechanisms="additive").fit(sim.sample(300, seed=0), max_epochs=2,
+                                                                  verbose=False)
+    obs = sim.sample(4, seed=1)
+    offsets = np.array([0.1, 0.2, 0.3, 0.4])
+    shift = lambda a: a + offsets  # noqa: E731
+    cf = model.counterfactual(obs, do={"x1": shift}, seed=0)
+    np.testing.assert_allclose(cf["x1"], sim.counterfactual(obs, do={"x1": shift})["x1"], rtol=1e-6)
+    seen = []
+    model.sample(3, do={"x1": lambda a: seen.append(a.shape) or a}, seed=0)
+    assert seen == [(3,)]
+
+
+@pytest.mark.parametrize("name", ["type", "train", "float", "to", "training", "_modules"])
+def test_a_variable_may_be_named_like_a_module_attribute(name):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=60)})
+    df[name] = 2 * df["a"] + rng.normal(size=60)
+    model = mc.CausalModel(mc.CausalGraph({"a": "continuous", name: "continuous"}, edges=[("a", name)]),
+                           mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    assert list(model.sample(2, seed=0).columns) == ["a", name]
+
+
+@pytest.mark.parametrize("names", [("x", "x|pa"), ("a.b", "a\u00b7b")])
+def test_variables_whose_internal_names_clash_are_refused(names):
+    """``x|pa`` overwrote x's parents in training; ``a.b`` and ``a·b`` shared one mechanism."""
+    with pytest.raises(GraphError, match="rename one"):
+        mc.CausalModel(mc.CausalGraph({n: "continuous" for n in names}))
+
+
+def test_fit_with_a_torch_device_saves(tmp_path):
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False,
+                                                              device=torch.device("cpu"))
+    assert model.fit_info["config"]["device"] == "cpu"
+    model.save(tmp_path / "m.mcm")
+
+
+def test_history_survives_save_and_load(small, tmp_path):
+    assert mc.CausalModel(GRAPH).history == []
+    loaded = mc.CausalModel.load(small.save(tmp_path / "m.mcm"))
+    assert loaded.history == small.history and len(loaded.history) == 1
+
+
+@pytest.mark.parametrize("setting", [{"lr": "0.1"}, {"val_fraction": None}, {"seed": 2**70}])
+def test_bad_fit_settings_name_the_setting(setting):
+    with pytest.raises(MedCausalError, match=next(iter(setting))):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(_data(), max_epochs=1, verbose=False, **setting)
+
+
+def test_sample_refuses_a_seed_out_of_range(small):
+    with pytest.raises(MedCausalError, match="seed"):
+        small.sample(2, seed=2**70)
+
+
+def test_integer_column_labels_are_named_as_the_problem():
+    df = pd.DataFrame(np.random.default_rng(0).normal(size=(30, 2)))
+    graph = mc.CausalGraph({0: "continuous", 1: "continuous"}, edges=[(0, 1)])
+    with pytest.raises(DataError, match="astype\\(str\\)"):
+        mc.CausalModel(graph, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+
+
+def test_a_units_counterfactual_is_the_same_asked_alone_or_with_others():
+    """Discrete abduction drew from one generator over the whole query: a unit's counterfactual
+    category depended on which other units were asked with it."""
+    data = _data(400)
+    model = mc.CausalModel(GRAPH).fit(data, max_epochs=2, verbose=False)
+    full = model.counterfactual(data, do={"x": 1.5}, seed=3)
+    part = model.counterfactual(data.iloc[100:140], do={"x": 1.5}, seed=3)
+    alone = model.counterfactual(data.iloc[[120]], do={"x": 1.5}, seed=3)
+    pd.testing.assert_frame_equal(part, full.iloc[100:140])
+    pd.testing.assert_frame_equal(alone, full.iloc[[120]])
+    assert (full["stage"] != data["stage"]).any()  # the query moves the discrete descendant
+    assert not model.counterfactual(data, do={"x": 1.5}, seed=4)["stage"].equals(full["stage"])  # seed matters
+
+
+def test_every_unreadable_column_is_named_in_one_error():
+    """Missing values were reported one column per fit, and a binary's as 'values other than 0/1: [nan]'."""
+    df = _data(60)
+    df.loc[[1, 2], "s"] = np.nan
+    df.loc[[3], "x"] = np.nan
+    with pytest.raises(DataError) as err:
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    text = str(err.value)
+    assert "2 variables" in text and "'s' is binary but has 2 missing value(s)" in text and "'x'" in text
+
+
+def test_a_text_binary_column_gets_a_hint_and_yes_no_reads_as_binary():
+    df = _data(80)
+    df["s"] = np.where(df["s"] == 1, "M", "F")
+    with pytest.raises(DataError, match="is categorical: declare it"):
+        mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    df["s"] = np.where(df["s"] == "M", "Yes", "No")
+    model = mc.CausalModel(GRAPH, mechanisms="additive").fit(df, max_epochs=1, verbose=False)
+    assert set(model.sample(200, seed=0)["s"]) == {"Yes", "No"}
+    assert model.counterfactual(df.iloc[:3], do={"s": "Yes"})["s"].tolist() == ["Yes"] * 3
+
+
+def test_nullable_pandas_dtypes_come_back():
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"smoker": pd.array(rng.random(n) < 0.4, dtype="boolean"),
+                       "visits": pd.array(rng.integers(0, 2, n), dtype="Int64"),
+                       "site": pd.array(rng.choice(["a", "b"], n), dtype="string")})
+    df["bp"] = 120 + 5 * df["smoker"].astype(float) + rng.normal(size=n)
+    g = mc.CausalGraph({"smoker": "binary", "visits": "binary", "site": "categorical", "bp": "continuous"},
+                       [("smoker", "bp"), ("site", "bp")])
+    model = mc.CausalModel(g).fit(df, max_epochs=1, verbose=False)
+    cf = model.counterfactual(df.head(3), do={"smoker": True, "site": "b"})
+    for out in (model.sample(3, seed=0), cf):
+        assert dict(out.dtypes.astype(str)) == dict(df.dtypes.astype(str))
+    assert cf["smoker"].tolist() == [True] * 3 and cf["visits"].tolist() == df["visits"].head(3).tolist()
+
+
+def test_a_date_category_takes_its_own_csv_output_back(tmp_path):
+    # categories are kept as "2022-01-15T00:00:00"; the CSV output says "2022-01-15"
+    rng = np.random.default_rng(0)
+    visit = pd.to_datetime(rng.choice(["2021-06-01", "2022-01-15"], 100))
+    df = pd.DataFrame({"visit": visit, "x": rng.normal(size=100)})
+    g = mc.CausalGraph({"visit": "categorical", "x": "continuous"}, [("visit", "x")])
+    model = mc.CausalModel(g).fit(df, max_epochs=1, verbose=False)
+    write_table(model.sample(3, seed=0), tmp_path / "s.csv")
+    back = read_table(tmp_path / "s.csv")
+    assert back["visit"].dtype == object  # text as the CSV reader sees it
+    cf = model.counterfactual(back, do={"x": 0.1})
+    assert pd.to_datetime(cf["visit"]).tolist() == pd.to_datetime(back["visit"]).tolist() and len(cf) == 3
+    assert (model.sample(2, do={"visit": "2022-01-15"}, seed=0)["visit"] == pd.Timestamp("2022-01-15")).all()
+
+
+def test_model_divergence_names_the_variable():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60)})
+    g = mc.CausalGraph({"a": "continuous", "b": "continuous"}, edges=[("a", "b")])
+    with pytest.raises(MedCausalError, match="diverged") as err:
+        mc.CausalModel(g, mechanisms={"b": "additive"}).fit(df, lr=1e6, max_epochs=50, batch_size=16,
+                                                            verbose=False)
+    assert "'b'" in str(err.value)
+
+
+def test_bad_mechanism_settings_name_the_variable_in_a_model():
+    g = mc.CausalGraph({"a": "continuous", "b": "continuous"}, edges=[("a", "b")])
+    df = pd.DataFrame({"a": np.arange(4.0), "b": np.arange(4.0)})
+    with pytest.raises(MedCausalError, match="'b'.*bins"):
+        mc.CausalModel(g, mechanisms={"b": {"name": "flow", "bins": 0}}).fit(df, max_epochs=1, verbose=False)
+
+
+def test_a_root_category_starts_at_its_base_rate():
+    """A parentless binary (prevalence 0.107 in 300 rows) was sampled at 0.455 after a default fit:
+    its logits started uniform and the summed-loss schedule cut its rate before it got there."""
+    rng = np.random.default_rng(0)
+    n = 300
+    smoker = (rng.random(n) < 0.10).astype(int)
+    age = rng.normal(60, 10, n).round()
+    sbp = 120 + 0.5 * (age - 60) + 10 * smoker + rng.normal(0, 5, n)
+    df = pd.DataFrame({"smoker": smoker, "age": age, "sbp": sbp})
+    graph = mc.CausalGraph({"smoker": "binary", "age": "continuous", "sbp": "continuous"},
+                           edges=[("smoker", "sbp"), ("age", "sbp")])
+    model = mc.CausalModel(graph).fit(df, seed=0, verbose=False, max_epochs=40)
+    sampled = model.sample(20000, seed=1)["smoker"].mean()
+    assert abs(sampled - smoker.mean()) < 0.02  # 20000 draws: sd 0.002; the old fit was 0.35 off
+
+
+# -- fit and the caller's global RNG ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=60)
+    return pd.DataFrame({"x": x, "y": 0.5 * x + rng.normal(scale=0.3, size=60)})
+
+
+def _tiny(mechanism):
+    graph = mc.CausalGraph({"x": "continuous", "y": "continuous"}, edges=[("x", "y")])
+    return mc.CausalModel(graph, mechanisms={"x": mechanism, "y": mechanism})
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.mechanisms.state_dict().items()}
+
+
+@pytest.mark.parametrize("mechanism", ["additive", "flow"])
+def test_fit_with_a_seed_ignores_the_callers_global_rng(pair, mechanism):
+    fits = []
+    for global_seed in (1, 12345):
+        torch.manual_seed(global_seed)
+        fits.append(_tiny(mechanism).fit(pair, seed=0, max_epochs=2, verbose=False))
+    a, b = (_weights(m) for m in fits)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    pd.testing.assert_frame_equal(fits[0].sample(5, seed=3), fits[1].sample(5, seed=3))
+
+
+@pytest.mark.parametrize("mechanism", ["additive", "flow"])
+def test_fit_leaves_the_callers_global_rng_as_it_was(pair, mechanism):
+    # Old code: fit() called torch.manual_seed(seed), so the caller's next draws were replaced by
+    # the continuation of the fit's own stream (and were the same after every fit with that seed).
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    _tiny(mechanism).fit(pair, seed=0, max_epochs=2, verbose=False)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_a_failed_fit_leaves_the_callers_global_rng_as_it_was(pair):
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    with pytest.raises(MedCausalError):
+        _tiny("additive").fit(pair, seed=0, max_epochs=2, lr=-1.0, verbose=False)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+# -- discrete values come back in the user's representation, never as silent NaN --
+
+def _fit(df, variables, edges):
+    return mc.CausalModel(mc.CausalGraph(variables, edges=edges)).fit(df, max_steps=3, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def category_model():
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"grade": pd.Categorical(rng.choice(["low", "mid", "high"], n)),
+                       "bp": rng.normal(size=n),
+                       "sex": pd.Categorical(rng.integers(0, 2, n).astype(bool)),
+                       "smoker": pd.Categorical(rng.integers(0, 2, n).astype(str)),
+                       "diabetic": np.where(rng.integers(0, 2, n) == 1, "True", "False").astype(object)})
+    variables = {"grade": Categorical(("low", "mid", "high", "extreme")), "bp": "continuous",
+                 "sex": "binary", "smoker": "binary", "diabetic": "binary"}
+    edges = [("grade", "bp"), ("sex", "bp"), ("smoker", "bp"), ("diabetic", "bp")]
+    return df, _fit(df, variables, edges)
+
+
+def test_declared_extra_category_is_restored(category_model):
+    df, m = category_model
+    out = m.sample(3, do={"grade": "extreme"}, seed=0)
+    assert out["grade"].tolist() == ["extreme"] * 3
+    assert list(out["grade"].cat.categories) == ["high", "low", "mid", "extreme"]
+    assert not m.sample(500, seed=1)["grade"].isna().any()
+
+
+def test_binary_values_come_back_as_the_user_wrote_them(category_model):
+    df, m = category_model
+    out = m.sample(300, seed=0)
+    assert not out[["sex", "smoker", "diabetic"]].isna().any().any()
+    assert set(out["sex"]) == {False, True} and set(out["smoker"]) == {"0", "1"}
+    assert set(out["diabetic"]) == {"True", "False"}
+    cf = m.counterfactual(df.head(3), do={"sex": True, "smoker": "1", "diabetic": "False"})
+    assert cf["sex"].tolist() == [True] * 3 and cf["smoker"].tolist() == ["1"] * 3
+    assert cf["diabetic"].tolist() == ["False"] * 3
+
+
+def test_model_with_category_columns_saves_and_loads(category_model, tmp_path):
+    df, m = category_model
+    back = mc.CausalModel.load(m.save(tmp_path / "m.pt"))
+    out = back.sample(50, do={"grade": "extreme"}, seed=0)
+    assert (out["grade"] == "extreme").all() and set(out["sex"]) <= {False, True}
+
+
+# -- per-row arrays for discrete variables: one value per row ---------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame({"sex": rng.integers(0, 2, n), "grade": rng.choice(["a", "b"], n),
+                       "bp": rng.normal(size=n)})
+    return _fit(df, {"sex": "binary", "grade": "categorical", "bp": "continuous"},
+                [("sex", "bp"), ("grade", "bp")])
+
+
+@pytest.mark.parametrize("do", [{"sex": np.ones((4, 2))}, {"grade": np.array([["a", "b"]] * 4)},
+                                {"sex": lambda s: np.stack([s, s], 1)}])
+def test_a_2d_per_row_array_for_a_discrete_variable_is_refused(small_model, do):
+    name = next(iter(do))
+    with pytest.raises(InterventionError, match=f"'{name}' needs 1 value per row, got shape \\(4, 2\\)"):
+        small_model.sample(4, do=do, seed=0)
+
+
+def test_a_column_shaped_per_row_array_is_accepted(small_model):
+    out = small_model.sample(4, do={"sex": np.ones((4, 1)), "grade": np.array([["b"]] * 4)}, seed=0)
+    assert out["sex"].tolist() == [1] * 4 and out["grade"].tolist() == ["b"] * 4
+
+
+# -- simulate's resume checks the intervention itself, not a summary of it (these share
+# small_model with the per-row tests above) ---------------------------------------
+
+def _interrupt(out):
+    """Make a finished run look interrupted after its first chunk."""
+    (out / S.MARKER).unlink()
+    (out / "part-00001.csv").unlink()
+    meta = json.loads((out / S.SIDECAR).read_text())
+    meta["parts"] = meta["parts"][:1]
+    (out / S.SIDECAR).write_text(json.dumps(meta))
+    return meta
+
+
+def test_resume_refuses_a_different_per_row_array(small_model, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(seed=0, chunk_size=3, out=out, format="csv")
+    S.simulate(small_model, 6, do={"bp": np.full(6, -1.0)}, **kw)
+    _interrupt(out)
+    with pytest.raises(MedCausalError, match="differs in \\['do'\\]"):
+        S.simulate(small_model, 6, do={"bp": np.full(6, 1.0)}, resume=True, **kw)
+    run = S.simulate(small_model, 6, do={"bp": np.full(6, -1.0)}, resume=True, **kw)
+    assert run.read()["bp"].tolist() == [-1.0] * 6
+
+
+def test_resume_refuses_a_callable(small_model, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(seed=0, chunk_size=3, out=out, format="csv")
+    S.simulate(small_model, 6, do={"bp": lambda b: b + 1}, **kw)
+    _interrupt(out)
+    with pytest.raises(InterventionError, match="'bp'.*callable cannot be verified"):
+        S.simulate(small_model, 6, do={"bp": lambda b: b - 1}, resume=True, **kw)
+
+
+def test_resume_refuses_an_array_run_from_an_older_sidecar(small_model, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(seed=0, chunk_size=3, out=out, format="csv")
+    S.simulate(small_model, 6, do={"bp": np.full(6, -1.0)}, **kw)
+    meta = _interrupt(out)
+    meta["do"] = {"bp": "<per-row array of 6>"}  # as older versions wrote it
+    (out / S.SIDECAR).write_text(json.dumps(meta))
+    with pytest.raises(MedCausalError, match="differs in \\['do'\\]"):
+        S.simulate(small_model, 6, do={"bp": np.full(6, -1.0)}, resume=True, **kw)

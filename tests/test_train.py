@@ -10,7 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from medcausal.crl.ivae import IVAE
 from medcausal.errors import MedCausalError
+from medcausal.graph import Continuous
+from medcausal.mechanisms.base import StandaloneLoss
+from medcausal.mechanisms.flow import FlowMechanism
 from medcausal.train import TrainConfig, train, train_rounds
 
 
@@ -438,3 +442,167 @@ def test_spike_guard_undoes_an_update_whose_loss_overflows():
     assert abs(m.w.item() - 4.9) < 0.01
     with pytest.raises(MedCausalError, match="loss is inf"):
         fit(None)
+
+
+@pytest.mark.parametrize("settings, name", [
+    ({"lr": 0.0}, "lr"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"patience": 0}, "patience"), ({"patience": -1}, "patience"),
+    ({"max_steps": 0}, "max_steps"), ({"max_steps": -3}, "max_steps"),
+    ({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip": 0.0}, "grad_clip"),
+    ({"max_epochs": 1.5}, "max_epochs"), ({"batch_size": 8.5}, "batch_size"),
+    ({"max_epochs": 0}, "max_epochs"), ({"batch_size": 0}, "batch_size"),
+    ({"seed": None}, "seed"), ({"val_fraction": float("nan")}, "val_fraction"),
+])
+def test_settings_that_make_no_sense_are_refused_by_name(settings, name):
+    with pytest.raises(MedCausalError, match=name):
+        TrainConfig(**settings)
+
+
+def test_valid_settings_still_accepted():
+    cfg = TrainConfig(grad_clip=None, max_steps=1, patience=1, lr=1e-5, seed=-1, weight_decay=0.0)
+    assert (cfg.grad_clip, cfg.max_steps, cfg.patience, cfg.lr, cfg.seed) == (None, 1, 1, 1e-5, -1)
+
+
+def test_negative_grad_clip_never_reverses_the_gradient():
+    # Old code: clip_grad_norm_ with a negative max norm flipped every gradient (ascent).
+    m = Mean()
+    try:
+        train(m, {"x": torch.full((40, 1), 3.0)}, TrainConfig(max_epochs=3, grad_clip=-1.0, verbose=False))
+    except MedCausalError:
+        return
+    assert m.mu.item() > 0
+
+
+@pytest.mark.parametrize("n, fraction", [(20, 0.99), (40, 0.99)])
+def test_a_validation_split_that_leaves_no_training_rows_is_refused(n, fraction):
+    with pytest.raises(MedCausalError, match="val_fraction"):
+        train(Mean(), {"x": torch.ones(n, 1)}, TrainConfig(val_fraction=fraction, max_epochs=2, verbose=False))
+
+
+def test_tensors_of_different_lengths_are_refused_by_name():
+    with pytest.raises(MedCausalError, match="'y'"):
+        train(Mean(), {"x": torch.ones(40, 1), "y": torch.ones(30, 1)}, TrainConfig(max_epochs=1, verbose=False))
+
+
+def test_no_tensors_is_refused():
+    with pytest.raises(MedCausalError, match="no tensors"):
+        train(Mean(), {}, TrainConfig(max_epochs=1, verbose=False))
+
+
+def test_non_finite_data_is_named_not_blamed_on_the_learning_rate():
+    x = torch.ones(100, 1)
+    x[5] = float("nan")
+    with pytest.raises(MedCausalError, match="'x'") as err:
+        train(Mean(), {"x": x}, TrainConfig(max_epochs=1, verbose=False))
+    assert "lr" not in str(err.value)
+
+
+def test_divergence_names_the_part_whose_loss_is_not_finite():
+    class TwoParts(TwoMeans):  # part "b" has an infinite loss
+        def part_losses(self, batch):
+            losses = super().part_losses(batch)
+            return {"a": losses["a"], "b": losses["b"] * float("inf")}
+
+    with pytest.raises(MedCausalError, match="diverged") as err:
+        data = {"x": torch.ones(100, 1), "y": torch.ones(100, 1)}
+        train(TwoParts(), data, TrainConfig(max_epochs=1, verbose=False))
+    assert "'b'" in str(err.value) and "'a'" not in str(err.value)
+
+
+def test_float64_tensors_train_a_float32_module():
+    torch.manual_seed(0)
+    mech = FlowMechanism(Continuous(), parents=1, transforms=1, hidden=[8])
+    x, pa = torch.randn(30, 1, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+    result = train(StandaloneLoss(mech), {"x": x, "pa": pa}, TrainConfig(max_epochs=2, verbose=False))
+    assert result.steps == 2
+    torch.manual_seed(0)
+    ref = FlowMechanism(Continuous(), parents=1, transforms=1, hidden=[8])
+    train(StandaloneLoss(ref), {"x": x.float(), "pa": pa.float()}, TrainConfig(max_epochs=2, verbose=False))
+    for p, q in zip(mech.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_part_still_learning_keeps_its_learning_rate_when_the_others_stall():
+    """One plateau schedule on the summed validation loss halved every part's rate once a large,
+    converged part stopped improving, freezing a small part far from its optimum."""
+    x = torch.tensor([[3.0], [-3.0]] * 300)  # part a: at its optimum (mean 0 in both splits): loss 9, flat
+    y = torch.full((600, 1), 0.02)            # part b: a tiny loss, Adam moves it ~1e-4 per step toward 0.02
+    m = TwoMeans()
+    result = train(m, {"x": x, "y": y}, TrainConfig(max_epochs=60, lr=1e-4, batch_size=600, patience=60,
+                                                    seed=0, val_rows=tuple(range(120))))
+    assert m.b.mu.item() > 0.005  # ~60 steps of ~1e-4 (0.0057); with its rate halved twice: 0.0036
+    lrs = result.history[-1]["lr_parts"]
+    assert lrs["b"] == 1e-4 and lrs["a"] < 1e-4  # b still improves: its rate stays; a's fell
+
+
+# Standalone fits (outside CausalModel) seeded torch's global RNG with torch.manual_seed(seed):
+# the caller's next draws became the continuation of the fit's own stream. Each helper below
+# builds its model (weight initialization draws from the caller's RNG, as any torch module
+# does) and returns the fit alone.
+def _image_data(n=8, size=8):
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, size, size, generator=gen), torch.randn(n, 1, generator=gen)
+
+
+def _hvae():
+    from medcausal.graph import Image
+    from medcausal.mechanisms.hvae import HVAEMechanism
+    x, pa = _image_data()
+    m = HVAEMechanism(Image((1, 8, 8)), parents=1, channels=[4, 8], z_dim=2, latent_levels=2)
+    return m, x, pa
+
+
+def _fit_hvae():
+    m, x, pa = _hvae()
+    return lambda: m.fit(x, pa, max_steps=2, batch_size=4, verbose=False)
+
+
+def _finetune_hvae():
+    m, x, pa = _hvae()
+    nll = lambda img, p: (img.mean((1, 2, 3)) - p[:, 0]) ** 2  # noqa: E731
+    return lambda: m.finetune_counterfactual(x, pa, nll, max_steps=2, batch_size=4, verbose=False)
+
+
+def _fit_image_diffusion():
+    from medcausal.graph import Image
+    from medcausal.mechanisms.image_diffusion import ImageDiffusionMechanism
+    x, pa = _image_data(size=16)
+    m = ImageDiffusionMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], norm_num_groups=4,
+                                cond_hidden=8, steps=2)
+    return lambda: m.fit(x, pa, max_steps=2, batch_size=4, verbose=False)
+
+
+def _fit_predictor():
+    from medcausal.metrics.predictors import AntiCausalPredictor
+    x, pa = _image_data()
+    p = AntiCausalPredictor((1, 8, 8), {"a": "continuous"}, channels=[4], features=8)
+    return lambda: p.fit(x.numpy(), {"a": pa[:, 0].numpy()}, max_epochs=1, batch_size=4, verbose=False)
+
+
+def _fit_ivae():
+    from medcausal.crl.ivae import nonlinear_ica_data
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=20, n_sources=2, seed=0)
+    return lambda: IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, verbose=False)
+
+
+def _fit_fcr():
+    from medcausal.adapters import singlecell as scad
+    from medcausal.synthetic.perturbseq import PerturbSeq
+    cells = PerturbSeq(n_genes=20, n_perturbations=2, seed=0).sample(60, seed=0)
+    scad.setup_anndata(cells, perturbation_key="perturbation", control="control", covariate_keys=["cell_type"])
+    return lambda: scad.FCRModel(hidden=[8], decoder_hidden=[8]).fit(cells, max_epochs=1, seed=0, verbose=False)
+
+
+STANDALONE_FITS = {"hvae": _fit_hvae, "hvae-finetune": _finetune_hvae, "image-diffusion": _fit_image_diffusion,
+                   "anti-causal-predictor": _fit_predictor, "ivae": _fit_ivae, "fcr": _fit_fcr}
+
+
+@pytest.mark.parametrize("make_fit", STANDALONE_FITS.values(), ids=STANDALONE_FITS.keys())
+def test_standalone_fits_leave_the_callers_global_rng_as_it_was(make_fit):
+    fit = make_fit()
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    fit()
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)

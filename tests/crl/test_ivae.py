@@ -7,6 +7,7 @@ Tolerances are stated next to each assertion. Training runs are tiny and seeded.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -314,3 +315,279 @@ def test_group_moments_streams_batches_and_refuses_a_row_count_mismatch():
         group_moments([(mean, second), (mean[:1], second[:1])], keys, 2)
     with pytest.raises(MedCausalError, match="at least one row"):  # was: one group of count 0 (weight 0/0)
         group_moments([], keys[:0, :0], 2)
+
+
+# --------------------------------------------------------------------------- #
+# bad arguments, failed and interrupted fits
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"latent_dim": "3"}, "latent_dim"), ({"latent_dim": "abc"}, "latent_dim"),
+    ({"latent_dim": None}, "latent_dim"), ({"latent_dim": True}, "latent_dim"),
+    ({"latent_dim": [3]}, "latent_dim"), ({"latent_dim": 2.5}, "latent_dim"),
+    ({"latent_dim": 0}, "latent_dim"), ({"latent_dim": float("nan")}, "latent_dim"),
+    ({"latent_dim": 2, "hidden": -1}, "hidden"), ({"latent_dim": 2, "hidden": "64"}, "hidden"),
+    ({"latent_dim": 2, "hidden": (8, -1)}, "hidden"), ({"latent_dim": 2, "hidden": (8.0,)}, "hidden"),
+    ({"latent_dim": 2, "decoder_var": "x"}, "decoder_var"),
+    ({"latent_dim": 2, "decoder_var": "0.1"}, "decoder_var"),
+    ({"latent_dim": 2, "decoder_var": math.inf}, "decoder_var"),
+    ({"latent_dim": 2, "decoder_var": True}, "decoder_var"),
+    ({"latent_dim": 2, "decoder_var": 0.0}, "decoder_var"),
+    ({"latent_dim": 2, "slope": "x"}, "slope"), ({"latent_dim": 2, "slope": None}, "slope"),
+    ({"latent_dim": 2, "slope": math.nan}, "slope"), ({"latent_dim": 2, "slope": math.inf}, "slope"),
+    ({"latent_dim": 2, "prior_mean": "no"}, "prior_mean"),
+    ({"latent_dim": 2, "encoder_u": "yes"}, "encoder_u"),
+    ({"latent_dim": 2, "conditional_prior": None}, "conditional_prior"),
+    ({"latent_dim": 2, "posterior": "half"}, "posterior"),
+])
+def test_ivae_constructor_refuses_bad_arguments_by_name(kwargs, name):
+    with pytest.raises(MedCausalError, match=name):
+        IVAE(**kwargs)
+
+
+def test_vae_constructor_checks_too():
+    with pytest.raises(MedCausalError, match="slope"):
+        VAE(2, slope="steep")
+    with pytest.raises(MedCausalError, match="latent_dim"):
+        VAE("two")
+
+
+def test_ivae_constructor_still_takes_valid_arguments():
+    m = IVAE(np.int64(3), hidden=[np.int64(8), 4], decoder_var=None, slope=np.float32(0.1),
+             prior_mean=np.bool_(True), encoder_u=True)
+    assert (m.latent_dim, m.hidden, m.decoder_var, m.prior_mean, m.encoder_u) == (3, (8, 4), None, True, True)
+    assert m.slope == pytest.approx(0.1) and IVAE(2.0, decoder_var=1).latent_dim == 2
+
+
+def test_fit_accepts_a_numpy_integer_seed():
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=10, n_sources=2, seed=0)
+    kw = dict(max_epochs=1, verbose=False, refine_steps=2)
+    a = IVAE(2, hidden=(4,)).fit(x, u, seed=np.int64(1), **kw)
+    b = IVAE(2, hidden=(4,)).fit(x, u, seed=1, **kw)
+    assert np.array_equal(a.encode(x, u), b.encode(x, u))
+    assert type(a.fit_info["seed"]) is int
+
+
+@pytest.mark.parametrize("seed", [1.5, -1, None, True])
+def test_fit_rejects_a_bad_seed(seed):
+    x, u, _ = nonlinear_ica_data(n_segments=2, n_per_segment=5, n_sources=2, seed=0)
+    with pytest.raises(MedCausalError, match="seed"):
+        IVAE(2, hidden=(4,)).fit(x, u, seed=seed, max_epochs=1, verbose=False)
+
+
+@pytest.mark.parametrize("hidden", [8, "8", None])
+def test_hidden_must_be_a_sequence_of_widths(hidden):
+    with pytest.raises(MedCausalError, match="hidden"):
+        IVAE(2, hidden=hidden)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"n_segments": 2.5}, "n_segments"),
+    ({"n_segments": None}, "n_segments"),
+    ({"n_sources": 0}, "n_sources"),
+    ({"scale_range": (-1.0, 0.0)}, "scale_range"),
+    ({"scale_range": (2.0, 1.0)}, "scale_range"),
+])
+def test_nonlinear_ica_data_bad_arguments_name_the_argument(kwargs, name):
+    args = {"n_segments": 2, "n_per_segment": 5, "n_sources": 2, **kwargs}
+    with pytest.raises(MedCausalError, match=name):
+        nonlinear_ica_data(**args)
+
+
+def test_nonlinear_ica_data_numpy_ints_match_python_ints():
+    a = nonlinear_ica_data(np.int64(2), np.int64(5), np.int64(2), seed=np.int64(4))
+    b = nonlinear_ica_data(2, 5, 2, seed=4)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def ivae_data():
+    from medcausal.crl import nonlinear_ica_data
+
+    return nonlinear_ica_data(n_segments=3, n_per_segment=20, n_sources=2, seed=0)
+
+
+@pytest.mark.parametrize("bad", [{"rounds": 0}, {"refine_steps": -1}, {"batch_size": 0}, {"lr": -1.0}])
+def test_a_failed_ivae_fit_leaves_the_fitted_model_as_it_was(ivae_data, bad):
+    from medcausal.crl import IVAE
+
+    x, u, _ = ivae_data
+    model = IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, refine_steps=2, verbose=False)
+    before = model.encode(x, u)
+    with pytest.raises(MedCausalError):
+        model.fit(3.0 * x + 5.0, u + 100, max_epochs=1, verbose=False, **bad)
+    # was: the new data's u categories and x scaling replaced the fitted ones (encode then failed)
+    np.testing.assert_array_equal(model.encode(x, u), before)
+
+
+def test_an_interrupted_ivae_refit_restores_the_model(ivae_data, monkeypatch):
+    import medcausal.crl.ivae as ivae_module
+    from medcausal.crl import IVAE
+
+    x, u, _ = ivae_data
+    model = IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, refine_steps=2, verbose=False)
+    before = model.encode(x, u)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ivae_module, "train_rounds", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the refit's training
+        model.fit(3.0 * x + 5.0, u, max_epochs=1, verbose=False)
+    # was: an untrained network and the new data's scaling in place of the fitted ones
+    np.testing.assert_array_equal(model.encode(x, u), before)
+
+
+def test_ivae_max_epochs_none_is_a_clear_error(ivae_data):
+    from medcausal.crl import IVAE
+
+    x, u, _ = ivae_data
+    with pytest.raises(MedCausalError, match="max_epochs"):  # was: TypeError comparing int and None
+        IVAE(2, hidden=(8,)).fit(x, u, max_epochs=None, max_steps=3, verbose=False)
+
+
+def test_ivae_refit_on_arrays_forgets_the_anndata_keys(ivae_data, tmp_path):
+    anndata = pytest.importorskip("anndata")
+    from medcausal.crl import IVAE
+
+    x, u, _ = ivae_data
+    adata = anndata.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({"batch": u.astype(str)}))
+    model = IVAE(2, hidden=(8,)).fit(adata, aux_key="batch", max_epochs=1, refine_steps=0, verbose=False)
+    assert model.anndata_keys == {"aux_key": "batch", "layer": None}
+    model.fit(x, u, max_epochs=1, refine_steps=0, verbose=False)
+    assert model.anndata_keys is None  # was: the earlier fit's keys, saved with the new model
+    assert IVAE.load(model.save(tmp_path / "m.pt")).anndata_keys is None
+
+
+def _fitted_on_anndata(tmp_path=None, sparse_x=False):
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=30, n_sources=2, seed=0)
+    X = sparse.csr_matrix(x.astype(np.float32)) if sparse_x else x.astype(np.float32)
+    a = ad.AnnData(X, obs=pd.DataFrame({"seg": u.astype(str)}, index=[str(i) for i in range(len(u))]))
+    return a, x, u
+
+
+def test_fit_reads_backed_sparse_anndata(tmp_path):
+    import anndata as ad
+
+    a, x, u = _fitted_on_anndata(sparse_x=True)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    model = IVAE(2, hidden=(8,)).fit(backed, aux_key="seg", max_epochs=1, verbose=False, refine_steps=2)
+    in_memory = IVAE(2, hidden=(8,)).fit(a, aux_key="seg", max_epochs=1, verbose=False, refine_steps=2)
+    np.testing.assert_allclose(model.encode(backed), in_memory.encode(a), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_needs_u_only_when_the_encoder_reads_it():
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=30, n_sources=2, seed=0)
+    model = IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, verbose=False, refine_steps=2)
+    np.testing.assert_array_equal(model.encode(x[:4]), model.encode(x[:4], u[:4]))
+    with pytest.raises(MedCausalError, match="leave u out"):  # a u given is checked; a new environment
+        model.encode(x[:4], np.array([7, 7, 7, 7]))            # encodes without it
+    reads_u = IVAE(2, hidden=(8,), encoder_u=True).fit(x, u, max_epochs=1, verbose=False, refine_steps=2)
+    with pytest.raises(MedCausalError, match="auxiliary"):
+        reads_u.encode(x[:4])
+
+
+def test_encode_layer_none_is_X_not_the_fits_layer():
+    a, x, u = _fitted_on_anndata()
+    a.layers["scaled"] = a.X * 100 + 5
+    model = IVAE(2, hidden=(8,)).fit(a, aux_key="seg", layer="scaled", max_epochs=1, verbose=False,
+                                     refine_steps=2)
+    np.testing.assert_array_equal(model.encode(a), model.encode(a, layer="scaled"))  # default: as at fit
+    np.testing.assert_array_equal(model.encode(a, layer=None), model.encode(a.X))
+
+
+# --------------------------------------------------------------------------- #
+# model files: every corrupt, foreign or damaged file gives a ModelFileError naming the
+# file, loading never runs code (weights_only), and writes are atomic (no partial file)
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.set_num_threads(1)
+    x, u, _ = nonlinear_ica_data(n_segments=3, n_per_segment=40, n_sources=2, seed=0)
+    model = IVAE(2, hidden=(8,)).fit(x, u, max_epochs=1, refine_steps=5, verbose=False)
+    path = model.save(tmp_path_factory.mktemp("files") / "ivae.pt")
+    return model, path, x, u
+
+
+def _rewrite(path, out, edit_spec=None, edit_state=None):
+    """Copy a saved file to ``out`` after editing its JSON spec and/or its state dict."""
+    payload = torch.load(path, weights_only=True)
+    spec = json.loads(payload["medcausal"])
+    if edit_spec is not None:
+        edit_spec(spec)
+    state = dict(payload["state_dict"])
+    if edit_state is not None:
+        edit_state(state)
+    torch.save({"medcausal": json.dumps(spec), "state_dict": state}, out)
+    return out
+
+
+def test_save_is_atomic_and_payload_is_plain_data(saved):
+    model, path, x, u = saved
+    assert [p.name for p in path.parent.iterdir()] == ["ivae.pt"]  # no leftover temporary file
+    payload = torch.load(path, weights_only=True)  # tensors, str: loadable without running code
+    assert set(payload) == {"medcausal", "state_dict"}
+    spec = json.loads(payload["medcausal"])
+    assert spec["format"] == "medcausal-crl" and spec["class"] == "IVAE"
+    assert np.array_equal(IVAE.load(path).encode(x, u), model.encode(x, u))
+
+
+def test_save_failure_leaves_the_old_file_intact(saved, tmp_path, monkeypatch):
+    model, path, x, u = saved
+    target = tmp_path / "keep.pt"
+    model.save(target)
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(target)
+    assert target.read_bytes() == before  # unchanged
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pt"]  # temporary file removed
+
+
+def test_foreign_and_truncated_files(saved, tmp_path):
+    _, path, _, _ = saved
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(ModelFileError, match=r"foreign\.pt.*torch file but not a medcausal representation"):
+        IVAE.load(tmp_path / "foreign.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelFileError, match=r"cut\.pt.*not a readable"):
+        IVAE.load(tmp_path / "cut.pt")
+    torch.save({"medcausal": "{not json", "state_dict": {}}, tmp_path / "json.pt")
+    with pytest.raises(ModelFileError, match=r"json\.pt.*damaged.*JSON"):
+        IVAE.load(tmp_path / "json.pt")
+
+
+def test_wrong_format_newer_version_and_damaged_contents(saved, tmp_path):
+    _, path, _, _ = saved
+
+    def other_format(spec):
+        spec["format"] = "medcausal-model"
+
+    def newer(spec):
+        spec["format_version"] = 99
+
+    def no_config(spec):
+        del spec["config"]
+
+    def wrong_shape(state):
+        key = next(k for k in state if k.startswith("encoder") and k.endswith("weight"))
+        state[key] = torch.zeros(1, 1)
+
+    with pytest.raises(ModelFileError, match=r"format 'medcausal-model', not 'medcausal-crl'"):
+        IVAE.load(_rewrite(path, tmp_path / "a.pt", edit_spec=other_format))
+    with pytest.raises(ModelFileError, match=r"b\.pt.*newer"):
+        IVAE.load(_rewrite(path, tmp_path / "b.pt", edit_spec=newer))
+    with pytest.raises(ModelFileError, match=r"c\.pt.*damaged.*KeyError"):
+        IVAE.load(_rewrite(path, tmp_path / "c.pt", edit_spec=no_config))
+    with pytest.raises(ModelFileError, match=r"d\.pt.*damaged.*RuntimeError"):
+        IVAE.load(_rewrite(path, tmp_path / "d.pt", edit_state=wrong_shape))

@@ -9,9 +9,12 @@ import io
 import pytest
 import torch
 
+from medcausal.errors import MedCausalError
 from medcausal.graph import Binary, Categorical, Continuous, Expression, Image
 from medcausal.mechanisms import registry
+from medcausal.mechanisms.additive import AdditiveMechanism
 from medcausal.mechanisms.base import RowNoise
+from medcausal.mechanisms.flow import FlowMechanism
 
 SMALL = {"flow": {"transforms": 1, "hidden": [16, 16]},
          "additive": {"hidden": [16, 16], "n_quantiles": 64},
@@ -157,3 +160,13 @@ def test_weight_averaging_rejects_a_decay_outside_0_1(name):
     variable = Continuous() if name == "diffusion" else Image((1, 16, 16))
     with pytest.raises(MedCausalError, match=f"{name}: ema_decay must be in \\[0, 1\\), got 1.5"):
         registry.get(name)(variable, 1, ema_decay=1.5)
+
+
+@pytest.mark.parametrize("cls, settings", [
+    (FlowMechanism, {"bins": 0}), (FlowMechanism, {"transforms": -1}), (FlowMechanism, {"hidden": [0]}),
+    (FlowMechanism, {"hidden": [-3]}), (AdditiveMechanism, {"n_quantiles": 0}),
+    (AdditiveMechanism, {"hidden": [0]}),
+])
+def test_bad_mechanism_settings_are_refused_by_name(cls, settings):
+    with pytest.raises(MedCausalError, match=next(iter(settings))):
+        cls(Continuous(), parents=1, **settings)

@@ -749,3 +749,36 @@ def test_set_steps_is_saved_with_the_model(tmp_path):
     model.mechanism("x2").set_steps(3)
     model.save(tmp_path / "m.mcm")
     assert mc.CausalModel.load(tmp_path / "m.mcm").mechanism("x2").steps == 3
+
+
+# --------------------------------------------------------------------------- bad input and edge cases
+
+def _diffusion(**kw):
+    torch.manual_seed(0)
+    return DiffusionMechanism(Continuous(dim=2), 1, **{"hidden": [8], "steps": 5, "loc_scale_members": 2,
+                                                       "loc_scale_hidden": [8], **kw})
+
+
+def test_diffusion_float64_and_integer_inputs():
+    m = _diffusion()
+    x, pa = torch.randn(3, 2), torch.randn(3, 1)
+    with torch.no_grad():
+        u = m.abduct(x, pa)
+        assert torch.allclose(m.abduct(x.double(), pa.double()).float(), u, atol=1e-5)
+        assert torch.allclose(m.sample(pa.double(), noise=u.double()).float(), m.sample(pa, noise=u), atol=1e-5)
+        ints = torch.tensor([[0], [1], [2]])
+        assert torch.allclose(m.sample(ints, noise=u).float(), m.sample(ints.float(), noise=u), atol=1e-6)
+
+
+def test_diffusion_sample_checks_parents_and_names_the_noise():
+    m = _diffusion()
+    with pytest.raises(MedCausalError, match=r"parents must have shape \[n, 1\]"):
+        m.sample(torch.randn(3, 4))
+    with pytest.raises(MedCausalError, match="noise"):
+        m.sample(torch.randn(3, 1), noise=torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("setting, value", [("time_freqs", -1), ("hidden", [8, 0])])
+def test_diffusion_bad_settings_name_the_setting(setting, value):
+    with pytest.raises(MedCausalError, match=setting):
+        _diffusion(**{setting: value})

@@ -524,3 +524,55 @@ def test_full_posterior_refinement_reads_the_full_covariance(monkeypatch):
         torch.testing.assert_close(seen["m2"][g], second[rows].mean(0))
     off = ~torch.eye(m.n_latent, dtype=torch.bool)
     assert (f @ f.transpose(1, 2))[:, off].abs().max() > 0.1  # the off-diagonal part is there to be read
+
+
+COUNT = {"fcr": FCRMechanism, "latent-shift": LatentShiftMechanism}
+
+
+def _count(name):
+    torch.manual_seed(0)
+    return COUNT[name](Expression(12), {"cell_type": 2, "perturbation": 3}, hidden=[16], decoder_hidden=[16]).eval()
+
+
+@pytest.mark.parametrize("name", list(COUNT))
+def test_count_shapes_are_checked(name):
+    m = _count(name)
+    pa = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]] * 4)
+    y = m.sample(pa, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError, match=r"parents must be \[n, 5\]"):
+        m.sample(torch.zeros(4, 3))
+    with pytest.raises(DataError, match=r"parents must be \[n, 5\]"):
+        m.abduct(y, torch.zeros(4, 3))
+    with pytest.raises(DataError, match=r"counts must be \[4, 12\]"):
+        m.abduct(torch.ones(4, 5), pa)
+    with pytest.raises(DataError, match=r"counts must be \[4, 12\]"):
+        m.abduct(torch.ones(3, 12), pa)
+    with pytest.raises(DataError, match=r"noise must be \[4, 25\]"):
+        m.sample(pa, noise=torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("name", list(COUNT))
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.5])
+def test_count_abduct_rejects_non_counts(name, bad):
+    m = _count(name)
+    pa = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]] * 2)
+    y = torch.ones(2, 12)
+    y[1, 3] = bad
+    with pytest.raises(DataError, match="non-negative integer"):
+        m.abduct(y, pa)
+
+
+@pytest.mark.parametrize("name", list(COUNT))
+def test_count_float64_and_integer_parents(name):
+    m = _count(name)
+    pa = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]] * 3)
+    y = m.sample(pa, generator=torch.Generator().manual_seed(0))
+    noise = m.abduct(y, pa, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(m.sample(pa.double(), noise=noise).float(), y)
+    assert torch.equal(m.sample(pa.long(), noise=noise).float(), y)
+    assert torch.equal(m.abduct(y.double(), pa.double(), generator=torch.Generator().manual_seed(1)), noise)
+
+
+def test_fcr_empty_hidden_is_refused():
+    with pytest.raises(MedCausalError, match="hidden"):
+        FCRMechanism(Expression(12), {"perturbation": 3}, hidden=[])

@@ -4,7 +4,8 @@ import pytest
 import torch
 from zuko.transforms import MonotonicRQSTransform
 
-from medcausal.mechanisms.flow import _RQS
+from medcausal.graph import Continuous
+from medcausal.mechanisms.flow import FlowMechanism, _RQS
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])
@@ -22,3 +23,8 @@ def test_fast_spline_is_zukos_spline(scale):
     torch.testing.assert_close(ours.inv(x), zukos.inv(x), atol=1e-4, rtol=1e-5)
     # Log-determinants reach ~20 in near-degenerate bins at scale 30: float32 rounding, relative.
     torch.testing.assert_close(ours.call_and_ladj(x)[1], zukos.call_and_ladj(x)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_mechanism_setting_of_the_wrong_type_is_named():
+    with pytest.raises(TypeError, match="bins"):
+        FlowMechanism(Continuous(), parents=1, bins=2.5)

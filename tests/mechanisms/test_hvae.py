@@ -18,6 +18,7 @@ from medcausal.mechanisms import hvae as _hvae  # noqa: F401  (registers "hvae")
 from medcausal.mechanisms import registry
 
 from conftest import discs  # noqa: E402  (16x16 disc images with known parents)
+from medcausal.mechanisms.cvae import CVAEMechanism
 from medcausal.mechanisms.hvae import HVAEMechanism
 
 SIZE = 16
@@ -315,3 +316,57 @@ def test_parent_embedding_trains_every_weight_and_shapes_the_coarsest_grid():
     assert (tiny.sample(pa1, noise=tiny.abduct(x1, pa1)) - x1).abs().max() <= tiny.reconstruction_tolerance
     with pytest.raises(MedCausalError, match="parent_embedding"):
         HVAEMechanism(Image((1, SIZE, SIZE)), 2, **{**TINY, "parent_embedding": -1})
+
+
+VAES = {
+    "hvae": (HVAEMechanism, {"channels": [4, 8], "z_dim": 2, "latent_levels": 2}),
+    "cvae": (CVAEMechanism, {"channels": [4, 8], "z_dim": 2, "hidden": 16}),
+}
+
+
+def _vae(name, shape=(1, 16, 16), parents=2, **kw):
+    cls, base = VAES[name]
+    torch.manual_seed(0)
+    return cls(Image(shape), parents, **{**base, **kw}).eval()
+
+
+@pytest.mark.parametrize("name", list(VAES))
+def test_vae_float64_and_integer_inputs(name):
+    m = _vae(name)
+    x, pa = torch.rand(2, 1, 16, 16), torch.randn(2, 2)
+    with torch.no_grad():
+        u = m.abduct(x, pa)
+        want = m.sample(pa, noise=u)
+        # float64 image, parents and noise give the float32 answer
+        assert torch.allclose(m.abduct(x.double(), pa.double()).float(), u, atol=1e-5)
+        assert torch.allclose(m.sample(pa.double(), noise=u.double()).float(), want, atol=1e-5)
+        ints = torch.tensor([[0, 1], [1, 0]])
+        assert torch.allclose(m.sample(ints, noise=u).float(), m.sample(ints.float(), noise=u), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(VAES))
+def test_vae_abduct_rejects_nan_pixels(name):
+    m = _vae(name)
+    x = torch.rand(2, 1, 16, 16)
+    x[1, 0, 3, 4] = float("nan")
+    with pytest.raises(DataError, match="non-finite"):
+        m.abduct(x, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("name", list(VAES))
+@pytest.mark.parametrize("setting, value", [("z_dim", -1), ("sigma_min", 0.0), ("channels", [4, 0]),
+                                            ("channels", [])])
+def test_vae_bad_settings_name_the_setting(name, setting, value):
+    with pytest.raises(MedCausalError, match=setting):
+        _vae(name, **{setting: value})
+
+
+def test_hvae_z_dim_zero_is_refused():
+    with pytest.raises(MedCausalError, match="z_dim"):
+        _vae("hvae", z_dim=0)
+
+
+def test_hvae_latents_checks_noise_width():
+    m = _vae("hvae", parents=1)
+    with pytest.raises(DataError, match="noise"):
+        m.latents(torch.zeros(2, 1), torch.randn(2, 3))

@@ -244,3 +244,43 @@ def test_refused_under_differential_privacy_with_the_reason():
     with pytest.raises(PrivacyError, match="image-diffusion.*not verified exact"):
         model.fit(cohort, max_steps=1, verbose=False,
                   privacy=Privacy(noise_multiplier=1.0, delta=1e-3, public_bounds={"age": (0, 120)}))
+
+
+# -- bad input and edge cases ----------------------------------------------------------------
+
+IMG_DIFF = {"channels": [4, 8], "norm_num_groups": 4, "steps": 3, "num_train_timesteps": 20}
+
+
+def test_image_diffusion_float64_inputs():
+    torch.manual_seed(0)
+    m = ImageDiffusionMechanism(Image((1, 8, 8)), 1, **IMG_DIFF).eval()
+    x, pa = torch.rand(2, 1, 8, 8), torch.randn(2, 1)
+    with torch.no_grad():
+        u = m.abduct(x, pa)
+        assert torch.allclose(m.abduct(x.double(), pa.double()).float(), u, atol=1e-5)
+        assert torch.allclose(m.sample(pa.double(), noise=u.double()).float(), m.sample(pa, noise=u), atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, value", [("channels", []), ("norm_num_groups", 0), ("num_train_timesteps", 0),
+                                            ("beta_end", 1.5), ("beta_start", 0.05)])
+def test_image_diffusion_bad_settings_name_the_setting(setting, value):
+    with pytest.raises(MedCausalError, match=setting):
+        ImageDiffusionMechanism(Image((1, 8, 8)), 1, **{**IMG_DIFF, setting: value, **(
+            {"beta_end": 0.02} if setting == "beta_start" else {})})
+
+
+def test_image_diffusion_per_call_guidance_is_checked():
+    torch.manual_seed(0)
+    m = ImageDiffusionMechanism(Image((1, 8, 8)), 1, **{**IMG_DIFF, "cfg_dropout": 0.0}).eval()
+    with torch.no_grad(), pytest.raises(MedCausalError, match="guidance"):
+        m.sample(torch.zeros(1, 1), guidance=2.0)
+    m = ImageDiffusionMechanism(Image((1, 8, 8)), 1, **IMG_DIFF).eval()
+    with torch.no_grad(), pytest.raises(MedCausalError, match="guidance"):
+        m.counterfactual(torch.rand(1, 1, 8, 8), torch.zeros(1, 1), torch.ones(1, 1), guidance=-1.0)
+
+
+def test_image_diffusion_empty_batch():
+    m = ImageDiffusionMechanism(Image((1, 8, 8)), 1, **IMG_DIFF).eval()
+    with torch.no_grad():
+        assert m.sample(torch.zeros(0, 1)).shape == (0, 1, 8, 8)
+        assert m.abduct(torch.zeros(0, 1, 8, 8), torch.zeros(0, 1)).shape == (0, 64)

@@ -198,3 +198,42 @@ def test_change_decomposition_splits_the_true_counterfactual_error():
         im.change_decomposition(x, p, t, threshold=-1.0)
     with pytest.raises(DataError, match="shape"):
         im.change_decomposition(x, p[:, :, :4], t)
+
+
+def test_effectiveness_rejects_nan_empty_and_mismatched_input():
+    with pytest.raises(DataError, match="predicted"):
+        im.effectiveness([np.nan, 1.0], [1.0, 1.0])
+    with pytest.raises(DataError, match="target"):
+        im.effectiveness([1.0, 1.0], [np.nan, 1.0])
+    with pytest.raises(DataError, match="empty|no rows"):
+        im.effectiveness([], [])
+    with pytest.raises(DataError, match="predicted"):  # [n, 2] vs [n] used to broadcast
+        im.effectiveness([[1.0, 2.0], [3.0, 4.0]], [1.0, 3.0])
+    with pytest.raises(DataError, match="target"):  # accuracy 0.5 on labels {1, 2} before
+        im.effectiveness([0.1, 0.9, 0.2, 0.8], [1, 2, 1, 2], kind="binary")
+    with pytest.raises(DataError, match="predicted"):
+        im.effectiveness([[0.1, 0.9], [0.8, 0.2]], [1, 0], kind="binary")
+    with pytest.raises(DataError, match="predicted"):
+        im.effectiveness(1.0, 1.0)
+    # known answers still hold; a one-hot categorical target is read as labels
+    assert im.effectiveness([[1.0], [3.0]], [1.0, 2.0]) == {"mae": 0.5}
+    assert im.effectiveness([[0.1, 0.9], [0.8, 0.2]], [[0, 1], [0, 1]], kind="categorical") == {"accuracy": 0.5}
+
+
+def test_true_counterfactual_error_on_tiny_and_empty_images():
+    x = np.arange(8.0).reshape(2, 1, 2, 2)
+    with pytest.raises(DataError, match="3x3|3 x 3"):  # ZeroDivisionError from skimage before
+        im.true_counterfactual_error(x, x)
+    with pytest.raises(DataError, match="no images|empty"):
+        im.true_counterfactual_error(np.zeros((0, 1, 8, 8)), np.zeros((0, 1, 8, 8)))
+    with pytest.raises(DataError, match="no images|empty"):  # nan before
+        im.mean_absolute_error(np.zeros((0, 1, 8, 8)), np.zeros((0, 1, 8, 8)))
+    with pytest.raises(DataError, match="numeric"):
+        im.mean_absolute_error([["a"]], [["b"]])
+
+
+def test_frechet_distance_rejects_non_finite_features():
+    rng = np.random.default_rng(0)
+    a = np.r_[rng.random((5, 2)), [[np.nan, 1.0]]]
+    with pytest.raises(DataError, match="non-finite"):  # nan before
+        im.frechet_distance(a, rng.random((5, 2)))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from medcausal.errors import DataError
+from medcausal.metrics import singlecell as sc
 from medcausal.metrics.singlecell import (counterfactual_error, e_distance, evaluate_condition, lfc_r2,
                                           log_normalize, nmi, r2_mean, r2_var, top_degs)
 
@@ -108,3 +112,176 @@ def test_evaluate_condition_perfect_prediction():
     assert res["e_distance"] == 0.0 and res["cf_rmse"] == 0.0
     worse = evaluate_condition(true, ctrl, ctrl, degs=[0, 1, 2, 3, 4])
     assert worse["r2_mean_deg"] < 0.5 and worse["e_distance"] > 0.1 and worse["mmd"] > 0.01
+
+
+def test_lfc_r2_rejects_a_control_with_other_genes():
+    t = np.array([[1.0, 0.0, -1.0, 2.0]] * 2)
+    with pytest.raises(DataError, match="control"):
+        sc.lfc_r2(t, t, np.zeros((2, 3)))
+    # with a gene subset the mismatch used to go unnoticed (a silently wrong score)
+    with pytest.raises(DataError, match="control"):
+        sc.lfc_r2(t, t, np.zeros((2, 6)), genes=[0, 1, 2])
+
+
+def test_counterfactual_error_rejects_a_factual_of_other_cells_or_genes():
+    t = np.array([[1.0, 3.0], [2.0, 2.0], [4.0, 1.0]])
+    with pytest.raises(DataError, match="factual"):  # one cell used to broadcast silently
+        sc.counterfactual_error(t, t, factual=t[:1])
+    with pytest.raises(DataError, match="factual"):
+        sc.counterfactual_error(t, t, factual=np.ones((3, 3)))
+    # known answer: predicted change = true change (non-constant in every cell) -> correlation 1
+    f = np.array([[3.0, 1.0], [1.0, 3.0], [1.0, 4.0]])
+    assert sc.counterfactual_error(t, t, factual=f).pearson == pytest.approx(1.0, abs=1e-12)
+
+
+def test_r2_needs_cells_and_valid_gene_indices():
+    rng = np.random.default_rng(0)
+    t, p = rng.random((5, 4)), rng.random((5, 4))
+    with pytest.raises(DataError, match="cell"):
+        sc.r2_mean(np.zeros((0, 4)), np.zeros((0, 4)))
+    with pytest.raises(DataError, match="cell"):  # one cell: both variances 0 -> R² of 1.0
+        sc.r2_var(t[:1], p[:1])
+    with pytest.raises(DataError, match="genes"):
+        sc.r2_mean(t, p, genes=[0, 9])
+    with pytest.raises(DataError, match="true"):
+        sc.r2_mean([["a", "b"]], [["a", "b"]])
+
+
+def test_nmi_and_e_distance_reject_impossible_settings():
+    rng = np.random.default_rng(0)
+    z = rng.random((3, 2))
+    with pytest.raises(DataError, match="n_clusters"):
+        sc.nmi(z, ["a", "b", "c"], n_clusters=5)
+    with pytest.raises(DataError, match="max_points"):
+        sc.e_distance(z, z + 1.0, max_points=1)
+
+
+def test_counterfactual_pearson_leaves_out_cells_the_intervention_does_not_change():
+    factual = np.array([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]])
+    true_cf = np.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])  # cell 1: true counterfactual == factual
+    # Old code scored cell 1 (zero true change) as correlation 0: a perfect prediction got 0.5.
+    assert counterfactual_error(true_cf, true_cf, factual=factual).pearson == pytest.approx(1.0, abs=1e-12)
+    # Same when the unchanged cell's counts are only rescaled (a library-size change: no change
+    # after log-normalization, up to rounding).
+    scaled = true_cf.copy()
+    scaled[1] *= 3.0
+    assert counterfactual_error(scaled, scaled, factual=factual).pearson == pytest.approx(1.0, abs=1e-12)
+
+
+def test_counterfactual_pearson_hand_computed_with_a_zero_change_cell():
+    factual = np.array([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]])
+    true_cf = np.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    pred = np.array([[1.0, 3.0, 2.0], [3.0, 1.0, 2.0]])  # cell 0 exactly right; cell 1 moved (wrongly)
+    err = counterfactual_error(true_cf, pred, factual=factual)
+    # Cell 0 is the only cell with a true change, and its predicted change is exactly the true
+    # one: correlation 1. Cell 1 has no true change and is left out (its error is in the RMSE).
+    assert err.pearson == pytest.approx(1.0, abs=1e-12)
+    assert err.per_cell[0] == 0.0 and err.per_cell[1] > 0.5
+    # Hand-computed: a predicted change that is the true one reversed correlates -1 (cell 0);
+    # the zero-change cell 1 again does not count.
+    err = counterfactual_error(true_cf, np.array([[5.0, 0.0, 1.0], [1.0, 3.0, 2.0]]), factual=factual)
+    lt = np.log1p(np.array([1.0, 3.0, 2.0]) / 6 * 1e4) - np.log1p(np.array([3.0, 1.0, 2.0]) / 6 * 1e4)
+    lp = np.log1p(np.array([5.0, 0.0, 1.0]) / 6 * 1e4) - np.log1p(np.array([3.0, 1.0, 2.0]) / 6 * 1e4)
+    assert err.pearson == pytest.approx(float(np.corrcoef(lt, lp)[0, 1]), abs=1e-12)
+
+
+def test_counterfactual_pearson_still_scores_a_flat_prediction_zero_and_no_change_nan():
+    factual = np.array([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]])
+    true_cf = np.array([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    # predicting "no change" where the cell does change: 0 (cell 0); cell 1 does not count
+    assert counterfactual_error(true_cf, factual, factual=factual).pearson == 0.0
+    # no cell changes at all: there is no correlation to average
+    assert math.isnan(counterfactual_error(factual, factual, factual=factual).pearson)
+
+
+def _adata(counts, groups):
+    import anndata as ad
+
+    a = ad.AnnData(X=counts.copy(), obs=pd.DataFrame({"grp": groups}, index=np.arange(len(groups)).astype(str)))
+    a.layers["counts"] = counts.copy()
+    return a
+
+
+def test_top_degs_rejects_an_unknown_reference_or_key():
+    counts = np.random.default_rng(0).poisson(5, size=(8, 4)).astype(float)
+    a = _adata(counts, ["ctrl"] * 4 + ["trt"] * 4)
+    with pytest.raises(DataError, match="reference"):  # used to return {} silently
+        sc.top_degs(a, "grp", "control", n_genes=2)
+    with pytest.raises(DataError, match="groupby"):
+        sc.top_degs(a, "group", "ctrl", n_genes=2)
+    with pytest.raises(DataError, match="layer"):
+        sc.top_degs(a, "grp", "ctrl", n_genes=2, layer="raw")
+
+
+def test_top_degs_never_picks_a_constant_gene():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(40, 10)).astype(float)
+    counts[:, 3] = 0.0          # never expressed: cannot be differentially expressed
+    counts[20:, 5] += 30.0      # the planted DEG
+    a = _adata(counts, ["ctrl"] * 20 + ["trt"] * 20)
+    degs = sc.top_degs(a, "grp", "ctrl", n_genes=3)[("all", "trt")]
+    assert degs[0] == 5 and 3 not in degs and len(degs) == 3
+
+
+def test_top_degs_rank_a_knocked_down_gene_with_the_induced_ones():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(40, 8)).astype(float)
+    counts[20:, 1] = rng.poisson(0.05, size=20)   # knocked down: the strongest DEG
+    counts[20:, 6] += 4.0                         # induced, less strongly
+    degs = sc.top_degs(_adata(counts, ["ctrl"] * 20 + ["trt"] * 20), "grp", "ctrl", n_genes=2)[("all", "trt")]
+    assert degs.tolist() == [1, 6]  # ranked by the signed score, gene 1 came last of all 8
+
+
+def test_top_degs_take_a_non_string_reference_and_refuse_log_normalized_data():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(40, 50)).astype(float)  # many genes: the planted one barely moves the totals
+    counts[20:, 2] += 30.0
+    a = _adata(counts, [0] * 20 + [1] * 20)  # an integer group column
+    assert sc.top_degs(a, "grp", 0, n_genes=1)[("all", "1")].tolist() == [2]  # was {}: 0 never matched "0"
+    a.layers["counts"] = np.log1p(counts)
+    with pytest.raises(DataError, match="counts"):
+        sc.top_degs(a, "grp", 0, n_genes=1)
+
+
+def test_top_degs_read_counts_in_row_chunks_of_the_compared_cells_and_stay_sparse(monkeypatch):
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(5, size=(30, 6)).astype(float)
+    counts[10:20, 4] += 30.0
+    reads = []
+
+    class Recording:  # a matrix that records each row read (as a backed matrix would serve it)
+        shape, dtype = counts.shape, counts.dtype
+
+        def __getitem__(self, rows):
+            reads.append(np.atleast_1d(rows).tolist())
+            return sparse.csr_matrix(counts[rows])
+
+    out = sc._log_normalized_rows(Recording(), np.arange(10, 30), chunk=8)
+    assert sparse.issparse(out) and out.dtype == np.float32
+    assert [len(r) for r in reads] == [8, 8, 4] and sum(reads, []) == list(range(10, 30))
+    np.testing.assert_allclose(out.toarray(), sc.log_normalize(counts[10:30]), rtol=1e-6)
+    # top_degs reads only the reference's and the compared groups' cells: "single" (one cell: no
+    # group to compare) is never read
+    a = _adata(counts, ["ctrl"] * 10 + ["trt"] * 10 + ["x"] * 9 + ["single"])
+    seen = []
+    real = sc._log_normalized_rows
+    monkeypatch.setattr(sc, "_log_normalized_rows", lambda mat, rows, **k: seen.append(rows.tolist()) or real(mat, rows))
+    degs = sc.top_degs(a, "grp", "ctrl", n_genes=1)
+    assert degs[("all", "trt")].tolist() == [4] and ("all", "single") not in degs
+    assert seen == [list(range(29))]
+
+
+def test_top_degs_warns_about_a_context_without_reference_cells():
+    import anndata as ad
+
+    from medcausal.metrics.singlecell import top_degs
+
+    rng = np.random.default_rng(0)
+    c = rng.poisson(5, (80, 10)).astype(np.float32)
+    obs = pd.DataFrame({"p": ["ctrl"] * 20 + ["A"] * 60, "ct": ["T"] * 40 + ["B"] * 40},
+                       index=[f"c{i}" for i in range(80)])
+    with pytest.warns(UserWarning, match="'B', 'A'"):
+        degs = top_degs(ad.AnnData(c, obs=obs), "p", "ctrl", n_genes=3, context_key="ct", layer=None)
+    assert list(degs) == [("T", "A")]

@@ -307,3 +307,37 @@ def test_recipe_matches_the_simulator():
 
     recipe = load_recipe(Path(__file__).parents[2] / "cohorts" / "brain.toml")
     assert recipe.graph() == BrainMRI(**recipe.data.options).graph
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def brain():
+    from medcausal.synthetic.brain import BrainMRI
+    sim = BrainMRI(shape=(16, 16))
+    return sim, sim.sample(3, seed=0)
+
+
+@pytest.mark.parametrize("column, value", [("sex", 0.5), ("disease", 3), ("disease", -1)])
+def test_brain_table_binary_columns_must_be_0_or_1(brain, column, value):
+    sim, cohort = brain
+    table = cohort.table.assign(**{column: value})
+    with pytest.raises(DataError, match=column):
+        sim.counterfactual(table, do={"age": 70.0})
+    with pytest.raises(DataError, match=column):
+        sim.render(table)
+
+
+def test_brain_table_binary_columns_as_floats_still_work(brain):
+    sim, cohort = brain
+    table = cohort.table.assign(sex=cohort.table["sex"].astype(float))
+    assert np.array_equal(sim.render(table), cohort.arrays["mri"])
+
+
+@pytest.mark.parametrize("kwargs, name", [({"shape": (16.5, 16)}, "shape"),
+                                          ({"batch_size": "a"}, "batch_size"),
+                                          ({"batch_size": 2.5}, "batch_size")])
+def test_brain_constructor_rejects_non_integers(kwargs, name):
+    from medcausal.synthetic.brain import BrainMRI
+    with pytest.raises(MedCausalError, match=name):
+        BrainMRI(**kwargs)

@@ -252,3 +252,90 @@ def test_nb_helpers_with_huge_theta_and_bad_input():
     for mean, theta in ((3.0, 0.0), (np.nan, 2.0), (-1.0, 2.0)):
         with pytest.raises(ValueError, match="negative mean|non-positive theta"):
             nb_quantile_normal(9.0, mean, theta)
+
+
+# --------------------------------------------------------------------------- bad input and edge cases, on a smaller simulator
+
+@pytest.fixture(scope="module")
+def small_sim():
+    return PerturbSeq(n_genes=8, n_perturbations=3, combinations=["P0+P1"], seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_cells(small_sim):
+    return small_sim.sample(20, seed=0)
+
+
+def test_duplicate_combinations_are_rejected_by_name():
+    # "P1+P0" is the same combination as "P0+P1": listing both used to give a duplicated
+    # condition and then a GraphError from sim.graph
+    with pytest.raises(MedCausalError, match="P1\\+P0"):
+        PerturbSeq(n_genes=5, n_perturbations=2, combinations=["P0+P1", "P1+P0"], seed=0)
+
+
+def test_single_combination_string_is_one_label():
+    sim = PerturbSeq(n_genes=5, n_perturbations=2, combinations="P1+P0", seed=0)
+    assert sim.conditions == ["control", "P0", "P1", "P0+P1"]
+    assert sim.fingerprint == PerturbSeq(n_genes=5, n_perturbations=2, combinations=["P0+P1"],
+                                         seed=0).fingerprint
+
+
+def test_sample_conditions_as_one_string(small_sim):
+    a = small_sim.sample(6, seed=0, conditions="P1+P0")
+    assert a.obs["perturbation"].astype(str).unique().tolist() == ["P0+P1"]
+
+
+@pytest.mark.parametrize("seed", [1.5, -1, None, "0", True, 10**18])
+def test_constructor_seed_must_be_an_integer(seed):
+    with pytest.raises(MedCausalError, match="seed"):
+        PerturbSeq(n_genes=5, seed=seed)
+
+
+def test_constructor_numpy_seed_is_the_int_seed():
+    a = PerturbSeq(n_genes=5, seed=np.int64(3))
+    assert a.fingerprint == PerturbSeq(n_genes=5, seed=3).fingerprint
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"hard_fraction": "x"}, "hard_fraction"),
+    ({"control_fraction": None}, "control_fraction"),
+    ({"dose_levels": 1.0}, "dose_levels"),
+    ({"dose_levels": "ab"}, "dose_levels"),
+    ({"library_size": float("nan")}, "library_size"),
+    ({"library_size": float("inf")}, "library_size"),
+    ({"library_size": "big"}, "library_size"),
+    ({"dispersion": float("nan")}, "dispersion"),
+])
+def test_constructor_bad_numbers_name_the_argument(kwargs, name):
+    with pytest.raises(MedCausalError, match=name):
+        PerturbSeq(n_genes=5, **kwargs)
+
+
+@pytest.mark.parametrize("dose", [float("nan"), -1.0, "abc", None])
+def test_obs_with_bad_dose_is_a_data_error(small_sim, small_cells, dose):
+    bad = small_cells.copy()
+    bad.obs["dose"] = dose
+    for call in (lambda: small_sim.expected_counts(bad),
+                 lambda: small_sim.counterfactual(bad, do={"perturbation": "P2"})):
+        with pytest.raises(DataError, match="dose"):
+            call()
+
+
+def test_do_dose_not_a_number_is_an_intervention_error(small_sim, small_cells):
+    with pytest.raises(InterventionError, match="dose"):
+        small_sim.counterfactual(small_cells, do={"dose": "abc"})
+
+
+def test_sample_exclude_must_be_pairs(small_sim):
+    with pytest.raises(MedCausalError, match="exclude"):
+        small_sim.sample(5, exclude=["CT0"])
+
+
+def test_counterfactual_on_reordered_subset_uses_each_cells_own_noise(small_sim, small_cells):
+    sub = small_cells[[7, 2, 11]].copy()
+    full = small_sim.counterfactual(small_cells, do={"perturbation": "P2", "dose": 1.0})
+    part = small_sim.counterfactual(sub, do={"perturbation": "P2", "dose": 1.0})
+    assert np.array_equal(full[[7, 2, 11]].X.toarray(), part.X.toarray())
+    same = small_sim.counterfactual(sub, do={"perturbation": sub.obs["perturbation"].to_numpy(),
+                                       "dose": sub.obs["dose"].to_numpy()})
+    assert (same.X != sub.X).nnz == 0

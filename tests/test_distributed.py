@@ -79,6 +79,7 @@ def _torchrun(tmp_path, *args, timeout=300):
     return _run([*TORCHRUN, str(script), str(tmp_path), *args], tmp_path, timeout)
 
 
+@pytest.mark.slow  # torchrun, 20-55 s; the default run keeps the DP-over-two-ranks test
 def test_ddp_fit_and_a_simulation_split_over_two_ranks(tmp_path):
     fit = _torchrun(tmp_path, "fit")
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -108,6 +109,7 @@ def test_ddp_fit_and_a_simulation_split_over_two_ranks(tmp_path):
             assert alone.info["drawn"] > alone.info["accepted"] > 0  # it did reject
 
 
+@pytest.mark.slow  # torchrun, 20-55 s; the default run keeps the DP-over-two-ranks test
 def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path):
     sim = mc.synthetic.scm("chain")
     model = mc.CausalModel(sim.graph).fit(sim.sample(200, seed=0), max_epochs=1, verbose=False)
@@ -127,6 +129,7 @@ def test_cli_simulate_under_torchrun_and_a_refused_run_stops_every_rank(tmp_path
     pd.testing.assert_frame_equal(read_run(tmp_path / "ranks"), alone.read())  # the run there is intact
 
 
+@pytest.mark.slow  # torchrun, 20-55 s; the default run keeps the DP-over-two-ranks test
 def test_cli_counterfactual_split_over_two_ranks_matches_one_process(tmp_path):
     import numpy as np
 
@@ -345,6 +348,7 @@ SPAWN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # torchrun, 20-55 s; the default run keeps the DP-over-two-ranks test
 def test_private_training_in_a_process_group_the_caller_made(tmp_path):
     """mp.spawn and init_process_group without torchrun's WORLD_SIZE: the plan and the session count
     the same ranks (before, the plan saw one process: each rank drew its own Poisson batches and
@@ -362,6 +366,7 @@ def test_private_training_in_a_process_group_the_caller_made(tmp_path):
     _assert_takes_the_steps_of_one_process(mc.CausalModel.load(tmp_path / "pinned-0.mcm"))
 
 
+@pytest.mark.slow  # torchrun, 20-55 s; the default run keeps the DP-over-two-ranks test
 def test_cli_fit_under_torchrun_with_privacy_writes_the_run_once(tmp_path):
     from pathlib import Path
 

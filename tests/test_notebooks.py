@@ -13,7 +13,11 @@ def test_there_are_tutorials():
             "03_private_augmentation.ipynb", "04_perturbation_counterfactuals.ipynb"} <= set(names)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# The first tutorial runs by default; the others (15-40 s each) are marked slow.
+CASES = [pytest.param(p, id=p.stem, marks=() if i == 0 else pytest.mark.slow) for i, p in enumerate(NOTEBOOKS)]
+
+
+@pytest.mark.parametrize("path", CASES)
 def test_notebook_runs_at_toy_size(path, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -398,6 +398,7 @@ CLIFF_DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # torchrun, 27 s; the default run keeps the two-rank equivalence test
 def test_ddp_ranks_take_the_spike_guard_s_decisions_together(tmp_path):
     # the guard's second look at a batch runs forward and backward again under DDP: every rank
     # must do it at the same step, or the gradient all-reduce would hang or mix steps

@@ -10,6 +10,7 @@ import torch
 import medcausal as mc
 
 
+@pytest.mark.slow  # 22 s
 def test_bounds_are_compared_on_the_same_saved_models(tmp_path, load_benchmark, saved_chain_fits):
     bench, script = load_benchmark("tabular_scm"), load_benchmark("diffusion_latent_bound")
     models, sim, (train, qs, factual, truth) = saved_chain_fits

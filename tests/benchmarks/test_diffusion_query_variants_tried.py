@@ -9,6 +9,7 @@ import medcausal as mc
 from medcausal.mechanisms.diffusion import DiffusionMechanism
 
 
+@pytest.mark.slow  # 13 s
 def test_variants_answer_with_the_same_saved_models_and_the_default_is_restored(tmp_path, load_benchmark,
                                                                                saved_chain_fits):
     bench, script = load_benchmark("tabular_scm"), load_benchmark("diffusion_query_variants_tried")

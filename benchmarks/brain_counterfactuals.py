@@ -102,6 +102,8 @@ def _next_scanner(s):
 
 #: --models choices: name -> (registered mechanism, hyperparameters); the defaults otherwise.
 MODELS = {"hvae": ("hvae", {}), "cvae": ("cvae", {}),
+          # the paper's ladder without the pose warp (hvae's default before session 26)
+          "hvae-plain": ("hvae", {"pose_warp": False}),
           "hvae-mediator": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "prior"}),
           "hvae-decoder-scale": ("hvae", {"pixel_scale": "decoder"}),
           "hvae-mediator-mixture": ("hvae", {"latent_mode": "mediator", "mediator_abduction": "mixture",

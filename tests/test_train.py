@@ -550,7 +550,7 @@ def _hvae():
     from medcausal.graph import Image
     from medcausal.mechanisms.hvae import HVAEMechanism
     x, pa = _image_data()
-    m = HVAEMechanism(Image((1, 8, 8)), parents=1, channels=[4, 8], z_dim=2, latent_levels=2)
+    m = HVAEMechanism(Image((1, 8, 8)), parents=1, channels=[4, 8], z_dim=3, latent_levels=2)
     return m, x, pa
 
 

@@ -757,7 +757,7 @@ class BrainMRI:
         table = pd.DataFrame(ndtri(_uniforms(seeds, rows, _J_SCALAR, len(VARIABLES))),
                              columns=list(VARIABLES))
         table.insert(0, "id", ids)
-        params = _uniforms(seeds, rows, _J_MRI, tpl.n_params).astype(np.float32)
+        params = self._scan_params(seeds, rows, tpl.n_params).astype(np.float32)
         npx = int(np.prod(self.shape))
         acq = ndtri(_uniforms(seeds, rows, _J_PIXEL, 2 * npx)).astype(np.float32)
         return Cohort(table, {"mri_params": params,
@@ -837,6 +837,18 @@ class BrainMRI:
         raise MedCausalError(f"internal error: no equation for {v!r}")  # pragma: no cover
 
     # ----------------------------------------------------------------- rendering
+    @property
+    def n_pose_params(self) -> int:
+        """How many leading columns of the scan's parameters (``noise()``'s ``"mri_params"``)
+        set its pose: the rotation angles, then the shifts."""
+        d = len(self.shape)
+        return (1 if d == 2 else 3) + d
+
+    def _scan_params(self, seeds: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+        """The uniforms of each scan's pose, bias field and lesion sites (the one place they
+        are drawn, so a study can substitute some of them; see ``brain_collapsed_ceiling.py``)."""
+        return _uniforms(seeds, rows, _J_MRI, n)
+
     def _render(self, table: pd.DataFrame, seeds: np.ndarray, rows: np.ndarray) -> np.ndarray:
         n = len(table)
         out = np.empty((n, 1, *self.shape), dtype=np.float32)
@@ -868,7 +880,7 @@ class BrainMRI:
         vv = table["ventricle_volume"].to_numpy(dtype=np.float64)
         ll = table["lesion_load"].to_numpy(dtype=np.float64)
         scanner = table["scanner"].to_numpy(dtype=object)
-        prm = _uniforms(seeds, rows, _J_MRI, tpl.n_params)
+        prm = self._scan_params(seeds, rows, tpl.n_params)
         # --- per-row geometry (math module: independent of the batch) --------
         scale = _rowwise(lambda v: (v / tpl.ref_volume["icv"]) ** (1.0 / 3.0), icv)
         v_target = tpl.to_measure(vv, "ventricles") / _rowwise(lambda x: x ** d, scale)  # unscaled

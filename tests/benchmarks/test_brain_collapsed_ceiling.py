@@ -43,3 +43,22 @@ def test_refuses_a_donor_count_below_one(tmp_path, load_benchmark, capsys):
                                                         "--out", str(tmp_path)])
     assert "--k: every donor count must be >= 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_own_pose_renders_each_donor_at_its_patients_pose(load_benchmark):
+    # Donor j belongs to patient j // k: its pose columns become that patient's, everything else
+    # (bias field, lesion sites, acquisition noise) stays the donor's.
+    bench = load_benchmark("brain_collapsed_ceiling")
+    sim = BrainMRI(shape=(32, 32))
+    patients, donors = sim.sample(2, seed=1), sim.sample(6, seed=7)
+    n_pose = sim.n_pose_params
+    pose = sim.noise(patients).arrays["mri_params"][:, :n_pose].astype(np.float64)
+    posed = bench.OwnPose(sim.shape, pose, donor_seed=7, k=3)
+    own, plain = posed.noise(donors).arrays["mri_params"], sim.noise(donors).arrays["mri_params"]
+    np.testing.assert_array_equal(own[:, :n_pose], np.repeat(pose, 3, axis=0).astype(np.float32))
+    np.testing.assert_array_equal(own[:, n_pose:], plain[:, n_pose:])
+    assert not np.array_equal(own[:, :n_pose], plain[:, :n_pose])
+    # the patients themselves (another seed) keep their own draws
+    np.testing.assert_array_equal(posed.noise(patients).arrays["mri_params"], sim.noise(patients).arrays["mri_params"])
+    # and the pose reaches the rendering: the same donors and parents give other scans
+    assert np.abs(posed.render(donors.table) - sim.render(donors.table)).max() > 0.05

@@ -1,7 +1,8 @@
 """The best counterfactual brain scans a VAE with unused latents can give.
 
-A VAE image mechanism whose latents are unused (``latent_kl`` about 0, as ``hvae`` and
-``cvae`` are on these scans: the *Latent use* table of ``brain_counterfactuals.md``) answers
+A VAE image mechanism whose latents are unused (``latent_kl`` about 0, as the plain ladder
+``hvae-plain`` and nearly so ``cvae`` are on these scans: the *Latent use* table of
+``brain_counterfactuals.md``) answers
 ``x* = x + mu(pa*) - mu(pa)``: the scan plus its decoder mean's change (with its default
 per-pixel scale map; a scale from the decoder could also rescale the residual). Trained to its
 Gaussian likelihood's optimum, the decoder mean is the conditional mean ``E[x | pa]``, the best

@@ -938,7 +938,7 @@ class HVAEMechanism(PixelNoiseVAE):
         >>> from medcausal.graph import Image
         >>> m = HVAEMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], z_dim=3, latent_levels=2)
         >>> [tuple(z.shape) for z in m.latents(torch.zeros(3, 1), m.noise_like(3))]
-        [(3, 2, 1, 1), (3, 2, 8, 8)]
+        [(3, 3, 1, 1), (3, 3, 8, 8)]
         """
         _, parents = self._check(None, parents)
         width = self.net.latent_noise_dim + self.n_pixels

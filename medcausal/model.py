@@ -39,7 +39,8 @@ from .mechanisms.base import RowNoise
 from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
 
 FORMAT = "medcausal-model"
-FORMAT_VERSION = 2  # 2: diffusion mechanisms also store averaged weights (ema.*); 1 still loads
+FORMAT_VERSION = 3  # 2: diffusion mechanisms also store averaged weights (ema.*); 3: hvae's pose_warp
+# is on by default, so an hvae of an older file, which had none, is built with pose_warp=False
 _QUERY_ROWS = 8192  # rows per slice in log_prob
 
 
@@ -594,7 +595,10 @@ class CausalModel:
         path = Path(path)
         spec, state = load_model_file(path, FORMAT, FORMAT_VERSION)
         try:
-            model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=spec["mechanisms"])
+            choices = spec["mechanisms"]
+            if spec.get("format_version", 0) < 3:
+                choices = {v: {"pose_warp": False, **c} if c.get("name") == "hvae" else c for v, c in choices.items()}
+            model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=choices)
             if "declared_graph" in spec:
                 model._declared = CausalGraph.from_dict(spec["declared_graph"])
             model.codecs = {n: tabular.Codec.from_dict(n, d) for n, d in spec["codecs"].items()}

@@ -235,6 +235,30 @@ def test_causal_model_with_an_image_variable_round_trips(tmp_path):
     assert mc.CausalModel.load(tmp_path / "a.mcm").mechanism("img").alpha == 0.3
 
 
+def test_a_model_file_from_before_the_pose_warp_loads_as_the_plain_ladder(tmp_path):
+    # Files before format version 3 hold an hvae without the pose warp and no pose_warp key
+    # (it did not exist): they must load as written and answer as before.
+    import json
+
+    x, pa, info = discs(64, seed=0)
+    cohort = mc.Cohort(pd.DataFrame({"radius": info["r"], "bright": info["b"]}), {"img": x.numpy()})
+    graph = mc.CausalGraph({"radius": "continuous", "bright": "binary", "img": Image((1, SIZE, SIZE))},
+                           edges=[("radius", "img"), ("bright", "img")])
+    tiny = {k: v for k, v in TINY.items() if k != "z_dim"}  # z_dim 2: too small for the warp
+    model = mc.CausalModel(graph, mechanisms={"img": {"name": "hvae", **tiny, "z_dim": 2, "pose_warp": False}})
+    model.fit(cohort, max_steps=3, batch_size=32, lr=1e-3, verbose=False)
+    cf = model.counterfactual(cohort[:5], do={"radius": 5.0}).arrays["img"]
+    model.save(tmp_path / "new.mcm")
+    payload = torch.load(tmp_path / "new.mcm", weights_only=True)
+    spec = json.loads(payload["medcausal"])
+    del spec["mechanisms"]["img"]["pose_warp"]
+    spec["format_version"] = 2
+    torch.save({"medcausal": json.dumps(spec), "state_dict": payload["state_dict"]}, tmp_path / "old.mcm")
+    old = mc.CausalModel.load(tmp_path / "old.mcm")
+    assert old.mechanism("img").net.pose_logscale is None
+    np.testing.assert_allclose(old.counterfactual(cohort[:5], do={"radius": 5.0}).arrays["img"], cf, atol=1e-6)
+
+
 def test_counterfactual_finetuning_runs_and_keeps_the_predictor_frozen():
     from medcausal.metrics.predictors import AntiCausalPredictor
 

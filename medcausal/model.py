@@ -39,8 +39,7 @@ from .mechanisms.base import RowNoise
 from .train import TrainConfig, TrainResult, forked_rng, seed_rng, train
 
 FORMAT = "medcausal-model"
-FORMAT_VERSION = 3  # 2: diffusion mechanisms also store averaged weights (ema.*); 3: hvae's pose_warp
-# is on by default, so an hvae of an older file, which had none, is built with pose_warp=False
+FORMAT_VERSION = 2  # 2: diffusion mechanisms also store averaged weights (ema.*); 1 still loads
 _QUERY_ROWS = 8192  # rows per slice in log_prob
 
 
@@ -52,6 +51,16 @@ def _key(name: str) -> str:
 
 
 _EMPTY_MODULE_DICT = nn.ModuleDict()  # its attributes (class and instance: training, _modules) are taken
+
+
+def _saved_choice(choice, state: Mapping, prefix: str):
+    """A saved mechanism choice, completed by its mechanism from the weights where an older file
+    lacks a setting whose default changed (e.g. hvae's ``pose_warp``)."""
+    if not isinstance(choice, Mapping) or choice.get("name") not in registry.available():
+        return choice  # short forms and unknown names: the constructor says what is wrong
+    name = choice["name"]
+    return {"name": name, **registry.get(name).saved_hparams({k: v for k, v in choice.items() if k != "name"},
+                                                             state, prefix)}
 
 
 def _check_keys(graph: CausalGraph) -> None:
@@ -595,9 +604,7 @@ class CausalModel:
         path = Path(path)
         spec, state = load_model_file(path, FORMAT, FORMAT_VERSION)
         try:
-            choices = spec["mechanisms"]
-            if spec.get("format_version", 0) < 3:
-                choices = {v: {"pose_warp": False, **c} if c.get("name") == "hvae" else c for v, c in choices.items()}
+            choices = {v: _saved_choice(c, state, _key(v) + ".") for v, c in spec["mechanisms"].items()}
             model = cls(CausalGraph.from_dict(spec["graph"]), mechanisms=choices)
             if "declared_graph" in spec:
                 model._declared = CausalGraph.from_dict(spec["declared_graph"])

@@ -74,6 +74,13 @@ class Mechanism(nn.Module):
         self.parent_dim = sum(self.parent_dims.values())
         self.hparams = dict(hparams)
 
+    @classmethod
+    def saved_hparams(cls, hparams: dict, state: Mapping[str, Any], prefix: str) -> dict:
+        """The hyperparameters to rebuild a saved mechanism with, from the saved choice and its
+        weights (``state``, keys under ``prefix``): a mechanism whose default changed reads what an
+        older file, written without that key, was built with."""
+        return hparams
+
     def parent_slice(self, name: str) -> slice:
         """Where parent ``name``'s features sit in the ``parents`` tensor."""
         start = 0

@@ -305,8 +305,10 @@ def _similarity_warp(img: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
     fourth column, magnified by its exponential; bilinear, edges extended."""
     inv = torch.exp(-pose[:, 3]) if pose.shape[1] > 3 else torch.ones_like(pose[:, 0])
     cos, sin = torch.cos(pose[:, 0]) * inv, torch.sin(pose[:, 0]) * inv
-    mat = torch.stack([torch.stack([cos, -sin, pose[:, 1]], dim=1),
-                       torch.stack([sin, cos, pose[:, 2]], dim=1)], dim=1)
+    H, W = img.shape[-2:]
+    # a rotation of the pixel grid, written in [-1, 1] coordinates (they stretch a non-square image)
+    mat = torch.stack([torch.stack([cos, -sin * (H / W), pose[:, 1]], dim=1),
+                       torch.stack([sin * (W / H), cos, pose[:, 2]], dim=1)], dim=1)
     xs, ys = _pixel_coords(img)
     base = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)  # [H, W, (x, y)]
     # affine_grid's grid, written out (vmap, used by private training, has no rule for affine_grid)
@@ -319,17 +321,21 @@ _POSE_SCALE = 0.05  # pose_warp's initial pose scale: about 3 degrees, 1/40 of t
 
 def _pose_moments(x: torch.Tensor) -> torch.Tensor:
     """``[n, 3]``: the centre of mass of ``x`` (positive intensities, channels summed; in the
-    [-1, 1] coordinates of :func:`_pixel_coords`) and the angle of its
-    principal axis relative to the nearer image axis (radians): the standard start of a rigid
-    registration."""
+    [-1, 1] coordinates of :func:`_pixel_coords`) and the turn of its principal axis from the
+    nearer image axis (radians, in pixel space, within +-pi/4; the same sign for tall and wide
+    shapes): the standard start of a rigid registration."""
     w = x.clamp(min=0).sum(1)
     xs, ys = _pixel_coords(w)
     mass = w.sum((1, 2)).clamp(min=1e-8)
     wx, wy = w.sum(1), w.sum(2)  # marginals over rows and columns
     cx, cy = (wx * xs).sum(1) / mass, (wy * ys).sum(1) / mass
-    dx, dy = xs[None, None, :] - cx[:, None, None], ys[None, :, None] - cy[:, None, None]
+    H, W = w.shape[-2:]
+    side = max(H, W)  # second moments in pixel units (up to one factor), so angles are the grid's
+    dx = (xs[None, None, :] - cx[:, None, None]) * (W / side)
+    dy = (ys[None, :, None] - cy[:, None, None]) * (H / side)
     sxx, syy, sxy = ((w * dx * dx).sum((1, 2)), (w * dy * dy).sum((1, 2)), (w * dx * dy).sum((1, 2)))
-    angle = 0.5 * torch.atan2(2 * sxy, (sxx - syy).abs() + 1e-12)
+    axis = 0.5 * torch.atan2(2 * sxy, sxx - syy)  # the major axis, in (-pi/2, pi/2]
+    angle = torch.remainder(axis + math.pi / 4, math.pi / 2) - math.pi / 4
     return torch.stack([cx, cy, angle], dim=1)
 
 
@@ -926,6 +932,13 @@ class HVAEMechanism(PixelNoiseVAE):
                             pixel_scale=pixel_scale, parent_embedding=parent_embedding,
                             pose_warp=bool(pose_warp))
         self._init_ema(ema_decay, use_ema)
+
+    @classmethod
+    def saved_hparams(cls, hparams: dict, state, prefix: str) -> dict:
+        # Files written before pose_warp was on by default do not name it: their weights tell.
+        if "pose_warp" in hparams:
+            return hparams
+        return {**hparams, "pose_warp": prefix + "net.pose_logscale.bias" in state}
 
     def _query_kwargs(self) -> dict:
         return {"alpha": self.alpha, "mediator_abduction": self.mediator_abduction, "hold": self._hold}

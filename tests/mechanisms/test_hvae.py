@@ -235,27 +235,26 @@ def test_causal_model_with_an_image_variable_round_trips(tmp_path):
     assert mc.CausalModel.load(tmp_path / "a.mcm").mechanism("img").alpha == 0.3
 
 
-def test_a_model_file_from_before_the_pose_warp_loads_as_the_plain_ladder(tmp_path):
-    # Files before format version 3 hold an hvae without the pose warp and no pose_warp key
-    # (it did not exist): they must load as written and answer as before.
+@pytest.mark.parametrize("pose_warp", [False, True])
+def test_a_model_file_that_does_not_name_pose_warp_is_built_as_written(tmp_path, pose_warp):
+    # Files from before pose_warp was on by default do not name it (False: the plain ladder);
+    # files from the first commits with the warp did not name it either (True). The weights tell.
     import json
 
     x, pa, info = discs(64, seed=0)
     cohort = mc.Cohort(pd.DataFrame({"radius": info["r"], "bright": info["b"]}), {"img": x.numpy()})
     graph = mc.CausalGraph({"radius": "continuous", "bright": "binary", "img": Image((1, SIZE, SIZE))},
                            edges=[("radius", "img"), ("bright", "img")])
-    tiny = {k: v for k, v in TINY.items() if k != "z_dim"}  # z_dim 2: too small for the warp
-    model = mc.CausalModel(graph, mechanisms={"img": {"name": "hvae", **tiny, "z_dim": 2, "pose_warp": False}})
+    model = mc.CausalModel(graph, mechanisms={"img": {"name": "hvae", **TINY, "pose_warp": pose_warp}})
     model.fit(cohort, max_steps=3, batch_size=32, lr=1e-3, verbose=False)
     cf = model.counterfactual(cohort[:5], do={"radius": 5.0}).arrays["img"]
-    model.save(tmp_path / "new.mcm")
-    payload = torch.load(tmp_path / "new.mcm", weights_only=True)
+    model.save(tmp_path / "m.mcm")
+    payload = torch.load(tmp_path / "m.mcm", weights_only=True)
     spec = json.loads(payload["medcausal"])
     del spec["mechanisms"]["img"]["pose_warp"]
-    spec["format_version"] = 2
     torch.save({"medcausal": json.dumps(spec), "state_dict": payload["state_dict"]}, tmp_path / "old.mcm")
     old = mc.CausalModel.load(tmp_path / "old.mcm")
-    assert old.mechanism("img").net.pose_logscale is None
+    assert (old.mechanism("img").net.pose_logscale is not None) == pose_warp
     np.testing.assert_allclose(old.counterfactual(cohort[:5], do={"radius": 5.0}).arrays["img"], cf, atol=1e-6)
 
 
@@ -398,37 +397,43 @@ def test_hvae_latents_checks_noise_width():
         m.latents(torch.zeros(2, 1), torch.randn(2, 3))
 
 
-def _ellipse(size=32):
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    return (1 / (1 + torch.exp(-(1 - (xx / 0.35) ** 2 - (yy / 0.6) ** 2) / 0.05)))[None, None]
+def _ellipse(height=32, width=32, half_x=0.35, half_y=0.6):
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    return (1 / (1 + torch.exp(-(1 - (xx / half_x) ** 2 - (yy / half_y) ** 2) / 0.05)))[None, None]
 
 
+SHAPES = {"tall": _ellipse(), "wide": _ellipse(half_x=0.6, half_y=0.35),
+          "tall, 32x48": _ellipse(32, 48, 0.3, 0.6), "wide, 48x32": _ellipse(48, 32, 0.6, 0.3)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("angle, shift", [(0.1, (0.0, 0.0)), (0.0, (0.08, 0.0)), (0.0, (0.0, -0.08)),
                                           (-0.05, (0.04, 0.04))])
-def test_pose_moments_read_a_known_warp(angle, shift):
-    # Known answer: sampling the image at R p + t turns its content by the angle and moves it
-    # by -t, so the centre of mass moves by -t and the principal axis turns by the angle
-    # (to the interpolation's accuracy on a 32x32 grid: within 0.01).
-    img = _ellipse()
+def test_pose_moments_read_a_known_warp(shape, angle, shift):
+    # Known answer: sampling the image at R p + t moves its content by -t and turns it by
+    # -angle on the pixel grid, whatever the shape (tall or wide, square or not), so the centre
+    # of mass moves by -t and the principal axis by -angle (to the interpolation's accuracy:
+    # within 0.01).
+    img = SHAPES[shape]
     before = _pose_moments(img)[0]
     after = _pose_moments(_similarity_warp(img, torch.tensor([[angle, *shift]])))[0]
-    assert torch.allclose(after - before, torch.tensor([-shift[0], -shift[1], angle]), atol=0.01), after - before
-    # a fourth column magnifies: the second moments grow by the square of the factor
+    assert torch.allclose(after - before, torch.tensor([-shift[0], -shift[1], -angle]), atol=0.01), after - before
+
+
+def test_a_fourth_pose_column_magnifies():
+    img = _ellipse()
     big = _similarity_warp(img, torch.tensor([[0.0, 0.0, 0.0, float(np.log(1.2))]]))
     w0, w1 = img[0, 0], big[0, 0]
     c = torch.linspace(-1, 1, 32) ** 2
     ratio = ((w1 * c[:, None]).sum() / w1.sum()) / ((w0 * c[:, None]).sum() / w0.sum())
-    assert abs(ratio.item() - 1.2 ** 2) < 0.05, ratio.item()
+    assert abs(ratio.item() - 1.2 ** 2) < 0.05, ratio.item()  # second moments grow by the factor squared
 
 
-def test_pose_warp_starts_as_the_plain_ladder_and_trains_every_weight():
-    # At initialization the parents' warp is the identity and the latent pose is small; every
-    # weight, the pose's scale and the parents' warp included, gets a gradient.
+def test_pose_warp_trains_every_weight_and_needs_three_latent_channels():
     m = make("hvae")
     x, pa, _ = discs(8, seed=2)
     m.loss(x, pa).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.net.parameters() if p.requires_grad)
-    assert m.net.pose_pa.weight.abs().max().item() == 0.0  # no warp from the parents before training
     assert make("hvae-no-pose-warp").net.pose_pa is None
     with pytest.raises(MedCausalError, match="pose_warp needs z_dim >= 3"):
         HVAEMechanism(Image((1, SIZE, SIZE)), 2, **{**TINY, "z_dim": 2})

@@ -184,6 +184,27 @@ def score_query(mech, sim, test, true, encode, predictor, pred_targets, ref_feat
     return row
 
 
+def pose_readout(mech, sim, test, x_test, pa_test) -> dict:
+    """Whether a pose-warped hvae's latents carry the scan's pose: the 5-fold cross-validated R^2
+    of each true pose parameter (the simulator's rotation and shifts, standard normal) from a linear
+    read-out of the top latent the model abducts."""
+    from scipy.special import ndtri
+    from sklearn.linear_model import LinearRegression
+    from sklearn.model_selection import cross_val_predict
+
+    with torch.no_grad():
+        z = torch.cat([mech.latents(pa_test[s:s + 64], mech.abduct(x_test[s:s + 64], pa_test[s:s + 64]))[0]
+                       for s in range(0, len(x_test), 64)]).mean(dim=(2, 3)).numpy()
+    pose = ndtri(sim.noise(test).arrays["mri_params"][:, :sim.n_pose_params].astype(np.float64))
+    names = ["rotation"] + [f"shift {i + 1}" for i in range(pose.shape[1] - 1)] if pose.shape[1] == 3 \
+        else [f"pose {i + 1}" for i in range(pose.shape[1])]
+    out = {}
+    for j, n in enumerate(names):
+        pred = cross_val_predict(LinearRegression(), z, pose[:, j], cv=5)
+        out[n] = float(1.0 - ((pose[:, j] - pred) ** 2).mean() / pose[:, j].var())
+    return out
+
+
 def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, pred_targets, seed,
              ref_feats=None, soundness_n=None, reconstruct_is_null=False, realism=None):
     res = {"queries": {}}
@@ -223,6 +244,9 @@ def evaluate(name, mech, sim, test, x_test, pa_test, encode, truths, predictor, 
         with forked_rng(seed=seed):
             kl = torch.cat([mech.latent_kl(x_test[s:s + 64], pa_test[s:s + 64]) for s in range(0, len(x_test), 64)])
         res["latent_kl_nats"] = kl.mean(0).tolist()
+    if getattr(getattr(mech, "net", None), "pose_logscale", None) is not None:
+        log(f"  {name}: reading the pose out of its top latent")
+        res["pose_readout_r2"] = pose_readout(mech, sim, test, x_test, pa_test)
     res["fid_samples_vs_real"] = im.feature_frechet_distance(x_real.numpy(), gen, predictor.features)
     res["realism_n"] = len(x_real)
     return res
@@ -598,6 +622,16 @@ def render_markdown(s: dict) -> str:
             kl = res[n]["latent_kl_nats"]
             L.append(f"| {n} | {' / '.join(f'{v:.3g}' for v in kl)} | {sum(kl):.3g} |")
         L.append("")
+        posed = [n for n in names if "pose_readout_r2" in res[n]]
+        if posed:
+            keys = list(res[posed[0]]["pose_readout_r2"])
+            L += ["What the pose warp's latents carry: the 5-fold cross-validated R^2 of the simulator's true "
+                  "pose (standard-normal rotation and shifts) from a linear read-out of the abducted top latent "
+                  "(held-out patients; 1: the pose is known, 0: nothing of it).", "",
+                  "| mechanism | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            for n in posed:
+                L.append(f"| {n} | " + " | ".join(f"{res[n]['pose_readout_r2'][k]:.3f}" for k in keys) + " |")
+            L.append("")
     L += ["## Time", "",
           "| mechanism | steps | lr | train s (wall) | train s (CPU) | train img/s | CF ms/patient (wall) | "
           "CF ms/patient (CPU) | evaluation s (wall) | parameters |", "|---" * 10 + "|"]

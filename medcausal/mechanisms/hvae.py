@@ -880,9 +880,10 @@ class HVAEMechanism(PixelNoiseVAE):
     the FiLMs read a learned ``k``-wide embedding of them, and the coarsest grid gets a map
     of it; ignored without parents), ``pose_warp`` (the decoded image moved by a similarity
     transform: rotation and shift from the top latent's first three channels, which needs
-    ``z_dim >= 3``, magnification from the parents; ``False``: the paper's ladder). The defaults (about 0.8 M weights) train on 64x64 scans
-    at roughly 60-100 images/s on 2 CPU cores; ``mediator_abduction`` and ``alpha`` may be
-    changed at query time (they are read by ``sample``).
+    ``z_dim >= 3``, magnification from the parents; ``False``: the paper's ladder). The
+    defaults (about 0.8 M weights) train on 64x64 scans at roughly 150-180 images/s on one CPU
+    thread (``brain_counterfactuals.md``); ``mediator_abduction`` and ``alpha`` may be changed at
+    query time (they are read by ``sample``).
 
     >>> from medcausal.graph import Image
     >>> m = HVAEMechanism(Image((1, 16, 16)), parents=1, channels=[8, 16], z_dim=3,

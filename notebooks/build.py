@@ -405,8 +405,9 @@ pd.DataFrame({block: {"NMI with context": nmi(train.obsm[f"X_fcr_{block}"], cont
             "**What to trust.** The counterfactual *counts* are measured above against the truth. The "
             "interaction block is the weakest part: on the full perturb-seq benchmark "
             "(`benchmarks/results/perturbseq*.md`, three simulators) its MCC against the simulator's true "
-            "interaction factors is 0.3-0.5, well below the 0.9 that a supervised regression reaches from the "
-            "same data, so read "
+            "interaction factors is 0.43-0.60, below the target 0.8 and the 0.87-0.93 that a supervised "
+            "regression reaches from the same data (why: `benchmarks/results/perturbseq_interaction_mcc.md`), "
+            "so read "
             "`X_fcr_interaction` as a useful summary, not as identified biology."),
     ]
     return new_notebook(cells=cells, metadata=_meta())

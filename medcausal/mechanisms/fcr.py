@@ -373,65 +373,35 @@ class FCRMechanism(_CountMechanism):
 
     ``treatment`` names the treatment parent(s) (default: ``"perturbation"`` when it
     is a parent; with none, ``z_t`` has a fixed prior); the other parents are
-    covariates. With ``additive_treatment`` (default) the priors' natural parameters
-    are additive over the treatment features: ``p(z_t | t)`` has mean and log-variance
-    ``A t + a``, and ``p(z_tx | t, x)`` adds ``Σ_p t_p W_p h(x)`` to a context
-    baseline, with a linear context embedding ``h(x)`` of size ``interaction_rank`` (a
-    low-rank treatment × context interaction). Combinations then act through the sum
-    of their members' latent effects, and a perturbation's effect in a context where it
-    was never seen follows from the shared embeddings; ``False`` uses unstructured MLP
-    priors over ``t`` and ``(t, x)``. ``treatment_main_effect`` (off by default) adds a
-    per-treatment main effect to the interaction prior, ``Σ_p t_p (u_p + W_p h(x))``, so
-    that the rank of ``h`` is left to the interaction proper (on the perturb-seq
-    benchmark, before the linear refinement existed, it raised the strong MCC of ``z_tx`` by
-    about 0.1 and lowered the top-20 DEG R² of held-out combinations, in two development runs
-    each; with the refinement it moved the MCC 0.580 -> 0.598 and 0.685 -> 0.698 on simulators
-    0 and 2, within run-to-run noise, and the DEG R² of simulator 2 0.943 -> 0.901:
-    ``perturbseq*_treatment_main_effect.md``). ``categorical``
-    lists one-hot parents (cross-entropy in the causal-structure regularizer).
-    ``n_context``, ``n_treatment``, ``n_interaction`` are the block sizes; ``lambda_cls``
-    (``z_x`` and ``z_t``), ``lambda_cls_interaction`` (``z_tx``) and ``lambda_adv`` weigh the
-    regularizers against the negative ELBO, a sum over genes (``lambda_cls = lambda_adv =
-    10`` were picked from {1, 10} on development runs of the ``PerturbSeq`` simulator with
-    1000 genes; ``lambda_cls_interaction = 1`` from {1, 10}, see the module docstring; at 0
-    the strong MCC of ``z_tx`` rose on simulator seed 0, 0.325 -> 0.550, but not on seed 1,
-    0.365 -> 0.355, where the top-20 DEG R² of held-out combinations fell 0.814 -> 0.754).
-    Why that MCC stays low, from the benchmark's within-condition table: ``z_tx`` codes the
-    condition and holds only 0.35 / 0.22 / 0.33 (simulators 0 / 1 / 2; MCC 0.428 / 0.364 /
-    0.474 in that run) of the interaction factors' variation within a condition, sharing it
-    with ``z_t``. The MCC moved by up to 0.1 between two runs of the same settings and code
-    paths on different machines (0.325 / 0.365 / 0.512 in the earlier run).
-    ``beta = 0.5`` (measured against that earlier run) moved the MCC to 0.349 / 0.501 / 0.404
-    and cost NMI(z_x, context) on simulator 0 (0.848) and the held-out DEG R² on simulator 2
-    (0.712 -> 0.655); beta stays 1 (``benchmarks/results/perturbseq*_beta_0.5.md``).
-    With the four discriminators off (``lambda_adv = 0``, simulator 0) the MCC fell to 0.333
-    against the default's 0.428 in the same code (``perturbseq_lambda_adv_0.md``).
-    ``refine_steps`` (default 2000, 0 to skip) bounds the Adam steps of the linear refinement
-    (:meth:`refine_latent_map`). On the perturb-seq benchmark it raised the strong MCC of
-    ``z_tx`` on simulators 0 / 1 / 2 from 0.428 / 0.364 / 0.474 to 0.578 / 0.426 / 0.638 after
-    one training run (fcr-only development runs) and to 0.580 / 0.414 / 0.685 with three rounds
-    (``FCRModel.fit``'s default; ``benchmarks/results/perturbseq*.md``), with R² of held-out
-    combinations on all genes 0.959 / 0.955 / 0.916 (0.958 / 0.960 / 0.887 before). The MCC
-    moved by 0.07 between two runs that differed only in rounding (simulator 1: 0.481, 0.414).
-    Two limits, from the benchmark's linear-readout table: a perfect linear unmixing of the whole
-    learned code would score 0.827 / 0.737 / 0.904 (a supervised regression on the counts
-    and condition: 0.904 / 0.866 / 0.929), so the code keeps too little to reach 0.8 on simulator 1 and
-    unmixes less than it keeps on all three. At five times the sequencing depth
-    (``perturbseq*_lib10000.md``) the MCC is 0.759 / 0.671 / 0.738 against bounds
-    0.886 / 0.895 / 0.952. Ten times the cells (100,000; ``perturbseq*_ntrain100000_fcr.md``)
-    raise it to 0.877 on simulator 0 but not on simulator 1 (0.397, bound 0.727): there the
-    number of cells is not the limit (five times the depth at 10,000 cells: 0.671, bound 0.895).
-    In development runs a larger encoder (``hidden=[256, 128]``: 0.418) and 500 epochs (0.438)
-    did not move simulator 1 (0.414), nor a normalizing flow fitted, like the map, on the prior
-    term (in place of the linear map) simulator 0 (0.577 against 0.580).
-    ``posterior`` is ``"diagonal"`` (default; one Gaussian per coordinate, as the paper) or
-    ``"full"``: a Gaussian with a full covariance across all blocks (a Cholesky factor from the
-    encoder, off-diagonal entries starting at zero). A diagonal posterior favours codes whose
-    posterior is uncorrelated, which need not be the true factors (Rolinek et al., CVPR 2019);
-    a full one leaves the rotation to the conditional priors. On the perturb-seq benchmark
-    it moved the strong MCC of ``z_tx`` 0.580 / 0.414 / 0.685 -> 0.622 / 0.385 / 0.691 and
-    R² on all genes 0.959 / 0.955 / 0.916 -> 0.960 / 0.952 / 0.890: no consistent gain, so the
-    default stays diagonal (``benchmarks/results/perturbseq*_posterior_full.md``).
+    covariates. ``categorical`` lists one-hot parents (cross-entropy in the
+    causal-structure regularizer).
+
+    * ``n_context``, ``n_treatment``, ``n_interaction``: the block sizes.
+    * ``additive_treatment`` (default): the priors' natural parameters are additive over
+      the treatment features: ``p(z_t | t)`` has mean and log-variance ``A t + a``, and
+      ``p(z_tx | t, x)`` adds ``Σ_p t_p W_p h(x)`` to a context baseline, with a linear
+      context embedding ``h(x)`` of size ``interaction_rank`` (a low-rank treatment ×
+      context interaction). Combinations then act through the sum of their members'
+      latent effects, and a perturbation's effect in a context where it was never seen
+      follows from the shared embeddings; ``False`` uses unstructured MLP priors over
+      ``t`` and ``(t, x)``. ``treatment_main_effect`` (off) adds a per-treatment main
+      effect, ``Σ_p t_p (u_p + W_p h(x))``.
+    * ``lambda_cls`` (``z_x`` and ``z_t``), ``lambda_cls_interaction`` (``z_tx``) and
+      ``lambda_adv`` weigh the regularizers against the negative ELBO, a sum over genes
+      (10 / 1 / 10, picked from {1, 10} on development runs of the ``PerturbSeq``
+      simulator with 1000 genes).
+    * ``refine_steps`` (default 2000, 0 to skip) bounds the Adam steps of the exact linear
+      refinement of the code (:meth:`refine_latent_map`).
+    * ``posterior``: ``"diagonal"`` (default; one Gaussian per coordinate, as the paper)
+      or ``"full"``, a Gaussian with a full covariance across all blocks (a Cholesky factor
+      from the encoder, off-diagonal entries starting at zero), which leaves the rotation
+      to the conditional priors rather than to the posterior's shape (Rolinek et al.,
+      CVPR 2019).
+    * ``beta`` weighs the KL term.
+
+    On the perturb-seq benchmark (``benchmarks/perturbseq.py``, 10,000 training cells)
+    the interaction block's MCC stays below 0.8. What each of these settings, and the
+    other things tried, did to it is in ``benchmarks/results/perturbseq_interaction_mcc.md``.
 
     >>> from medcausal.graph import Expression
     >>> m = FCRMechanism(Expression(10), {"cell_type": 3, "perturbation": 4}, n_context=2)

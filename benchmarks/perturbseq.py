@@ -10,8 +10,8 @@ Protocol (fixed; the same for both models):
   perturbation that is not a member of a held-out combination;
 - training cells: ``sim.sample(10000, seed=0)`` over every other condition; both models get
   the same settings (``FCRModel(name).fit(max_epochs=250, batch_size=256, lr=3e-3,
-  patience=50, seed=0)``; ``--fit-seed N`` trains with another seed), 10% validation split inside the shared training loop, the best
-  weights kept), each with its mechanism's default hyperparameters and ``fit``'s default
+  patience=50, seed=0)``, 10% validation split inside the shared training loop, the best
+  weights kept; ``--fit-seed N`` trains with another seed), each with its mechanism's default hyperparameters and ``fit``'s default
   ``rounds`` (3 for fcr, each run ended by its linear refinement of the code; 1 for
   latent-shift; ``--rounds`` overrides fcr's);
 - queries: control cells of each cell type (``sim.sample(n_eval, seed=1)``) are sent to
@@ -169,9 +169,10 @@ def _linear_readout(model, cells) -> dict:
     """What a perfect linear unmixing of the whole code could score: each true block predicted
     from all learned blocks by an affine map fitted on 70% of the cells, scored by Pearson r on
     the other 30% (``mcc(..., variant="weak", split=0.3)``). A bound for the (strong) MCC of a
-    block, which reads the factors from that block alone, as they are. ``programs`` is the
-    simulator's gene programs ``h`` (the factors pushed through the program graph's ``tanh``
-    edges): a code that reads them better than the factors holds the factors nonlinearly."""
+    block, which reads the factors from that block alone, as they are. ``programs`` is all the
+    simulator's gene programs ``h`` (all the factors pushed through the program graph's ``tanh``
+    edges), to compare with the three factor blocks together: a code that reads the programs
+    better than the factors holds the factors nonlinearly."""
     from medcausal.metrics.representation import mcc
 
     code = np.concatenate(list(_latents(model, cells).values()), axis=1)
@@ -182,8 +183,8 @@ def _linear_readout(model, cells) -> dict:
 def _mlp_readout(model, cells) -> dict:
     """What any unmixing of the whole code, linear or not, could score: each true factor predicted
     from all learned blocks by an MLP (scikit-learn, two hidden layers of 64, early stopping),
-    trained on 70% of the cells, Pearson r on the other 30% (the same split as
-    :func:`_linear_readout`), averaged over each block's factors."""
+    trained on a random 70% of the cells (seed 0), Pearson r on the other 30%, averaged over each
+    block's factors."""
     from sklearn.neural_network import MLPRegressor
     from sklearn.preprocessing import StandardScaler
 

@@ -397,7 +397,8 @@ class FCRMechanism(_CountMechanism):
       from the encoder, off-diagonal entries starting at zero), which leaves the rotation
       to the conditional priors rather than to the posterior's shape (Rolinek et al.,
       CVPR 2019).
-    * ``beta`` weighs the KL term.
+    * ``beta`` weighs the KL term; ``hidden`` lists the widths of the encoder's shared
+      expression trunk, ``decoder_hidden`` those of the decoder MLP.
 
     On the perturb-seq benchmark (``benchmarks/perturbseq.py``, 10,000 training cells)
     the interaction block's MCC stays below 0.8. What each of these settings, and the

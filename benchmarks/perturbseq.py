@@ -388,7 +388,7 @@ def _markdown(report) -> str:
                          + " | ".join(f"{q[c]:.3f}" for c in cols[:2] + cols[-2:]) + " |")
     lines += ["", "## Representations (test cells of the training conditions)", "",
               "How much of each true factor the data reveal at all (a supervised regression on counts "
-              f"and condition, the bound for these MCCs): `{report.get('ceiling', 'perturbseq_ceiling')}.md` "
+              f"and condition, a reference for these MCCs): `{report.get('ceiling', 'perturbseq_ceiling')}.md` "
               f"(`python benchmarks/perturbseq_ceiling.py{report.get('ceiling_args', '')}`).", "",
               "| model | block | NMI context | NMI treatment | MCC z_context | MCC z_treatment | MCC z_interaction "
               "| MCC weak (matched) | MCC Spearman (matched) |", "|---|---|---|---|---|---|---|---|---|"]

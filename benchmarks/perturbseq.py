@@ -11,8 +11,8 @@ Protocol (fixed; the same for both models):
 - training cells: ``sim.sample(10000, seed=0)`` over every other condition; both models get
   the same settings (``FCRModel(name).fit(max_epochs=250, batch_size=256, lr=3e-3,
   patience=50, seed=0)``, 10% validation split inside the shared training loop, the best
-  weights kept; ``--fit-seed N`` trains with another seed), each with its mechanism's default hyperparameters and ``fit``'s default
-  ``rounds`` (3 for fcr, each run ended by its linear refinement of the code; 1 for
+  weights kept; ``--fit-seed N`` trains with another seed), each with its mechanism's default
+  hyperparameters and ``fit``'s default ``rounds`` (3 for fcr, each run ended by its linear refinement of the code; 1 for
   latent-shift; ``--rounds`` overrides fcr's);
 - queries: control cells of each cell type (``sim.sample(n_eval, seed=1)``) are sent to
   every held-out combination (in every cell type) and to the held-out pair, at dose 1.0, with
@@ -181,7 +181,7 @@ def _linear_readout(model, cells) -> dict:
 
 
 def _mlp_readout(model, cells) -> dict:
-    """What any unmixing of the whole code, linear or not, could score: each true factor predicted
+    """An estimate of what a nonlinear unmixing of the whole code could score: each true factor predicted
     from all learned blocks by an MLP (scikit-learn, two hidden layers of 64, early stopping),
     trained on a random 70% of the cells (seed 0), Pearson r on the other 30%, averaged over each
     block's factors."""

@@ -12,8 +12,8 @@ Protocol (fixed; the same for both models):
   the same settings (``FCRModel(name).fit(max_epochs=250, batch_size=256, lr=3e-3,
   patience=50, seed=0)``, 10% validation split inside the shared training loop, the best
   weights kept; ``--fit-seed N`` trains with another seed), each with its mechanism's default
-  hyperparameters and ``fit``'s default ``rounds`` (3 for fcr, each run ended by its linear refinement of the code; 1 for
-  latent-shift; ``--rounds`` overrides fcr's);
+  hyperparameters and ``fit``'s default ``rounds`` (3 for fcr, each run ended by its linear
+  refinement of the code; 1 for latent-shift; ``--rounds`` overrides fcr's);
 - queries: control cells of each cell type (``sim.sample(n_eval, seed=1)``) are sent to
   every held-out combination (in every cell type) and to the held-out pair, at dose 1.0, with
   ``predict_counterfactual``;

@@ -141,6 +141,11 @@ def _latents(model, cells) -> dict:
     return model.get_latent_representation(cells)
 
 
+def _whole_code(model, cells) -> np.ndarray:
+    """All learned blocks side by side, ``[cells, sum of block sizes]``."""
+    return np.concatenate(list(_latents(model, cells).values()), axis=1)
+
+
 def _truth(cells) -> dict:
     return {b: cells.obsm[f"z_{b}"] for b in ("context", "treatment", "interaction")}
 
@@ -175,7 +180,7 @@ def _linear_readout(model, cells) -> dict:
     better than the factors holds the factors nonlinearly."""
     from medcausal.metrics.representation import mcc
 
-    code = np.concatenate(list(_latents(model, cells).values()), axis=1)
+    code = _whole_code(model, cells)
     targets = {**_truth(cells), "programs": cells.obsm["programs"]}
     return {name: float(mcc(f, code, variant="weak", split=0.3, seed=0).score) for name, f in targets.items()}
 
@@ -188,7 +193,7 @@ def _mlp_readout(model, cells) -> dict:
     from sklearn.neural_network import MLPRegressor
     from sklearn.preprocessing import StandardScaler
 
-    code = np.concatenate(list(_latents(model, cells).values()), axis=1)
+    code = _whole_code(model, cells)
     order = np.random.default_rng(0).permutation(len(code))
     cut = int(round(0.7 * len(code)))
     train, test = order[:cut], order[cut:]

@@ -244,16 +244,22 @@ def main(argv=None) -> dict:
                          "default: the library's, 3)")
     ap.add_argument("--fit-seed", type=int, default=0,
                     help="the models' training seed (FCRModel.fit(seed=...)); another seed measures how much "
-                         "the results move with the training's own randomness (give a --stem)")
+                         "the results move with the training's own randomness (needs a --stem)")
     ap.add_argument("--library-size", type=float, default=None,
                     help="the simulator's mean library size (default: PerturbSeq's, 2000 counts per cell); "
                          "a diagnostic of how sequencing depth limits the representation metrics")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--stem", default=None,
-                    help="result file name (default perturbseq[_sim<N>][_lib<L>]); give one for runs that "
-                         "change the protocol (--n-train, --epochs, --fcr-hparams, --rounds, --fit-seed), which would "
-                         "otherwise replace the protocol's own files")
+                    help="result file name (default perturbseq[_sim<N>][_lib<L>]); required by the options "
+                         "that change the protocol (--n-train, --epochs, --fcr-hparams, --rounds, --fit-seed), whose "
+                         "runs would otherwise replace the protocol's own files")
     args = ap.parse_args(argv)
+    changed = [flag for flag, on in (("--n-train", args.n_train), ("--epochs", args.epochs),
+                                     ("--fcr-hparams", args.fcr_hparams), ("--rounds", args.rounds is not None),
+                                     ("--fit-seed", args.fit_seed != 0)) if on]
+    if changed and args.stem is None:
+        ap.error(f"{', '.join(changed)} change the protocol: give a --stem, or the run would replace "
+                 "the protocol's own result files")
     torch.set_num_threads(args.threads)
 
     import medcausal

@@ -129,3 +129,13 @@ def test_result_stem_names_the_simulator_seed(bench):
     assert bench.result_stem(False, 0, 1234567.0) == "perturbseq_lib1234567"  # no rounding to 6 digits
     assert bench.result_stem(False, 0, 2500.5) == "perturbseq_lib2500.5"
     assert bench.ceiling_stem(0) == "perturbseq_ceiling" and bench.ceiling_stem(1, 5e3) == "perturbseq_ceiling_sim1_lib5000"
+
+
+@pytest.mark.parametrize("flags", [["--fit-seed", "1"], ["--rounds", "2"], ["--fcr-hparams", '{"beta": 2}']])
+def test_protocol_changes_need_a_stem(bench, flags, tmp_path, capsys):
+    # before any training: the run would otherwise overwrite the protocol's own result files
+    with pytest.raises(SystemExit):
+        bench.main([*flags, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert flags[0] in err and "--stem" in err
+    assert not list(tmp_path.iterdir())
